@@ -1,0 +1,1 @@
+"""Loaders for the model files users already have (one module per kind of file)."""
