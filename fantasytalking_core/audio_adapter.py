@@ -1,0 +1,177 @@
+"""The FantasyTalking audio adapter on diffusers' ``WanTransformer3DModel``.
+
+Two parts, as in the official release:
+
+1. :class:`AudioProjModel`: wav2vec2 tokens [B, L, 768] -> Linear(768 -> P, no bias) -> LayerNorm -> [B, L, P]
+   (P = 2048 for the released 14B adapter).
+2. In every DiT block, the cross-attention gets an extra key/value pair ``k_proj``/``v_proj`` (P -> dim, no bias).
+   The cross-attention's own normed query attends, frame by frame, to that frame's window of projected audio
+   tokens; the result times ``audio_scale`` is added to the text and image attention outputs before the
+   output projection.
+
+The audio branch is :func:`audio_cross_attention`, a plain function, so a ComfyUI model patch can call it too;
+:class:`FantasyTalkingAttnProcessor` is the diffusers attention processor that uses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from torch import nn
+
+WAV2VEC2_DIM = 768  # wav2vec2-base hidden size, the adapter's input width
+TEXT_LEN = 512  # umT5 context rows the DiT always sees (shorter prompts are zero-padded)
+
+
+class AudioProjModel(nn.Module):
+    """wav2vec2 tokens [B, L, audio_dim] -> adapter tokens [B, L, proj_dim] (Linear without bias, then LayerNorm)."""
+
+    def __init__(self, audio_dim: int = WAV2VEC2_DIM, proj_dim: int = 2048):
+        super().__init__()
+        self.proj = nn.Linear(audio_dim, proj_dim, bias=False)
+        self.norm = nn.LayerNorm(proj_dim)
+
+    def forward(self, audio_features: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(audio_features))
+
+
+@dataclass
+class AudioConditioning:
+    """What the audio branch needs for one DiT forward.
+
+    Attributes:
+        windows: [B or 1, F, W, P] projected audio tokens, one window per latent frame (zero padding at the end).
+        k_lens: [F] or [B, F] valid tokens per window; padded slots are masked out (flash-attn varlen semantics,
+            the official GPU path). ``None`` attends the padding too (the official code without flash-attn).
+        scale: the audio strength: a float, a [B] tensor (one per batch row, e.g. 0 for the no-audio guidance
+            passes), or a [B, S] tensor with one value per video token (spatially varying strength).
+    """
+
+    windows: torch.Tensor
+    k_lens: torch.Tensor | None
+    scale: float | torch.Tensor = 1.0
+
+    def is_silent(self) -> bool:
+        """True when the branch contributes exactly nothing (scale 0 everywhere), so it can be skipped."""
+        if isinstance(self.scale, torch.Tensor):
+            return not bool(self.scale.any())
+        return self.scale == 0
+
+
+def audio_cross_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_lens: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-frame attention of video tokens to their audio window.
+
+    Args:
+        query: [B, S, H, D] normed cross-attention queries; S = F * tokens per frame, frame-major.
+        keys, values: [B, F, W, H, D] the audio windows through ``k_proj``/``v_proj``.
+        k_lens: [F] or [B, F] valid slots per window (the rest is masked), or None to attend every slot.
+    Returns:
+        [B, S, H, D]; a window with no valid slot contributes zeros.
+    """
+    batch, seq, heads, head_dim = query.shape
+    frames, width = keys.shape[1], keys.shape[2]
+    if seq % frames:
+        raise ValueError(f"{seq} video tokens do not split into {frames} latent frames.")
+    q = query.reshape(batch * frames, seq // frames, heads, head_dim).transpose(1, 2)
+    k = keys.reshape(batch * frames, width, heads, head_dim).transpose(1, 2)
+    v = values.reshape(batch * frames, width, heads, head_dim).transpose(1, 2)
+    mask = None
+    if k_lens is not None:
+        lens = k_lens.to(query.device).expand(batch, frames).reshape(-1, 1, 1, 1)  # [B*F, 1, 1, 1]
+        mask = torch.arange(width, device=query.device).view(1, 1, 1, width) < lens
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B*F, H, S/F, D]
+    if mask is not None:
+        out = out.masked_fill(lens == 0, 0.0)  # an all-masked softmax is NaN; an empty window adds nothing
+    return out.transpose(1, 2).reshape(batch, seq, heads, head_dim)
+
+
+def _scale_for(scale: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """Broadcast a float, [B] or [B, S] audio scale against an attention output [B, S, H, D]."""
+    if not isinstance(scale, torch.Tensor):
+        return scale
+    scale = scale.to(device=like.device, dtype=like.dtype)
+    if scale.ndim == 1:
+        return scale.view(-1, 1, 1, 1)
+    if scale.ndim == 2:
+        return scale.view(scale.shape[0], scale.shape[1], 1, 1)
+    raise ValueError(f"audio scale must be a float, [B] or [B, S]; got shape {tuple(scale.shape)}.")
+
+
+class FantasyTalkingAttnProcessor(nn.Module):
+    """Cross-attention processor for ``WanAttention``: text + image attention (as diffusers' ``WanAttnProcessor``)
+    plus the FantasyTalking audio branch.
+
+    It owns the per-block adapter weights ``k_proj``/``v_proj`` (P -> dim, no bias), so in the model's state dict
+    they sit at ``blocks.{i}.attn2.processor.{k,v}_proj.weight``, mirroring the official
+    ``blocks.{i}.cross_attn.processor.{k,v}_proj.weight``. ``conditioning`` is set for the duration of one forward
+    by :meth:`FantasyTalkingModel.conditioned_on` and is ``None`` otherwise (the audio branch is then off).
+    """
+
+    def __init__(self, audio_proj_dim: int, dim: int, text_len: int = TEXT_LEN):
+        super().__init__()
+        self.k_proj = nn.Linear(audio_proj_dim, dim, bias=False)
+        self.v_proj = nn.Linear(audio_proj_dim, dim, bias=False)
+        self.text_len = text_len
+        self.conditioning: AudioConditioning | None = None
+
+    def forward(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: object | None = None,
+    ) -> torch.Tensor:
+        # 1. Split the context: CLIP image tokens first, then the text rows (Wan I2V layout).
+        image_len = encoder_hidden_states.shape[1] - self.text_len
+        context_img = encoder_hidden_states[:, :image_len]
+        context = encoder_hidden_states[:, image_len:]
+
+        # 2. Text attention with the block's own normed query.
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # [B, S, H, D]
+        key = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(context).unflatten(2, (attn.heads, -1))
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
+
+        # 3. Image attention (I2V models only).
+        if image_len > 0:
+            key_img = attn.norm_added_k(attn.add_k_proj(context_img)).unflatten(2, (attn.heads, -1))
+            value_img = attn.add_v_proj(context_img).unflatten(2, (attn.heads, -1))
+            out = out + dispatch_attention_fn(query, key_img, value_img)
+
+        # 4. Audio attention, per latent frame, scaled.
+        cond = self.conditioning
+        if cond is not None and not cond.is_silent():
+            windows = cond.windows.to(query.dtype)
+            audio_keys = self.k_proj(windows).unflatten(-1, (attn.heads, -1))  # [B, F, W, H, D]
+            audio_values = self.v_proj(windows).unflatten(-1, (attn.heads, -1))
+            if audio_keys.shape[0] != query.shape[0]:
+                audio_keys = audio_keys.expand(query.shape[0], *audio_keys.shape[1:])
+                audio_values = audio_values.expand(query.shape[0], *audio_values.shape[1:])
+            audio = audio_cross_attention(query, audio_keys, audio_values, cond.k_lens)
+            out = out + audio * _scale_for(cond.scale, audio)
+
+        out = out.flatten(2).type_as(hidden_states)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def attach_audio_adapter(transformer: nn.Module, audio_proj_dim: int, audio_dim: int = WAV2VEC2_DIM) -> AudioProjModel:
+    """Give every block's cross-attention a :class:`FantasyTalkingAttnProcessor` and return a new
+    :class:`AudioProjModel`. Weights are freshly initialised; load them with ``load_audio_adapter``."""
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    for block in transformer.blocks:
+        block.attn2.set_processor(FantasyTalkingAttnProcessor(audio_proj_dim, dim))
+    return AudioProjModel(audio_dim, audio_proj_dim)
+
+
+def audio_processors(transformer: nn.Module) -> list[FantasyTalkingAttnProcessor]:
+    """The audio processors of a transformer that has the adapter attached (one per block)."""
+    procs = [b.attn2.processor for b in transformer.blocks]
+    if not all(isinstance(p, FantasyTalkingAttnProcessor) for p in procs):
+        raise ValueError("This transformer has no FantasyTalking audio adapter attached (attach_audio_adapter).")
+    return procs

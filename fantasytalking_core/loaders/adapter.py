@@ -1,0 +1,91 @@
+"""Load the FantasyTalking audio adapter and join it to a loaded DiT.
+
+Two layouts hold the same tensors:
+- the official ``fantasytalking_model.ckpt``: a torch pickle ``{"proj_model": {...}, "audio_processor":
+  {"blocks.{i}.cross_attn.processor.{k,v}_proj.weight": ...}}``;
+- its safetensors repack with flattened keys ``proj_model.*`` and ``audio_processor.*``.
+Strict: the projection and every block's k/v must be there with shapes that fit the DiT, and nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from ..audio_adapter import attach_audio_adapter
+from ..errors import ModelFileError
+from ..transformer import FantasyTalkingModel
+from .state_dict import open_checkpoint
+from .wan_dit import assign_tensor, identify_non_dit
+
+_PROC_RE = re.compile(r"^audio_processor\.blocks\.(\d+)\.cross_attn\.processor\.([kv])_proj\.weight$")
+PROJ_KEYS = ("proj_model.proj.weight", "proj_model.norm.weight", "proj_model.norm.bias")
+NEEDED = "FantasyTalking audio adapter (fantasytalking_model.ckpt or its .safetensors repack)"
+
+
+def load_audio_adapter(
+    path: str | Path, transformer: WanTransformer3DModel, dtype: torch.dtype | None = None
+) -> FantasyTalkingModel:
+    """Attach the adapter in ``path`` to ``transformer`` and return the combined model.
+
+    Args:
+        dtype: adapter weight dtype; default: the dtype of the DiT's output projection.
+    """
+    ckpt = open_checkpoint(path)
+    keys = ckpt.keys
+    if not any(k.startswith(("proj_model.", "audio_processor.")) for k in keys):
+        found = identify_non_dit(keys) or "not an audio adapter"
+        if found.startswith("the FantasyTalking"):
+            found = "not an audio adapter"
+        raise ModelFileError(f"{path} is {found}: no 'proj_model.*' / 'audio_processor.*' keys. Needed: the {NEEDED}.")
+
+    num_layers = len(transformer.blocks)
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    missing = [k for k in PROJ_KEYS if k not in ckpt.shapes]
+    if missing:
+        raise ModelFileError(f"{path}: adapter projection incomplete, missing {', '.join(missing)}.")
+    proj_dim, audio_dim = ckpt.shapes["proj_model.proj.weight"]
+
+    blocks: dict[tuple[int, str], str] = {}
+    unexpected = []
+    for key in keys:
+        match = _PROC_RE.match(key)
+        if match:
+            blocks[(int(match.group(1)), match.group(2))] = key
+        elif key not in PROJ_KEYS:
+            unexpected.append(key)
+    want = {(i, kv) for i in range(num_layers) for kv in "kv"}
+    absent = sorted(want - set(blocks))
+    extra = sorted(set(blocks) - want)
+    if unexpected or absent or extra:
+        parts = []
+        if absent:
+            parts.append(f"no k/v for blocks {sorted({i for i, _ in absent})[:8]}")
+        if extra:
+            parts.append(f"k/v for blocks the DiT does not have ({sorted({i for i, _ in extra})[:8]}, DiT has {num_layers})")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}")
+        raise ModelFileError(f"{path} does not fit this DiT: {'; '.join(parts)}.")
+    for key in blocks.values():
+        if ckpt.shapes[key] != (dim, proj_dim):
+            raise ModelFileError(
+                f"{path}: {key} has shape {ckpt.shapes[key]}, but this DiT needs ({dim}, {proj_dim}) "
+                f"(model width {dim}, adapter width {proj_dim}). Is the adapter for a different Wan size?"
+            )
+    for key, shape in (("proj_model.norm.weight", (proj_dim,)), ("proj_model.norm.bias", (proj_dim,))):
+        if ckpt.shapes[key] != shape:
+            raise ModelFileError(f"{path}: {key} has shape {ckpt.shapes[key]}, expected {shape}.")
+
+    device = transformer.proj_out.weight.device
+    dtype = dtype or transformer.proj_out.weight.dtype
+    audio_proj = attach_audio_adapter(transformer, proj_dim, audio_dim)
+    for key in PROJ_KEYS:
+        assign_tensor(audio_proj, key[len("proj_model."):], ckpt.tensor(key).to(device=device, dtype=dtype))
+    for (i, kv), key in blocks.items():
+        processor = transformer.blocks[i].attn2.processor
+        assign_tensor(processor, f"{kv}_proj.weight", ckpt.tensor(key).to(device=device, dtype=dtype))
+    audio_proj.requires_grad_(False)
+    return FantasyTalkingModel(transformer, audio_proj)
