@@ -6,6 +6,7 @@ in diffusers' terms or in Wan's own constructor terms (``dim``, ``num_heads``, .
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,7 +74,7 @@ def resolve_config(config: str | Path | dict | None) -> dict:
     config = dict(config)
     if "dim" in config and "num_heads" in config:
         return wan_config_to_diffusers(config)
-    params = set(WanTransformer3DModel.__init__.__code__.co_varnames)
+    params = inspect.signature(WanTransformer3DModel.__init__).parameters
     return {k: v for k, v in config.items() if k in params and k != "self"}
 
 

@@ -1,6 +1,8 @@
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL = FIXTURES / "official"
@@ -10,3 +12,16 @@ OFFICIAL = FIXTURES / "official"
 def official_dir() -> Path:
     """Golden data of the official FantasyTalking implementation (see tests/fixtures/official/README.md)."""
     return OFFICIAL
+
+
+@pytest.fixture(scope="session")
+def official_inputs() -> dict[str, torch.Tensor]:
+    return load_file(OFFICIAL / "inputs.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The official fixture's tiny DiT + adapter, loaded in float32 by the package's own loaders."""
+    from fantasytalking_core.parity import load_fixture_model
+
+    return load_fixture_model(OFFICIAL, "dit.safetensors", "fantasytalking.ckpt")

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ModelFileError, ModelNotFoundError
 from ..transformer import build_transformer, resolve_config
-from .state_dict import FP8_DTYPES, Checkpoint, open_checkpoint, strip_prefix
+from .state_dict import FP8_DTYPES, open_checkpoint, strip_prefix
 
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 NEEDED = "Wan2.1-I2V-14B (480P or 720P) diffusion model, e.g. wan2.1_i2v_480p_14B_bf16.safetensors"
@@ -216,7 +216,7 @@ def load_wan_dit(
     check_matches_config(info, config, str(path))
 
     model = build_transformer(config, empty=True)
-    names = _file_to_model_names(ckpt, info.key_format)
+    names = _file_to_names(ckpt.keys, info.key_format)
     check_keys({names[k]: ckpt.shapes[k] for k in ckpt.keys}, model, str(path))
 
     keep_fp32 = _fp32_names(model)
@@ -234,8 +234,9 @@ def load_wan_dit(
     return model
 
 
-def _file_to_model_names(ckpt: Checkpoint, key_format: str) -> dict[str, str]:
-    _, stripped = strip_prefix(ckpt.keys, COMFY_PREFIXES)
+def _file_to_names(keys: list[str], key_format: str) -> dict[str, str]:
+    """File key -> model parameter name (prefix stripped, Wan names renamed to diffusers')."""
+    _, stripped = strip_prefix(keys, COMFY_PREFIXES)
     convert = wan_key_to_diffusers if key_format == "wan" else (lambda k: k)
     return {original: convert(short) for short, original in stripped.items()}
 

@@ -1,0 +1,190 @@
+"""Recompute a golden fixture set of the official implementation with this package and compare.
+
+A set is a directory laid out like ``tests/fixtures/official`` (its README documents every file): the DiT and
+adapter in their real file formats under ``dit/``, ``inputs.*``, ``dit_outputs.safetensors``,
+``sampling.{json,safetensors}`` and ``windows.json``. Everything is loaded through the package's own loaders and
+recomputed; each comparison becomes one :class:`ParityResult`. Float outputs pass within
+``1e-4 * max|reference|``; integer outputs must be equal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from .audio_adapter import AudioConditioning
+from .audio_windows import AudioWindows, audio_windows_for_frames, gather_audio_windows
+from .errors import ModelNotFoundError
+from .guidance import NEG, POS, POS_AUDIO, GuidanceConfig
+from .loaders.adapter import load_audio_adapter
+from .loaders.wan_dit import load_wan_dit
+from .sampler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
+from .schedule import flow_match_sigmas
+from .transformer import FantasyTalkingModel
+
+REL_TOL = 1e-4
+PASS_NAMES = {NEG: "pred_neg_noaudio", POS: "pred_pos_noaudio", POS_AUDIO: "pred_pos_audio"}
+
+
+@dataclass
+class ParityResult:
+    name: str
+    max_abs_error: float
+    rel_error: float
+    tolerance: float
+    passed: bool
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["pass"] = d.pop("passed")
+        return json.dumps(d)
+
+
+def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, rel_tol: float = REL_TOL) -> ParityResult:
+    """Float comparison: pass when max|ours - ref| <= rel_tol * max|ref| (shapes must agree)."""
+    if tuple(ours.shape) != tuple(ref.shape):
+        return ParityResult(name, float("inf"), float("inf"), 0.0, False)
+    err = (ours.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item()
+    rel = err / scale if scale else err
+    tol = rel_tol * scale
+    return ParityResult(name, err, rel, tol, bool(err <= tol))
+
+
+def compare_exact(name: str, ours: object, ref: object) -> ParityResult:
+    """Integer comparison: equal or fail. The error is the largest absolute difference (inf on shape mismatch)."""
+    a, b = torch.as_tensor(ours), torch.as_tensor(ref)
+    if a.shape != b.shape:
+        return ParityResult(name, float("inf"), float("inf"), 0.0, False)
+    err = float((a.long() - b.long()).abs().max().item()) if a.numel() else 0.0
+    return ParityResult(name, err, err, 0.0, err == 0)
+
+
+def _find(folder: Path, names: tuple[str, ...]) -> Path:
+    for name in names:
+        if (folder / name).exists():
+            return folder / name
+    raise ModelNotFoundError(f"None of {', '.join(names)} found in {folder}.")
+
+
+def load_fixture_model(root: Path, dit_file: str, adapter_file: str) -> FantasyTalkingModel:
+    """The DiT + adapter of a fixture set, loaded in float32 through the package's loaders."""
+    dit = load_wan_dit(root / "dit" / dit_file, config=root / "dit" / "config.json", dtype=torch.float32)
+    return load_audio_adapter(root / "dit" / adapter_file, dit, dtype=torch.float32)
+
+
+def check_windows(root: Path) -> Iterator[ParityResult]:
+    """Every case of windows.json: ranges, expanded ranges, k_lens and slot indices, exactly."""
+    cases = json.loads((root / "windows.json").read_text())["cases"]
+    for i, case in enumerate(cases):
+        w = audio_windows_for_frames(case["audio_tokens"], case["num_frames"])
+        name = f"windows/{i}:N{case['num_frames']}_L{case['audio_tokens']}_{case['case']}"
+        fields = [(w.pos_idx_ranges, case["pos_idx_ranges"]), (w.expanded_ranges, case["expanded_ranges"]),
+                  (w.k_lens, case["k_lens"]), (w.token_indices, case["window_token_indices"]),
+                  ((w.half_tokens, w.window_len), (case["half_tokens"], case["window_len"]))]
+        results = [compare_exact(name, ours, ref) for ours, ref in fields]
+        yield max(results, key=lambda r: r.max_abs_error)
+
+
+def check_loaders(root: Path, model: FantasyTalkingModel) -> Iterator[ParityResult]:
+    """The other file layouts of the same weights must load to identical tensors."""
+    reference = model.state_dict()
+    dit_dir = root / "dit"
+    for dit_file, adapter_file in (("dit_comfy.safetensors", "fantasytalking.safetensors"),):
+        if not (dit_dir / dit_file).exists() or not (dit_dir / adapter_file).exists():
+            continue
+        other = load_fixture_model(root, dit_file, adapter_file).state_dict()
+        if set(other) != set(reference):
+            yield ParityResult(f"load/{dit_file}+{adapter_file}", float("inf"), float("inf"), 0.0, False)
+            continue
+        err = max((other[k].double() - reference[k].double()).abs().max().item() for k in reference)
+        yield ParityResult(f"load/{dit_file}+{adapter_file}", err, err, 0.0, err == 0)
+
+
+def check_dit(root: Path, model: FantasyTalkingModel, inputs: dict, windows: AudioWindows) -> Iterator[ParityResult]:
+    """Audio projection, windows and every stored DiT forward."""
+    path = root / "dit_outputs.safetensors"
+    outputs = load_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        custom_scale = float((f.metadata() or {}).get("custom_audio_scale", "0.7"))
+    with torch.no_grad():
+        proj_full = model.project_audio(inputs["audio_features"])
+    proj = gather_audio_windows(proj_full, windows)
+    yield compare_exact("dit/pos_idx_ranges", windows.pos_idx_ranges, outputs["pos_idx_ranges"])
+    yield compare_exact("dit/expanded_ranges", windows.expanded_ranges, outputs["expanded_ranges"])
+    yield compare_exact("dit/audio_context_lens", windows.k_lens, outputs["audio_context_lens"])
+    yield compare("dit/audio_proj_full", proj_full, outputs["audio_proj_full"])
+    yield compare("dit/audio_proj", proj, outputs["audio_proj"])
+
+    k_lens = windows.k_lens_tensor()
+    cases = {
+        "pred_audio0": ("context_pos", 0.0, k_lens),
+        "pred_audio1_masked": ("context_pos", 1.0, k_lens),
+        "pred_audio1_unmasked": ("context_pos", 1.0, None),
+        "pred_audio_custom_masked": ("context_pos", custom_scale, k_lens),
+        "pred_neg_audio0": ("context_neg", 0.0, k_lens),
+    }
+    for name, (context, scale, lens) in cases.items():
+        if name not in outputs:
+            continue
+        with torch.no_grad():
+            pred = model(inputs["x"], inputs["timestep"], inputs[context], inputs["clip_feature"], inputs["y"],
+                         AudioConditioning(proj, lens, scale))
+        yield compare(f"dit/{name}", pred, outputs[name])
+
+
+def check_sampling(root: Path, model: FantasyTalkingModel, inputs: dict, windows: AudioWindows) -> Iterator[ParityResult]:
+    """The whole denoising run: schedule, noise, every pass of every step, and the final latent."""
+    settings = json.loads((root / "sampling.json").read_text())
+    ref = load_file(root / "sampling.safetensors")
+    steps = settings["num_inference_steps"]
+    sigmas = flow_match_sigmas(steps, settings.get("sigma_shift", 5.0))
+    yield compare("sampling/sigmas", sigmas[:-1], ref["sigmas"])
+    yield compare("sampling/timesteps", sigmas[:-1] * 1000, ref["timesteps"])
+    noise = initial_noise(tuple(settings["noise_shape"]), settings["seed"])
+    yield compare("sampling/noise", noise, ref["noise"])
+
+    with torch.no_grad():
+        audio = gather_audio_windows(model.project_audio(inputs["audio_features"]), windows)
+    cond = DiTConditions(inputs["context_pos"], inputs["context_neg"], inputs["clip_feature"], inputs["y"],
+                         audio, windows.k_lens_tensor(), settings["audio_scale"])
+    guidance = GuidanceConfig(cfg=settings["cfg_scale"], audio_cfg=settings["audio_cfg_scale"])
+    results: list[ParityResult] = []
+
+    def on_passes(step: int, preds: dict) -> None:
+        for key, pred in preds.items():
+            name = f"step{step}.{PASS_NAMES[key]}"
+            if name in ref:
+                results.append(compare(f"sampling/{name}", pred, ref[name]))
+
+    def on_step(info: dict) -> None:
+        i = info["i"]
+        for name, ours in ((f"step{i}.pred_cfg", info["velocity"]), (f"step{i}.latent_out", info["x"])):
+            if name in ref:
+                results.append(compare(f"sampling/{name}", ours, ref[name]))
+
+    final = sample_flow_euler(guided_velocity(model, cond, guidance, steps, on_passes=on_passes), noise, sigmas, on_step)
+    yield from results
+    yield compare("sampling/final_latent", final, ref["final_latent"])
+
+
+def run_parity(root: str | Path) -> Iterator[ParityResult]:
+    """Every comparison for the fixture set in ``root``, one result at a time."""
+    root = Path(root)
+    if not (root / "dit").is_dir():
+        raise ModelNotFoundError(f"{root} is not a fixture set: it has no dit/ folder (see tests/fixtures/official).")
+    yield from check_windows(root)
+    model = load_fixture_model(root, _find(root / "dit", ("dit.safetensors", "dit_comfy.safetensors")).name,
+                               _find(root / "dit", ("fantasytalking.ckpt", "fantasytalking.safetensors")).name)
+    yield from check_loaders(root, model)
+    inputs = load_file(root / "inputs.safetensors")
+    windows = audio_windows_for_frames(inputs["audio_features"].shape[1],
+                                       json.loads((root / "inputs.json").read_text())["num_frames"])
+    yield from check_dit(root, model, inputs, windows)
+    yield from check_sampling(root, model, inputs, windows)
