@@ -123,3 +123,73 @@ def save_wan_file(state: dict[str, torch.Tensor], path: Path, prefix: str = "") 
     save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(path))
     return path
 
+
+
+def write_fixture_set(root: Path, config: dict, proj_dim: int, num_frames: int, height: int, width: int,
+                      seed: int, steps: int = 2) -> None:
+    """A fixture set in the official layout, its outputs computed by this package (for testing the parity
+    command's handling of other sizes, seeds, frame counts and non-square frames)."""
+    import shutil
+
+    from fantasytalking_core.audio_adapter import AudioConditioning
+    from fantasytalking_core.audio_windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
+    from fantasytalking_core.guidance import GuidanceConfig
+    from fantasytalking_core.parity import load_fixture_model
+    from fantasytalking_core.sampler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
+    from fantasytalking_core.schedule import flow_match_sigmas
+
+    dit = root / "dit"
+    dit.mkdir(parents=True)
+    (dit / "config.json").write_text(json.dumps(config))
+    state = random_wan_state(config, seed)
+    save_wan_file(state, dit / "dit.safetensors")
+    save_wan_file(state, dit / "dit_comfy.safetensors", prefix="model.diffusion_model.")
+    adapter = random_adapter_state(config, proj_dim, seed)
+    torch.save(adapter, dit / "fantasytalking.ckpt")
+    save_file(flat_adapter(adapter), str(dit / "fantasytalking.safetensors"))
+    shutil.copy(OFFICIAL / "windows.json", root / "windows.json")
+
+    g = torch.Generator().manual_seed(seed + 1)
+    T, h, w = latent_frame_count(num_frames), height // 8, width // 8
+    tokens = int(num_frames / 23 * 50)
+    inputs = {
+        "audio_features": torch.randn(1, tokens, 768, generator=g),
+        "clip_feature": torch.randn(1, 257, 1280, generator=g),
+        "context_neg": torch.randn(1, 9, config["text_dim"], generator=g),
+        "context_pos": torch.randn(1, 5, config["text_dim"], generator=g),
+        "timestep": torch.tensor([900.0]),
+        "x": torch.randn(1, 16, T, h, w, generator=g),
+        "y": torch.randn(1, 20, T, h, w, generator=g),
+    }
+    save_file(inputs, str(root / "inputs.safetensors"))
+    (root / "inputs.json").write_text(json.dumps({"num_frames": num_frames, "height": height, "width": width}))
+
+    model = load_fixture_model(root, "dit.safetensors", "fantasytalking.ckpt")
+    windows = audio_windows_for_frames(tokens, num_frames)
+    with torch.no_grad():
+        full = model.project_audio(inputs["audio_features"])
+        proj = gather_audio_windows(full, windows)
+        k_lens = windows.k_lens_tensor()
+        run = lambda ctx, s, lens: model(inputs["x"], inputs["timestep"], inputs[ctx], inputs["clip_feature"],  # noqa: E731
+                                         inputs["y"], AudioConditioning(proj, lens, s))
+        outputs = {
+            "audio_context_lens": k_lens, "audio_proj": proj, "audio_proj_full": full,
+            "expanded_ranges": torch.tensor(windows.expanded_ranges), "pos_idx_ranges": torch.tensor(windows.pos_idx_ranges),
+            "pred_audio0": run("context_pos", 0.0, k_lens), "pred_audio1_masked": run("context_pos", 1.0, k_lens),
+            "pred_audio1_unmasked": run("context_pos", 1.0, None), "pred_audio_custom_masked": run("context_pos", 0.4, k_lens),
+            "pred_neg_audio0": run("context_neg", 0.0, k_lens),
+        }
+    save_file(outputs, str(root / "dit_outputs.safetensors"), metadata={"custom_audio_scale": "0.4"})
+
+    settings = {"num_inference_steps": steps, "seed": seed, "noise_shape": [1, 16, T, h, w], "cfg_scale": 4.0,
+                "audio_cfg_scale": 2.5, "audio_scale": 1.0}
+    (root / "sampling.json").write_text(json.dumps(settings))
+    sigmas = flow_match_sigmas(steps, 5.0)
+    noise = initial_noise((1, 16, T, h, w), seed)
+    cond = DiTConditions(inputs["context_pos"], inputs["context_neg"], inputs["clip_feature"], inputs["y"], proj, k_lens, 1.0)
+    record = {"noise": noise, "sigmas": sigmas[:-1], "timesteps": sigmas[:-1] * 1000}
+    velocity = guided_velocity(model, cond, GuidanceConfig(4.0, 2.5), steps)
+    final = sample_flow_euler(velocity, noise, sigmas, lambda d: record.update(
+        {f"step{d['i']}.latent_out": d["x"], f"step{d['i']}.pred_cfg": d["velocity"]}))
+    record["final_latent"] = final.clone()
+    save_file({k: v.contiguous() for k, v in record.items()}, str(root / "sampling.safetensors"))

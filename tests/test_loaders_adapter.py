@@ -1,0 +1,71 @@
+"""The official adapter file and its safetensors repack load identically; anything that does not fit is refused."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fantasytalking_core.errors import ModelFileError
+from fantasytalking_core.loaders.adapter import load_audio_adapter
+from fantasytalking_core.loaders.wan_dit import load_wan_dit
+from model_files import OFFICIAL, flat_adapter
+
+CONFIG = OFFICIAL / "dit" / "config.json"
+
+
+def fresh_dit():
+    return load_wan_dit(OFFICIAL / "dit" / "dit.safetensors", config=CONFIG)
+
+
+@pytest.fixture(scope="module")
+def official_adapter():
+    return torch.load(OFFICIAL / "dit" / "fantasytalking.ckpt", weights_only=True)
+
+
+def test_ckpt_and_safetensors_load_the_same_weights_into_the_right_places(official_adapter):
+    a = load_audio_adapter(OFFICIAL / "dit" / "fantasytalking.ckpt", fresh_dit())
+    b = load_audio_adapter(OFFICIAL / "dit" / "fantasytalking.safetensors", fresh_dit())
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    proc = official_adapter["audio_processor"]
+    assert torch.equal(sa["transformer.blocks.1.attn2.processor.v_proj.weight"],
+                       proc["blocks.1.cross_attn.processor.v_proj.weight"])
+    assert torch.equal(sa["audio_proj.proj.weight"], official_adapter["proj_model"]["proj.weight"])
+
+
+def _write(tmp_path, adapter):
+    path = tmp_path / "adapter.safetensors"
+    save_file(flat_adapter(adapter), str(path))
+    return path
+
+
+def test_missing_block_is_an_error(tmp_path, official_adapter):
+    adapter = {"proj_model": official_adapter["proj_model"],
+               "audio_processor": {k: v for k, v in official_adapter["audio_processor"].items() if not k.startswith("blocks.1.cross_attn.processor.k")}}
+    with pytest.raises(ModelFileError, match=r"no k/v for blocks \[1\]"):
+        load_audio_adapter(_write(tmp_path, adapter), fresh_dit())
+
+
+def test_adapter_for_more_blocks_is_an_error(tmp_path, official_adapter):
+    proc = dict(official_adapter["audio_processor"])
+    proc["blocks.2.cross_attn.processor.k_proj.weight"] = proc["blocks.0.cross_attn.processor.k_proj.weight"].clone()
+    proc["blocks.2.cross_attn.processor.v_proj.weight"] = proc["blocks.0.cross_attn.processor.v_proj.weight"].clone()
+    with pytest.raises(ModelFileError, match="DiT has 2"):
+        load_audio_adapter(_write(tmp_path, {"proj_model": official_adapter["proj_model"], "audio_processor": proc}), fresh_dit())
+
+
+def test_wrong_width_is_an_error(tmp_path, official_adapter):
+    proc = {k: torch.zeros(128, 32) for k in official_adapter["audio_processor"]}
+    with pytest.raises(ModelFileError, match=r"needs \(64, 32\)"):
+        load_audio_adapter(_write(tmp_path, {"proj_model": official_adapter["proj_model"], "audio_processor": proc}), fresh_dit())
+
+
+def test_unexpected_key_is_an_error(tmp_path, official_adapter):
+    adapter = {"proj_model": {**official_adapter["proj_model"], "extra.weight": torch.zeros(2)},
+               "audio_processor": official_adapter["audio_processor"]}
+    with pytest.raises(ModelFileError, match="unexpected keys"):
+        load_audio_adapter(_write(tmp_path, adapter), fresh_dit())
+
+
+def test_a_dit_given_as_adapter_is_refused():
+    with pytest.raises(ModelFileError, match="not an audio adapter"):
+        load_audio_adapter(OFFICIAL / "dit" / "dit.safetensors", fresh_dit())

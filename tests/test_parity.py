@@ -1,0 +1,64 @@
+"""`python -m fantasytalking_core parity DIR`: the official set passes; other sets of the same layout work; a wrong
+stored output makes it fail with a non-zero exit."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fantasytalking_core.cli import main
+from model_files import write_fixture_set, wan_config
+
+
+def run_cli(path):
+    proc = subprocess.run([sys.executable, "-m", "fantasytalking_core", "parity", str(path)], capture_output=True, text=True)
+    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
+
+
+def test_official_set_passes_every_item(official_dir):
+    rc, lines, _ = run_cli(official_dir)
+    assert rc == 0
+    names = {line["name"] for line in lines}
+    assert {"dit/pred_audio1_masked", "dit/pred_audio1_unmasked", "sampling/final_latent",
+            "load/dit_comfy.safetensors+fantasytalking.safetensors", "sampling/step3.pred_pos_audio"} <= names
+    assert sum(n.startswith("windows/") for n in names) == 47
+    assert all(line["pass"] and set(line) == {"name", "max_abs_error", "rel_error", "tolerance", "pass"} for line in lines)
+    final = next(line for line in lines if line["name"] == "sampling/final_latent")
+    assert final["rel_error"] < 1e-4
+
+
+@pytest.fixture(scope="module")
+def other_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("other") / "set"
+    config = wan_config(dim=96, num_heads=3, num_layers=3, ffn_dim=160, text_dim=24)
+    write_fixture_set(root, config, proj_dim=40, num_frames=13, height=32, width=64, seed=7)
+    return root
+
+
+def test_other_size_seed_frames_and_non_square_set(other_set, capsys):
+    assert main(["parity", str(other_set)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert any(x["name"] == "dit/pred_audio_custom_masked" for x in lines)
+    assert all(x["pass"] for x in lines)
+
+
+def test_a_wrong_stored_output_fails(other_set, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(other_set, broken)
+    outputs = load_file(broken / "dit_outputs.safetensors")
+    outputs["pred_audio1_masked"][0, 0, 0, 0, 0] += 0.01 * outputs["pred_audio1_masked"].abs().max()
+    save_file(outputs, str(broken / "dit_outputs.safetensors"), metadata={"custom_audio_scale": "0.4"})
+    assert main(["parity", str(broken)]) == 1
+    lines = {x["name"]: x for x in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert not lines["dit/pred_audio1_masked"]["pass"]
+    assert lines["dit/pred_audio0"]["pass"]
+
+
+def test_not_a_fixture_set_is_one_clear_line(tmp_path):
+    rc, lines, err = run_cli(tmp_path)
+    assert rc == 2 and lines == [] and err.strip().startswith("error:") and "Traceback" not in err
