@@ -176,3 +176,19 @@ def test_missing_and_corrupt_files(tmp_path):
 
 def test_config_from_wan_terms_matches_dict(tmp_path):
     assert resolve_config(CONFIG) == resolve_config(json.loads(CONFIG.read_text())) == resolve_config(dict(TINY_WAN))
+
+
+def test_fp8_scaled_can_stay_fp8_with_its_scales(tmp_path, wan_state, official_inputs):
+    scaled = to_fp8_scaled(wan_state)
+    path = save_wan_file(scaled, tmp_path / "wan_fp8_scaled.safetensors", prefix="model.diffusion_model.")
+    dequant = load_wan_dit(path, config=CONFIG, dtype=torch.float32)
+    kept = load_wan_dit(path, config=CONFIG, fp8_storage=True, compute_dtype=torch.float32)
+    k = kept.blocks[1].attn2.to_k
+    assert isinstance(k, FP8Linear) and k.weight.dtype == torch.float8_e4m3fn
+    assert k.scale_weight.item() == scaled["blocks.1.cross_attn.k.scale_weight"].item() != 1.0
+    x = official_inputs
+    args = (torch.cat([x["x"], x["y"]], 1), x["timestep"], torch.nn.functional.pad(x["context_pos"], (0, 0, 0, 501)))
+    with torch.no_grad():
+        a = dequant(*args, encoder_hidden_states_image=x["clip_feature"], return_dict=False)[0]
+        b = kept(*args, encoder_hidden_states_image=x["clip_feature"], return_dict=False)[0]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -59,11 +59,19 @@ class Checkpoint:
     def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor (on CPU); fp8-scaled weights come back dequantized to ``dtype`` (default float32)."""
         raw = self._read(key)
-        scale_key = self._scales.get(key)
-        if scale_key is not None:
-            scale = self._read(scale_key).to(torch.float32)
+        scale = self.scale(key)
+        if scale is not None:
             return (raw.to(torch.float32) * scale).to(dtype or torch.float32)
         return raw if dtype is None or raw.dtype == dtype else raw.to(dtype)
+
+    def scale(self, key: str) -> torch.Tensor | None:
+        """The float32 scale of an fp8-scaled weight (None for every other tensor)."""
+        scale_key = self._scales.get(key)
+        return None if scale_key is None else self._read(scale_key).to(torch.float32)
+
+    def raw(self, key: str) -> torch.Tensor:
+        """The tensor exactly as stored (fp8-scaled weights NOT dequantized: pair them with :meth:`scale`)."""
+        return self._read(key)
 
     def items(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, tensor)`` one at a time, in file order."""

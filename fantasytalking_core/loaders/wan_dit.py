@@ -221,16 +221,22 @@ def load_wan_dit(
 
     keep_fp32 = _fp32_names(model)
     store_fp8 = fp8_storage or dtype in FP8_DTYPES
+    scales: dict[str, torch.Tensor] = {}
     for key in ckpt.keys:
         name = names[key]
         target = _target_dtype(name, ckpt.shapes[key], ckpt.dtypes[key], dtype, store_fp8, compute_dtype, keep_fp32)
-        # fp8 -> fp8 stays a plain copy; every other conversion goes through the checkpoint's own reader, which
-        # dequantizes fp8-scaled weights
-        read_as = None if ckpt.dtypes[key] == target else torch.float32
-        assign_tensor(model, name, ckpt.tensor(key, dtype=read_as).to(device=device, dtype=target))
+        if target == ckpt.dtypes[key] == torch.float8_e4m3fn:
+            tensor = ckpt.raw(key)  # fp8 stays fp8; an fp8-scaled weight keeps its scale beside it
+            scale = ckpt.scale(key)
+            if scale is not None:
+                scales[name] = scale.to(device)
+        else:
+            # every conversion goes through the checkpoint's reader, which dequantizes fp8-scaled weights
+            tensor = ckpt.tensor(key, dtype=None if ckpt.dtypes[key] == target else torch.float32)
+        assign_tensor(model, name, tensor.to(device=device, dtype=target))
     model.eval().requires_grad_(False)
     if store_fp8:
-        enable_fp8_storage(model)
+        enable_fp8_storage(model, scales)
     return model
 
 
@@ -242,18 +248,33 @@ def _file_to_names(keys: list[str], key_format: str) -> dict[str, str]:
 
 
 class FP8Linear(nn.Linear):
-    """A Linear whose weight is stored in fp8 and upcast to the input's dtype for each call (bias kept as is)."""
+    """A Linear whose weight is stored in fp8 and upcast to the input's dtype for each call.
+
+    ``scale_weight`` (a float32 scalar, 1 for plain fp8 files) is the per-tensor scale of ComfyUI fp8-scaled files:
+    the real weight is ``weight * scale_weight``. The bias keeps its own precision.
+    """
+
+    scale_weight: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype) * self.scale_weight.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+        return nn.functional.linear(x, weight, bias)
 
 
-def enable_fp8_storage(model: nn.Module) -> None:
-    """Turn every Linear whose weight is fp8 into an :class:`FP8Linear` sharing the same tensors."""
-    for parent in list(model.modules()):
+def enable_fp8_storage(model: nn.Module, scales: dict[str, torch.Tensor] | None = None) -> None:
+    """Turn every Linear whose weight is fp8 into an :class:`FP8Linear` sharing the same tensors.
+
+    Args:
+        scales: parameter name of a weight -> its fp8-scaled scale (missing: scale 1).
+    """
+    scales = scales or {}
+    for parent_name, parent in list(model.named_modules()):
         for child_name, child in parent.named_children():
             if type(child) is nn.Linear and child.weight.dtype in FP8_DTYPES:
                 fp8 = FP8Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
                 fp8.weight, fp8.bias = child.weight, child.bias
+                name = f"{parent_name}.{child_name}.weight" if parent_name else f"{child_name}.weight"
+                scale = scales.get(name, torch.ones(1, device=child.weight.device))
+                fp8.register_buffer("scale_weight", scale.reshape(()).float(), persistent=False)
                 setattr(parent, child_name, fp8)
