@@ -1,47 +1,66 @@
-"""GGUF DiT files (e.g. city96's Wan2.1-I2V-14B GGUF quantizations), through diffusers' GGUF support.
+"""GGUF DiT files (e.g. city96's Wan2.1-I2V-14B GGUF quantizations), on diffusers' GGUF layers.
 
-The keys are checked strictly first (same rules as the other formats); diffusers then builds the model with
-``GGUFLinear`` layers that keep the quantized weights and dequantize them per call in ``compute_dtype``.
+The keys are checked strictly first (same rules as the other formats). The model is then built empty, its Linear
+layers replaced by diffusers' ``GGUFLinear`` (quantized weights kept as stored, dequantized per call in
+``compute_dtype``), and the tensors are streamed in one at a time, so memory stays near the file size
+(diffusers' own ``from_single_file`` path reads the whole file into memory first).
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
+from diffusers import WanTransformer3DModel
 
 from ..errors import ModelFileError
 from ..transformer import build_transformer
 
+_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-def gguf_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Logical (PyTorch-order) shape of every tensor in a GGUF file, without reading the data."""
+
+def _reader(path: Path):
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises plain ValueErrors/struct errors for non-GGUF data
         raise ModelFileError(f"{path} is not a readable GGUF file: {exc}") from None
+
+
+def gguf_shapes(reader) -> dict[str, tuple[int, ...]]:
+    """Logical (PyTorch-order) shape of every tensor in a GGUF file, without reading the data."""
     return {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
 
 
 def load_gguf_dit(path: Path, config: dict, compute_dtype: torch.dtype = torch.bfloat16,
                   device: str | torch.device = "cpu") -> WanTransformer3DModel:
     """Load a GGUF Wan2.1-I2V DiT described by ``config`` (a ``WanTransformer3DModel`` config dict)."""
-    from .wan_dit import _file_to_names, check_keys, check_matches_config, inspect_wan_checkpoint
+    from diffusers.quantizers.gguf.utils import GGUFParameter, _replace_with_gguf_linear, dequantize_gguf_tensor
 
-    shapes = gguf_shapes(path)
+    from .wan_dit import _file_to_names, _fp32_names, assign_tensor, check_keys, check_matches_config, inspect_wan_checkpoint
+
+    reader = _reader(path)
+    shapes = gguf_shapes(reader)
     info = inspect_wan_checkpoint(shapes)
     check_matches_config(info, config, str(path))
     names = _file_to_names(list(shapes), info.key_format)
-    check_keys({names[k]: v for k, v in shapes.items()}, build_transformer(config, empty=True), str(path))
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **config}))
-        model = WanTransformer3DModel.from_single_file(
-            str(path), config=folder, local_files_only=True, torch_dtype=compute_dtype,
-            quantization_config=GGUFQuantizationConfig(compute_dtype=compute_dtype),
-        )
-    return model.to(device).eval().requires_grad_(False)
+    model = build_transformer(config, empty=True)
+    check_keys({names[k]: v for k, v in shapes.items()}, model, str(path))
+
+    keep_fp32 = _fp32_names(model)
+    quantized = {names[t.name]: t.tensor_type for t in reader.tensors if t.tensor_type.name not in _FLOAT_TYPES}
+    markers = {n: GGUFParameter(torch.empty(0, dtype=torch.uint8), quant_type=q) for n, q in quantized.items()
+               if n not in keep_fp32}
+    _replace_with_gguf_linear(model, compute_dtype, markers, modules_to_not_convert=model._keep_in_fp32_modules)
+    for tensor in reader.tensors:
+        name = names[tensor.name]
+        data = torch.from_numpy(tensor.data.copy())  # one tensor in memory at a time
+        if name in markers:
+            value = GGUFParameter(data, quant_type=tensor.tensor_type)
+        else:
+            if name in quantized:  # quantized weight of a module diffusers keeps in float32
+                data = dequantize_gguf_tensor(GGUFParameter(data, quant_type=tensor.tensor_type))
+            value = data.reshape(shapes[tensor.name]).to(torch.float32 if name in keep_fp32 else compute_dtype)
+        assign_tensor(model, name, value.to(device))
+    return model.eval().requires_grad_(False)

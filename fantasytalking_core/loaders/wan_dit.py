@@ -146,7 +146,7 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     if attr in module._parameters:
-        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        module._parameters[attr] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
     else:
         module._buffers[attr] = tensor
 
