@@ -2,12 +2,13 @@
 
 The keys are checked strictly first (same rules as the other formats). The model is then built empty, its Linear
 layers replaced by diffusers' ``GGUFLinear`` (quantized weights kept as stored, dequantized per call in
-``compute_dtype``), and the tensors are streamed in one at a time, so memory stays near the file size
+``compute_dtype``), and the tensors are views of the memory-mapped file, so memory stays near the file size
 (diffusers' own ``from_single_file`` path reads the whole file into memory first).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,7 +56,9 @@ def load_gguf_dit(path: Path, config: dict, compute_dtype: torch.dtype = torch.b
     _replace_with_gguf_linear(model, compute_dtype, markers, modules_to_not_convert=model._keep_in_fp32_modules)
     for tensor in reader.tensors:
         name = names[tensor.name]
-        data = torch.from_numpy(tensor.data.copy())  # one tensor in memory at a time
+        with warnings.catch_warnings():  # the memory map is read-only; the weights are never written to
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.from_numpy(tensor.data)  # a view of the memory-mapped file: no copy
         if name in markers:
             value = GGUFParameter(data, quant_type=tensor.tensor_type)
         else:
