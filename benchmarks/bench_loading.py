@@ -71,8 +71,9 @@ def state_for(config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def size_of(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.parent.glob(path.name.split("-0000")[0] + "*.safetensors")) \
-        if path.name.endswith(".index.json") else path.stat().st_size
+    if path.name.endswith(".index.json"):  # a shard set: all its shards
+        return sum(f.stat().st_size for f in path.parent.glob("*.safetensors"))
+    return path.stat().st_size
 
 
 def main() -> None:
