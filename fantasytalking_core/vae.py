@@ -103,9 +103,16 @@ def assign_weights(
         if key not in by_key:
             continue
         raw = ckpt.tensor(key, dtype if ckpt.dtypes[key].is_floating_point else None)
+        # Targets that take the tensor unchanged (tied weights such as umT5's shared/embed_tokens) get one and
+        # the same Parameter, so that a later model.to(...) moves it once instead of splitting it in two.
+        whole = None
         for target, transform in by_key[key]:
-            _set_tensor(model, target, (transform(raw) if transform else raw).to(device))
-        del raw
+            if transform is None:
+                whole = whole if whole is not None else torch.nn.Parameter(raw.to(device), requires_grad=False)
+                _set_tensor(model, target, whole)
+            else:
+                _set_tensor(model, target, transform(raw).to(device))
+        del raw, whole
     for target, transform in by_key.get(None, []):
         value = transform(None)
         _set_tensor(model, target, value.to(device, dtype if value.is_floating_point() else None))
@@ -159,9 +166,11 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     if leaf in module._parameters:
-        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        if not isinstance(value, torch.nn.Parameter):
+            value = torch.nn.Parameter(value, requires_grad=False)
+        module._parameters[leaf] = value
     else:
-        module._buffers[leaf] = value
+        module._buffers[leaf] = value.data if isinstance(value, torch.nn.Parameter) else value
 
 
 def _mismatch_message(ckpt, kind, fix, missing, unexpected, wrong_shape, limit: int = 5) -> str:
@@ -432,7 +441,7 @@ def image_to_video_condition(
 ) -> torch.Tensor:
     """The I2V conditioning ``y`` of Wan2.1: [1, 4 + z_dim, T, H/8, W/8] float32.
 
-    image: [3, H, W] in [-1, 1], already at the video size (H, W multiples of 8).
+    image: [3, H, W] (or [1, 3, H, W]) in [-1, 1], already at the video size (H, W multiples of 8).
     Channels 0..3: :func:`first_frame_mask`; channels 4..: the normalized latent of the video
     [image, num_frames - 1 black (zero) frames].
     """

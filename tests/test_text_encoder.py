@@ -98,6 +98,10 @@ def test_fp16_file_loads_as_fp16_with_exact_weights(tmp_path, wan_state):
     for key, value in state.items():
         assert torch.equal(loaded[key], value), key
     assert torch.equal(model.encoder.embed_tokens.weight, state["shared.weight"])  # the embedding the stack uses
+    # tied, not copied: moving the model keeps one embedding (2 GB in bf16 for the real umT5-XXL)
+    assert model.encoder.embed_tokens.weight is model.shared.weight
+    moved = model.to(torch.float32)
+    assert moved.encoder.embed_tokens.weight.data_ptr() == moved.shared.weight.data_ptr()
     as_fp32 = load_text_encoder(tmp_path / "umt5_xxl_fp16.safetensors", CONFIG, dtype=torch.float32)
     assert as_fp32.dtype == torch.float32
     assert torch.equal(as_fp32.state_dict()["encoder.block.1.layer.1.DenseReluDense.wo.weight"],
@@ -107,7 +111,8 @@ def test_fp16_file_loads_as_fp16_with_exact_weights(tmp_path, wan_state):
 def test_fp8_scaled_file_is_dequantized(tmp_path, wan_state):
     state, expected = {}, {}
     for key, value in _transformers_layout(wan_state).items():
-        if key.endswith("weight") and value.ndim == 2 and "relative_attention_bias" not in key and key != "shared.weight":
+        # as ComfyUI: the Linear weights in fp8 with a per-tensor scale, embeddings and norms kept as they are
+        if value.ndim == 2 and "relative_attention_bias" not in key and key != "shared.weight":
             scale = value.abs().max() / 448.0
             q = (value / scale).to(torch.float8_e4m3fn)
             state[key], state[key[: -len("weight")] + "scale_weight"] = q, scale.reshape(())
