@@ -91,9 +91,10 @@ def _from_wan_names(wan: dict) -> dict:
     out = {}
     for key, value in wan.items():
         if key == "dim_attn":
-            if value % wan["num_heads"]:
-                raise ModelFileError(f"dim_attn {value} is not divisible by num_heads {wan['num_heads']}.")
-            out["d_kv"] = value // wan["num_heads"]
+            heads = wan.get("num_heads")
+            if not heads or value % heads:
+                raise ModelFileError(f"dim_attn {value} needs num_heads dividing it, got num_heads={heads}.")
+            out["d_kv"] = value // heads
         elif key in ("shared_pos", "text_len"):
             continue  # checked above / a tokenizer setting (max_length of encode_prompt), not the network's
         else:
