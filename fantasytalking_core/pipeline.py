@@ -1,0 +1,184 @@
+"""``FantasyTalkingPipeline``: portrait + voice in, frames + the matching audio out.
+
+The pipeline composes the parts and owns no maths: audio features (``audio_features``), windows
+(``audio_windows``), encoders (``text_encoder``, ``image_encoder``, ``vae``), the DiT (``transformer``) and the
+sampler (``schedule``, ``guidance``, ``sampler``). Each model sits on the compute device only while it works
+(offloading), and everything it put there is freed when a run ends or fails.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .audio_features import AudioFeatures, extract_audio_features
+from .audio_windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
+from .guidance import GuidanceConfig
+from .image_encoder import encode_image_clip
+from .image_io import comfy_image_to_pil, image_to_tensor, load_image
+from .sampler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
+from .schedule import flow_match_sigmas
+from .text_encoder import DEFAULT_NEGATIVE_PROMPT, encode_prompt
+from .transformer import FantasyTalkingModel
+from .vae import decode_latents, image_to_video_condition
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class GenerationSettings:
+    """Everything a user chooses for one video (defaults: the official ``infer.py``).
+
+    Attributes:
+        fps: video frames per second; the frame count follows the audio (``4*floor(fps*duration/4)+5``).
+        max_frames: cap on the frame count (4n+1).
+        image_size: longest edge of the video in pixels (sides rounded up to multiples of 16).
+        cfg, audio_cfg: text and audio guidance scales; audio_scale: strength of the audio branch.
+        audio_guidance_range: fraction of the steps [start, end) with audio guidance.
+        batch_passes: run the guidance passes of a step as one batch (faster on a big GPU).
+        vae_tile: decode in spatial tiles of this many pixels (bounded memory), or None.
+    """
+
+    prompt: str = "A person is talking."
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    seed: int = 1111
+    steps: int = 30
+    shift: float = 5.0
+    cfg: float = 5.0
+    audio_cfg: float = 5.0
+    audio_scale: float = 1.0
+    audio_guidance_range: tuple[float, float] = (0.0, 1.0)
+    fps: float = 23
+    max_frames: int = 81
+    image_size: int = 512
+    batch_passes: bool = False
+    vae_tile: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}.")
+        if self.max_frames < 5 or (self.max_frames - 1) % 4:
+            raise ValueError(f"max_frames must be 4n+1 and at least 5 (e.g. 81), got {self.max_frames}.")
+        if self.fps <= 0:
+            raise ValueError(f"fps must be positive, got {self.fps}.")
+
+
+@dataclass
+class GenerationResult:
+    """frames: [F, H, W, 3] float32 in 0..1 (ComfyUI IMAGE layout); audio: [1, T] float32 mono, the part of the
+    recording the video shows; sample_rate in Hz; fps in frames/s."""
+
+    frames: torch.Tensor
+    audio: torch.Tensor
+    sample_rate: int
+    fps: float
+
+
+@dataclass
+class FantasyTalkingModels:
+    """The loaded parts. ``tokenizer`` is the umT5 tokenizer; ``wav2vec2`` the audio encoder."""
+
+    dit: FantasyTalkingModel
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    image_encoder: Any
+    wav2vec2: Any
+    extra: dict = field(default_factory=dict)
+
+
+@contextmanager
+def on_device(module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
+    """Keep ``module`` on ``device`` inside the block and move it back where it was afterwards, even on error."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class FantasyTalkingPipeline:
+    """Portrait + voice -> talking video frames.
+
+    Args:
+        models: the loaded parts (see :func:`fantasytalking_core.model_paths.load_models`).
+        device: where the models compute; they wait on their own device (usually the CPU) in between.
+    """
+
+    def __init__(self, models: FantasyTalkingModels, device: str | torch.device = "cpu"):
+        self.models = models
+        self.device = torch.device(device)
+
+    def reference_image(self, image: str | os.PathLike | Image.Image | torch.Tensor, image_size: int) -> torch.Tensor:
+        """A file path, PIL image or ComfyUI IMAGE -> [3, H, W] in -1..1 at the video size."""
+        if isinstance(image, torch.Tensor):
+            image = comfy_image_to_pil(image)
+        elif not isinstance(image, Image.Image):
+            image = load_image(image)
+        return image_to_tensor(image, image_size)
+
+    @torch.no_grad()
+    def audio_features(self, audio: str | os.PathLike | Mapping, settings: GenerationSettings) -> AudioFeatures:
+        with on_device(self.models.wav2vec2, self.device):
+            return extract_audio_features(self.models.wav2vec2, audio, settings.fps, settings.max_frames)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: str | os.PathLike | Image.Image | torch.Tensor,
+        audio: str | os.PathLike | Mapping,
+        settings: GenerationSettings | None = None,
+        progress: ProgressFn | None = None,
+    ) -> GenerationResult:
+        """Generate. ``progress(step, total)`` is called after every denoising step and may raise to interrupt."""
+        settings = settings or GenerationSettings()
+        m = self.models
+        pixels = self.reference_image(image, settings.image_size)  # validate the cheap input first
+        voice = self.audio_features(audio, settings)
+        height, width = pixels.shape[1:]
+
+        with on_device(m.text_encoder, self.device):
+            text_pos = encode_prompt(m.text_encoder, m.tokenizer, settings.prompt)[None]
+            text_neg = encode_prompt(m.text_encoder, m.tokenizer, settings.negative_prompt)[None] if settings.cfg != 1 else None
+        with on_device(m.image_encoder, self.device):
+            clip_tokens = encode_image_clip(m.image_encoder, pixels[None])
+        tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
+        with on_device(m.vae, self.device):
+            y = image_to_video_condition(m.vae, pixels, voice.num_frames, tile_size=tile)
+
+        with on_device(m.dit, self.device):
+            windows = audio_windows_for_frames(voice.num_tokens, voice.num_frames)
+            audio_tokens = gather_audio_windows(m.dit.project_audio(voice.features[None].to(self.device)), windows)
+            cond = DiTConditions(text_pos.to(self.device), None if text_neg is None else text_neg.to(self.device),
+                                 clip_tokens.to(self.device), y.to(self.device), audio_tokens,
+                                 windows.k_lens_tensor().to(self.device), settings.audio_scale)
+            start, end = settings.audio_guidance_range
+            guidance = GuidanceConfig(settings.cfg, settings.audio_cfg, start, end)
+            shape = (1, m.vae.config.z_dim, latent_frame_count(voice.num_frames), height // 8, width // 8)
+            noise = initial_noise(shape, settings.seed).to(self.device)
+            velocity = guided_velocity(m.dit, cond, guidance, settings.steps, batch_passes=settings.batch_passes)
+            on_step = None if progress is None else (lambda d: progress(d["i"] + 1, settings.steps))
+            latents = sample_flow_euler(velocity, noise, flow_match_sigmas(settings.steps, settings.shift), on_step)
+            del cond, velocity, audio_tokens
+
+        with on_device(m.vae, self.device):
+            video = decode_latents(m.vae, latents, tile_size=tile)  # [1, 3, F, H, W] in -1..1
+        frames = (video[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2
+        return GenerationResult(frames.clamp(0, 1), voice.waveform_16k[None].cpu(), voice.sample_rate, voice.fps)
+
+
+def save_result(result: GenerationResult, path: str | Path) -> Path:
+    """Write ``result`` as an H.264 mp4 with the voice muxed as AAC."""
+    from .video_writer import write_video
+
+    return write_video(path, result.frames, result.fps, result.audio, result.sample_rate)
