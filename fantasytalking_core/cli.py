@@ -21,13 +21,90 @@ def _parity(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch
+    from tqdm import tqdm
+
+    from .audio_io import load_audio
+    from .image_io import load_image
+    from .model_paths import find_model_files, load_models
+    from .pipeline import FantasyTalkingPipeline, GenerationSettings, save_result
+
+    # cheap checks first: a bad image or audio path fails before any model is loaded
+    load_image(args.image)
+    load_audio(args.audio)
+    settings = GenerationSettings(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps, cfg=args.cfg,
+        audio_cfg=args.audio_cfg, audio_scale=args.audio_scale, fps=args.fps, max_frames=args.max_frames,
+        image_size=args.image_size, shift=args.shift, batch_passes=args.batch_passes, vae_tile=args.vae_tile,
+        audio_guidance_range=(args.audio_guidance_start, args.audio_guidance_end),
+    )
+    dtype = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.tiny:
+            from .tiny import make_tiny_models
+
+            print("--tiny: random tiny models; the video will be noise, not a portrait.", file=sys.stderr)
+            files = make_tiny_models(scratch)
+            dtype = torch.float32
+        else:
+            if not args.models:
+                raise FantasyTalkingError("--models is required (your ComfyUI/models folder), or use --tiny.")
+            files = find_model_files(args.models)
+        models = load_models(files, dtype=dtype, fp8_storage=args.fp8)
+    with tqdm(total=settings.steps, desc="denoising", unit="step") as bar:
+        result = FantasyTalkingPipeline(models, args.device)(args.image, args.audio, settings,
+                                                             progress=lambda i, n: bar.update(1))
+    out = save_result(result, args.out)
+    print(f"wrote {out} ({len(result.frames)} frames at {result.fps:g} fps)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fantasytalking_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     parity = sub.add_parser("parity", help="recompute a fixture set of the official implementation and compare")
     parity.add_argument("dir", help="directory laid out like tests/fixtures/official")
     parity.set_defaults(func=_parity)
+
+    from .pipeline import GenerationSettings
+    from .text_encoder import DEFAULT_NEGATIVE_PROMPT
+
+    d = GenerationSettings()
+    gen = sub.add_parser("generate", help="portrait + voice -> talking video (mp4 with sound)")
+    gen.add_argument("--image", required=True, help="the portrait (PNG, JPEG, WebP, ...)")
+    gen.add_argument("--audio", required=True, help="the voice (wav, flac, mp3, ogg, m4a, or a video with sound)")
+    gen.add_argument("--out", required=True, help="output .mp4 path")
+    gen.add_argument("--models", help="ComfyUI models/ folder (or the official FantasyTalking models/ folder)")
+    gen.add_argument("--tiny", action="store_true", help="check the installation with tiny random models (output is noise)")
+    gen.add_argument("--prompt", default=d.prompt)
+    gen.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT)
+    gen.add_argument("--seed", type=int, default=d.seed)
+    gen.add_argument("--steps", type=int, default=d.steps)
+    gen.add_argument("--shift", type=float, default=d.shift)
+    gen.add_argument("--cfg", type=float, default=d.cfg, help="text guidance scale")
+    gen.add_argument("--audio-cfg", type=float, default=d.audio_cfg, help="audio guidance scale")
+    gen.add_argument("--audio-scale", type=float, default=d.audio_scale, help="strength of the audio branch")
+    gen.add_argument("--audio-guidance-start", type=float, default=0.0, help="fraction of the steps where audio guidance starts")
+    gen.add_argument("--audio-guidance-end", type=float, default=1.0, help="fraction of the steps where it ends")
+    gen.add_argument("--fps", type=float, default=d.fps)
+    gen.add_argument("--max-frames", type=int, default=d.max_frames, help="cap on the frame count (4n+1)")
+    gen.add_argument("--image-size", type=int, default=d.image_size, help="longest edge of the video in pixels")
+    gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    gen.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    gen.add_argument("--fp8", action="store_true", help="keep the DiT's block weights in fp8 (half the memory)")
+    gen.add_argument("--batch-passes", action="store_true", help="run the guidance passes as one batch")
+    gen.add_argument("--vae-tile", type=int, default=None, help="decode in tiles of this many pixels")
+    gen.set_defaults(func=_generate)
     return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,8 @@ def write_video(
     sample_rate: int | None = None,
     crf: int = 18,
 ) -> Path:
-    """Encode ``frames`` as H.264 (yuv420p) and mux ``audio`` as AAC, trimmed to the video's duration.
+    """Encode ``frames`` as H.264 (yuv420p) and mux ``audio`` as AAC, fitted to the video's duration (trimmed, or
+    padded with silence: the frame rule may make the video up to ~4 frames longer than the recording).
 
     Args:
         frames: [F, H, W, 3] float in 0..1 (ComfyUI IMAGE layout); H and W are padded to even sizes for yuv420p.
@@ -60,7 +61,8 @@ def write_video(
 def _mux_audio(container, stream, audio: torch.Tensor, sample_rate: int, duration_s: float) -> None:
     wave = audio.detach().float().cpu()
     wave = wave.unsqueeze(0) if wave.ndim == 1 else wave[:2]
-    wave = wave[:, : int(round(duration_s * sample_rate))].clamp(-1, 1).numpy()
+    length = int(round(duration_s * sample_rate))
+    wave = torch.nn.functional.pad(wave[:, :length], (0, max(0, length - wave.shape[1]))).clamp(-1, 1).numpy()
     channels = wave.shape[0]
     frame_size = stream.codec_context.frame_size or 1024
     for start in range(0, wave.shape[1], frame_size):

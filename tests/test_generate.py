@@ -1,0 +1,103 @@
+"""The main job end to end: `python -m fantasytalking_core generate --tiny` writes an mp4 with sound."""
+
+import subprocess
+import sys
+import wave
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from fantasytalking_core.model_paths import MissingModelsError, find_model_files
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("in")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 60, 3), dtype=np.uint8)).save(d / "face.png")
+    sr = 16000
+    samples = (0.3 * np.sin(np.arange(int(0.5 * sr)) / 7) * 32767).astype(np.int16)
+    with wave.open(str(d / "voice.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(sr), w.writeframes(samples.tobytes())
+    return d
+
+
+def generate(*args):
+    return subprocess.run([sys.executable, "-m", "fantasytalking_core", "generate", *args], capture_output=True, text=True)
+
+
+def test_tiny_run_writes_h264_with_aac_matching_the_video(inputs, tmp_path):
+    out = tmp_path / "talking.mp4"
+    proc = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out", str(out),
+                    "--tiny", "--steps", "2", "--image-size", "32", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "noise, not a portrait" in proc.stderr
+    with av.open(str(out)) as c:
+        video, audio = c.streams.video[0], c.streams.audio[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        assert video.codec_context.name == "h264" and float(video.average_rate) == 23.0
+        assert len(frames) == 13 and (len(frames) - 1) % 4 == 0  # 0.5 s at 23 fps: 4*floor(11.5/4)+5
+        assert frames[0].shape == (32, 32, 3)  # 90x60 portrait -> longest edge 32 (21 -> 32 after rounding up)
+        assert audio.codec_context.name == "aac"
+        assert abs(float(audio.duration * audio.time_base) - len(frames) / 23) < 0.07
+    # same seed, same video
+    again = tmp_path / "again.mp4"
+    generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out", str(again),
+             "--tiny", "--steps", "2", "--image-size", "32", "--seed", "3")
+    with av.open(str(out)) as a, av.open(str(again)) as b:
+        assert all(np.array_equal(x.to_ndarray(format="rgb24"), y.to_ndarray(format="rgb24"))
+                   for x, y in zip(a.decode(video=0), b.decode(video=0)))
+
+
+@pytest.mark.parametrize("image,audio,message", [
+    ("missing.png", "voice.wav", "Image not found"),
+    ("voice.wav", "voice.wav", "not a readable image"),
+    ("face.png", "face.png", "no audio track"),
+    ("face.png", "missing.wav", "not found"),
+])
+def test_bad_inputs_give_one_line_and_non_zero_exit(inputs, tmp_path, image, audio, message):
+    proc = generate("--image", str(inputs / image), "--audio", str(inputs / audio), "--out", str(tmp_path / "x.mp4"), "--tiny")
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_models_are_all_listed(inputs, tmp_path):
+    proc = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out", str(tmp_path / "x.mp4"),
+                    "--models", str(tmp_path))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    for where in ("diffusion_models", "fantasytalking", "text_encoders", "clip_vision", "vae", "audio_encoders"):
+        assert f"{tmp_path / where}" in proc.stderr
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+def test_finds_a_comfyui_models_tree(tmp_path):
+    for rel in ("diffusion_models/wan2.1_i2v_480p_14B_fp8_scaled.safetensors", "diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors",
+                "fantasytalking/fantasytalking_fp16.safetensors", "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                "text_encoders/umt5-xxl/tokenizer.json", "clip_vision/clip_vision_h.safetensors", "vae/wan_2.1_vae.safetensors",
+                "audio_encoders/wav2vec2-base-960h.safetensors"):
+        _touch(tmp_path / rel)
+    files = find_model_files(tmp_path)
+    assert files.dit.name == "wan2.1_i2v_480p_14B_fp8_scaled.safetensors"
+    assert files.tokenizer == tmp_path / "text_encoders/umt5-xxl"
+    assert files.wav2vec2.name == "wav2vec2-base-960h.safetensors"
+
+
+def test_finds_the_official_layout(tmp_path):
+    wan = tmp_path / "Wan2.1-I2V-14B-720P"
+    for rel in ("diffusion_pytorch_model.safetensors.index.json", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/spiece.model",
+                "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "Wan2.1_VAE.pth"):
+        _touch(wan / rel)
+    _touch(tmp_path / "fantasytalking_model.ckpt")
+    _touch(tmp_path / "wav2vec2-base-960h/config.json")
+    files = find_model_files(tmp_path)
+    assert files.dit == wan / "diffusion_pytorch_model.safetensors.index.json"
+    assert files.tokenizer == wan / "google/umt5-xxl" and files.wav2vec2 == tmp_path / "wav2vec2-base-960h"
+    (tmp_path / "fantasytalking_model.ckpt").unlink()
+    with pytest.raises(MissingModelsError, match="FantasyTalking audio adapter"):
+        find_model_files(tmp_path)
