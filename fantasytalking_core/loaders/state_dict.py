@@ -60,8 +60,8 @@ class Checkpoint:
         """Read one tensor (on CPU); fp8-scaled weights come back dequantized to ``dtype`` (default float32)."""
         raw = self._read(key)
         scale = self.scale(key)
-        if scale is not None:
-            return (raw.to(torch.float32) * scale).to(dtype or torch.float32)
+        if scale is not None:  # dequantize straight into the target dtype: one allocation per tensor
+            return raw.to(dtype or torch.float32).mul_(scale.to(dtype or torch.float32))
         return raw if dtype is None or raw.dtype == dtype else raw.to(dtype)
 
     def scale(self, key: str) -> torch.Tensor | None:

@@ -232,7 +232,7 @@ def load_wan_dit(
                 scales[name] = scale.to(device)
         else:
             # every conversion goes through the checkpoint's reader, which dequantizes fp8-scaled weights
-            tensor = ckpt.tensor(key, dtype=None if ckpt.dtypes[key] == target else torch.float32)
+            tensor = ckpt.tensor(key, dtype=target)
         assign_tensor(model, name, tensor.to(device=device, dtype=target))
     model.eval().requires_grad_(False)
     if store_fp8:
