@@ -192,3 +192,16 @@ def test_fp8_scaled_can_stay_fp8_with_its_scales(tmp_path, wan_state, official_i
         a = dequant(*args, encoder_hidden_states_image=x["clip_feature"], return_dict=False)[0]
         b = kept(*args, encoder_hidden_states_image=x["clip_feature"], return_dict=False)[0]
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_file_inside_a_model_folder_uses_the_folder_config(tmp_path, wan_state, reference):
+    folder = tmp_path / "wan2.1_i2v_14b_small"
+    folder.mkdir()
+    path = save_wan_file(wan_state, folder / "model.safetensors")
+    with pytest.raises(ModelFileError, match="dim 5120"):  # no config: the bundled 14B one refuses it
+        load_wan_dit(path)
+    (folder / "config.json").write_text(CONFIG.read_text())
+    assert_same(load_wan_dit(path), reference)
+    (folder / "config.json").write_text('{"something": "else"}')  # not a DiT config: ignored
+    with pytest.raises(ModelFileError, match="dim 5120"):
+        load_wan_dit(path)

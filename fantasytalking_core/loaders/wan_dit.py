@@ -172,13 +172,30 @@ def _target_dtype(
     return base
 
 
+def _folder_config(folder: Path) -> dict | None:
+    """The DiT config.json of a model folder (original Wan or diffusers), None if there is none."""
+    file = folder / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    is_dit = isinstance(config, dict) and ({"dim", "num_heads"} <= set(config) or "num_attention_heads" in config)
+    return config if is_dit else None
+
+
 def _resolve_files(path: Path) -> tuple[Path, dict | None]:
-    """A file, shard, index json or folder -> (the file to open, the folder's config.json contents or None)."""
+    """A file, shard, index json or folder -> (the file to open, the DiT config.json of its folder or None).
+
+    A file inside a model folder (a shard of the original release, a diffusers folder's weights) picks up the
+    folder's ``config.json``, so the folder's architecture is used wherever the file is chosen from.
+    """
     if not path.exists():
         raise ModelNotFoundError(f"Diffusion model not found: {path}. Put the {NEEDED} in ComfyUI/models/diffusion_models/.")
     if not path.is_dir():
-        return path, None
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+        return path, _folder_config(path.parent)
+    config = _folder_config(path)
     for pattern in ("*.safetensors.index.json", "*.safetensors", "*.gguf", "*.pth"):
         found = sorted(path.glob(pattern))
         if found:
