@@ -137,9 +137,10 @@ def test_other_wan_models_are_refused(tmp_path, wan_state, kind, in_channels, me
         load_wan_dit(path, config=CONFIG)
 
 
-def test_other_size_is_refused_against_the_14b_config():
+def test_other_size_is_refused_against_the_14b_config(tmp_path, wan_state):
+    path = save_wan_file(wan_state, tmp_path / "small.safetensors")  # no config.json beside it
     with pytest.raises(ModelFileError, match=r"dim 64, 2 blocks.*Wan2.1-I2V-14B.*dim 5120"):
-        load_wan_dit(DIT)  # no config: the bundled 14B one
+        load_wan_dit(path)  # no config: the bundled 14B one
 
 
 @pytest.mark.parametrize("file,message", [
