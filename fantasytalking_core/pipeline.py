@@ -23,6 +23,7 @@ from .audio_windows import audio_windows_for_frames, gather_audio_windows, laten
 from .guidance import GuidanceConfig
 from .image_encoder import encode_image_clip
 from .image_io import comfy_image_to_pil, image_to_tensor, load_image
+from .motion import MotionIntensity, audio_cfg_for, audio_scale_map
 from .sampler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
 from .schedule import flow_match_sigmas
 from .text_encoder import DEFAULT_NEGATIVE_PROMPT, encode_prompt
@@ -44,6 +45,8 @@ class GenerationSettings:
         audio_guidance_range: fraction of the steps [start, end) with audio guidance.
         batch_passes: run the guidance passes of a step as one batch (faster on a big GPU).
         vae_tile: decode in spatial tiles of this many pixels (bounded memory), or None.
+        motion: face/body motion intensity (training-free, see ``motion.py``); None = official behaviour.
+        face_box: (x0, y0, x1, y1) of the face in video-frame pixels, where the face intensity applies.
     """
 
     prompt: str = "A person is talking."
@@ -60,6 +63,8 @@ class GenerationSettings:
     image_size: int = 512
     batch_passes: bool = False
     vae_tile: int | None = None
+    motion: MotionIntensity | None = None
+    face_box: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -159,12 +164,15 @@ class FantasyTalkingPipeline:
         with on_device(m.dit, self.device):
             windows = audio_windows_for_frames(voice.num_tokens, voice.num_frames)
             audio_tokens = gather_audio_windows(m.dit.project_audio(voice.features[None].to(self.device)), windows)
+            frames = latent_frame_count(voice.num_frames)
+            scale = audio_scale_map(settings.motion, settings.audio_scale, frames, height, width, settings.face_box)
             cond = DiTConditions(text_pos.to(self.device), None if text_neg is None else text_neg.to(self.device),
                                  clip_tokens.to(self.device), y.to(self.device), audio_tokens,
-                                 windows.k_lens_tensor().to(self.device), settings.audio_scale)
+                                 windows.k_lens_tensor().to(self.device),
+                                 scale.to(self.device) if isinstance(scale, torch.Tensor) else scale)
             start, end = settings.audio_guidance_range
-            guidance = GuidanceConfig(settings.cfg, settings.audio_cfg, start, end)
-            shape = (1, m.vae.config.z_dim, latent_frame_count(voice.num_frames), height // 8, width // 8)
+            guidance = GuidanceConfig(settings.cfg, audio_cfg_for(settings.motion, settings.audio_cfg), start, end)
+            shape = (1, m.vae.config.z_dim, frames, height // 8, width // 8)
             noise = initial_noise(shape, settings.seed).to(self.device)
             velocity = guided_velocity(m.dit, cond, guidance, settings.steps, batch_passes=settings.batch_passes)
             on_step = None if progress is None else (lambda d: progress(d["i"] + 1, settings.steps))
