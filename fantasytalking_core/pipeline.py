@@ -162,27 +162,55 @@ class FantasyTalkingPipeline:
             y = image_to_video_condition(m.vae, pixels, voice.num_frames, tile_size=tile)
 
         with on_device(m.dit, self.device):
-            windows = audio_windows_for_frames(voice.num_tokens, voice.num_frames)
-            audio_tokens = gather_audio_windows(m.dit.project_audio(voice.features[None].to(self.device)), windows)
-            frames = latent_frame_count(voice.num_frames)
-            scale = audio_scale_map(settings.motion, settings.audio_scale, frames, height, width, settings.face_box)
-            cond = DiTConditions(text_pos.to(self.device), None if text_neg is None else text_neg.to(self.device),
-                                 clip_tokens.to(self.device), y.to(self.device), audio_tokens,
-                                 windows.k_lens_tensor().to(self.device),
-                                 scale.to(self.device) if isinstance(scale, torch.Tensor) else scale)
-            start, end = settings.audio_guidance_range
-            guidance = GuidanceConfig(settings.cfg, audio_cfg_for(settings.motion, settings.audio_cfg), start, end)
-            shape = (1, m.vae.config.z_dim, frames, height // 8, width // 8)
-            noise = initial_noise(shape, settings.seed).to(self.device)
-            velocity = guided_velocity(m.dit, cond, guidance, settings.steps, batch_passes=settings.batch_passes)
-            on_step = None if progress is None else (lambda d: progress(d["i"] + 1, settings.steps))
-            latents = sample_flow_euler(velocity, noise, flow_match_sigmas(settings.steps, settings.shift), on_step)
-            del cond, velocity, audio_tokens
+            latents = generate_latents(m.dit, text_pos, text_neg, clip_tokens, y, voice.features, voice.num_frames,
+                                       settings, progress)
 
         with on_device(m.vae, self.device):
             video = decode_latents(m.vae, latents, tile_size=tile)  # [1, 3, F, H, W] in -1..1
         frames = (video[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2
         return GenerationResult(frames.clamp(0, 1), voice.waveform_16k[None].cpu(), voice.sample_rate, voice.fps)
+
+
+@torch.no_grad()
+def generate_latents(
+    dit: FantasyTalkingModel,
+    text_pos: torch.Tensor,
+    text_neg: torch.Tensor | None,
+    clip_tokens: torch.Tensor,
+    image_latents: torch.Tensor,
+    audio_features: torch.Tensor,
+    num_frames: int,
+    settings: GenerationSettings,
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """The denoising run, shared by the pipeline and the ComfyUI sampler node. Runs where ``dit`` is.
+
+    Args:
+        text_pos, text_neg: [1, L, text_dim] umT5 outputs (``text_neg`` None when cfg is 1).
+        clip_tokens: [1, 257, 1280] CLIP penultimate tokens of the reference.
+        image_latents: [1, 20, T, H/8, W/8] the I2V conditioning y.
+        audio_features: [L_audio, 768] wav2vec2 last hidden state of the cropped recording.
+        num_frames: video frames (4n+1) the audio features were made for.
+    Returns:
+        [1, 16, T, H/8, W/8] float32 denoised latent.
+    """
+    device = dit.device
+    frames, height, width = image_latents.shape[2], image_latents.shape[3] * 8, image_latents.shape[4] * 8
+    if frames != latent_frame_count(num_frames):
+        raise ValueError(f"image_latents has {frames} latent frames but {num_frames} video frames need "
+                         f"{latent_frame_count(num_frames)}.")
+    windows = audio_windows_for_frames(audio_features.shape[0], num_frames)
+    audio_tokens = gather_audio_windows(dit.project_audio(audio_features[None].to(device)), windows)
+    scale = audio_scale_map(settings.motion, settings.audio_scale, frames, height, width, settings.face_box)
+    cond = DiTConditions(text_pos.to(device), None if text_neg is None else text_neg.to(device),
+                         clip_tokens.to(device), image_latents.to(device), audio_tokens,
+                         windows.k_lens_tensor().to(device), scale.to(device) if isinstance(scale, torch.Tensor) else scale)
+    start, end = settings.audio_guidance_range
+    guidance = GuidanceConfig(settings.cfg, audio_cfg_for(settings.motion, settings.audio_cfg), start, end)
+    noise = initial_noise((1, dit.transformer.config.out_channels, frames, height // 8, width // 8), settings.seed)
+    velocity = guided_velocity(dit, cond, guidance, settings.steps, batch_passes=settings.batch_passes)
+    on_step = None if progress is None else (lambda d: progress(d["i"] + 1, settings.steps))
+    return sample_flow_euler(velocity, noise.to(device), flow_match_sigmas(settings.steps, settings.shift), on_step)
 
 
 def save_result(result: GenerationResult, path: str | Path) -> Path:
