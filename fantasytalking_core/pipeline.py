@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -211,6 +212,55 @@ def generate_latents(
     velocity = guided_velocity(dit, cond, guidance, settings.steps, batch_passes=settings.batch_passes)
     on_step = None if progress is None else (lambda d: progress(d["i"] + 1, settings.steps))
     return sample_flow_euler(velocity, noise.to(device), flow_match_sigmas(settings.steps, settings.shift), on_step)
+
+
+@dataclass
+class FaceCropOptions:
+    """Crop -> generate -> paste back. index: which face (0 = largest); margin: see ``face_crop.square_crop``;
+    feather: blend width in reference pixels; fallback_whole_image: use the whole image when no face is found."""
+
+    index: int = 0
+    margin: float = 0.6
+    feather: int = 16
+    fallback_whole_image: bool = False
+
+
+def generate_talking_video(
+    pipe: FantasyTalkingPipeline,
+    image: str | os.PathLike | Image.Image,
+    audio: str | os.PathLike | Mapping,
+    settings: GenerationSettings,
+    face_crop: FaceCropOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> GenerationResult:
+    """The whole job: optional face crop and paste-back around the pipeline, and the face region for motion.
+
+    With ``face_crop`` the model generates on a square around the face and the frames are pasted back into the
+    full-resolution reference (the result has the reference's size). Without it, a non-default motion intensity
+    locates the face in the reference to know where the face intensity applies (whole frame if none is found).
+    """
+    from dataclasses import replace
+
+    from .face_crop import crop_image, detect_faces, paste_back, pick_face, square_crop
+    from .image_io import frame_size
+
+    picture = image if isinstance(image, Image.Image) else load_image(image)
+    full = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255)  # [H, W, 3] in 0..1
+    needs_face = face_crop is not None or (settings.motion is not None and not settings.motion.is_default
+                                           and settings.face_box is None)
+    faces = detect_faces(full) if needs_face else []
+    if face_crop is not None and (faces or not face_crop.fallback_whole_image):
+        info = square_crop(pick_face(faces, face_crop.index), full.shape[0], full.shape[1], face_crop.margin)
+        crop = Image.fromarray((crop_image(full, info).numpy() * 255).round().astype(np.uint8))
+        side = frame_size(info.size, info.size, settings.image_size)[0]
+        result = pipe(crop, audio, replace(settings, face_box=info.face_in(side, side)), progress)
+        return replace(result, frames=paste_back(result.frames, full, info, face_crop.feather))
+    if faces and settings.face_box is None and settings.motion is not None and not settings.motion.is_default:
+        width, height = frame_size(picture.width, picture.height, settings.image_size)
+        face = pick_face(faces, face_crop.index if face_crop else 0)
+        sx, sy = width / picture.width, height / picture.height
+        settings = replace(settings, face_box=(face.x0 * sx, face.y0 * sy, face.x1 * sx, face.y1 * sy))
+    return pipe(picture, audio, settings, progress)
 
 
 def save_result(result: GenerationResult, path: str | Path) -> Path:

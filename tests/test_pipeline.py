@@ -65,3 +65,33 @@ def test_interrupt_from_progress_stops_the_run_and_leaves_models_home(pipe, face
     with pytest.raises(KeyboardInterrupt):
         pipe(face, voice, GenerationSettings(steps=3, image_size=32), progress=stop)
     assert next(pipe.models.dit.parameters()).device.type == "cpu"
+
+
+def test_face_crop_generates_on_the_face_and_pastes_back_at_full_size(pipe, voice):
+    from skimage import data
+
+    from fantasytalking_core.face_crop import detect_faces, pick_face, square_crop
+    from fantasytalking_core.pipeline import FaceCropOptions, generate_talking_video
+
+    photo = Image.fromarray(data.astronaut())
+    result = generate_talking_video(pipe, photo, voice, GenerationSettings(steps=1, image_size=32, seed=5),
+                                    FaceCropOptions(feather=4))
+    assert result.frames.shape == (13, 512, 512, 3)
+    ref = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255)
+    info = square_crop(pick_face(detect_faces(ref)), 512, 512)
+    outside = torch.ones(512, 512, dtype=torch.bool)
+    outside[info.y: info.y + info.size, info.x: info.x + info.size] = False
+    assert torch.equal(result.frames[5][outside], ref[outside])  # untouched outside the crop
+    inside = result.frames[5, info.y + 10: info.y + info.size - 10, info.x + 10: info.x + info.size - 10]
+    assert not torch.allclose(inside, ref[info.y + 10: info.y + info.size - 10, info.x + 10: info.x + info.size - 10])
+
+
+def test_face_crop_without_a_face_fails_clearly_or_falls_back(pipe, face, voice):
+    from fantasytalking_core.errors import FaceNotFoundError
+    from fantasytalking_core.pipeline import FaceCropOptions, generate_talking_video
+
+    settings = GenerationSettings(steps=1, image_size=32, seed=5)
+    with pytest.raises(FaceNotFoundError, match="No face was found"):
+        generate_talking_video(pipe, face, voice, settings, FaceCropOptions())
+    out = generate_talking_video(pipe, face, voice, settings, FaceCropOptions(fallback_whole_image=True))
+    assert torch.equal(out.frames, pipe(face, voice, settings).frames)
