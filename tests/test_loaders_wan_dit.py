@@ -27,6 +27,13 @@ def reference():
     return load_wan_dit(DIT, config=CONFIG).state_dict()
 
 
+def dit_forward(model, x):
+    """The plain Wan I2V forward (no adapter) of a loaded transformer on the official inputs."""
+    with torch.no_grad():
+        return model(torch.cat([x["x"], x["y"]], 1), x["timestep"], torch.nn.functional.pad(x["context_pos"], (0, 0, 0, 501)),
+                     encoder_hidden_states_image=x["clip_feature"], return_dict=False)[0]
+
+
 def assert_same(model, reference, dtype=None):
     state = model.state_dict()
     assert set(state) == set(reference)
@@ -85,12 +92,7 @@ def test_fp8_file_upcasts_by_default_and_keeps_fp8_storage_when_asked(tmp_path, 
     stored = load_wan_dit(path, config=CONFIG, fp8_storage=True, compute_dtype=torch.float32)
     q = stored.blocks[0].attn1.to_q
     assert isinstance(q, FP8Linear) and q.weight.dtype == torch.float8_e4m3fn and q.bias.dtype == torch.float32
-    x = official_inputs
-    args = (torch.cat([x["x"], x["y"]], 1), x["timestep"], torch.nn.functional.pad(x["context_pos"], (0, 0, 0, 501)))
-    with torch.no_grad():
-        a = upcast(*args, encoder_hidden_states_image=x["clip_feature"], return_dict=False)[0]
-        b = stored(*args, encoder_hidden_states_image=x["clip_feature"], return_dict=False)[0]
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dit_forward(upcast, official_inputs), dit_forward(stored, official_inputs), rtol=1e-5, atol=1e-5)
 
 
 def test_fp8_scaled_is_dequantized_with_its_scales(tmp_path, wan_state):
@@ -112,11 +114,7 @@ def test_gguf_loads_quantized_layers_close_to_float(tmp_path, wan_state, referen
     model = load_wan_dit(path, config=CONFIG, compute_dtype=torch.float32)
     assert type(model.blocks[0].attn1.to_q).__name__ == "GGUFLinear"
     ref_model = load_wan_dit(DIT, config=CONFIG)
-    x = official_inputs
-    args = (torch.cat([x["x"], x["y"]], 1), x["timestep"], torch.nn.functional.pad(x["context_pos"], (0, 0, 0, 501)))
-    with torch.no_grad():
-        a = ref_model(*args, encoder_hidden_states_image=x["clip_feature"], return_dict=False)[0]
-        b = model(*args, encoder_hidden_states_image=x["clip_feature"], return_dict=False)[0]
+    a, b = dit_forward(ref_model, official_inputs), dit_forward(model, official_inputs)
     assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()  # Q8_0 rounding only
 
 
@@ -187,12 +185,7 @@ def test_fp8_scaled_can_stay_fp8_with_its_scales(tmp_path, wan_state, official_i
     k = kept.blocks[1].attn2.to_k
     assert isinstance(k, FP8Linear) and k.weight.dtype == torch.float8_e4m3fn
     assert k.scale_weight.item() == scaled["blocks.1.cross_attn.k.scale_weight"].item() != 1.0
-    x = official_inputs
-    args = (torch.cat([x["x"], x["y"]], 1), x["timestep"], torch.nn.functional.pad(x["context_pos"], (0, 0, 0, 501)))
-    with torch.no_grad():
-        a = dequant(*args, encoder_hidden_states_image=x["clip_feature"], return_dict=False)[0]
-        b = kept(*args, encoder_hidden_states_image=x["clip_feature"], return_dict=False)[0]
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dit_forward(dequant, official_inputs), dit_forward(kept, official_inputs), rtol=1e-5, atol=1e-5)
 
 
 def test_a_file_inside_a_model_folder_uses_the_folder_config(tmp_path, wan_state, reference):

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fantasytalking_core.errors import ModelFileError, ModelNotFoundError
+from fantasytalking_core.tiny import make_tokenizer
 from fantasytalking_core.text_encoder import (
     DEFAULT_NEGATIVE_PROMPT,
     clean_prompt,
@@ -170,19 +171,7 @@ def test_wrong_config_is_a_size_error():
 # ---------------------------------------------------------------- tokenizer and encode_prompt
 
 
-def _make_tokenizer(folder: Path, vocab_size: int = 384) -> Path:
-    """A tiny umT5-style tokenizer (Unigram, '▁w<i>' = id i, </s> = 1, <pad> = 0) saved in the HF layout."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581w{i}", -1.0) for i in range(3, vocab_size)]
-    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                    extra_ids=0).save_pretrained(str(folder))
-    return folder
+_make_tokenizer = make_tokenizer  # the same tiny tokenizer the --tiny models use
 
 
 @pytest.fixture(scope="module")
