@@ -2,7 +2,7 @@
 
 A set is a directory laid out like ``tests/fixtures/official`` (its README documents every file): the DiT and
 adapter in their real file formats under ``dit/``, ``inputs.*``, ``dit_outputs.safetensors``,
-``sampling.{json,safetensors}`` and ``windows.json``. Everything is loaded through the package's own loaders and
+``sampling.{json,safetensors}`` and ``windows.json``, and optionally the ``vae/``, ``clip/`` and ``t5/`` sets. Everything is loaded through the package's own loaders and
 recomputed; each comparison becomes one :class:`ParityResult`. Float outputs pass within
 ``1e-4 * max|reference|``; integer outputs must be equal.
 """
@@ -92,6 +92,22 @@ def check_windows(root: Path) -> Iterator[ParityResult]:
         yield max(results, key=lambda r: r.max_abs_error)
 
 
+def check_frame_rule(root: Path) -> Iterator[ParityResult]:
+    """The official frame-count rule and the wav2vec2 crop/length rules of windows.json, exactly."""
+    from .audio_features import crop_samples_for_frames, frames_for_duration, wav2vec2_num_tokens
+
+    table = json.loads((root / "windows.json").read_text())
+    rule = table.get("frame_rule", {}).get("results", [])
+    if rule:
+        ours = [frames_for_duration(r["duration_s"], r["fps"], r["max_num_frames"]) for r in rule]
+        yield compare_exact("frame_rule", ours, [r["num_frames"] for r in rule])
+    cases = [c for c in table["cases"] if c.get("audio_samples_16k") is not None]  # token-only cases have none
+    crops = [min(c["audio_samples_16k"], crop_samples_for_frames(c["num_frames"], table.get("fps", 23))) for c in cases]
+    yield compare_exact("wav2vec2/crop_samples", crops, [c["wav2vec_input_samples"] for c in cases])
+    yield compare_exact("wav2vec2/num_tokens", [wav2vec2_num_tokens(c["wav2vec_input_samples"]) for c in cases],
+                        [c["audio_tokens"] for c in cases])
+
+
 def check_loaders(root: Path, model: FantasyTalkingModel) -> Iterator[ParityResult]:
     """The other file layouts of the same weights must load to identical tensors."""
     reference = model.state_dict()
@@ -174,12 +190,43 @@ def check_sampling(root: Path, model: FantasyTalkingModel, inputs: dict, windows
     yield compare("sampling/final_latent", final, ref["final_latent"])
 
 
+def check_encoders(root: Path) -> Iterator[ParityResult]:
+    """The VAE, CLIP and umT5 sets (``vae/``, ``clip/``, ``t5/``), where the fixture set has them."""
+    if (root / "vae" / "vae.pth").exists():
+        from .vae import decode_latents, encode_video, load_vae
+
+        vae = load_vae(root / "vae" / "vae.pth", config=root / "vae" / "config.json", dtype=torch.float32)
+        io = load_file(root / "vae" / "vae_io.safetensors")
+        with torch.no_grad():
+            yield compare("vae/latent_mean_normalized", encode_video(vae, io["video"]), io["latent_mean_normalized"])
+            yield compare("vae/decoded", decode_latents(vae, io["latent_mean_normalized"]), io["decoded"])
+    if (root / "clip" / "clip.pth").exists():
+        from .image_encoder import encode_image_clip, load_image_encoder
+
+        clip = load_image_encoder(root / "clip" / "clip.pth", config=root / "clip" / "config.json", dtype=torch.float32)
+        io = load_file(root / "clip" / "clip_io.safetensors")
+        image224 = (io["image224_uint8_hwc"].float() * (2 / 255) - 1).permute(2, 0, 1)[None]  # official preprocess_image
+        with torch.no_grad():
+            yield compare("clip/penultimate", encode_image_clip(clip, io["image"]), io["penultimate"])
+            yield compare("clip/penultimate224", encode_image_clip(clip, image224), io["penultimate224"])
+    if (root / "t5" / "t5.pth").exists():
+        from .text_encoder import load_text_encoder
+
+        t5 = load_text_encoder(root / "t5" / "t5.pth", config=root / "t5" / "config.json", dtype=torch.float32)
+        io = load_file(root / "t5" / "t5_io.safetensors")
+        with torch.no_grad():
+            out = t5(input_ids=io["ids"], attention_mask=io["mask"]).last_hidden_state
+        yield compare("t5/output_full", out, io["output_full"])
+        yield compare("t5/output_trimmed", out[:, : int(io["mask"].sum())], io["output_trimmed"])
+
+
 def run_parity(root: str | Path) -> Iterator[ParityResult]:
     """Every comparison for the fixture set in ``root``, one result at a time."""
     root = Path(root)
     if not (root / "dit").is_dir():
         raise ModelNotFoundError(f"{root} is not a fixture set: it has no dit/ folder (see tests/fixtures/official).")
     yield from check_windows(root)
+    yield from check_frame_rule(root)
     model = load_fixture_model(root, _find(root / "dit", ("dit.safetensors", "dit_comfy.safetensors")).name,
                                _find(root / "dit", ("fantasytalking.ckpt", "fantasytalking.safetensors")).name)
     yield from check_loaders(root, model)
@@ -188,3 +235,4 @@ def run_parity(root: str | Path) -> Iterator[ParityResult]:
                                        json.loads((root / "inputs.json").read_text())["num_frames"])
     yield from check_dit(root, model, inputs, windows)
     yield from check_sampling(root, model, inputs, windows)
+    yield from check_encoders(root)

@@ -21,7 +21,8 @@ def test_official_set_passes_every_item(official_dir):
     rc, lines, _ = run_cli(official_dir)
     assert rc == 0
     names = {line["name"] for line in lines}
-    assert {"dit/pred_audio1_masked", "dit/pred_audio1_unmasked", "sampling/final_latent",
+    assert {"dit/pred_audio1_masked", "dit/pred_audio1_unmasked", "sampling/final_latent", "vae/decoded",
+            "clip/penultimate224", "t5/output_trimmed", "frame_rule", "wav2vec2/num_tokens",
             "load/dit_comfy.safetensors+fantasytalking.safetensors", "sampling/step3.pred_pos_audio"} <= names
     assert sum(n.startswith("windows/") for n in names) == 47
     assert all(line["pass"] and set(line) == {"name", "max_abs_error", "rel_error", "tolerance", "pass"} for line in lines)
