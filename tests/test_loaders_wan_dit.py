@@ -142,7 +142,7 @@ def test_other_size_is_refused_against_the_14b_config(tmp_path, wan_state):
 
 
 @pytest.mark.parametrize("file,message", [
-    ("vae/vae.pth", "VAE"), ("t5/t5.pth", "text encoder"), ("clip/clip.pth", "CLIP vision"),
+    ("vae/vae.pth", "VAE"), ("t5/t5.pth", "text encoder"), ("clip/clip.pth", "CLIP image encoder"),
     ("dit/fantasytalking.ckpt", "audio adapter"),
 ])
 def test_non_dit_files_are_named(file, message):

@@ -19,7 +19,8 @@ from ..audio_adapter import attach_audio_adapter
 from ..errors import ModelFileError
 from ..transformer import FantasyTalkingModel
 from .state_dict import open_checkpoint
-from .wan_dit import assign_tensor, identify_non_dit
+from .common import identify_checkpoint
+from .wan_dit import assign_tensor
 
 _PROC_RE = re.compile(r"^audio_processor\.blocks\.(\d+)\.cross_attn\.processor\.([kv])_proj\.weight$")
 PROJ_KEYS = ("proj_model.proj.weight", "proj_model.norm.weight", "proj_model.norm.bias")
@@ -37,10 +38,9 @@ def load_audio_adapter(
     ckpt = open_checkpoint(path)
     keys = ckpt.keys
     if not any(k.startswith(("proj_model.", "audio_processor.")) for k in keys):
-        found = identify_non_dit(keys) or "not an audio adapter"
-        if found.startswith("the FantasyTalking"):
-            found = "not an audio adapter"
-        raise ModelFileError(f"{path} is {found}: no 'proj_model.*' / 'audio_processor.*' keys. Needed: the {NEEDED}.")
+        found = identify_checkpoint(keys)
+        what = f"{found[1]}, not an audio adapter" if found else "not an audio adapter"
+        raise ModelFileError(f"{path} is {what}: no 'proj_model.*' / 'audio_processor.*' keys. Needed: the {NEEDED}.")
 
     num_layers = len(transformer.blocks)
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim

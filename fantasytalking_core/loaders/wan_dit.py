@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ModelFileError, ModelNotFoundError
 from ..transformer import build_transformer, resolve_config
+from .common import identify_checkpoint
 from .state_dict import FP8_DTYPES, open_checkpoint, strip_prefix
 
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -47,32 +48,12 @@ class WanCheckpointInfo:
         return f"a Wan {kind} DiT with dim {self.dim}, {self.num_layers} blocks{extra}"
 
 
-def identify_non_dit(keys: list[str]) -> str | None:
-    """Name the kind of model file when it is clearly not a Wan DiT (None when it may be one)."""
-    _, stripped = strip_prefix(keys, COMFY_PREFIXES)
-    names = set(stripped)
-    has = lambda prefix: any(k.startswith(prefix) for k in names)  # noqa: E731
-    if has("proj_model.") or has("audio_processor."):
-        return "the FantasyTalking audio adapter (it goes in the adapter slot, not the diffusion model slot)"
-    if has("decoder.") and has("encoder."):
-        return "a VAE (e.g. wan_2.1_vae.safetensors)"
-    if "token_embedding.weight" in names or "shared.weight" in names or has("encoder.block."):
-        return "a umT5 text encoder"
-    if has("visual.") or has("vision_model."):
-        return "a CLIP vision encoder"
-    if has("feature_extractor.") or has("wav2vec2."):
-        return "a wav2vec2 audio encoder"
-    if has("double_blocks.") or has("joint_blocks.") or has("input_blocks."):
-        return "a diffusion model of another family (not Wan)"
-    return None
-
-
 def inspect_wan_checkpoint(shapes: dict[str, tuple[int, ...]]) -> WanCheckpointInfo:
     """Classify a DiT state dict from key names and shapes; raise ModelFileError for non-Wan files."""
     keys = list(shapes)
-    other = identify_non_dit(keys)
-    if other:
-        raise ModelFileError(f"This file is {other}, not a diffusion model. FantasyTalking needs the {NEEDED}.")
+    found = identify_checkpoint(keys)
+    if found is not None and found[0] != "dit":
+        raise ModelFileError(f"This file is {found[1]}, not a Wan diffusion model. FantasyTalking needs the {NEEDED}.")
     _, stripped = strip_prefix(keys, COMFY_PREFIXES)
     shapes = {k: shapes[v] for k, v in stripped.items()}
     if "patch_embedding.weight" not in shapes:
