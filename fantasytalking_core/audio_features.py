@@ -47,7 +47,11 @@ NORM_EPS = 1e-7
 """Wav2Vec2FeatureExtractor's epsilon: (x - mean) / sqrt(var + 1e-7)."""
 DEFAULT_FPS = 23
 DEFAULT_MAX_FRAMES = 81
-DEFAULT_CHUNK_SECONDS = 30.0
+# Transformer windows. 60 s keeps every clip up to a minute exact (one window, the official one-shot result) while
+# memory stays ~1.1 GB for a base model on CPU (SDPA attention does not materialise the 3000x3000 score matrix)
+# and the attention cost is still small next to the linear layers. 10 s of overlap gives every kept token >= 5 s
+# of context on each side of a seam, at 1.2x the cost of no overlap.
+DEFAULT_CHUNK_SECONDS = 60.0
 DEFAULT_OVERLAP_SECONDS = 10.0
 # The exact convolutional front end runs on blocks of this many seconds of output; it only bounds memory
 # (the result does not depend on it). 10 s of base-size front end peaks at about 0.3 GB of activations.
@@ -316,12 +320,15 @@ def _folder_weight_files(folder: Path, where: str) -> list[Path]:
     )
 
 
-def _read_torch_file(file: Path) -> Mapping[str, Any]:
+def _read_torch_file(file: Path, mmap: bool = False) -> Mapping[str, Any]:
+    """The state dict in a torch pickle (weights_only: no code runs). ``mmap`` reads lazily (for inspection)."""
     try:
         try:
-            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) torch.save format cannot be memory-mapped
-            obj = torch.load(file, map_location="cpu", weights_only=True)
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            obj = torch.load(file, map_location="cpu", weights_only=True)  # legacy format cannot be mapped
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights file we can read safely"
         raise ModelFileError(f"{file.name} is not a readable PyTorch weights file ({type(e).__name__}: {e}).") from None
     if isinstance(obj, Mapping):
@@ -356,7 +363,7 @@ def _inspect_weights(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, 
                 config = None
         return shapes, config if isinstance(config, dict) else None
     if suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        return {k: tuple(v.shape) for k, v in _read_torch_file(file).items()}, None
+        return {k: tuple(v.shape) for k, v in _read_torch_file(file, mmap=True).items()}, None
     if suffix == ".gguf":
         raise ModelFileError(f"{file.name}: GGUF is not supported for the audio encoder (it is small; use .safetensors).")
     raise ModelFileError(f"{file.name}: unknown weights format {suffix!r}; expected one of {', '.join(_WEIGHT_SUFFIXES)}.")
@@ -548,11 +555,14 @@ def load_wav2vec2(
     _fit_pos_conv(state, expected)
     if "masked_spec_embed" in expected and "masked_spec_embed" not in state:
         state["masked_spec_embed"] = torch.zeros(expected["masked_spec_embed"])
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)
+    target_dtype = dtype or torch.float32
+    for k in list(state):  # one tensor at a time, so an fp16 file never exists twice in memory in float32
+        state[k] = state[k].to(target_dtype).contiguous()
+    # assign=True makes the loaded tensors the parameters (no second copy of the weights at load time).
+    model.load_state_dict(state, strict=True, assign=True)
     del state
     model.eval().requires_grad_(False)
-    return model.to(device=torch.device(device) if device is not None else "cpu", dtype=dtype or torch.float32)
+    return model.to(device=torch.device(device) if device is not None else "cpu")
 
 
 # ====================================================================================================================

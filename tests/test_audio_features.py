@@ -196,7 +196,7 @@ def test_digital_silence_normalizes_to_zeros_not_nan():
 def test_clip_within_one_window_matches_one_shot(model):
     wave = speechlike(3.0)
     expected = one_shot(model, wave)
-    got = encode_audio(model, wave)  # default chunk_seconds=30: one transformer window
+    got = encode_audio(model, wave)  # default chunk_seconds=60: one transformer window
     assert got.shape == expected.shape == (wav2vec2_num_tokens(len(wave)), 16)
     assert got.dtype == torch.float32
     assert (got - expected).abs().max() < 1e-4
