@@ -665,7 +665,12 @@ def encode_audio(
     windows = encoder_windows(num_tokens, window, overlap)
     block_tokens = max(1, round(FRONTEND_BLOCK_SECONDS * tokens_per_second))
     blocks = [(a, min(a + block_tokens, num_tokens)) for a in range(0, num_tokens, block_tokens)]
-    total, done = len(blocks) * 2 + len(windows), 0
+    k0, s0 = cfg.conv_kernel[0], cfg.conv_stride[0]
+    # Every conv0 output frame counts in its GroupNorm statistics, also the trailing ones no token uses.
+    frames0_total = (wave.shape[0] - k0) // s0 + 1
+    frames0_per_block = block_tokens * (hop // s0)
+    stat_blocks = range(0, frames0_total, frames0_per_block)
+    total, done = len(stat_blocks) + len(blocks) + len(windows), 0
 
     def tick() -> None:
         nonlocal done
@@ -682,14 +687,11 @@ def encode_audio(
         return seg.to(device, dtype)[None, None]  # [1, 1, n]
 
     conv0 = model.feature_extractor.conv_layers[0]
-    k0, s0 = cfg.conv_kernel[0], cfg.conv_stride[0]
 
-    # Pass 1: per-channel mean/variance of conv0's output over the whole utterance (Chan merge in float64).
-    # Block b covers the conv0 outputs of the same samples pass 2 uses, without overlap between blocks.
-    frames0_total = (wave.shape[0] - k0) // s0 + 1
-    frames0_per_block = block_tokens * (hop // s0)
+    # Pass 1: per-channel mean/variance of conv0's output over the whole utterance (Chan merge in float64),
+    # on non-overlapping blocks of conv0 frames.
     count, ch_mean, ch_m2 = 0, None, None
-    for f0 in range(0, frames0_total, frames0_per_block):
+    for f0 in stat_blocks:
         f1 = min(f0 + frames0_per_block, frames0_total)
         y = conv0.conv(normalized(f0 * s0, (f1 - 1) * s0 + k0))[0].float()  # [C0, f1 - f0]
         var_b, mean_b = torch.var_mean(y, dim=1, correction=0)
