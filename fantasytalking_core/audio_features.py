@@ -705,16 +705,18 @@ def encode_audio(
             ch_m2 = ch_m2 + m2_b + delta * delta * (count * n_b / tot)
             count = tot
         tick()
+    # GroupNorm(x) = (x - mean) / sqrt(var + eps) * w + b, folded into x * scale + shift; kept in float32 so
+    # that half-precision models normalise as accurately as torch's GroupNorm (which upcasts internally).
     gn = conv0.layer_norm
-    gn_scale = (gn.weight.double() / torch.sqrt(ch_m2 / count + gn.eps)).to(device, dtype)[:, None]
-    gn_shift = (gn.bias.double() - ch_mean * gn.weight.double() / torch.sqrt(ch_m2 / count + gn.eps))
-    gn_shift = gn_shift.to(device, dtype)[:, None]
+    inv_std = 1.0 / torch.sqrt(ch_m2 / count + gn.eps)
+    gn_scale = (gn.weight.double() * inv_std).to(device, torch.float32)[:, None]
+    gn_shift = (gn.bias.double() - ch_mean * gn.weight.double() * inv_std).to(device, torch.float32)[:, None]
 
     # Pass 2: exact conv front end + feature projection, block by block.
     hidden = torch.empty(num_tokens, cfg.hidden_size, dtype=dtype, device=device)
     for a, b in blocks:
         x = conv0.conv(normalized(a * hop, (b - 1) * hop + field))
-        x = conv0.activation(x * gn_scale + gn_shift)
+        x = conv0.activation((x.float() * gn_scale + gn_shift).to(dtype))
         for layer in model.feature_extractor.conv_layers[1:]:
             x = layer(x)
         if x.shape[-1] != b - a:  # geometry guard: would mean a wrong receptive-field computation

@@ -285,6 +285,16 @@ def test_encode_audio_bad_input(model):
         encode_audio(torch.nn.Linear(1, 1), speechlike(1.0))
 
 
+def test_half_precision_model_encodes_to_float32(tmp_path, ctc, model):
+    path = tmp_path / "w2v.safetensors"
+    save_file(base_state(ctc), path)
+    half = load_wav2vec2(path, dtype=torch.bfloat16, config=tiny_config())
+    wave = speechlike(1.0, seed=11)
+    got, reference = encode_audio(half, wave), encode_audio(model, wave)
+    assert got.dtype == torch.float32 and got.shape == reference.shape
+    assert (got - reference).abs().max() < 0.1 * reference.abs().max()  # bfloat16 rounding, not a different result
+
+
 def test_silence_encodes_to_finite_features(model):
     out = encode_audio(model, torch.zeros(16000))
     assert out.shape == (49, 16) and torch.isfinite(out).all()
