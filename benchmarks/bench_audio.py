@@ -12,7 +12,7 @@ What is measured, per recording length (default 1 and 10 minutes):
 And the chunking error: chunked vs one-shot ``Wav2Vec2Model(input_values)`` on a short clip (one window) and on
 a clip that is split into several windows.
 
-Usage:  python benchmarks/bench_audio.py [--minutes 1 10] [--accuracy-seconds 10 60]
+Usage:  python benchmarks/bench_audio.py [--minutes 1 10] [--accuracy-seconds 10 120]
 """
 
 from __future__ import annotations
@@ -35,6 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fantasytalking_core import audio_features as af  # noqa: E402
 
 SR_IN = 44100
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_rss_mb() -> float:
@@ -102,7 +112,7 @@ def run_child(kind: str, *args: object) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="*", default=[1.0, 10.0])
-    parser.add_argument("--accuracy-seconds", type=float, nargs="*", default=[10.0, 60.0])
+    parser.add_argument("--accuracy-seconds", type=float, nargs="*", default=[10.0, 120.0])
     parser.add_argument("--chunk-seconds", type=float, default=af.DEFAULT_CHUNK_SECONDS)
     parser.add_argument("--overlap-seconds", type=float, default=af.DEFAULT_OVERLAP_SECONDS)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -129,7 +139,7 @@ def main() -> None:
         speed = [run_child("speed", model_path, m * 60, chunk, overlap) for m in args.minutes]
         accuracy = [run_child("accuracy", model_path, s, chunk, overlap) for s in args.accuracy_seconds]
 
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_name()
     print(f"wav2vec2-base random weights ({n_params / 1e6:.1f} M params, float32), CPU {cpu}, "
           f"{os.cpu_count()} cores visible, torch {torch.__version__}, {speed[0]['threads'] if speed else '?'} threads; "
           f"chunk_seconds={chunk}, overlap_seconds={overlap}\n")
