@@ -59,18 +59,24 @@ def speechlike(seconds: float, sr: int, channels: int, seed: int = 0) -> torch.T
     return env * torch.randn(channels, n, generator=g)
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child_speed(model_path: str, seconds: float, chunk: float, overlap: float) -> dict:
     model = af.load_wav2vec2(model_path)
     rss_model = peak_rss_mb()
     audio = {"waveform": speechlike(seconds, SR_IN, 2)[None], "sample_rate": SR_IN}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     out = af.extract_audio_features(
         model, audio, max_frames=None, chunk_seconds=chunk, overlap_seconds=overlap, resample_backend="soxr"
     )
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     return {
         "seconds": seconds,
         "wall_s": wall,
+        "cpu_s": cpu,  # robust to other jobs on a shared machine, unlike wall time
         "speed": seconds / wall,
         "tokens": out.num_tokens,
         "peak_rss_mb": peak_rss_mb(),
@@ -83,8 +89,11 @@ def child_speed(model_path: str, seconds: float, chunk: float, overlap: float) -
 def child_accuracy(model_path: str, seconds: float, chunk: float, overlap: float) -> dict:
     model = af.load_wav2vec2(model_path)
     wave = speechlike(seconds, af.SAMPLE_RATE, 1, seed=1)[0]
-    one_shot = model(af.normalize_utterance(wave)[None]).last_hidden_state[0]
+    # Chunked first, so that the peak RSS after it is its own; the one-shot reference may only raise it.
     chunked = af.encode_audio(model, wave, chunk_seconds=chunk, overlap_seconds=overlap)
+    rss_chunked = peak_rss_mb()
+    one_shot = model(af.normalize_utterance(wave)[None]).last_hidden_state[0]
+    rss_one_shot = peak_rss_mb()
     diff = (chunked - one_shot).abs()
     per_token = diff.max(dim=1).values
     return {
@@ -98,6 +107,8 @@ def child_accuracy(model_path: str, seconds: float, chunk: float, overlap: float
         "rms_value": float(one_shot.pow(2).mean().sqrt()),
         "tokens_over_1e-4": int((per_token > 1e-4).sum()),
         "tokens": int(one_shot.shape[0]),
+        "peak_rss_chunked_mb": rss_chunked,
+        "peak_rss_one_shot_mb": rss_one_shot,
     }
 
 
@@ -143,17 +154,20 @@ def main() -> None:
     print(f"wav2vec2-base random weights ({n_params / 1e6:.1f} M params, float32), CPU {cpu}, "
           f"{os.cpu_count()} cores visible, torch {torch.__version__}, {speed[0]['threads'] if speed else '?'} threads; "
           f"chunk_seconds={chunk}, overlap_seconds={overlap}\n")
-    print("| audio | wall time | audio s / wall s | peak RSS | RSS after model load |")
-    print("|---|---|---|---|---|")
+    print("| audio | wall time | audio s / wall s | CPU time | audio s / CPU s | peak RSS | RSS after model load |")
+    print("|---|---|---|---|---|---|---|")
     for r in speed:
         print(f"| {r['seconds'] / 60:g} min ({r['tokens']} tokens) | {r['wall_s']:.1f} s | {r['speed']:.2f} | "
+              f"{r['cpu_s']:.1f} s | {r['seconds'] / r['cpu_s']:.2f} | "
               f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['rss_after_load_mb'] / 1024:.2f} GB |")
     print()
-    print("| clip | windows | max abs diff vs one-shot | mean abs diff | tokens with diff > 1e-4 | max abs / RMS of features |")
-    print("|---|---|---|---|---|---|")
+    print("| clip | windows | max abs diff vs one-shot | mean abs diff | tokens with diff > 1e-4 "
+          "| max abs / RMS of features | peak RSS chunked | peak RSS one-shot |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in accuracy:
         print(f"| {r['seconds']:g} s | {r['windows']} | {r['max_abs']:.2e} | {r['mean_abs']:.2e} | "
-              f"{r['tokens_over_1e-4']} / {r['tokens']} | {r['max_abs_value']:.2f} / {r['rms_value']:.2f} |")
+              f"{r['tokens_over_1e-4']} / {r['tokens']} | {r['max_abs_value']:.2f} / {r['rms_value']:.2f} | "
+              f"{r['peak_rss_chunked_mb'] / 1024:.2f} GB | {r['peak_rss_one_shot_mb'] / 1024:.2f} GB |")
 
 
 if __name__ == "__main__":
