@@ -16,8 +16,8 @@ Long recordings (section "Chunking" in :func:`encode_audio`) are encoded in boun
 front end is computed block by block *exactly* (its one global operation, the GroupNorm of the first conv layer,
 uses statistics gathered over the whole utterance in a first pass), and the transformer runs on overlapping
 windows of ``chunk_seconds`` that are stitched at the middle of each overlap. A clip that fits in one window gives
-the one-shot result (measured max |diff| ~1e-6); a clip that is split differs from a one-shot run because
-wav2vec2's self-attention sees the whole utterance (see docs/benchmarks.md for measured figures).
+the one-shot result (measured max |diff| 4e-6 with a base-size model); a clip that is split differs from a one-shot
+run because wav2vec2's self-attention sees the whole utterance (see docs/benchmarks.md for measured figures).
 """
 
 from __future__ import annotations
