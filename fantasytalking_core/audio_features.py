@@ -16,8 +16,8 @@ Long recordings (section "Chunking" in :func:`encode_audio`) are encoded in boun
 front end is computed block by block *exactly* (its one global operation, the GroupNorm of the first conv layer,
 uses statistics gathered over the whole utterance in a first pass), and the transformer runs on overlapping
 windows of ``chunk_seconds`` that are stitched at the middle of each overlap. A clip that fits in one window gives
-the one-shot result (measured max |diff| ~1e-6); a clip that is split differs from a one-shot run because
-wav2vec2's self-attention sees the whole utterance (see docs/benchmarks.md for measured figures).
+the one-shot result (measured max |diff| 4e-6 with a base-size model); a clip that is split differs from a one-shot
+run because wav2vec2's self-attention sees the whole utterance (see docs/benchmarks.md for measured figures).
 """
 
 from __future__ import annotations
@@ -47,7 +47,11 @@ NORM_EPS = 1e-7
 """Wav2Vec2FeatureExtractor's epsilon: (x - mean) / sqrt(var + 1e-7)."""
 DEFAULT_FPS = 23
 DEFAULT_MAX_FRAMES = 81
-DEFAULT_CHUNK_SECONDS = 30.0
+# Transformer windows. 60 s keeps every clip up to a minute exact (one window, the official one-shot result) while
+# memory stays ~1.1 GB for a base model on CPU (SDPA attention does not materialise the 3000x3000 score matrix)
+# and the attention cost is still small next to the linear layers. 10 s of overlap gives every kept token >= 5 s
+# of context on each side of a seam, at 1.2x the cost of no overlap.
+DEFAULT_CHUNK_SECONDS = 60.0
 DEFAULT_OVERLAP_SECONDS = 10.0
 # The exact convolutional front end runs on blocks of this many seconds of output; it only bounds memory
 # (the result does not depend on it). 10 s of base-size front end peaks at about 0.3 GB of activations.
@@ -316,12 +320,15 @@ def _folder_weight_files(folder: Path, where: str) -> list[Path]:
     )
 
 
-def _read_torch_file(file: Path) -> Mapping[str, Any]:
+def _read_torch_file(file: Path, mmap: bool = False) -> Mapping[str, Any]:
+    """The state dict in a torch pickle (weights_only: no code runs). ``mmap`` reads lazily (for inspection)."""
     try:
         try:
-            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) torch.save format cannot be memory-mapped
-            obj = torch.load(file, map_location="cpu", weights_only=True)
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            obj = torch.load(file, map_location="cpu", weights_only=True)  # legacy format cannot be mapped
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights file we can read safely"
         raise ModelFileError(f"{file.name} is not a readable PyTorch weights file ({type(e).__name__}: {e}).") from None
     if isinstance(obj, Mapping):
@@ -356,7 +363,7 @@ def _inspect_weights(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, 
                 config = None
         return shapes, config if isinstance(config, dict) else None
     if suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        return {k: tuple(v.shape) for k, v in _read_torch_file(file).items()}, None
+        return {k: tuple(v.shape) for k, v in _read_torch_file(file, mmap=True).items()}, None
     if suffix == ".gguf":
         raise ModelFileError(f"{file.name}: GGUF is not supported for the audio encoder (it is small; use .safetensors).")
     raise ModelFileError(f"{file.name}: unknown weights format {suffix!r}; expected one of {', '.join(_WEIGHT_SUFFIXES)}.")
@@ -548,11 +555,14 @@ def load_wav2vec2(
     _fit_pos_conv(state, expected)
     if "masked_spec_embed" in expected and "masked_spec_embed" not in state:
         state["masked_spec_embed"] = torch.zeros(expected["masked_spec_embed"])
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)
+    target_dtype = dtype or torch.float32
+    for k in list(state):  # one tensor at a time, so an fp16 file never exists twice in memory in float32
+        state[k] = state[k].to(target_dtype).contiguous()
+    # assign=True makes the loaded tensors the parameters (no second copy of the weights at load time).
+    model.load_state_dict(state, strict=True, assign=True)
     del state
     model.eval().requires_grad_(False)
-    return model.to(device=torch.device(device) if device is not None else "cpu", dtype=dtype or torch.float32)
+    return model.to(device=torch.device(device) if device is not None else "cpu")
 
 
 # ====================================================================================================================
@@ -655,7 +665,12 @@ def encode_audio(
     windows = encoder_windows(num_tokens, window, overlap)
     block_tokens = max(1, round(FRONTEND_BLOCK_SECONDS * tokens_per_second))
     blocks = [(a, min(a + block_tokens, num_tokens)) for a in range(0, num_tokens, block_tokens)]
-    total, done = len(blocks) * 2 + len(windows), 0
+    k0, s0 = cfg.conv_kernel[0], cfg.conv_stride[0]
+    # Every conv0 output frame counts in its GroupNorm statistics, also the trailing ones no token uses.
+    frames0_total = (wave.shape[0] - k0) // s0 + 1
+    frames0_per_block = block_tokens * (hop // s0)
+    stat_blocks = range(0, frames0_total, frames0_per_block)
+    total, done = len(stat_blocks) + len(blocks) + len(windows), 0
 
     def tick() -> None:
         nonlocal done
@@ -672,14 +687,11 @@ def encode_audio(
         return seg.to(device, dtype)[None, None]  # [1, 1, n]
 
     conv0 = model.feature_extractor.conv_layers[0]
-    k0, s0 = cfg.conv_kernel[0], cfg.conv_stride[0]
 
-    # Pass 1: per-channel mean/variance of conv0's output over the whole utterance (Chan merge in float64).
-    # Block b covers the conv0 outputs of the same samples pass 2 uses, without overlap between blocks.
-    frames0_total = (wave.shape[0] - k0) // s0 + 1
-    frames0_per_block = block_tokens * (hop // s0)
+    # Pass 1: per-channel mean/variance of conv0's output over the whole utterance (Chan merge in float64),
+    # on non-overlapping blocks of conv0 frames.
     count, ch_mean, ch_m2 = 0, None, None
-    for f0 in range(0, frames0_total, frames0_per_block):
+    for f0 in stat_blocks:
         f1 = min(f0 + frames0_per_block, frames0_total)
         y = conv0.conv(normalized(f0 * s0, (f1 - 1) * s0 + k0))[0].float()  # [C0, f1 - f0]
         var_b, mean_b = torch.var_mean(y, dim=1, correction=0)
@@ -693,16 +705,18 @@ def encode_audio(
             ch_m2 = ch_m2 + m2_b + delta * delta * (count * n_b / tot)
             count = tot
         tick()
+    # GroupNorm(x) = (x - mean) / sqrt(var + eps) * w + b, folded into x * scale + shift; kept in float32 so
+    # that half-precision models normalise as accurately as torch's GroupNorm (which upcasts internally).
     gn = conv0.layer_norm
-    gn_scale = (gn.weight.double() / torch.sqrt(ch_m2 / count + gn.eps)).to(device, dtype)[:, None]
-    gn_shift = (gn.bias.double() - ch_mean * gn.weight.double() / torch.sqrt(ch_m2 / count + gn.eps))
-    gn_shift = gn_shift.to(device, dtype)[:, None]
+    inv_std = 1.0 / torch.sqrt(ch_m2 / count + gn.eps)
+    gn_scale = (gn.weight.double() * inv_std).to(device, torch.float32)[:, None]
+    gn_shift = (gn.bias.double() - ch_mean * gn.weight.double() * inv_std).to(device, torch.float32)[:, None]
 
     # Pass 2: exact conv front end + feature projection, block by block.
     hidden = torch.empty(num_tokens, cfg.hidden_size, dtype=dtype, device=device)
     for a, b in blocks:
         x = conv0.conv(normalized(a * hop, (b - 1) * hop + field))
-        x = conv0.activation(x * gn_scale + gn_shift)
+        x = conv0.activation((x.float() * gn_scale + gn_shift).to(dtype))
         for layer in model.feature_extractor.conv_layers[1:]:
             x = layer(x)
         if x.shape[-1] != b - a:  # geometry guard: would mean a wrong receptive-field computation

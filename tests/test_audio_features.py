@@ -196,7 +196,7 @@ def test_digital_silence_normalizes_to_zeros_not_nan():
 def test_clip_within_one_window_matches_one_shot(model):
     wave = speechlike(3.0)
     expected = one_shot(model, wave)
-    got = encode_audio(model, wave)  # default chunk_seconds=30: one transformer window
+    got = encode_audio(model, wave)  # default chunk_seconds=60: one transformer window
     assert got.shape == expected.shape == (wav2vec2_num_tokens(len(wave)), 16)
     assert got.dtype == torch.float32
     assert (got - expected).abs().max() < 1e-4
@@ -252,13 +252,19 @@ def test_encoder_windows_reject_bad_sizes():
             encoder_windows(100, window, overlap)
 
 
-def test_progress_reports_every_step(model, monkeypatch):
-    monkeypatch.setattr(af, "FRONTEND_BLOCK_SECONDS", 1.0)
+# 32390 samples: exactly 100 tokens (2 front-end blocks) but 6477 conv0 frames (3 statistics blocks).
+@pytest.mark.parametrize("samples", [40000, 32390])
+def test_progress_reports_every_step(model, monkeypatch, samples):
+    monkeypatch.setattr(af, "FRONTEND_BLOCK_SECONDS", 1.0)  # 50 tokens per front-end block
     calls = []
-    encode_audio(model, speechlike(2.5), chunk_seconds=1.0, overlap_seconds=0.5, progress=lambda d, t: calls.append((d, t)))
+    wave = speechlike(samples / SR)
+    encode_audio(model, wave, chunk_seconds=1.0, overlap_seconds=0.5, progress=lambda d, t: calls.append((d, t)))
     total = calls[0][1]
-    # 3 front-end blocks x 2 passes + 4 windows of 50 tokens stepping by 25 over 124 tokens
-    assert total == 3 * 2 + len(encoder_windows(wav2vec2_num_tokens(40000), 50, 25))
+    tokens = wav2vec2_num_tokens(samples)
+    conv0_frames = (samples - 10) // 5 + 1
+    # statistics pass over conv0 frames + front-end blocks + transformer windows (50 tokens, step 25)
+    expected = math.ceil(conv0_frames / 3200) + math.ceil(tokens / 50) + len(encoder_windows(tokens, 50, 25))
+    assert total == expected
     assert calls == [(i, total) for i in range(1, total + 1)]
 
 
@@ -277,6 +283,16 @@ def test_encode_audio_bad_input(model):
         encode_audio(model, speechlike(1.0), chunk_seconds=2, overlap_seconds=2)
     with pytest.raises(TypeError, match="Wav2Vec2Model"):
         encode_audio(torch.nn.Linear(1, 1), speechlike(1.0))
+
+
+def test_half_precision_model_encodes_to_float32(tmp_path, ctc, model):
+    path = tmp_path / "w2v.safetensors"
+    save_file(base_state(ctc), path)
+    half = load_wav2vec2(path, dtype=torch.bfloat16, config=tiny_config())
+    wave = speechlike(1.0, seed=11)
+    got, reference = encode_audio(half, wave), encode_audio(model, wave)
+    assert got.dtype == torch.float32 and got.shape == reference.shape
+    assert (got - reference).abs().max() < 0.1 * reference.abs().max()  # bfloat16 rounding, not a different result
 
 
 def test_silence_encodes_to_finite_features(model):
