@@ -88,6 +88,12 @@ def build_transformer(config: dict, empty: bool = False) -> WanTransformer3DMode
     return WanTransformer3DModel(**config)
 
 
+def compute_dtype(transformer: WanTransformer3DModel) -> torch.dtype:
+    """The dtype activations run in. Read from the patch embedding (a Conv3d): Linear weights may be stored
+    quantized (GGUF) or in fp8 and say nothing about the compute dtype."""
+    return transformer.patch_embedding.weight.dtype
+
+
 def pad_text(context: torch.Tensor, text_len: int = TEXT_LEN) -> torch.Tensor:
     """Zero-pad text-encoder output [B, L, C] (L <= text_len) to [B, text_len, C], as the official DiT does."""
     if context.shape[1] > text_len:
@@ -111,11 +117,11 @@ class FantasyTalkingModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.proj_out.weight.dtype
+        return compute_dtype(self.transformer)
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.proj_out.weight.device
+        return self.transformer.patch_embedding.weight.device
 
     def project_audio(self, audio_features: torch.Tensor) -> torch.Tensor:
         """wav2vec2 last hidden state [B, L, 768] -> adapter tokens [B, L, P] (float32 in, model dtype out)."""

@@ -199,3 +199,26 @@ def test_a_file_inside_a_model_folder_uses_the_folder_config(tmp_path, wan_state
     (folder / "config.json").write_text('{"something": "else"}')  # not a DiT config: ignored
     with pytest.raises(ModelFileError, match="dim 5120"):
         load_wan_dit(path)
+
+
+def test_gguf_and_fp8_dits_take_the_adapter_and_run_with_audio(tmp_path, wan_state, official_inputs):
+    from fantasytalking_core.audio_adapter import AudioConditioning
+    from fantasytalking_core.audio_windows import audio_windows_for_frames, gather_audio_windows
+    from fantasytalking_core.loaders.adapter import load_audio_adapter
+
+    gguf_path = tmp_path / "q8.gguf"
+    write_gguf(wan_state, gguf_path)
+    fp8_path = save_wan_file(to_fp8_scaled(wan_state), tmp_path / "fp8_scaled.safetensors")
+    x = official_inputs
+    windows = audio_windows_for_frames(36, 17)
+    outs = []
+    for dit in (load_wan_dit(DIT, config=CONFIG), load_wan_dit(gguf_path, config=CONFIG, compute_dtype=torch.float32),
+                load_wan_dit(fp8_path, config=CONFIG, fp8_storage=True, compute_dtype=torch.float32)):
+        model = load_audio_adapter(OFFICIAL / "dit" / "fantasytalking.ckpt", dit)
+        assert model.dtype == torch.float32 and model.audio_proj.proj.weight.dtype == torch.float32
+        with torch.no_grad():
+            audio = gather_audio_windows(model.project_audio(x["audio_features"]), windows)
+            outs.append(model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"],
+                              AudioConditioning(audio, windows.k_lens_tensor(), 1.0)))
+    for out in outs[1:]:
+        assert (out - outs[0]).abs().max() < 0.1 * outs[0].abs().max()  # quantization error only

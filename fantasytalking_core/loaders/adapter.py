@@ -17,7 +17,7 @@ from diffusers import WanTransformer3DModel
 
 from ..audio_adapter import attach_audio_adapter
 from ..errors import ModelFileError
-from ..transformer import FantasyTalkingModel
+from ..transformer import FantasyTalkingModel, compute_dtype
 from .state_dict import open_checkpoint
 from .common import identify_checkpoint
 from .wan_dit import assign_tensor
@@ -33,7 +33,7 @@ def load_audio_adapter(
     """Attach the adapter in ``path`` to ``transformer`` and return the combined model.
 
     Args:
-        dtype: adapter weight dtype; default: the dtype of the DiT's output projection.
+        dtype: adapter weight dtype; default: the DiT's compute dtype.
     """
     ckpt = open_checkpoint(path)
     keys = ckpt.keys
@@ -79,8 +79,8 @@ def load_audio_adapter(
         if ckpt.shapes[key] != shape:
             raise ModelFileError(f"{path}: {key} has shape {ckpt.shapes[key]}, expected {shape}.")
 
-    device = transformer.proj_out.weight.device
-    dtype = dtype or transformer.proj_out.weight.dtype
+    device = transformer.patch_embedding.weight.device
+    dtype = dtype or compute_dtype(transformer)
     audio_proj = attach_audio_adapter(transformer, proj_dim, audio_dim)
     for key in PROJ_KEYS:
         assign_tensor(audio_proj, key[len("proj_model."):], ckpt.tensor(key).to(device=device, dtype=dtype))
