@@ -37,8 +37,8 @@ class Sampler(io.ComfyNode):
                 io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=200,
                              tooltip="Denoising steps (30 official); each step runs the model 3 times (2 at cfg 1)."),
                 io.Float.Input("cfg", default=DEFAULTS.cfg, min=1.0, max=20.0, step=0.1, round=0.01,
-                               tooltip="Text guidance scale (5 official); 1 skips the negative prompt (for "
-                                       "step-distilled LoRAs)."),
+                               tooltip="Text guidance scale (5 official); 1 skips the negative prompt, one "
+                                       "model pass less per step."),
                 io.Float.Input("audio_cfg", default=DEFAULTS.audio_cfg, min=0.0, max=20.0, step=0.1, round=0.01,
                                tooltip="Audio guidance scale (5 official): how far the motion follows the voice, "
                                        "beyond a pass without audio. 1 = no extra push."),
