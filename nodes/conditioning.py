@@ -43,7 +43,7 @@ class IdentityEncode(io.ComfyNode):
 class Motion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        intensity = dict(default=DEFAULT_INTENSITY, min=0.0, max=1.0, step=0.05)
+        intensity = {"default": DEFAULT_INTENSITY, "min": 0.0, "max": 1.0, "step": 0.05}
         return io.Schema(
             node_id="FantasyTalkingMotion",
             display_name="FantasyTalking Motion Intensity",

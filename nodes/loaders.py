@@ -14,8 +14,16 @@ from fantasytalking_core.loaders.adapter import load_audio_adapter
 from fantasytalking_core.loaders.wan_dit import load_wan_dit
 
 from . import io_types
-from .model_files import (ADAPTER_FOLDER, DIT_EXTENSIONS, DIT_FOLDER, TRANSFORMERS_FOLDER, adapter_choices,
-                          dit_choices, resolve_wav2vec2, wav2vec2_folders)
+from .model_files import (
+    ADAPTER_FOLDER,
+    DIT_EXTENSIONS,
+    DIT_FOLDER,
+    TRANSFORMERS_FOLDER,
+    adapter_choices,
+    dit_choices,
+    resolve_wav2vec2,
+    wav2vec2_folders,
+)
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                  "fp8_e4m3fn": torch.float8_e4m3fn}

@@ -236,7 +236,8 @@ class ComfyUI:
             args += ["--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
         if "--cpu" not in args and python_value(python, "import torch; print(torch.cuda.is_available())") != "True":
             args.append("--cpu")
-        self.process = subprocess.Popen(args, cwd=tree, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        self.log_file = open(log, "w")
+        self.process = subprocess.Popen(args, cwd=tree, stdout=self.log_file, stderr=subprocess.STDOUT)
         started = time.monotonic()
         while True:
             try:
@@ -274,6 +275,7 @@ class ComfyUI:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.log_file.close()
 
 
 class WebSocket:

@@ -22,10 +22,24 @@ from fantasytalking_core.text_encoder import encode_prompt
 from fantasytalking_core.tiny import make_tiny_models
 from fantasytalking_core.vae import first_frame_mask, vae_config
 from nodes import convert
-from nodes.convert import (EncodedAudio, Identity, check_wan21_vae, clip_vision_tokens, conditioning_to_text,
-                           conditioning_video, decode_frames, denormalize_latents, describe_audio, encode_audio,
-                           encode_identity, image_condition, normalize_latents, reference_pixels, sample_video,
-                           trim_audio)
+from nodes.convert import (
+    EncodedAudio,
+    Identity,
+    check_wan21_vae,
+    clip_vision_tokens,
+    conditioning_to_text,
+    conditioning_video,
+    decode_frames,
+    denormalize_latents,
+    describe_audio,
+    encode_audio,
+    encode_identity,
+    image_condition,
+    normalize_latents,
+    reference_pixels,
+    sample_video,
+    trim_audio,
+)
 
 CPU = torch.device("cpu")
 

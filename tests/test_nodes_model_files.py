@@ -8,6 +8,7 @@ from pathlib import Path
 
 from nodes.model_files import adapter_choices, dit_choices, resolve_wav2vec2, wav2vec2_folders
 
+
 def test_dit_choices_show_each_model_once_and_hide_configs_shards_and_the_adapter():
     shard_dir = "Wan2.1-I2V-14B-480P"
     files = [

@@ -22,6 +22,7 @@ import base64
 import io
 import itertools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,10 +33,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from comfyui_integration import (ComfyUI, WebSocket, find_python, free_port, make_base, work_dir,  # noqa: E402
-                                 write_inputs, write_models)
+from comfyui_integration import (
+    ComfyUI,
+    WebSocket,
+    find_python,
+    free_port,
+    make_base,
+    work_dir,
+    write_inputs,
+    write_models,
+)
 
-from fantasytalking_core.text_encoder import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
+from fantasytalking_core.text_encoder import DEFAULT_NEGATIVE_PROMPT
 
 OUT = ROOT / "example_workflows"
 DOCS = ROOT / "docs"
@@ -252,8 +261,6 @@ def save(name: str, ui: dict, prompt: dict, png: bytes) -> None:
 
 
 def main() -> int:
-    import os
-
     tree = Path(os.environ["COMFYUI_PATH"]).expanduser()
     base = make_base(work_dir())
     write_models(base / "models")
