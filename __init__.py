@@ -17,8 +17,9 @@ def _bind_engine() -> None:
     loaded = sys.modules.get("fantasytalking_core")
     if loaded is not None:
         if Path(loaded.__file__).resolve().parent != here:
-            logging.getLogger(__name__).warning("FantasyTalking: fantasytalking_core is already imported from %s; the nodes use that copy, "
-                            "not %s.", Path(loaded.__file__).parent, here)
+            logging.getLogger(__name__).warning(
+                "FantasyTalking: fantasytalking_core is already imported from %s; the nodes use that copy, not %s.",
+                Path(loaded.__file__).parent, here)
         return
     spec = importlib.util.spec_from_file_location("fantasytalking_core", here / "__init__.py",
                                                   submodule_search_locations=[str(here)])

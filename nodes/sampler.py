@@ -54,7 +54,7 @@ class Sampler(io.ComfyNode):
                                tooltip="Flow-matching sigma shift (5 official); higher spends more steps on coarse "
                                        "motion."),
                 io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the starting noise (CPU generator: the same video on any GPU)."),
+                             tooltip="Seed of the starting noise (drawn on the CPU: the same noise on any machine)."),
                 io.Boolean.Input("batch_passes", default=DEFAULTS.batch_passes, advanced=True,
                                  tooltip="Run the 2-3 model passes of a step as one batch: faster on a GPU with "
                                          "memory to spare, more peak memory."),
