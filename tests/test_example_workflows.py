@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from fantasytalking_core.text_encoder import DEFAULT_NEGATIVE_PROMPT, clean_prompt
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "example_workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
@@ -61,3 +63,13 @@ def test_workflow_uses_our_nodes_and_saves_the_sampler_output_as_video(ui_file):
     assert clip_encode["crop"] == "none"
     save = next(v for v in api.values() if v["class_type"] == "SaveVideo")["inputs"]
     assert save["format"] == "mp4" and save["filename_prefix"].startswith("FantasyTalking/")
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
+def test_prompts_are_the_text_wan_tokenizes(ui_file):
+    """Wan cleans prompts (ftfy turns the negative prompt's full-width commas into ASCII) before the tokenizer;
+    the core CLIP Text Encode does not, so the workflows must hold the cleaned text."""
+    api = json.loads((WORKFLOWS / "api" / ui_file.name).read_text(encoding="utf-8"))
+    texts = [v["inputs"]["text"] for v in api.values() if v["class_type"] == "CLIPTextEncode"]
+    assert len(texts) == 2 and all(t == clean_prompt(t) for t in texts)
+    assert clean_prompt(DEFAULT_NEGATIVE_PROMPT) in texts and DEFAULT_NEGATIVE_PROMPT not in texts

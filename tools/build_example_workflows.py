@@ -44,7 +44,7 @@ from comfyui_integration import (
     write_models,
 )
 
-from fantasytalking_core.text_encoder import DEFAULT_NEGATIVE_PROMPT
+from fantasytalking_core.text_encoder import DEFAULT_NEGATIVE_PROMPT, clean_prompt
 
 OUT = ROOT / "example_workflows"
 DOCS = ROOT / "docs"
@@ -78,10 +78,11 @@ def common_nodes(audio: str, max_frames: int, wav2vec2: str) -> dict:
               "inputs": {"image": ["5", 0], "vae": ["8", 0], "clip_vision_output": ["7", 0], "image_size": 512}},
         "10": {"class_type": "CLIPLoader",
                "inputs": {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan", "device": "default"}},
-        "11": {"class_type": "CLIPTextEncode", "inputs": {
-            "clip": ["10", 0], "text": "A woman is talking to the camera with natural expressions and slight head "
-                                       "movements."}},
-        "12": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["10", 0], "text": DEFAULT_NEGATIVE_PROMPT}},
+        # Wan cleans prompts before tokenizing (ftfy: full-width punctuation -> ASCII); CLIP Text Encode does not,
+        # so the workflows carry the text the official pipeline tokenizes
+        "11": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["10", 0], "text": clean_prompt(
+            "A woman is talking to the camera with natural expressions and slight head movements.")}},
+        "12": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["10", 0], "text": clean_prompt(DEFAULT_NEGATIVE_PROMPT)}},
         "14": {"class_type": "FantasyTalkingSampler", "inputs": {
             "model": ["1", 0], "positive": ["11", 0], "negative": ["12", 0], "identity": ["9", 0],
             "audio_features": ["4", 0], "steps": 30, "cfg": 5.0, "audio_cfg": 5.0, "audio_guidance_start": 0.0,
