@@ -1,0 +1,49 @@
+"""Audio encode node: a recording -> wav2vec2 features and the frame count of the video."""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import comfy.utils
+from comfy_api.latest import io, ui
+
+from fantasytalking_core.audio_features import DEFAULT_FPS, DEFAULT_MAX_FRAMES
+
+from . import io_types
+from .convert import describe_audio, encode_audio
+
+
+class AudioEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FantasyTalkingAudioEncode",
+            display_name="FantasyTalking Audio Encode",
+            category=io_types.CATEGORY,
+            description="Turns the voice recording into the features that drive the lips, and fixes the video length: "
+                        "4*floor(fps*seconds/4)+5 frames, at most max_frames.",
+            inputs=[
+                io_types.Wav2Vec2.Input("wav2vec2", tooltip="wav2vec2-base-960h from the FantasyTalking wav2vec2 Loader."),
+                io.Audio.Input("audio", tooltip="The voice recording (any sample rate, mono or stereo), e.g. from Load "
+                                                "Audio."),
+                io.Float.Input("fps", default=float(DEFAULT_FPS), min=1.0, max=120.0, step=1.0, round=0.001,
+                               tooltip="Video frame rate in frames per second (FantasyTalking was trained at 23)."),
+                io.Int.Input("max_frames", default=DEFAULT_MAX_FRAMES, min=5, max=8193, step=4,
+                             tooltip="Longest video in frames (4n+1); a longer recording is cut there. 81 frames = "
+                                     "3.5 s at 23 fps; more frames need more GPU memory and time."),
+            ],
+            outputs=[
+                io_types.AudioFeatures.Output(display_name="audio_features",
+                                              tooltip="wav2vec2 features and the recording cut to the video."),
+                io.Int.Output(display_name="num_frames", tooltip="Number of video frames the sampler will make."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, wav2vec2, audio: dict, fps: float, max_frames: int) -> io.NodeOutput:
+        bar = comfy.utils.ProgressBar(1)
+        encoded = encode_audio(wav2vec2, audio, fps, max_frames, mm.get_torch_device(),
+                               lambda done, total: bar.update_absolute(done, total))
+        return io.NodeOutput(encoded, encoded.features.num_frames, ui=ui.PreviewText(describe_audio(encoded)))
+
+
+NODES = [AudioEncode]

@@ -1,0 +1,73 @@
+"""Identity encode and motion intensity nodes: what the video should look like and how much it should move."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from fantasytalking_core.motion import DEFAULT_INTENSITY, MotionIntensity
+
+from . import io_types
+from .convert import encode_identity
+
+
+class IdentityEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FantasyTalkingIdentityEncode",
+            display_name="FantasyTalking Identity Encode",
+            category=io_types.CATEGORY,
+            description="Sizes the portrait to the video and takes its CLIP tokens. The video's first frame is this "
+                        "portrait; the sampler encodes it with the VAE once the frame count is known.",
+            inputs=[
+                io.Image.Input("image", tooltip="The portrait (first image of the batch), any size."),
+                io.Vae.Input("vae", tooltip="The Wan2.1 VAE (wan_2.1_vae.safetensors) from the core Load VAE node."),
+                io.ClipVisionOutput.Input("clip_vision_output",
+                                          tooltip="The portrait through the core CLIP Vision Encode node with "
+                                                  "crop: none, using clip_vision_h.safetensors."),
+                io.Int.Input("image_size", default=512, min=64, max=2048, step=16,
+                             tooltip="Longest side of the video in pixels; the other side keeps the portrait's "
+                                     "aspect, both rounded up to multiples of 16. 512 is the official setting."),
+            ],
+            outputs=[io_types.Identity.Output(display_name="identity",
+                                              tooltip="Portrait at the video size, its CLIP tokens and the VAE.")],
+        )
+
+    @classmethod
+    def execute(cls, image, vae, clip_vision_output, image_size: int) -> io.NodeOutput:
+        identity = encode_identity(image, vae, clip_vision_output, image_size)
+        width, height = identity.frame_size
+        return io.NodeOutput(identity, ui=ui.PreviewText(f"video frames {width}x{height} px"))
+
+
+class Motion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        intensity = {"default": DEFAULT_INTENSITY, "min": 0.0, "max": 1.0, "step": 0.05}
+        return io.Schema(
+            node_id="FantasyTalkingMotion",
+            display_name="FantasyTalking Motion Intensity",
+            category=io_types.CATEGORY,
+            description="How strongly the voice moves the face and the rest of the frame. 0.5 and 0.5 give the "
+                        "released model's behaviour exactly. A training-free approximation: the paper's motion module "
+                        "was never released.",
+            inputs=[
+                io.Float.Input("face_intensity", **intensity,
+                               tooltip="Lip and expression motion, 0..1: 0 ignores the voice, 0.5 as released, 1 = 1.5x "
+                                       "the audio strength. Applies to the face box (the whole frame without a face "
+                                       "crop)."),
+                io.Float.Input("body_intensity", **intensity,
+                               tooltip="Head and body motion outside the face box, 0..1 (same scale). Used only with "
+                                       "a face crop."),
+                io.Boolean.Input("affect_audio_cfg", default=False,
+                                 tooltip="Also scale the audio guidance by the mean of the two intensities."),
+            ],
+            outputs=[io_types.Motion.Output(display_name="motion", tooltip="Motion intensity for the sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, face_intensity: float, body_intensity: float, affect_audio_cfg: bool) -> io.NodeOutput:
+        return io.NodeOutput(MotionIntensity(face_intensity, body_intensity, affect_audio_cfg))
+
+
+NODES = [IdentityEncode, Motion]

@@ -1,0 +1,289 @@
+"""Plain functions between ComfyUI's values and the library (no ComfyUI import, so CI tests them directly).
+
+ComfyUI values, as the core nodes make them:
+
+- IMAGE: [B, H, W, 3] float32 in 0..1.
+- AUDIO: ``{"waveform": [B, C, samples] float, "sample_rate": int}``.
+- CONDITIONING (CLIPTextEncode): ``[[text_tokens [1, L, C], {...}]]``; for Wan's umT5-XXL, L = 512 rows (the padding
+  rows are zeros) and C = 4096.
+- CLIP_VISION_OUTPUT (CLIPVisionEncode): ``penultimate_hidden_states`` [B, 257, 1280] for ViT-H/14.
+- VAE: ``encode(pixels [F, H, W, 3] in 0..1) -> [1, 16, T, H/8, W/8]`` raw Wan latents (not normalized) and
+  ``decode(raw latents) -> [1, F, H, W, 3]`` in 0..1.
+
+The DiT works on normalized latents, ``(mu - mean) / std`` with the Wan2.1 tables, and expects the official I2V
+conditioning ``y = [4 mask channels, normalized latent of (image, F-1 zero frames)]``; this module builds it from
+ComfyUI's VAE.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fantasytalking_core.audio_adapter import TEXT_LEN
+from fantasytalking_core.audio_features import AudioFeatures, crop_samples_for_frames, extract_audio_features
+from fantasytalking_core.errors import AudioInputError, ImageInputError, ModelFileError
+from fantasytalking_core.image_io import comfy_image_to_pil, image_to_tensor
+from fantasytalking_core.pipeline import GenerationSettings, generate_latents, on_device
+from fantasytalking_core.transformer import IMAGE_TOKENS, FantasyTalkingModel
+from fantasytalking_core.vae import first_frame_mask, latent_num_frames, vae_config
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+WAN21_LATENT_CHANNELS = 16
+VAE_STRIDE = 8  # pixels per latent cell, each spatial side
+
+
+@dataclass(frozen=True)
+class EncodedAudio:
+    """What the audio encode node hands to the sampler.
+
+    Attributes:
+        features: wav2vec2 features of the part of the recording the video shows, with the frame count and fps.
+        audio: that same part of the original recording, a ComfyUI AUDIO at its own sample rate and channels.
+    """
+
+    features: AudioFeatures
+    audio: dict
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The reference portrait, ready for the sampler.
+
+    Attributes:
+        pixels: [1, H, W, 3] float32 in 0..1, the portrait at the video frame size (sides multiples of 16).
+        clip_tokens: [1, 257, C] CLIP vision penultimate tokens of the portrait.
+        vae: ComfyUI's Wan2.1 VAE; the sampler encodes the conditioning video and decodes the frames with it.
+        face_box: (x0, y0, x1, y1) of the face in video-frame pixels when a face crop made the portrait, else None.
+    """
+
+    pixels: torch.Tensor
+    clip_tokens: torch.Tensor
+    vae: Any
+    face_box: tuple[float, float, float, float] | None = None
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(width, height) of the video in pixels."""
+        return int(self.pixels.shape[2]), int(self.pixels.shape[1])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text and image conditioning
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def conditioning_to_text(conditioning: Sequence, which: str, text_dim: int) -> torch.Tensor:
+    """CONDITIONING of the core CLIPTextEncode -> the DiT's text context [1, L, text_dim] float32 (L <= 512).
+
+    Args:
+        which: "positive" or "negative", for messages.
+        text_dim: width the DiT's text embedding takes (4096: umT5-XXL).
+    """
+    where = f"FantasyTalking Sampler: the {which} CONDITIONING"
+    if not isinstance(conditioning, Sequence) or len(conditioning) == 0:
+        raise ValueError(f"{where} is empty; connect a CLIPTextEncode node.")
+    if len(conditioning) > 1:
+        raise ValueError(f"{where} holds {len(conditioning)} prompts (Conditioning Combine?); FantasyTalking takes one. "
+                         "Join the texts in one CLIPTextEncode, or use Conditioning Concat.")
+    tokens = conditioning[0][0]
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tokens.shape[0] != 1:
+        shape = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"{where} should be one prompt [1, tokens, width], got {shape}.")
+    if tokens.shape[-1] != text_dim:
+        raise ModelFileError(
+            f"{where} is {tokens.shape[-1]} wide, but the diffusion model reads {text_dim}-wide text (umT5-XXL for "
+            "Wan2.1). Load umt5_xxl_fp16.safetensors (or _fp8_e4m3fn_scaled) with the core Load CLIP node, type wan.")
+    if tokens.shape[1] > TEXT_LEN:
+        logger.warning("%s has %d tokens; Wan reads the first %d, as the official pipeline does.",
+                       where, tokens.shape[1], TEXT_LEN)
+        tokens = tokens[:, :TEXT_LEN]
+    return tokens.float()
+
+
+def clip_vision_tokens(output: Any) -> torch.Tensor:
+    """CLIP_VISION_OUTPUT of the core CLIPVisionEncode -> [1, 257, C] float32 penultimate tokens (first image)."""
+    where = "FantasyTalking Identity Encode: the CLIP vision output"
+    try:
+        states = output["penultimate_hidden_states"]
+    except (KeyError, TypeError, AttributeError):
+        states = None
+    if not isinstance(states, torch.Tensor):
+        raise ValueError(f"{where} has no penultimate_hidden_states; connect a core CLIPVisionEncode node.")
+    if states.ndim != 3 or states.shape[1] != IMAGE_TOKENS:
+        raise ModelFileError(
+            f"{where} has shape {list(states.shape)}; FantasyTalking needs {IMAGE_TOKENS} tokens per image (CLS + 16x16 "
+            "patches: a ViT-*/14 at 224 px such as clip_vision_h.safetensors).")
+    return states[:1].float()
+
+
+def check_image_tokens(tokens: torch.Tensor, image_dim: int) -> None:
+    """Refuse CLIP tokens of another width than the DiT's image embedding takes (1280: CLIP ViT-H/14)."""
+    if tokens.shape[-1] != image_dim:
+        raise ModelFileError(
+            f"FantasyTalking Sampler: the identity's CLIP tokens are {tokens.shape[-1]} wide, but the diffusion model "
+            f"reads {image_dim}-wide image tokens. Load clip_vision_h.safetensors (CLIP ViT-H/14) in Load CLIP Vision.")
+
+
+def reference_pixels(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    """IMAGE [B, H, W, 3] -> [1, h, w, 3] in 0..1 at the video frame size (first image of the batch).
+
+    The official sizing: the longest side becomes ``image_size`` pixels with the aspect kept, both sides rounded
+    up to multiples of 16, Lanczos resampling of the 8-bit image.
+    """
+    if not isinstance(image, torch.Tensor) or image.ndim != 4:
+        shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ImageInputError(f"FantasyTalking Identity Encode: expected an IMAGE [batch, height, width, 3], got {shape}.")
+    pixels = image_to_tensor(comfy_image_to_pil(image), image_size)  # [3, h, w] in -1..1
+    return ((pixels.permute(1, 2, 0) + 1) / 2)[None]
+
+
+def check_wan21_vae(vae: Any) -> None:
+    """Refuse a ComfyUI VAE that does not make Wan2.1 latents (16 channels, 3-D, 8x spatial stride)."""
+    channels = getattr(vae, "latent_channels", WAN21_LATENT_CHANNELS)
+    dims = getattr(vae, "latent_dim", 3)
+    if channels != WAN21_LATENT_CHANNELS or dims != 3:
+        hint = " (the Wan2.2 VAE)" if channels == 48 else ""
+        raise ModelFileError(
+            f"FantasyTalking Identity Encode: this VAE makes {channels}-channel {dims}-D latents{hint}; FantasyTalking "
+            "needs the Wan2.1 VAE (wan_2.1_vae.safetensors, 16-channel video latents).")
+
+
+def encode_identity(image: torch.Tensor, vae: Any, clip_vision_output: Any, image_size: int) -> Identity:
+    """The identity node's work: check the VAE, size the portrait, take the CLIP tokens."""
+    check_wan21_vae(vae)
+    return Identity(reference_pixels(image, image_size), clip_vision_tokens(clip_vision_output), vae)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Latents through ComfyUI's VAE
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _wan21_latent_stats() -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std), each [1, 16, 1, 1, 1] float32: the Wan2.1 latent tables."""
+    config = vae_config()
+    shape = (1, -1, 1, 1, 1)
+    return (torch.tensor(config["latents_mean"], dtype=torch.float32).view(shape),
+            torch.tensor(config["latents_std"], dtype=torch.float32).view(shape))
+
+
+def normalize_latents(raw: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latents [B, 16, T, h, w] (what ComfyUI's VAE.encode returns) -> the DiT's (mu - mean) / std."""
+    mean, std = _wan21_latent_stats()
+    return (raw.float() - mean.to(raw.device)) / std.to(raw.device)
+
+
+def denormalize_latents(latents: torch.Tensor) -> torch.Tensor:
+    """The DiT's normalized latents [B, 16, T, h, w] -> raw latents for ComfyUI's VAE.decode."""
+    mean, std = _wan21_latent_stats()
+    return latents.float() * std.to(latents.device) + mean.to(latents.device)
+
+
+def conditioning_video(pixels: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """[num_frames, H, W, 3] in 0..1: the portrait, then mid-grey frames (0 in the model's -1..1 range).
+
+    Encoded, this is Wan I2V's conditioning video ``[image, num_frames - 1 zero frames]``.
+    """
+    latent_num_frames(num_frames)  # refuses counts that are not 4k+1
+    video = torch.full((num_frames, *pixels.shape[1:]), 0.5, dtype=torch.float32)
+    video[0] = pixels[0]
+    return video
+
+
+def image_condition(vae: Any, pixels: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """The I2V conditioning ``y`` [1, 20, T, H/8, W/8] float32 from ComfyUI's VAE (see the module docstring)."""
+    height, width = pixels.shape[1:3]
+    raw = vae.encode(conditioning_video(pixels, num_frames))
+    want = (1, WAN21_LATENT_CHANNELS, latent_num_frames(num_frames), height // VAE_STRIDE, width // VAE_STRIDE)
+    if tuple(raw.shape) != want:
+        raise ModelFileError(f"FantasyTalking Sampler: the VAE encoded {num_frames} frames of {width}x{height} to "
+                             f"{list(raw.shape)}, a Wan2.1 VAE gives {list(want)}. Use wan_2.1_vae.safetensors.")
+    latent = normalize_latents(raw.cpu())
+    mask = first_frame_mask(num_frames, height, width)
+    return torch.cat([mask[None], latent], dim=1)
+
+
+def decode_frames(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The sampler's normalized latents [1, 16, T, h, w] -> IMAGE frames [4(T-1)+1, H, W, 3] in 0..1."""
+    frames = vae.decode(denormalize_latents(latents))
+    return frames.reshape(-1, *frames.shape[-3:]).float()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Audio
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def trim_audio(audio: Mapping, num_frames: int, fps: float) -> dict:
+    """The first ``num_frames / fps`` seconds of a ComfyUI AUDIO (first recording of the batch), as an AUDIO.
+
+    The cut is the one the features were made from (``crop_samples_for_frames``), at the recording's own rate.
+    """
+    rate = int(audio["sample_rate"])
+    waveform = audio["waveform"]
+    if waveform.ndim != 3:
+        raise AudioInputError(f"AUDIO waveform must be [batch, channels, samples], got {list(waveform.shape)}.")
+    return {"waveform": waveform[:1, :, : crop_samples_for_frames(num_frames, fps, rate)], "sample_rate": rate}
+
+
+def encode_audio(model: torch.nn.Module, audio: Mapping, fps: float, max_frames: int, device: torch.device,
+                 progress: ProgressFn | None = None) -> EncodedAudio:
+    """The audio node's work: wav2vec2 features on ``device`` (the model returns to where it was) + the trimmed AUDIO."""
+    with on_device(model, device):
+        features = extract_audio_features(model, audio, fps, max_frames, progress=progress)
+    return EncodedAudio(features, trim_audio(audio, features.num_frames, fps))
+
+
+def describe_audio(encoded: EncodedAudio) -> str:
+    """One line for the node's display: the frame count the video will have and what it covers."""
+    f = encoded.features
+    capped = " (capped by max_frames)" if f.video_duration_s < f.duration_s else ""
+    return (f"{f.num_frames} frames = {f.video_duration_s:.2f} s at {f.fps:g} fps{capped}; "
+            f"recording {f.duration_s:.2f} s")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def sample_video(
+    model: FantasyTalkingModel,
+    text_pos: torch.Tensor,
+    text_neg: torch.Tensor | None,
+    identity: Identity,
+    voice: EncodedAudio,
+    settings: GenerationSettings,
+    device: torch.device,
+    progress: ProgressFn | None = None,
+    make_room: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """The sampler node's work: conditioning video through the VAE, the denoising run on ``device``, decoding.
+
+    Args:
+        text_pos, text_neg: [1, L, text_dim] from :func:`conditioning_to_text` (``text_neg`` None when cfg is 1).
+        progress: ``(step, total)`` after every denoising step; it may raise to interrupt.
+        make_room: called just before the DiT moves to ``device`` (ComfyUI unloads its own models there).
+    Returns:
+        IMAGE frames [F, H, W, 3] float32 in 0..1, F = ``voice.features.num_frames``. The DiT is back where it was
+        (the CPU) when this returns or raises.
+    """
+    config = model.transformer.config
+    check_image_tokens(identity.clip_tokens, config.image_dim)
+    num_frames = voice.features.num_frames
+    y = image_condition(identity.vae, identity.pixels, num_frames)
+    if make_room is not None:
+        make_room()
+    with on_device(model, device):
+        latents = generate_latents(model, text_pos, text_neg, identity.clip_tokens, y, voice.features.features,
+                                   num_frames, settings, progress)
+    return decode_frames(identity.vae, latents)

@@ -1,0 +1,142 @@
+"""Loader nodes: the Wan2.1-I2V DiT with the FantasyTalking adapter, and wav2vec2-base-960h."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from fantasytalking_core.audio_features import load_wav2vec2
+from fantasytalking_core.loaders.adapter import load_audio_adapter
+from fantasytalking_core.loaders.wan_dit import load_wan_dit
+
+from . import io_types
+from .model_files import (
+    ADAPTER_FOLDER,
+    DIT_EXTENSIONS,
+    DIT_FOLDER,
+    TRANSFORMERS_FOLDER,
+    adapter_choices,
+    dit_choices,
+    resolve_wav2vec2,
+    wav2vec2_folders,
+)
+
+WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                 "fp8_e4m3fn": torch.float8_e4m3fn}
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def register_model_folders() -> None:
+    """models/fantasytalking (adapter), models/transformers (Hugging Face folders), and a view of the
+    diffusion_models folders that lists every DiT format the engine reads (GGUF and shard indexes too)."""
+    known = folder_paths.folder_names_and_paths
+    if ADAPTER_FOLDER not in known:
+        known[ADAPTER_FOLDER] = ([os.path.join(folder_paths.models_dir, ADAPTER_FOLDER)],
+                                 set(folder_paths.supported_pt_extensions))
+    folder_paths.add_model_folder_path(TRANSFORMERS_FOLDER, os.path.join(folder_paths.models_dir, "transformers"))
+    # the same list object as diffusion_models: folders added later (extra_model_paths.yaml) show up here too
+    known[DIT_FOLDER] = (known["diffusion_models"][0], set(DIT_EXTENSIONS))
+
+
+register_model_folders()
+
+
+def dit_path(name: str) -> str | None:
+    return folder_paths.get_full_path(DIT_FOLDER, name)
+
+
+def adapter_path(name: str) -> str | None:
+    return folder_paths.get_full_path(ADAPTER_FOLDER, name) or folder_paths.get_full_path("diffusion_models", name)
+
+
+def wav2vec2_path(name: str) -> Path | None:
+    return resolve_wav2vec2(name, folder_paths.get_folder_paths("audio_encoders"),
+                            folder_paths.get_folder_paths(TRANSFORMERS_FOLDER))
+
+
+class ModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        adapters = adapter_choices(folder_paths.get_filename_list(ADAPTER_FOLDER),
+                                   folder_paths.get_filename_list("diffusion_models"))
+        return io.Schema(
+            node_id="FantasyTalkingModelLoader",
+            display_name="FantasyTalking Model Loader",
+            category=io_types.CATEGORY,
+            description="Loads Wan2.1-I2V-14B (480P or 720P, any file format) and joins the FantasyTalking audio "
+                        "adapter to it. The model waits in RAM and moves to the GPU only while the sampler runs.",
+            inputs=[
+                io.Combo.Input("model_name", options=dit_choices(folder_paths.get_filename_list(DIT_FOLDER)),
+                               tooltip="Wan2.1-I2V-14B diffusion model from models/diffusion_models: a single "
+                                       ".safetensors (bf16/fp16/fp8/fp8 scaled), a .gguf, or the .index.json of a "
+                                       "shard set."),
+                io.Combo.Input("adapter_name", options=adapters,
+                               tooltip="FantasyTalking audio adapter from models/fantasytalking (or a fantasytalking* "
+                                       "file in models/diffusion_models): fantasytalking_model.ckpt or "
+                                       "fantasytalking_fp16.safetensors."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="Precision the DiT weights are kept in. default: as stored in the file (fp8 "
+                                       "files are upcast to compute_dtype). fp8_e4m3fn: 8-bit storage, about 14 GB "
+                                       "for the 14B model instead of 28 GB in bf16, upcast layer by layer."),
+                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="bf16", advanced=True,
+                               tooltip="Precision of the arithmetic for fp8 and GGUF weights (other weights compute "
+                                       "in their own precision). bf16 unless your GPU lacks it."),
+            ],
+            outputs=[io_types.FantasyTalkingModel.Output(display_name="model",
+                                                         tooltip="Wan2.1-I2V DiT with the audio adapter.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name: str, adapter_name: str) -> bool | str:
+        if dit_path(model_name) is None:
+            return f"FantasyTalking Model Loader: diffusion model '{model_name}' is not in models/diffusion_models."
+        if adapter_path(adapter_name) is None:
+            return f"FantasyTalking Model Loader: adapter '{adapter_name}' is not in models/fantasytalking."
+        return True
+
+    @classmethod
+    def execute(cls, model_name: str, adapter_name: str, weight_dtype: str, compute_dtype: str) -> io.NodeOutput:
+        dit = load_wan_dit(dit_path(model_name), dtype=WEIGHT_DTYPES[weight_dtype],
+                           compute_dtype=COMPUTE_DTYPES[compute_dtype])
+        return io.NodeOutput(load_audio_adapter(adapter_path(adapter_name), dit))
+
+
+class Wav2Vec2Loader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        options = (folder_paths.get_filename_list("audio_encoders")
+                   + wav2vec2_folders(folder_paths.get_folder_paths(TRANSFORMERS_FOLDER)))
+        return io.Schema(
+            node_id="FantasyTalkingWav2Vec2Loader",
+            display_name="FantasyTalking wav2vec2 Loader",
+            category=io_types.CATEGORY,
+            description="Loads facebook/wav2vec2-base-960h, the audio encoder FantasyTalking was trained with. "
+                        "Other audio encoders are refused: the adapter cannot read their features.",
+            inputs=[
+                io.Combo.Input("model_name", options=options,
+                               default=next((o for o in options if "wav2vec2-base-960h" in o.lower()), None),
+                               tooltip="wav2vec2-base-960h: one .safetensors in models/audio_encoders, or its Hugging "
+                                       "Face folder (config.json + model.safetensors) in models/audio_encoders or "
+                                       "models/transformers."),
+            ],
+            outputs=[io_types.Wav2Vec2.Output(display_name="wav2vec2", tooltip="wav2vec2-base-960h, on the CPU "
+                                                                                "until an audio encode uses it.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name: str) -> bool | str:
+        if wav2vec2_path(model_name) is None:
+            return (f"FantasyTalking wav2vec2 Loader: '{model_name}' is not in models/audio_encoders or "
+                    "models/transformers.")
+        return True
+
+    @classmethod
+    def execute(cls, model_name: str) -> io.NodeOutput:
+        return io.NodeOutput(load_wav2vec2(wav2vec2_path(model_name)))
+
+
+NODES = [ModelLoader, Wav2Vec2Loader]

@@ -1,0 +1,624 @@
+"""Run the node pack inside a real ComfyUI, through its HTTP API, on tiny random-weight models.
+
+    COMFYUI_PATH=/path/to/ComfyUI python tests/comfyui_integration.py
+
+What it does, in a work folder it owns (``COMFYUI_TEST_DIR``, default ``<tmp>/fantasytalking-comfyui-test``):
+
+1. installs the pack's ``requirements.txt`` into ComfyUI's Python as ComfyUI Manager would, and checks that torch is
+   the same version afterwards;
+2. lays out a ComfyUI base directory (``--base-directory``, so the ComfyUI tree itself is left alone) with the pack
+   linked into ``custom_nodes/`` and, under the usual file names, tiny random-weight models in the real file
+   formats in ``models/`` (ComfyUI's own loaders pick their architecture from the weights: the text encoder is a
+   T5-base, the CLIP vision a full-size ViT-L/14, the Wan2.1 VAE has base width 4; a ``config.json`` in
+   ``diffusion_models/`` gives the tiny DiT matching text and image widths). They are kept and reused;
+3. boots ComfyUI on a free loopback port, checks the log for import failures of the pack and ``/object_info`` for
+   every node (category, a tooltip on every input, the model dropdowns);
+4. checks that a missing model file is refused before the run (``validate_inputs``);
+5. runs each ``example_workflows/api/*.json`` through ``POST /prompt`` with two speed overrides (64-pixel frames,
+   3 steps) and checks the saved mp4: frame count and rate from the recording, a video and an AAC audio stream as
+   long as the video (or the recording, when that is shorter); the sampler's progress over the websocket;
+6. interrupts a 200-step run after its first step and checks that it stops there.
+
+Environment: ``COMFYUI_PATH`` (required), ``COMFYUI_PYTHON`` (default: ``venv/`` or ``.venv/`` in or beside the tree,
+else this Python), ``COMFYUI_TEST_DIR``, ``COMFYUI_ARGS`` (extra ``main.py`` flags). Exit status 0 when every check
+passed; the summary goes to stdout.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+if str(PACK_ROOT) not in sys.path:  # fantasytalking_core without an install
+    sys.path.append(str(PACK_ROOT))
+FIXTURES = PACK_ROOT / "tests" / "fixtures" / "official"
+WORKFLOWS = PACK_ROOT / "example_workflows"
+PACK_LINK = "ComfyUI-FantasyTalking"
+NODE_IDS = ("FantasyTalkingModelLoader", "FantasyTalkingWav2Vec2Loader", "FantasyTalkingAudioEncode",
+            "FantasyTalkingIdentityEncode", "FantasyTalkingMotion", "FantasyTalkingSampler")
+# Widget values changed for speed on a CPU; everything else runs as the example workflow says.
+SPEED_OVERRIDES = {"FantasyTalkingIdentityEncode": {"image_size": 64}, "FantasyTalkingSampler": {"steps": 3}}
+MODELS_VERSION = "4"
+INTERRUPT_STEPS = 200  # the sampler's largest step count  # bump when the test models change, so stale ones are rewritten
+TEXT_WIDTH, IMAGE_WIDTH = 768, 1024  # T5-base, CLIP ViT-L/14 penultimate
+
+
+# ---- tiny models in the real formats --------------------------------------------------------------------------------
+
+
+def random_state_dict(module, seed: int, dtype) -> dict:
+    """Random weights for every tensor of ``module`` (may be on the meta device): norm scales 1, biases 0, other
+    tensors N(0, 1/fan_in), in ``dtype``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in module.state_dict().items():
+        if t.ndim == 1 and name.endswith("bias"):
+            value = torch.zeros(t.shape)
+        elif t.ndim == 1 and ("norm" in name or name.endswith("layer_norm.weight")):
+            value = torch.ones(t.shape)
+        else:
+            fan_in = max(1, math.prod(t.shape[1:]) if t.ndim > 1 else t.shape[0])
+            value = torch.randn(t.shape, generator=g) / math.sqrt(fan_in)
+        out[name] = value.to(dtype).contiguous()
+    return out
+
+
+def write_models(models: Path) -> list[str]:
+    """Write the test models (once; reused while MODELS_VERSION matches). Returns their paths, relative."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, T5Config, T5EncoderModel, Wav2Vec2Model
+
+    from fantasytalking_core.audio_features import bundled_wav2vec2_config
+    from fantasytalking_core.transformer import resolve_config
+
+    marker = models / ".fantasytalking-test-models"
+    files = {
+        "dit_fp16": models / "diffusion_models" / "wan2.1_i2v_480p_14B_fp16.safetensors",
+        "dit_fp8": models / "diffusion_models" / "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors",
+        "dit_config": models / "diffusion_models" / "config.json",
+        "adapter_st": models / "diffusion_models" / "fantasytalking_fp16.safetensors",
+        "adapter_ckpt": models / "fantasytalking" / "fantasytalking_model.ckpt",
+        "text": models / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+        "clip": models / "clip_vision" / "clip_vision_h.safetensors",
+        "vae": models / "vae" / "wan_2.1_vae.safetensors",
+        "wav2vec2": models / "audio_encoders" / "wav2vec2-base-960h.safetensors",
+        "wav2vec2_hf": models / "transformers" / "facebook" / "wav2vec2-base-960h" / "model.safetensors",
+    }
+    listing = sorted(str(p.relative_to(models)) for p in files.values())
+    if marker.is_file() and marker.read_text() == MODELS_VERSION and all(p.is_file() for p in files.values()):
+        return listing
+    for p in files.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+
+    # DiT: the fixture's tiny Wan2.1-I2V (Wan key names) with text/image embeddings as wide as T5-base and ViT-L
+    dit = load_file(FIXTURES / "dit" / "dit.safetensors")
+    dim = dit["patch_embedding.weight"].shape[0]
+    dit["text_embedding.0.weight"] = torch.randn(dim, TEXT_WIDTH, generator=g) / TEXT_WIDTH**0.5
+    dit["img_emb.proj.0.weight"], dit["img_emb.proj.0.bias"] = torch.ones(IMAGE_WIDTH), torch.zeros(IMAGE_WIDTH)
+    dit["img_emb.proj.1.weight"] = torch.randn(IMAGE_WIDTH, IMAGE_WIDTH, generator=g) / IMAGE_WIDTH**0.5
+    dit["img_emb.proj.1.bias"] = torch.zeros(IMAGE_WIDTH)
+    dit["img_emb.proj.3.weight"] = torch.randn(dim, IMAGE_WIDTH, generator=g) / IMAGE_WIDTH**0.5
+    config = resolve_config(FIXTURES / "dit" / "config.json") | {"text_dim": TEXT_WIDTH, "image_dim": IMAGE_WIDTH}
+    files["dit_config"].write_text(json.dumps(config, indent=1))
+    comfy = "model.diffusion_model."  # ComfyUI repackaged layout
+    save_file({comfy + k: v.half().contiguous() for k, v in dit.items()}, files["dit_fp16"])
+    fp8 = {comfy + k: v.to(torch.float8_e4m3fn if k.startswith("blocks.") and v.ndim == 2 and k.endswith("weight")
+                           else torch.bfloat16).contiguous() for k, v in dit.items()}
+    save_file(fp8, files["dit_fp8"])
+    # the adapter: its safetensors repack and the official pickle, both from the fixture
+    save_file({k: v.half().contiguous() for k, v in load_file(FIXTURES / "dit" / "fantasytalking.safetensors").items()},
+              files["adapter_st"])
+    shutil.copyfile(FIXTURES / "dit" / "fantasytalking.ckpt", files["adapter_ckpt"])
+
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(d_model=TEXT_WIDTH, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
+                                     vocab_size=32128, feed_forward_proj="relu"))
+        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=IMAGE_WIDTH, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+            image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu"))
+        wav2vec2 = Wav2Vec2Model(bundled_wav2vec2_config())
+    t5_sd = random_state_dict(t5, 1, torch.float16)
+    t5_sd.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight
+    save_file(t5_sd, files["text"])
+    clip_sd = {k: v for k, v in random_state_dict(clip, 2, torch.float16).items() if not k.endswith("position_ids")}
+    save_file(clip_sd, files["clip"])
+    wav2vec2_sd = random_state_dict(wav2vec2, 3, torch.float16)
+    save_file(wav2vec2_sd, files["wav2vec2"])
+    # the Hugging Face folder of Wav2Vec2ForCTC: config.json, prefixed keys and the CTC head
+    config = json.loads((PACK_ROOT / "fantasytalking_core" / "configs" / "wav2vec2-base-960h.json").read_text())
+    config.pop("feature_extractor", None)
+    files["wav2vec2_hf"].with_name("config.json").write_text(json.dumps(config, indent=1))
+    ctc = {"wav2vec2." + k: v for k, v in wav2vec2_sd.items()}
+    ctc["lm_head.weight"] = torch.randn(config["vocab_size"], config["hidden_size"], generator=g).half()
+    ctc["lm_head.bias"] = torch.zeros(config["vocab_size"]).half()
+    save_file(ctc, files["wav2vec2_hf"])
+    vae = torch.load(FIXTURES / "vae" / "vae.pth", map_location="cpu", weights_only=True)
+    save_file({k: v.contiguous() for k, v in vae.items()}, files["vae"])
+    marker.write_text(MODELS_VERSION)
+    return listing
+
+
+def write_inputs(folder: Path) -> dict[str, float]:
+    """A drawn portrait and two voice-like recordings (44.1 kHz stereo). Returns recording durations in seconds."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", (120, 160), (70, 90, 120))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((25, 20, 95, 115), fill=(224, 182, 150))
+    draw.ellipse((42, 55, 52, 62), fill=(40, 30, 30))
+    draw.ellipse((68, 55, 78, 62), fill=(40, 30, 30))
+    draw.ellipse((48, 85, 72, 95), fill=(150, 60, 60))
+    draw.rectangle((20, 115, 100, 160), fill=(50, 50, 70))
+    image.save(folder / "portrait.png")
+    durations = {"voice.wav": 3.0, "long_recording.wav": 14.0}
+    rate = 44100
+    for name, seconds in durations.items():
+        t = np.arange(int(seconds * rate)) / rate
+        f0 = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
+        phase = 2 * np.pi * np.cumsum(f0) / rate
+        voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
+        syllables = np.clip(np.sin(2 * np.pi * 3.5 * t), 0, None) ** 0.5
+        mono = 0.25 * voiced * syllables
+        stereo = np.stack([mono, 0.8 * mono], axis=1)
+        with wave.open(str(folder / name), "wb") as w:
+            w.setnchannels(2)
+            w.setsampwidth(2)
+            w.setframerate(rate)
+            w.writeframes((stereo * 32767).astype("<i2").tobytes())
+    return durations
+
+
+# ---- ComfyUI process and HTTP/websocket clients ---------------------------------------------------------------------
+
+
+def find_python(tree: Path) -> str:
+    if os.environ.get("COMFYUI_PYTHON"):
+        return os.environ["COMFYUI_PYTHON"]
+    for venv in (tree / "venv", tree / ".venv", tree.parent / "venv", tree.parent / ".venv"):
+        if (venv / "bin" / "python").is_file():
+            return str(venv / "bin" / "python")
+    return sys.executable
+
+
+def python_value(python: str, code: str) -> str:
+    return subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def install_requirements(python: str, workdir: Path) -> tuple[str, str]:
+    """pip install -r requirements.txt into ComfyUI's Python, torch pinned; (torch before, torch after)."""
+    before = python_value(python, "import torch; print(torch.__version__)")
+    constraints = workdir / "constraints.txt"
+    constraints.write_text(f"torch=={before}\n")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
+                    str(PACK_ROOT / "requirements.txt"), "-c", str(constraints)], check=True)
+    return before, python_value(python, "import torch; print(torch.__version__)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyUI:
+    """A ComfyUI server started from ``tree`` on ``base`` (its models, custom_nodes, input, output, user)."""
+
+    def __init__(self, tree: Path, python: str, base: Path, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        args = [python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(base),
+                "--disable-auto-launch", "--disable-api-nodes", *os.environ.get("COMFYUI_ARGS", "").split()]
+        if "--database-url" in (tree / "comfy" / "cli_args.py").read_text():  # else the tree's own user/comfyui.db
+            args += ["--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
+        if "--cpu" not in args and python_value(python, "import torch; print(torch.cuda.is_available())") != "True":
+            args.append("--cpu")
+        self.log_file = open(log, "w")
+        self.process = subprocess.Popen(args, cwd=tree, stdout=self.log_file, stderr=subprocess.STDOUT)
+        started = time.monotonic()
+        while True:
+            try:
+                self.get("/system_stats")
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() - started > 600:
+                    self.stop()
+                    raise RuntimeError(f"ComfyUI did not come up; last log lines:\n{self.log_tail()}") from None
+                time.sleep(1)
+        self.boot_s = time.monotonic() - started
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return json.load(r)
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                text = r.read()
+                return r.status, json.loads(text) if text else {}
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+
+
+class WebSocket:
+    """A minimal RFC 6455 client (stdlib only): text frames out, frames in."""
+
+    def __init__(self, port: int, path: str):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=None)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self.sock.recv(4096)
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        if b" 101 " not in head.split(b"\r\n")[0]:
+            raise RuntimeError(f"websocket refused: {head[:200]!r}")
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            self.buffer += chunk
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    def send(self, payload: bytes, opcode: int = 1) -> None:
+        n = len(payload)
+        size = bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n) if n < 1 << 16
+                                                  else bytes([0x80 | 127]) + struct.pack(">Q", n))
+        mask = os.urandom(4)  # client frames are masked
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x80 | opcode]) + size + mask + masked)
+
+    def recv(self) -> tuple[int, bytes]:
+        """The next frame as (opcode, payload); answers pings itself."""
+        while True:
+            b1, b2 = self._read(2)
+            n = b2 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._read(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._read(8))[0]
+            payload = self._read(n)
+            if b1 & 0x0F == 9:
+                self.send(payload, opcode=10)
+                continue
+            return b1 & 0x0F, payload
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Events:
+    """ComfyUI's websocket messages (the JSON ones), collected by a thread."""
+
+    def __init__(self, port: int, client_id: str):
+        self.messages: list[dict] = []
+        self.ws = WebSocket(port, f"/ws?clientId={client_id}")
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                opcode, payload = self.ws.recv()
+                if opcode == 1:
+                    self.messages.append(json.loads(payload))
+                elif opcode == 8:
+                    return
+        except (OSError, ConnectionError, ValueError):
+            return
+
+    def of(self, kind: str, prompt_id: str | None = None) -> list[dict]:
+        return [m["data"] for m in list(self.messages)
+                if m.get("type") == kind and (prompt_id is None or m["data"].get("prompt_id") == prompt_id)]
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+# ---- checks ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def check(self, ok: bool, what: str) -> bool:
+        if not ok:
+            self.failures.append(what)
+            self.lines.append(f"  FAIL {what}")
+        return ok
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+        print(line, flush=True)
+
+
+def check_object_info(comfy: ComfyUI, report: Report, model_files: list[str]) -> None:
+    log = comfy.log.read_text(errors="replace")
+    failed = [line for line in log.splitlines() if PACK_LINK in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
+    report.check(not failed, f"pack imported without failure ({failed[:1]})")
+    info = comfy.get("/object_info")
+    missing = [n for n in NODE_IDS if n not in info]
+    ours = sorted(n for n in info if n.startswith("FantasyTalking"))
+    report.check(not missing, f"every node listed in /object_info (missing: {missing})")
+    untipped = [f"{n}.{name}" for n in ours for group in ("required", "optional")
+                for name, spec in info[n]["input"].get(group, {}).items()
+                if len(spec) < 2 or not spec[1].get("tooltip")]
+    report.check(not untipped, f"a tooltip on every input (missing on {untipped})")
+    wrong_category = [n for n in ours if info[n]["category"] != "FantasyTalking"]
+    report.check(not wrong_category, f"category FantasyTalking ({wrong_category})")
+    loader = info["FantasyTalkingModelLoader"]["input"]["required"]
+    dits, adapters = loader["model_name"][1]["options"], loader["adapter_name"][1]["options"]
+    wav2vec2 = info["FantasyTalkingWav2Vec2Loader"]["input"]["required"]["model_name"][1]["options"]
+    report.check(sorted(dits) == ["wan2.1_i2v_480p_14B_fp16.safetensors", "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors"],
+                 f"DiT dropdown lists both DiT files and no adapter/config ({dits})")
+    report.check(adapters == ["fantasytalking_model.ckpt", "fantasytalking_fp16.safetensors"],
+                 f"adapter dropdown lists models/fantasytalking then diffusion_models ({adapters})")
+    report.check(wav2vec2 == ["wav2vec2-base-960h.safetensors", "transformers/facebook/wav2vec2-base-960h"],
+                 f"wav2vec2 dropdown lists audio_encoders then Hugging Face folders ({wav2vec2})")
+    report.say(f"nodes: {len(ours)} in /object_info ({', '.join(ours)}); every input has a tooltip: "
+               f"{'yes' if not untipped else 'NO'}; import failures: {len(failed)}")
+    report.say(f"dropdowns: DiT {dits}; adapter {adapters}; wav2vec2 {wav2vec2}")
+    report.say(f"test models ({len(model_files)} files, real formats): {', '.join(model_files)}")
+
+
+def load_api_workflow(path: Path) -> dict:
+    prompt = json.loads(path.read_text())
+    for node in prompt.values():
+        node["inputs"].update(SPEED_OVERRIDES.get(node["class_type"], {}))
+    return prompt
+
+
+def node_of(prompt: dict, class_type: str) -> tuple[str, dict]:
+    found = [(k, v) for k, v in prompt.items() if v["class_type"] == class_type]
+    if len(found) != 1:
+        raise ValueError(f"expected one {class_type} node, found {len(found)}")
+    return found[0]
+
+
+def submit(comfy: ComfyUI, prompt: dict, client_id: str) -> tuple[int, dict]:
+    return comfy.post("/prompt", {"prompt": prompt, "client_id": client_id})
+
+
+def wait_history(comfy: ComfyUI, prompt_id: str, timeout: float = 900) -> dict:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        history = comfy.get(f"/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+            if history[prompt_id]["status"].get("status_str") in ("success", "error"):
+                return history[prompt_id]
+        time.sleep(0.5)
+    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
+def saved_files(outputs: dict) -> list[dict]:
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            if "filename" in value:
+                found.append(value)
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(outputs)
+    return found
+
+
+def probe_mp4(path: Path) -> dict:
+    import av
+
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        audio = container.streams.audio[0] if container.streams.audio else None
+        info = {"codec": video.codec_context.name, "width": video.codec_context.width,
+                "height": video.codec_context.height, "fps": float(video.average_rate),
+                "audio_codec": audio.codec_context.name if audio else None,
+                "audio_rate": audio.codec_context.sample_rate if audio else None,
+                "audio_channels": audio.codec_context.channels if audio else None}
+    with av.open(str(path)) as container:
+        info["frames"] = sum(1 for _ in container.decode(video=0))
+    if audio is not None:
+        with av.open(str(path)) as container:
+            samples = sum(frame.samples for frame in container.decode(audio=0))
+        info["audio_s"] = samples / info["audio_rate"]
+    return info
+
+
+def expected_frames(seconds: float, fps: float, max_frames: int) -> int:
+    from fantasytalking_core.audio_features import frames_for_duration
+
+    return frames_for_duration(seconds, fps, max_frames)
+
+
+def run_workflow(comfy: ComfyUI, path: Path, output: Path, durations: dict, report: Report) -> None:
+    name = path.stem
+    prompt = load_api_workflow(path)
+    sampler_id, sampler = node_of(prompt, "FantasyTalkingSampler")
+    audio_id, audio = node_of(prompt, "FantasyTalkingAudioEncode")
+    _, loader = node_of(prompt, "LoadAudio")
+    frames_wanted = expected_frames(durations[loader["inputs"]["audio"]], audio["inputs"]["fps"],
+                                    audio["inputs"]["max_frames"])
+    events = Events(comfy.port, f"fantasytalking-{name}")
+    started = time.monotonic()
+    status, reply = submit(comfy, prompt, f"fantasytalking-{name}")
+    if not report.check(status == 200, f"{name}: /prompt accepted it ({status} {json.dumps(reply)[:600]})"):
+        events.close()
+        return
+    entry = wait_history(comfy, reply["prompt_id"])
+    seconds = time.monotonic() - started
+    time.sleep(0.5)  # let the last websocket messages arrive
+    events.close()
+    ok = entry["status"]["status_str"] == "success"
+    if not report.check(ok, f"{name}: ran to success ({json.dumps(entry['status'].get('messages', []))[-1500:]})"):
+        return
+    videos = [f for f in saved_files(entry["outputs"]) if f["filename"].endswith(".mp4")]
+    if not report.check(len(videos) == 1, f"{name}: one mp4 saved ({videos})"):
+        return
+    mp4 = output / videos[0].get("subfolder", "") / videos[0]["filename"]
+    info = probe_mp4(mp4)
+    fps = float(audio["inputs"]["fps"])
+    recording = durations[loader["inputs"]["audio"]]
+    audio_wanted = min(recording, frames_wanted / fps)
+    steps = sampler["inputs"]["steps"]
+    progress = [(p["value"], p["max"]) for p in events.of("progress", reply["prompt_id"]) if p.get("node") == sampler_id]
+    text = entry["outputs"].get(audio_id, {}).get("text", ["?"])[0]
+    report.check(info["frames"] == frames_wanted, f"{name}: {frames_wanted} frames in the mp4 (found {info['frames']})")
+    report.check(abs(info["fps"] - fps) < 1e-3, f"{name}: {fps} fps (found {info['fps']})")
+    report.check(info["audio_codec"] == "aac", f"{name}: an AAC audio stream (found {info['audio_codec']})")
+    report.check(abs(info.get("audio_s", 0) - audio_wanted) < 0.05,
+                 f"{name}: audio {audio_wanted:.2f} s long (found {info.get('audio_s', 0):.2f} s)")
+    report.check(bool(progress) and progress[-1] == (steps, steps) and progress[0][0] >= 1,
+                 f"{name}: sampler progress reaches {steps}/{steps} ({progress})")
+    report.say(f"workflow {name}: success in {seconds:.1f} s -> output/{videos[0].get('subfolder', '')}/"
+               f"{videos[0]['filename']}: {info['frames']} frames {info['width']}x{info['height']} @ {info['fps']:g} "
+               f"fps {info['codec']}, audio {info['audio_codec']} {info['audio_rate']} Hz {info['audio_channels']} ch "
+               f"{info.get('audio_s', 0):.2f} s (recording {recording:.2f} s, video {info['frames'] / fps:.2f} s); "
+               f"audio encode says \"{text}\"; sampler progress {progress}")
+
+
+def check_missing_model_refused(comfy: ComfyUI, path: Path, report: Report) -> None:
+    prompt = load_api_workflow(path)
+    _, loader = node_of(prompt, "FantasyTalkingModelLoader")
+    loader["inputs"]["model_name"] = "absent_model.safetensors"
+    status, reply = submit(comfy, prompt, "fantasytalking-validate")
+    text = json.dumps(reply)
+    ok = status == 400 and "not in models/diffusion_models" in text
+    report.check(ok, f"missing model refused before the run ({status} {text[:400]})")
+    report.say(f"validate_inputs: a missing model_name is refused before the run: HTTP {status}, "
+               f"\"{next((e['details'] for n in reply.get('node_errors', {}).values() for e in n['errors']), '?')}\"")
+
+
+def check_interrupt(comfy: ComfyUI, path: Path, report: Report) -> None:
+    prompt = load_api_workflow(path)
+    sampler_id, sampler = node_of(prompt, "FantasyTalkingSampler")
+    sampler["inputs"].update(steps=INTERRUPT_STEPS, seed=sampler["inputs"]["seed"] + 1)
+    events = Events(comfy.port, "fantasytalking-interrupt")
+    status, reply = submit(comfy, prompt, "fantasytalking-interrupt")
+    if not report.check(status == 200, f"interrupt run accepted ({status} {reply})"):
+        return
+    prompt_id = reply["prompt_id"]
+    started = time.monotonic()
+    while not [p for p in events.of("progress", prompt_id) if p.get("node") == sampler_id]:
+        if time.monotonic() - started > 600:
+            break
+        time.sleep(0.05)
+    comfy.post("/interrupt", {})
+    entry = wait_history(comfy, prompt_id)
+    time.sleep(0.5)
+    events.close()
+    last = max((p["value"] for p in events.of("progress", prompt_id) if p.get("node") == sampler_id), default=0)
+    interrupted = bool(events.of("execution_interrupted", prompt_id))
+    report.check(interrupted and entry["status"]["status_str"] == "error" and last < INTERRUPT_STEPS,
+                 f"interrupt stops the sampler between steps (interrupted={interrupted}, last step {last}/{INTERRUPT_STEPS})")
+    report.check("system" in comfy.get("/system_stats"), "server answers after the interrupt")
+    report.say(f"interrupt: /interrupt after the first progress message stopped the sampler at step {last}/{INTERRUPT_STEPS} "
+               f"(execution_interrupted: {interrupted}); server still answers")
+
+
+def work_dir() -> Path:
+    return Path(os.environ.get("COMFYUI_TEST_DIR") or Path(tempfile.gettempdir()) / "fantasytalking-comfyui-test")
+
+
+def make_base(workdir: Path) -> Path:
+    """The ComfyUI base directory: the pack linked into custom_nodes, an empty output folder."""
+    base = workdir / "base"
+    for sub in ("custom_nodes", "models", "input", "output", "user", "temp"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACK_LINK
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(PACK_ROOT, target_is_directory=True)
+    shutil.rmtree(base / "output")
+    (base / "output").mkdir()
+    return base
+
+
+def main() -> int:
+    tree = Path(os.environ.get("COMFYUI_PATH", "")).expanduser()
+    if not (tree / "main.py").is_file():
+        print("COMFYUI_PATH must point at a ComfyUI tree (the folder with main.py).", file=sys.stderr)
+        return 2
+    workdir = work_dir()
+    base = make_base(workdir)
+
+    report = Report()
+    version_file = tree / "comfyui_version.py"
+    version = re.search(r'__version__ = "([^"]+)"', version_file.read_text()).group(1) if version_file.is_file() else "?"
+    python = find_python(tree)
+    before, after = install_requirements(python, workdir)
+    report.check(before == after, f"requirements.txt leaves torch alone ({before} -> {after})")
+    report.say(f"ComfyUI {version} at {tree}, Python {python}; pip install -r requirements.txt: torch {before} -> {after}")
+    model_files = write_models(base / "models")
+    durations = write_inputs(base / "input")
+
+    comfy = ComfyUI(tree, python, base, workdir / "comfyui.log")
+    try:
+        report.say(f"ComfyUI up in {comfy.boot_s:.1f} s on {comfy.url} (log {comfy.log})")
+        check_object_info(comfy, report, model_files)
+        workflows = sorted((WORKFLOWS / "api").glob("*.json"))
+        report.check(len(workflows) >= 2, f"API-format example workflows found ({[w.name for w in workflows]})")
+        report.say(f"speed overrides on every workflow: {SPEED_OVERRIDES}")
+        if workflows:
+            check_missing_model_refused(comfy, workflows[0], report)
+        for path in workflows:
+            run_workflow(comfy, path, base / "output", durations, report)
+        if workflows:
+            check_interrupt(comfy, workflows[0], report)
+    finally:
+        comfy.stop()
+    if report.failures:
+        print("\nFAILED checks:\n" + "\n".join(f"- {f}" for f in report.failures), flush=True)
+        print(f"\nComfyUI log: {comfy.log}\n{comfy.log_tail()}", flush=True)
+        return 1
+    print("RESULT: PASS (every check above passed)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""nodes/convert.py: the ComfyUI-side conversions and the sampler path, without ComfyUI.
+
+ComfyUI's values are built here as the core nodes make them (see the module docstring of nodes/convert.py); its
+Wan2.1 VAE is stood in for by ``ComfyLikeVAE``, the library's VAE behind ComfyUI's VAE interface (0..1 pixels in
+and out, raw latents).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fantasytalking_core.audio_features import crop_samples_for_frames
+from fantasytalking_core.errors import ModelFileError
+from fantasytalking_core.image_encoder import encode_image_clip
+from fantasytalking_core.image_io import image_to_tensor
+from fantasytalking_core.model_paths import load_models
+from fantasytalking_core.pipeline import FantasyTalkingPipeline, GenerationSettings
+from fantasytalking_core.text_encoder import encode_prompt
+from fantasytalking_core.tiny import make_tiny_models
+from fantasytalking_core.vae import first_frame_mask, vae_config
+from nodes import convert
+from nodes.convert import (
+    EncodedAudio,
+    Identity,
+    check_wan21_vae,
+    clip_vision_tokens,
+    conditioning_to_text,
+    conditioning_video,
+    decode_frames,
+    denormalize_latents,
+    describe_audio,
+    encode_audio,
+    encode_identity,
+    image_condition,
+    normalize_latents,
+    reference_pixels,
+    sample_video,
+    trim_audio,
+)
+
+CPU = torch.device("cpu")
+
+
+class ComfyLikeVAE:
+    """The library's AutoencoderKLWan behind ComfyUI's VAE interface: encode(pixels [F, H, W, 3] in 0..1) -> raw
+    posterior mean [1, 16, T, h, w]; decode(raw latents) -> [1, F, H, W, 3] in 0..1."""
+
+    latent_channels, latent_dim = 16, 3
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.encoded: list[torch.Tensor] = []
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.encoded.append(pixels)
+        video = (pixels * 2 - 1).permute(3, 0, 1, 2)[None]  # [1, 3, F, H, W] in -1..1
+        return self.vae.encode(video).latent_dist.mean
+
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        video = self.vae.decode(raw).sample.clamp(-1, 1)  # [1, 3, F, H, W]
+        return ((video + 1) / 2).permute(0, 2, 3, 4, 1)
+
+
+class CLIPVisionOutput:
+    """Like ComfyUI's clip_vision.Output: attributes readable with [] too."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return load_models(make_tiny_models(tmp_path_factory.mktemp("models")), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def voice():
+    """0.4 s of 44.1 kHz stereo: 13 video frames at 23 fps."""
+    t = torch.arange(int(0.4 * 44100)) / 44100
+    left = 0.3 * torch.sin(2 * torch.pi * 220 * t)
+    return {"waveform": torch.stack([left, 0.5 * left]).unsqueeze(0), "sample_rate": 44100}
+
+
+@pytest.fixture(scope="module")
+def face():
+    return Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 64, 3), dtype=np.uint8))
+
+
+def comfy_image(face: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(face, dtype=np.float32) / 255)[None]  # [1, H, W, 3]
+
+
+def comfy_conditioning(tokens: torch.Tensor, rows: int = 512) -> list:
+    """CLIPTextEncode's output for Wan: the prompt's rows, then zero rows up to 512."""
+    padded = torch.zeros(1, rows, tokens.shape[-1])
+    padded[:, : tokens.shape[1]] = tokens
+    return [[padded, {"pooled_output": None}]]
+
+
+# ---- the sampler path equals the library pipeline ------------------------------------------------------------------
+
+
+def test_node_path_makes_the_pipeline_video(models, face, voice):
+    """Comfy-type conversions + generate_latents + ComfyUI-style VAE calls give the pipeline's frames: the latent
+    normalization, the conditioning video (grey = 0), the mask and the frame layout are all right."""
+    settings = GenerationSettings(steps=2, image_size=32, seed=5, cfg=4.5, audio_cfg=3.0)
+    pipe = FantasyTalkingPipeline(models)
+    expected = pipe(face, voice, settings)
+
+    pixels = image_to_tensor(face, settings.image_size)
+    clip = CLIPVisionOutput(penultimate_hidden_states=encode_image_clip(models.image_encoder, pixels[None]))
+    identity = encode_identity(comfy_image(face), ComfyLikeVAE(models.vae), clip, settings.image_size)
+    encoded = encode_audio(models.wav2vec2, voice, settings.fps, settings.max_frames, CPU)
+    text_dim = models.dit.transformer.config.text_dim
+    text = {p: encode_prompt(models.text_encoder, models.tokenizer, p)[None]
+            for p in (settings.prompt, settings.negative_prompt)}
+    text_pos = conditioning_to_text(comfy_conditioning(text[settings.prompt]), "positive", text_dim)
+    text_neg = conditioning_to_text(comfy_conditioning(text[settings.negative_prompt]), "negative", text_dim)
+
+    frames = sample_video(models.dit, text_pos, text_neg, identity, encoded, settings, CPU)
+
+    assert frames.shape == expected.frames.shape == (13, 32, 32, 3)
+    # the only extra arithmetic is the 0..1 <-> -1..1 round trip of ComfyUI's pixel range (exact here, 0.0 measured)
+    torch.testing.assert_close(frames, expected.frames, atol=1e-6, rtol=0)
+    assert encoded.features.num_frames == 13
+    torch.testing.assert_close(encoded.features.features, pipe.audio_features(voice, settings).features)
+
+
+def test_sampler_reports_every_step_and_stops_when_progress_raises(models, face, voice):
+    settings = GenerationSettings(steps=3, image_size=32, seed=5)
+    clip = CLIPVisionOutput(penultimate_hidden_states=torch.randn(1, 257, 16))
+    identity = encode_identity(comfy_image(face), ComfyLikeVAE(models.vae), clip, 32)
+    encoded = encode_audio(models.wav2vec2, voice, settings.fps, settings.max_frames, CPU)
+    text = torch.randn(1, 7, models.dit.transformer.config.text_dim)
+    events = []
+
+    def progress(step, total):
+        events.append((step, total))
+
+    sample_video(models.dit, text, text, identity, encoded, settings, CPU, progress,
+                 make_room=lambda: events.append("make_room"))
+    assert events == ["make_room", (1, 3), (2, 3), (3, 3)]
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_after_first(step, total):
+        events.append(step)
+        raise Interrupted
+
+    events.clear()
+    with pytest.raises(Interrupted):
+        sample_video(models.dit, text, text, identity, encoded, settings, CPU, interrupt_after_first)
+    assert events == [1]
+    assert models.dit.device == CPU
+
+
+def test_sampler_refuses_clip_tokens_of_another_width(models, face, voice):
+    clip = CLIPVisionOutput(penultimate_hidden_states=torch.randn(1, 257, 24))  # the tiny DiT reads 16
+    identity = encode_identity(comfy_image(face), ComfyLikeVAE(models.vae), clip, 32)
+    encoded = encode_audio(models.wav2vec2, voice, 23, 81, CPU)
+    text = torch.randn(1, 7, models.dit.transformer.config.text_dim)
+    with pytest.raises(ModelFileError, match="24 wide.*16-wide.*clip_vision_h"):
+        sample_video(models.dit, text, None, identity, encoded, GenerationSettings(steps=1, cfg=1.0), CPU)
+
+
+# ---- text and image conditioning --------------------------------------------------------------------------------
+
+
+def test_conditioning_keeps_the_rows_and_refuses_other_encoders():
+    tokens = torch.randn(1, 512, 32, dtype=torch.float16)
+    text = conditioning_to_text([[tokens, {}]], "positive", 32)
+    assert text.dtype == torch.float32 and torch.equal(text, tokens.float())
+    with pytest.raises(ModelFileError, match="positive CONDITIONING is 768 wide.*4096.*type wan"):
+        conditioning_to_text([[torch.zeros(1, 77, 768), {}]], "positive", 4096)
+    with pytest.raises(ValueError, match="negative CONDITIONING holds 2 prompts"):
+        conditioning_to_text([[tokens, {}], [tokens, {}]], "negative", 32)
+    with pytest.raises(ValueError, match="empty"):
+        conditioning_to_text([], "positive", 32)
+
+
+def test_conditioning_longer_than_512_tokens_is_cut_like_the_official_tokenizer():
+    tokens = torch.arange(600.0).view(1, 600, 1).expand(1, 600, 4)
+    text = conditioning_to_text([[tokens, {}]], "positive", 4)
+    assert text.shape == (1, 512, 4) and text[0, -1, 0] == 511
+
+
+def test_clip_vision_tokens_take_the_penultimate_state_of_the_first_image():
+    states = torch.randn(2, 257, 1280)
+    out = CLIPVisionOutput(penultimate_hidden_states=states, last_hidden_state=torch.randn(2, 257, 1280))
+    assert torch.equal(clip_vision_tokens(out), states[:1])
+    with pytest.raises(ModelFileError, match=r"\[1, 730, 1152\].*257 tokens"):
+        clip_vision_tokens(CLIPVisionOutput(penultimate_hidden_states=torch.randn(1, 730, 1152)))
+    with pytest.raises(ValueError, match="no penultimate_hidden_states"):
+        clip_vision_tokens({"image_embeds": torch.randn(1, 1024)})
+
+
+def test_reference_pixels_follow_the_official_frame_size(face):
+    pixels = reference_pixels(comfy_image(face), 32)  # 64x40 -> longest side 32 -> 32x20 -> multiples of 16
+    assert pixels.shape == (1, 32, 32, 3)
+    torch.testing.assert_close(pixels[0], (image_to_tensor(face, 32).permute(1, 2, 0) + 1) / 2)
+    tall = reference_pixels(torch.rand(2, 100, 60, 3), 64)  # first of the batch; 60x100 -> 38x64 -> 48x64
+    assert tall.shape == (1, 64, 48, 3)
+
+
+def test_identity_refuses_a_wan22_vae():
+    class Wan22VAE:
+        latent_channels, latent_dim = 48, 3
+
+    with pytest.raises(ModelFileError, match="48-channel.*Wan2.2.*wan_2.1_vae"):
+        check_wan21_vae(Wan22VAE())
+
+
+# ---- latents through the VAE ------------------------------------------------------------------------------------
+
+
+def test_latent_normalization_uses_the_wan21_tables_and_round_trips():
+    config = vae_config()
+    mean = torch.tensor(config["latents_mean"]).view(1, 16, 1, 1, 1)
+    std = torch.tensor(config["latents_std"]).view(1, 16, 1, 1, 1)
+    raw = torch.randn(1, 16, 2, 3, 4)
+    torch.testing.assert_close(normalize_latents(raw), (raw - mean) / std)
+    torch.testing.assert_close(denormalize_latents(normalize_latents(raw)), raw)
+
+
+def test_image_condition_is_the_mask_then_the_normalized_latent_of_image_and_grey_frames():
+    mean = torch.tensor(vae_config()["latents_mean"]).view(1, 16, 1, 1, 1)
+
+    class MeanVAE:  # encodes anything to the latent mean, i.e. to 0 after normalization
+        def __init__(self):
+            self.seen = None
+
+        def encode(self, pixels):
+            self.seen = pixels
+            t = (pixels.shape[0] - 1) // 4 + 1
+            return mean.expand(1, 16, t, pixels.shape[1] // 8, pixels.shape[2] // 8).clone()
+
+    vae, pixels = MeanVAE(), torch.rand(1, 32, 48, 3)
+    y = image_condition(vae, pixels, 9)
+    assert y.shape == (1, 20, 3, 4, 6)
+    assert torch.equal(y[0, :4], first_frame_mask(9, 32, 48))
+    assert y[:, 4:].abs().max() < 1e-6
+    assert torch.equal(vae.seen[0], pixels[0]) and torch.all(vae.seen[1:] == 0.5)
+    assert torch.equal(conditioning_video(pixels, 9), vae.seen)
+
+    class Wan22VAE(MeanVAE):
+        def encode(self, pixels):
+            return torch.zeros(1, 48, 3, 2, 3)
+
+    with pytest.raises(ModelFileError, match=r"\[1, 48, 3, 2, 3\].*\[1, 16, 3, 4, 6\]"):
+        image_condition(Wan22VAE(), pixels, 9)
+    with pytest.raises(ValueError, match="4k\\+1"):
+        conditioning_video(pixels, 8)
+
+
+def test_decode_frames_denormalizes_and_flattens_to_an_image_batch():
+    class RecordingVAE:
+        def decode(self, raw):
+            self.raw = raw
+            return torch.rand(1, 4 * (raw.shape[2] - 1) + 1, 16, 24, 3)
+
+    vae, latents = RecordingVAE(), torch.randn(1, 16, 3, 2, 3)
+    frames = decode_frames(vae, latents)
+    assert frames.shape == (9, 16, 24, 3)
+    torch.testing.assert_close(vae.raw, denormalize_latents(latents))
+
+
+# ---- audio --------------------------------------------------------------------------------------------------------
+
+
+def test_trim_audio_keeps_the_video_length_at_the_recording_rate(voice):
+    clip = trim_audio(voice, 5, 23.0)  # a 5-frame video shows 0.217 s of the 0.4 s recording
+    samples = crop_samples_for_frames(5, 23.0, 44100)
+    assert samples == int(5 / 23 * 44100)
+    assert clip["sample_rate"] == 44100 and clip["waveform"].shape == (1, 2, samples)
+    assert torch.equal(clip["waveform"], voice["waveform"][:, :, :samples])
+    short = trim_audio(voice, 81, 23.0)  # the video is longer than the recording: nothing to cut
+    assert short["waveform"].shape[-1] == voice["waveform"].shape[-1]
+
+
+def test_encode_audio_reports_the_frame_count(models, voice):
+    encoded = encode_audio(models.wav2vec2, voice, 23.0, 81, CPU)
+    assert isinstance(encoded, EncodedAudio)
+    assert encoded.features.num_frames == 13 and encoded.features.fps == 23.0
+    assert encoded.audio["waveform"].shape[-1] == voice["waveform"].shape[-1]  # 13 frames outlast the voice
+    assert describe_audio(encoded) == "13 frames = 0.57 s at 23 fps; recording 0.40 s"
+    capped = encode_audio(models.wav2vec2, voice, 23.0, 5, CPU)
+    assert describe_audio(capped) == "5 frames = 0.22 s at 23 fps (capped by max_frames); recording 0.40 s"
+    assert capped.audio["waveform"].shape[-1] == crop_samples_for_frames(5, 23.0, 44100)
+
+
+def test_identity_carries_the_frame_size_and_no_face_box(face):
+    clip = CLIPVisionOutput(penultimate_hidden_states=torch.randn(1, 257, 8))
+    identity = encode_identity(comfy_image(face), ComfyLikeVAE(None), clip, 64)
+    assert isinstance(identity, Identity)
+    assert identity.frame_size == (64, 48) and identity.face_box is None  # 64x40 -> 64x40 -> 64x48
+
+
+def test_module_imports_no_comfy():
+    import sys
+
+    assert convert.__name__ == "nodes.convert"
+    assert not any(name == "comfy" or name.startswith(("comfy.", "comfy_api")) for name in sys.modules)

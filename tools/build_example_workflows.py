@@ -1,0 +1,288 @@
+"""Build the example workflows with the real ComfyUI front end, in headless Chromium.
+
+    COMFYUI_PATH=/path/to/ComfyUI python tools/build_example_workflows.py
+
+For each workflow described below, the front end loads the graph (``app.loadApiJson``), the nodes are laid out
+and grouped, and the front end itself writes:
+
+- ``example_workflows/<name>.json``: the UI-format workflow, what ComfyUI's Export writes (``graph.serialize()``);
+- ``example_workflows/api/<name>.json``: the API-format copy the tests run (``app.graphToPrompt()``), so the two
+  cannot drift apart;
+- ``example_workflows/<name>.jpg``: the template thumbnail, a screenshot of the graph;
+- ``docs/comfyui_workflow.png`` (the basic workflow only): the full-size screenshot, for the docs.
+
+It boots ComfyUI on the integration test's base directory (``tests/comfyui_integration.py``: the pack and its tiny
+test models, under the usual file names, so every dropdown value is valid) and needs the Debian ``chromium``
+package. Nothing is fetched from the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+from comfyui_integration import (
+    ComfyUI,
+    WebSocket,
+    find_python,
+    free_port,
+    make_base,
+    work_dir,
+    write_inputs,
+    write_models,
+)
+
+from fantasytalking_core.text_encoder import DEFAULT_NEGATIVE_PROMPT, clean_prompt
+
+OUT = ROOT / "example_workflows"
+DOCS = ROOT / "docs"
+VIEW = (1900, 1080)  # screenshot size in pixels
+THUMBNAIL_WIDTH = 640
+DOCS_PICTURE = "talking_portrait"
+
+MODEL_NOTE = """\
+Model files (ComfyUI/models/...):
+- diffusion_models: {dit}
+- {adapter_folder}: {adapter}
+- {wav2vec2_folder}: {wav2vec2}
+- text_encoders: umt5_xxl_fp8_e4m3fn_scaled.safetensors
+- clip_vision: clip_vision_h.safetensors
+- vae: wan_2.1_vae.safetensors
+"""
+
+
+def common_nodes(audio: str, max_frames: int, wav2vec2: str) -> dict:
+    """The nodes every FantasyTalking workflow has (API format, node ids as strings)."""
+    return {
+        "2": {"class_type": "FantasyTalkingWav2Vec2Loader", "inputs": {"model_name": wav2vec2}},
+        "3": {"class_type": "LoadAudio", "inputs": {"audio": audio}},
+        "4": {"class_type": "FantasyTalkingAudioEncode",
+              "inputs": {"wav2vec2": ["2", 0], "audio": ["3", 0], "fps": 23.0, "max_frames": max_frames}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": "portrait.png"}},
+        "6": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "clip_vision_h.safetensors"}},
+        "7": {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["6", 0], "image": ["5", 0], "crop": "none"}},
+        "8": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},
+        "9": {"class_type": "FantasyTalkingIdentityEncode",
+              "inputs": {"image": ["5", 0], "vae": ["8", 0], "clip_vision_output": ["7", 0], "image_size": 512}},
+        "10": {"class_type": "CLIPLoader",
+               "inputs": {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan", "device": "default"}},
+        # Wan cleans prompts before tokenizing (ftfy: full-width punctuation -> ASCII); CLIP Text Encode does not,
+        # so the workflows carry the text the official pipeline tokenizes
+        "11": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["10", 0], "text": clean_prompt(
+            "A woman is talking to the camera with natural expressions and slight head movements.")}},
+        "12": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["10", 0], "text": clean_prompt(DEFAULT_NEGATIVE_PROMPT)}},
+        "14": {"class_type": "FantasyTalkingSampler", "inputs": {
+            "model": ["1", 0], "positive": ["11", 0], "negative": ["12", 0], "identity": ["9", 0],
+            "audio_features": ["4", 0], "steps": 30, "cfg": 5.0, "audio_cfg": 5.0, "audio_guidance_start": 0.0,
+            "audio_guidance_end": 1.0, "audio_scale": 1.0, "shift": 5.0, "seed": 1111, "batch_passes": False}},
+        "15": {"class_type": "CreateVideo", "inputs": {"images": ["14", 0], "audio": ["14", 1], "fps": ["14", 2]}},
+        "16": {"class_type": "SaveVideo", "inputs": {"video": ["15", 0], "format": "mp4", "format.codec": "h264"}},
+    }
+
+
+def talking_portrait() -> dict:
+    nodes = common_nodes("voice.wav", 81, "transformers/facebook/wav2vec2-base-960h")
+    nodes["1"] = {"class_type": "FantasyTalkingModelLoader", "inputs": {
+        "model_name": "wan2.1_i2v_480p_14B_fp16.safetensors", "adapter_name": "fantasytalking_fp16.safetensors",
+        "weight_dtype": "default", "compute_dtype": "bf16"}}
+    nodes["13"] = {"class_type": "FantasyTalkingMotion",
+                   "inputs": {"face_intensity": 0.5, "body_intensity": 0.5, "affect_audio_cfg": False}}
+    nodes["14"]["inputs"]["motion"] = ["13", 0]
+    nodes["16"]["inputs"]["filename_prefix"] = "FantasyTalking/talking_portrait"
+    note = ("# FantasyTalking: talking portrait\n\nChoose a portrait in Load Image and a voice recording in Load Audio, "
+            "then Run. The video is as long as the recording, up to max_frames (81 frames = 3.5 s at 23 fps).\n\n"
+            + MODEL_NOTE.format(dit="wan2.1_i2v_480p_14B_fp16.safetensors (bf16, fp8, GGUF also work)",
+                                adapter_folder="diffusion_models or fantasytalking",
+                                adapter="fantasytalking_fp16.safetensors",
+                                wav2vec2_folder="transformers/facebook/wav2vec2-base-960h",
+                                wav2vec2="config.json + model.safetensors")
+            + "\nMotion Intensity at 0.5 / 0.5 is the released model's behaviour.")
+    return {"api": nodes, "note": note}
+
+
+def long_recording() -> dict:
+    nodes = common_nodes("long_recording.wav", 241, "wav2vec2-base-960h.safetensors")
+    nodes["1"] = {"class_type": "FantasyTalkingModelLoader", "inputs": {
+        "model_name": "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors", "adapter_name": "fantasytalking_model.ckpt",
+        "weight_dtype": "fp8_e4m3fn", "compute_dtype": "bf16"}}
+    nodes["16"]["inputs"]["filename_prefix"] = "FantasyTalking/long_recording"
+    note = ("# FantasyTalking: long recording\n\nOne video of up to max_frames frames (241 = 10.5 s at 23 fps); "
+            "Audio Encode shows the frame count and cuts the recording there, and the saved video carries the "
+            "same part of the voice. Time and GPU memory grow with the frame count, so the DiT is kept in 8 bits "
+            "(weight_dtype fp8_e4m3fn: half the memory of bf16).\n\n"
+            + MODEL_NOTE.format(dit="wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors (or any other format)",
+                                adapter_folder="fantasytalking", adapter="fantasytalking_model.ckpt",
+                                wav2vec2_folder="audio_encoders", wav2vec2="wav2vec2-base-960h.safetensors"))
+    return {"api": nodes, "note": note}
+
+
+WORKFLOWS = {"talking_portrait": talking_portrait, "long_recording": long_recording}
+
+# Canvas layout shared by the workflows: node id -> position; groups: title, node ids. Sizes are the front end's.
+POSITIONS = {"1": (20, 60), "2": (20, 250), "10": (20, 360), "6": (20, 520), "8": (20, 620),
+             "5": (480, 60), "3": (480, 470),
+             "11": (860, 60), "12": (860, 270), "7": (860, 480), "9": (860, 610), "4": (860, 770), "13": (860, 930),
+             "14": (1360, 60), "15": (1360, 560), "16": (1360, 700)}
+SIZES = {"1": (400, 150), "2": (400, 60), "10": (400, 110), "6": (400, 60), "8": (400, 60),
+         "11": (440, 160), "12": (440, 160)}
+GROUPS = [("Models", ["1", "2", "10", "6", "8"]), ("Portrait and voice", ["5", "3"]),
+          ("Encode", ["11", "12", "7", "9", "4", "13"]), ("Generate and save", ["14", "15", "16"])]
+NOTE_POS, NOTE_SIZE = (8, 750), (424, 300)
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol."""
+
+    def __init__(self, url: str, size: tuple[int, int]):
+        port = free_port()
+        self.process = subprocess.Popen(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--remote-debugging-port={port}",
+             f"--user-data-dir={tempfile.mkdtemp()}", f"--window-size={size[0]},{size[1]}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(150):
+            try:
+                targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list"))
+                break
+            except OSError:
+                time.sleep(0.2)
+        page = next(t for t in targets if t["type"] == "page")
+        self.ws = WebSocket(port, page["webSocketDebuggerUrl"].split(str(port), 1)[1])
+        self.ids = itertools.count(1)
+        self.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
+        self.call("Page.navigate", url=url)
+        for _ in range(120):
+            time.sleep(0.5)
+            if self.js("!!(window.app && window.app.graph && window.app.vueAppReady)"):
+                return
+        raise RuntimeError("the ComfyUI front end did not start")
+
+    def call(self, method: str, **params) -> dict:
+        i = next(self.ids)
+        self.ws.send(json.dumps({"id": i, "method": method, "params": params}).encode())
+        while True:
+            opcode, payload = self.ws.recv()
+            message = json.loads(payload) if opcode == 1 else {}
+            if message.get("id") == i:
+                if "error" in message:
+                    raise RuntimeError(message["error"])
+                return message["result"]
+
+    def js(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(json.dumps(result["exceptionDetails"])[:2000])
+        return result["result"].get("value")
+
+    def screenshot(self) -> bytes:
+        return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+BUILD_GRAPH = """(async (api, name, positions, sizes, groups, note, notePos, noteSize) => {
+  app.graph.clear();
+  await app.loadApiJson(api, name);
+  const g = app.graph;
+  for (const [id, pos] of Object.entries(positions)) { const n = g.getNodeById(Number(id)); if (n) n.pos = pos; }
+  for (const [id, size] of Object.entries(sizes)) { const n = g.getNodeById(Number(id)); if (n) n.size = size; }
+  const seed = g.getNodeById(14).widgets.find(w => w.name === 'control_after_generate');
+  if (seed) seed.value = 'fixed';
+  const memo = LiteGraph.createNode('MarkdownNote');
+  memo.pos = notePos; memo.size = noteSize; memo.widgets[0].value = note; memo.title = 'Read me';
+  g.add(memo);
+  const title = LiteGraph.NODE_TITLE_HEIGHT, pad = 12, head = 40;
+  for (const [name, ids] of groups) {
+    const nodes = ids.map(i => g.getNodeById(Number(i))).filter(n => n);
+    if (!nodes.length) continue;
+    const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - title));
+    const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+    const group = new LiteGraph.LGraphGroup(name);
+    group.pos = [x0 - pad, y0 - pad - head];
+    group.size = [x1 - x0 + 2 * pad, y1 - y0 + 2 * pad + head];
+    g.add(group);
+  }
+  app.canvas.setDirty(true, true);
+  return g._nodes.length;
+})"""
+
+FIT_VIEW = """((width, height) => {
+  const items = [...app.graph._nodes.map(n => [n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT, n.size[0], n.size[1] + LiteGraph.NODE_TITLE_HEIGHT]),
+                 ...app.graph._groups.map(g => [g.pos[0], g.pos[1], g.size[0], g.size[1]])];
+  const x0 = Math.min(...items.map(b => b[0])), y0 = Math.min(...items.map(b => b[1]));
+  const x1 = Math.max(...items.map(b => b[0] + b[2])), y1 = Math.max(...items.map(b => b[1] + b[3]));
+  const scale = 0.97 * Math.min(width / (x1 - x0), height / (y1 - y0));
+  app.canvas.ds.scale = scale;
+  app.canvas.ds.offset = [(width / scale - (x1 - x0)) / 2 - x0, (height / scale - (y1 - y0)) / 2 - y0];
+  app.canvas.setDirty(true, true);
+  return scale;
+})"""
+
+
+def build(browser: Browser, name: str, spec: dict) -> tuple[dict, dict, bytes]:
+    """(UI workflow, API prompt, PNG screenshot) of one workflow, made by the front end."""
+    args = [spec["api"], name, POSITIONS, SIZES, GROUPS, spec["note"], NOTE_POS, NOTE_SIZE]
+    browser.js(f"{BUILD_GRAPH}(...{json.dumps(args, ensure_ascii=False)})")
+    time.sleep(1.0)  # widgets settle (image preview, dynamic combos)
+    ui = json.loads(browser.js("JSON.stringify(app.graph.serialize())"))
+    prompt = json.loads(browser.js("(async () => JSON.stringify((await app.graphToPrompt()).output))()"))
+    scale = browser.js(f"{FIT_VIEW}({VIEW[0]}, {VIEW[1]})")
+    if scale < 0.6:
+        raise RuntimeError(f"{name}: the graph needs zoom {scale:.2f} to fit; below 0.6 the canvas drops the text")
+    time.sleep(1.0)
+    return ui, prompt, browser.screenshot()
+
+
+def save(name: str, ui: dict, prompt: dict, png: bytes) -> None:
+    from PIL import Image
+
+    (OUT / "api").mkdir(parents=True, exist_ok=True)
+    ui.get("extra", {}).pop("ds", None)  # the viewport of this session, not part of the workflow
+    (OUT / f"{name}.json").write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (OUT / "api" / f"{name}.json").write_text(json.dumps(prompt, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    if name == DOCS_PICTURE:
+        image.save(DOCS / "comfyui_workflow.png", optimize=True)
+    image.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH))
+    image.save(OUT / f"{name}.jpg", quality=85)
+
+
+def main() -> int:
+    tree = Path(os.environ["COMFYUI_PATH"]).expanduser()
+    base = make_base(work_dir())
+    write_models(base / "models")
+    write_inputs(base / "input")
+    comfy = ComfyUI(tree, find_python(tree), base, work_dir() / "comfyui-build-workflows.log")
+    try:
+        browser = Browser(comfy.url, VIEW)
+        try:
+            browser.js("app.extensionManager.dialog.closeDialog && app.extensionManager.dialog.closeDialog()")
+            browser.js("app.extensionManager.focusMode = true")
+            for setting, value in (("Comfy.Minimap.Visible", False), ("Comfy.Graph.CanvasInfo", False)):
+                browser.js(f"app.extensionManager.setting.set({json.dumps(setting)}, {json.dumps(value)})")
+            for name, make in WORKFLOWS.items():
+                save(name, *build(browser, name, make()))
+                print(f"wrote example_workflows/{name}.json, api/{name}.json, {name}.jpg")
+        finally:
+            browser.close()
+    finally:
+        comfy.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
