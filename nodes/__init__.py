@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-NODE_MODULES = ("loaders", "audio", "conditioning", "sampler")
+NODE_MODULES = ("loaders", "audio", "face", "conditioning", "sampler")
 
 
 def node_list() -> list[type]:

@@ -28,16 +28,25 @@ class IdentityEncode(io.ComfyNode):
                 io.Int.Input("image_size", default=512, min=64, max=2048, step=16,
                              tooltip="Longest side of the video in pixels; the other side keeps the portrait's "
                                      "aspect, both rounded up to multiples of 16. 512 is the official setting."),
+                io_types.FaceCrop.Input("crop_info", optional=True,
+                                        tooltip="From FantasyTalking Face Crop when the portrait is a face crop: "
+                                                "tells Motion Intensity where the face is."),
+                io.Boolean.Input("locate_face", default=True, advanced=True,
+                                 tooltip="Without a face crop, find the face in the portrait so Motion Intensity "
+                                         "can tell face from body (whole frame if none is found)."),
             ],
             outputs=[io_types.Identity.Output(display_name="identity",
-                                              tooltip="Portrait at the video size, its CLIP tokens and the VAE.")],
+                                              tooltip="Portrait at the video size, its CLIP tokens, the VAE and the "
+                                                      "face region.")],
         )
 
     @classmethod
-    def execute(cls, image, vae, clip_vision_output, image_size: int) -> io.NodeOutput:
-        identity = encode_identity(image, vae, clip_vision_output, image_size)
+    def execute(cls, image, vae, clip_vision_output, image_size: int, crop_info=None,
+                locate_face: bool = True) -> io.NodeOutput:
+        identity = encode_identity(image, vae, clip_vision_output, image_size, crop_info, locate_face)
         width, height = identity.frame_size
-        return io.NodeOutput(identity, ui=ui.PreviewText(f"video frames {width}x{height} px"))
+        face = "no face region" if identity.face_box is None else "face region found"
+        return io.NodeOutput(identity, ui=ui.PreviewText(f"video frames {width}x{height} px, {face}"))
 
 
 class Motion(io.ComfyNode):
@@ -54,11 +63,11 @@ class Motion(io.ComfyNode):
             inputs=[
                 io.Float.Input("face_intensity", **intensity,
                                tooltip="Lip and expression motion, 0..1: 0 ignores the voice, 0.5 as released, 1 = 1.5x "
-                                       "the audio strength. Applies to the face box (the whole frame without a face "
-                                       "crop)."),
+                                       "the audio strength. Applies to the face region (the whole frame when no "
+                                       "face was found)."),
                 io.Float.Input("body_intensity", **intensity,
-                               tooltip="Head and body motion outside the face box, 0..1 (same scale). Used only with "
-                                       "a face crop."),
+                               tooltip="Head and body motion outside the face region, 0..1 (same scale). Used when "
+                                       "Identity Encode knows the face region (face crop or face found)."),
                 io.Boolean.Input("affect_audio_cfg", default=False,
                                  tooltip="Also scale the audio guidance by the mean of the two intensities."),
             ],

@@ -27,7 +27,9 @@ import torch
 
 from fantasytalking_core.audio_adapter import TEXT_LEN
 from fantasytalking_core.audio_features import AudioFeatures, crop_samples_for_frames, extract_audio_features
-from fantasytalking_core.errors import AudioInputError, ImageInputError, ModelFileError
+from fantasytalking_core.errors import AudioInputError, FaceNotFoundError, ImageInputError, ModelFileError
+from fantasytalking_core.face_crop import (CropInfo, box_from_mask, crop_image, detect_faces, paste_back, pick_face,
+                                           square_crop)
 from fantasytalking_core.image_io import comfy_image_to_pil, image_to_tensor
 from fantasytalking_core.pipeline import GenerationSettings, generate_latents, on_device
 from fantasytalking_core.transformer import IMAGE_TOKENS, FantasyTalkingModel
@@ -156,10 +158,71 @@ def check_wan21_vae(vae: Any) -> None:
             "needs the Wan2.1 VAE (wan_2.1_vae.safetensors, 16-channel video latents).")
 
 
-def encode_identity(image: torch.Tensor, vae: Any, clip_vision_output: Any, image_size: int) -> Identity:
-    """The identity node's work: check the VAE, size the portrait, take the CLIP tokens."""
+def encode_identity(image: torch.Tensor, vae: Any, clip_vision_output: Any, image_size: int,
+                    crop: FaceCrop | None = None, locate_face: bool = False) -> Identity:
+    """The identity node's work: check the VAE, size the portrait, take the CLIP tokens, and find the face region.
+
+    The face box (video-frame pixels, for the motion intensities) comes from the face crop when ``crop`` made the
+    portrait, else from face detection on the portrait when ``locate_face`` is set (None if no face is found).
+    """
     check_wan21_vae(vae)
-    return Identity(reference_pixels(image, image_size), clip_vision_tokens(clip_vision_output), vae)
+    pixels = reference_pixels(image, image_size)
+    height, width = pixels.shape[1:3]
+    face_box = None
+    if crop is not None and crop.info is not None:
+        face_box = crop.info.face_in(width, height)
+    elif locate_face:
+        faces = detect_faces(pixels[0])
+        face_box = faces[0].as_tuple() if faces else None
+    return Identity(pixels, clip_vision_tokens(clip_vision_output), vae, face_box)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Face crop and paste-back
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FaceCrop:
+    """What travels from the face crop node to the paste-back node.
+
+    Attributes:
+        info: where the square came from; None when no face was found and the whole image was used (fallback).
+        reference: [H, W, 3] float32 0..1, the full-resolution reference the frames are pasted back into.
+    """
+
+    info: CropInfo | None
+    reference: torch.Tensor
+
+
+def crop_face(image: torch.Tensor, face_index: int = 0, margin: float = 0.6, mask: torch.Tensor | None = None,
+              fallback_whole_image: bool = False) -> tuple[torch.Tensor, FaceCrop]:
+    """IMAGE [B, H, W, 3] (first image used) -> (the square face crop [1, S, S, 3], the crop record).
+
+    The face comes from ``mask`` (its bounding box) when given, else from detection (``face_index`` 0 = largest).
+    """
+    if image.ndim != 4 or image.shape[-1] != 3:
+        raise ImageInputError(f"FantasyTalking Face Crop: expected an IMAGE [B, H, W, 3], got {tuple(image.shape)}.")
+    reference = image[0].float().cpu()
+    try:
+        face = box_from_mask(mask[0] if mask.ndim == 3 else mask) if mask is not None else pick_face(
+            detect_faces(reference), face_index)
+    except FaceNotFoundError:
+        if not fallback_whole_image:
+            raise
+        return image[:1], FaceCrop(None, reference)
+    info = square_crop(face, reference.shape[0], reference.shape[1], margin)
+    return crop_image(reference, info)[None], FaceCrop(info, reference)
+
+
+def paste_face(frames: torch.Tensor, crop: FaceCrop, feather: int = 16) -> torch.Tensor:
+    """Generated (or upscaled) frames [F, h, w, 3] -> the full-resolution reference with them pasted in.
+
+    After a fallback (no face, whole image used) the frames are returned as they are.
+    """
+    if crop.info is None:
+        return frames
+    return paste_back(frames.float().cpu(), crop.reference, crop.info, feather)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -9,3 +9,4 @@ Wav2Vec2 = io.Custom("FANTASYTALKING_WAV2VEC2")  # transformers Wav2Vec2Model (w
 AudioFeatures = io.Custom("FANTASYTALKING_AUDIO_FEATURES")  # convert.EncodedAudio
 Identity = io.Custom("FANTASYTALKING_IDENTITY")  # convert.Identity
 Motion = io.Custom("FANTASYTALKING_MOTION")  # fantasytalking_core.motion.MotionIntensity
+FaceCrop = io.Custom("FANTASYTALKING_FACE_CROP")  # convert.FaceCrop

@@ -1,0 +1,60 @@
+"""Face crop -> identity -> paste-back as the nodes do it (plain functions, no ComfyUI)."""
+
+import pytest
+import torch
+from skimage import data
+
+from fantasytalking_core.errors import FaceNotFoundError
+from nodes.convert import FaceCrop, crop_face, encode_identity, paste_face
+from test_nodes_convert import CLIPVisionOutput, ComfyLikeVAE
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return torch.from_numpy(data.astronaut()).float()[None] / 255  # IMAGE [1, 512, 512, 3]
+
+
+def test_crop_is_square_around_the_face_and_pastes_back(photo):
+    face_image, crop = crop_face(photo, margin=0.5)
+    side = crop.info.size
+    assert face_image.shape == (1, side, side, 3) and 120 < side < 300
+    f = crop.info.face
+    assert f.x0 >= 0 and f.y0 >= 0 and f.x1 <= side and f.y1 <= side
+    frames = torch.zeros(3, 64, 64, 3)  # "generated" black frames at the model's size
+    out = paste_face(frames, crop, feather=8)
+    assert out.shape == (3, 512, 512, 3)
+    i = crop.info
+    assert out[:, i.y + side // 2, i.x + side // 2].abs().max() == 0  # centre: the generated pixels
+    outside = torch.ones(512, 512, dtype=torch.bool)
+    outside[i.y: i.y + side, i.x: i.x + side] = False
+    assert torch.equal(out[:, outside], photo[0][outside].expand(3, -1, -1))  # everything outside the square untouched
+
+
+def test_mask_replaces_detection(photo):
+    mask = torch.zeros(1, 512, 512)
+    mask[0, 300:340, 100:180] = 1
+    _, crop = crop_face(photo, mask=mask, margin=0.0)
+    assert crop.info.size == 80 and (crop.info.face.x1 - crop.info.face.x0, crop.info.face.y1 - crop.info.face.y0) == (80, 40)
+
+
+def test_no_face_stops_or_falls_back_to_the_whole_image():
+    grey = torch.full((1, 64, 96, 3), 0.5)
+    with pytest.raises(FaceNotFoundError, match="No face was found"):
+        crop_face(grey)
+    image, crop = crop_face(grey, fallback_whole_image=True)
+    assert torch.equal(image, grey) and crop.info is None
+    frames = torch.rand(2, 32, 48, 3)
+    assert torch.equal(paste_face(frames, crop), frames)
+
+
+def test_identity_gets_the_face_region_from_the_crop_or_by_detection(photo):
+    clip = CLIPVisionOutput(penultimate_hidden_states=torch.randn(1, 257, 8))
+    face_image, crop = crop_face(photo)
+    identity = encode_identity(face_image, ComfyLikeVAE(None), clip, 64, crop)
+    assert identity.frame_size == (64, 64)
+    assert identity.face_box == pytest.approx(crop.info.face_in(64, 64))
+    found = encode_identity(photo, ComfyLikeVAE(None), clip, 256, locate_face=True)
+    x0, y0, x1, y1 = found.face_box  # the astronaut's face, in 256x256 frame pixels
+    assert x0 < 110 < x1 and y0 < 62 < y1
+    assert encode_identity(photo, ComfyLikeVAE(None), clip, 256).face_box is None
+    assert isinstance(crop, FaceCrop)
