@@ -52,7 +52,8 @@ FIXTURES = PACK_ROOT / "tests" / "fixtures" / "official"
 WORKFLOWS = PACK_ROOT / "example_workflows"
 PACK_LINK = "ComfyUI-FantasyTalking"
 NODE_IDS = ("FantasyTalkingModelLoader", "FantasyTalkingWav2Vec2Loader", "FantasyTalkingAudioEncode",
-            "FantasyTalkingIdentityEncode", "FantasyTalkingMotion", "FantasyTalkingSampler")
+            "FantasyTalkingIdentityEncode", "FantasyTalkingMotion", "FantasyTalkingSampler", "FantasyTalkingFaceCrop",
+            "FantasyTalkingFacePasteBack", "FantasyTalkingIdentityCheck")
 # Widget values changed for speed on a CPU; everything else runs as the example workflow says.
 SPEED_OVERRIDES = {"FantasyTalkingIdentityEncode": {"image_size": 64}, "FantasyTalkingSampler": {"steps": 3}}
 MODELS_VERSION = "4"
@@ -173,6 +174,10 @@ def write_inputs(folder: Path) -> dict[str, float]:
     draw.ellipse((48, 85, 72, 95), fill=(150, 60, 60))
     draw.rectangle((20, 115, 100, 160), fill=(50, 50, 70))
     image.save(folder / "portrait.png")
+    # a real photograph with a face (scikit-image's astronaut, public domain) for the face-crop workflow
+    from skimage import data
+
+    Image.fromarray(data.astronaut()).save(folder / "group_photo.png")
     durations = {"voice.wav": 3.0, "long_recording.wav": 14.0}
     rate = 44100
     for name, seconds in durations.items():
@@ -513,6 +518,9 @@ def run_workflow(comfy: ComfyUI, path: Path, output: Path, durations: dict, repo
     report.check(info["audio_codec"] == "aac", f"{name}: an AAC audio stream (found {info['audio_codec']})")
     report.check(abs(info.get("audio_s", 0) - audio_wanted) < 0.05,
                  f"{name}: audio {audio_wanted:.2f} s long (found {info.get('audio_s', 0):.2f} s)")
+    if any(n["class_type"] == "FantasyTalkingFacePasteBack" for n in prompt.values()):
+        report.check((info["width"], info["height"]) == (512, 512),
+                     f"{name}: pasted back at the photo's full 512x512 size (found {info['width']}x{info['height']})")
     report.check(bool(progress) and progress[-1] == (steps, steps) and progress[0][0] >= 1,
                  f"{name}: sampler progress reaches {steps}/{steps} ({progress})")
     report.say(f"workflow {name}: success in {seconds:.1f} s -> output/{videos[0].get('subfolder', '')}/"

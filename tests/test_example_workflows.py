@@ -23,7 +23,7 @@ OUR_NODE_IDS = set(re.findall(r'node_id="(FantasyTalking\w+)"', "".join(p.read_t
 
 
 def test_the_example_workflows_are_there():
-    assert [p.stem for p in UI_FILES] == ["long_recording", "talking_portrait"]
+    assert [p.stem for p in UI_FILES] == ["face_crop_paste_back", "long_recording", "talking_portrait"]
 
 
 @pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
@@ -55,10 +55,16 @@ def test_ui_and_api_formats_agree(ui_file):
 def test_workflow_uses_our_nodes_and_saves_the_sampler_output_as_video(ui_file):
     api = json.loads((WORKFLOWS / "api" / ui_file.name).read_text(encoding="utf-8"))
     ours = {v["class_type"] for v in api.values() if v["class_type"].startswith("FantasyTalking")}
-    assert ours <= OUR_NODE_IDS and len(OUR_NODE_IDS) == 6
+    assert ours <= OUR_NODE_IDS and len(OUR_NODE_IDS) == 9
     sampler = next(k for k, v in api.items() if v["class_type"] == "FantasyTalkingSampler")
     create = next(v for v in api.values() if v["class_type"] == "CreateVideo")["inputs"]
-    assert (create["images"], create["audio"], create["fps"]) == ([sampler, 0], [sampler, 1], [sampler, 2])
+    paste = next((k for k, v in api.items() if v["class_type"] == "FantasyTalkingFacePasteBack"), None)
+    if paste is not None:  # face crop: the sampler's frames go through the paste-back first
+        assert api[paste]["inputs"]["images"] == [sampler, 0]
+        crop = next(k for k, v in api.items() if v["class_type"] == "FantasyTalkingFaceCrop")
+        assert api[paste]["inputs"]["crop_info"] == [crop, 1]
+    frames = [paste, 0] if paste is not None else [sampler, 0]
+    assert (create["images"], create["audio"], create["fps"]) == (frames, [sampler, 1], [sampler, 2])
     clip_encode = next(v for v in api.values() if v["class_type"] == "CLIPVisionEncode")["inputs"]
     assert clip_encode["crop"] == "none"
     save = next(v for v in api.values() if v["class_type"] == "SaveVideo")["inputs"]
