@@ -44,7 +44,10 @@ def _generate(args: argparse.Namespace) -> int:
         audio_guidance_range=(args.audio_guidance_start, args.audio_guidance_end),
         motion=MotionIntensity(args.face_intensity, args.body_intensity, args.motion_audio_cfg),
     )
-    crop = FaceCropOptions(args.face_index, args.face_margin, args.face_feather, args.face_fallback) if args.face_crop else None
+    crop = None
+    if args.face_crop or args.face_box:
+        box = _parse_box(args.face_box) if args.face_box else None
+        crop = FaceCropOptions(args.face_index, args.face_margin, args.face_feather, args.face_fallback, box)
     dtype = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     with tempfile.TemporaryDirectory() as scratch:
         if args.tiny:
@@ -73,6 +76,16 @@ def _generate(args: argparse.Namespace) -> int:
         except FaceNotFoundError as exc:  # the video is written; the check just has nothing to measure
             print(f"identity check: {exc}")
     return 0
+
+
+def _parse_box(text: str) -> tuple[float, float, float, float]:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise FantasyTalkingError(f"--face-box takes x0,y0,x1,y1 in pixels of the portrait, got '{text}'.") from None
+    if not (x1 > x0 and y1 > y0):
+        raise FantasyTalkingError(f"--face-box needs x1 > x0 and y1 > y0, got '{text}'.")
+    return x0, y0, x1, y1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae-tile", type=int, default=None, help="decode in tiles of this many pixels")
     face = gen.add_argument_group("face crop, motion and identity (training-free; see README)")
     face.add_argument("--face-crop", action="store_true", help="generate on a square around the face, paste back")
+    face.add_argument("--face-box", help="x0,y0,x1,y1: the face in portrait pixels, instead of detection (implies --face-crop)")
     face.add_argument("--face-index", type=int, default=0, help="which face, 0 = largest")
     face.add_argument("--face-margin", type=float, default=0.6, help="space around the face, x face size per side")
     face.add_argument("--face-feather", type=int, default=16, help="paste-back blend width in pixels")

@@ -217,12 +217,14 @@ def generate_latents(
 @dataclass
 class FaceCropOptions:
     """Crop -> generate -> paste back. index: which face (0 = largest); margin: see ``face_crop.square_crop``;
-    feather: blend width in reference pixels; fallback_whole_image: use the whole image when no face is found."""
+    feather: blend width in reference pixels; fallback_whole_image: use the whole image when no face is found;
+    box: (x0, y0, x1, y1) of the face in reference pixels, given by the user instead of detection."""
 
     index: int = 0
     margin: float = 0.6
     feather: int = 16
     fallback_whole_image: bool = False
+    box: tuple[float, float, float, float] | None = None
 
 
 def generate_talking_video(
@@ -241,14 +243,17 @@ def generate_talking_video(
     """
     from dataclasses import replace
 
-    from .face_crop import crop_image, detect_faces, paste_back, pick_face, square_crop
+    from .face_crop import FaceBox, crop_image, detect_faces, paste_back, pick_face, square_crop
     from .image_io import frame_size
 
     picture = image if isinstance(image, Image.Image) else load_image(image)
     full = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255)  # [H, W, 3] in 0..1
     needs_face = face_crop is not None or (settings.motion is not None and not settings.motion.is_default
                                            and settings.face_box is None)
-    faces = detect_faces(full) if needs_face else []
+    if face_crop is not None and face_crop.box is not None:
+        faces = [FaceBox(*face_crop.box)]
+    else:
+        faces = detect_faces(full) if needs_face else []
     if face_crop is not None and (faces or not face_crop.fallback_whole_image):
         info = square_crop(pick_face(faces, face_crop.index), full.shape[0], full.shape[1], face_crop.margin)
         crop = Image.fromarray((crop_image(full, info).numpy() * 255).round().astype(np.uint8))

@@ -101,3 +101,16 @@ def test_finds_the_official_layout(tmp_path):
     (tmp_path / "fantasytalking_model.ckpt").unlink()
     with pytest.raises(MissingModelsError, match="FantasyTalking audio adapter"):
         find_model_files(tmp_path)
+
+
+def test_face_box_crops_and_pastes_back_at_the_portrait_size(inputs, tmp_path):
+    out = tmp_path / "boxed.mp4"
+    proc = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out", str(out),
+                    "--tiny", "--steps", "1", "--image-size", "32", "--face-box", "10,20,40,60")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with av.open(str(out)) as c:
+        frame = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    assert frame.shape == (90, 60, 3)  # the full portrait, not the 32-pixel generation size
+    bad = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out", str(out),
+                   "--tiny", "--face-box", "40,20,10,60")
+    assert bad.returncode != 0 and "x1 > x0" in bad.stderr and "Traceback" not in bad.stderr
