@@ -1,6 +1,5 @@
 """Face detection on a real photograph (scikit-image's astronaut), square crops and feathered paste-back."""
 
-import numpy as np
 import pytest
 import torch
 from skimage import data
