@@ -54,11 +54,13 @@ class AudioConditioning:
     k_lens: torch.Tensor | None
     scale: float | torch.Tensor = 1.0
 
+    def __post_init__(self) -> None:
+        # decided once per forward, not in every block (a tensor check would synchronise the GPU each time)
+        self._silent = not bool(self.scale.any()) if isinstance(self.scale, torch.Tensor) else self.scale == 0
+
     def is_silent(self) -> bool:
         """True when the branch contributes exactly nothing (scale 0 everywhere), so it can be skipped."""
-        if isinstance(self.scale, torch.Tensor):
-            return not bool(self.scale.any())
-        return self.scale == 0
+        return self._silent
 
 
 def audio_cross_attention(

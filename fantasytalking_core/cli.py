@@ -34,9 +34,9 @@ def _generate(args: argparse.Namespace) -> int:
     from .motion import MotionIntensity
     from .pipeline import FaceCropOptions, FantasyTalkingPipeline, GenerationSettings, generate_talking_video, save_result
 
-    # cheap checks first: a bad image or audio path fails before any model is loaded
-    load_image(args.image)
-    load_audio(args.audio)
+    # cheap checks first: bad settings, a bad image or audio path fail before any model is loaded
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise FantasyTalkingError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu.")
     settings = GenerationSettings(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps, cfg=args.cfg,
         audio_cfg=args.audio_cfg, audio_scale=args.audio_scale, fps=args.fps, max_frames=args.max_frames,
@@ -44,6 +44,8 @@ def _generate(args: argparse.Namespace) -> int:
         audio_guidance_range=(args.audio_guidance_start, args.audio_guidance_end),
         motion=MotionIntensity(args.face_intensity, args.body_intensity, args.motion_audio_cfg),
     )
+    load_image(args.image)
+    load_audio(args.audio)
     crop = None
     if args.face_crop or args.face_box:
         box = _parse_box(args.face_box) if args.face_box else None

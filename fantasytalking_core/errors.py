@@ -23,3 +23,7 @@ class ImageInputError(FantasyTalkingError, ValueError):
 
 class FaceNotFoundError(FantasyTalkingError, ValueError):
     """No face was found where one is needed."""
+
+
+class SettingsError(FantasyTalkingError, ValueError):
+    """A generation setting out of its range (steps, guidance range, intensities, sizes)."""

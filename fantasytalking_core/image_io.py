@@ -58,9 +58,14 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def image_to_tensor(image: Image.Image, image_size: int = 512) -> torch.Tensor:
-    """Resize to the video frame size (Lanczos) and convert: [3, H, W] float32 in -1..1."""
+    """Resize to the video frame size and convert: [3, H, W] float32 in -1..1.
+
+    As the official code: Lanczos to the longest edge (``int`` sizes), then bicubic to the multiples of 16.
+    """
+    scale = image_size / max(image.size)
+    scaled = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.LANCZOS)
     width, height = frame_size(*image.size, image_size=image_size)
-    resized = image.resize((width, height), Image.LANCZOS)
+    resized = scaled if scaled.size == (width, height) else scaled.resize((width, height), Image.BICUBIC)
     array = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy())  # [H, W, 3] in 0..255
     return array.permute(2, 0, 1) * (2 / 255) - 1
 

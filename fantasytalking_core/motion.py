@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import SettingsError
+
 PATCH_PIXELS = 16  # one DiT token covers 16x16 pixels: VAE stride 8 x patch 2
 DEFAULT_INTENSITY = 0.5
 MAX_MULTIPLIER = 1.5
@@ -36,7 +38,7 @@ class MotionIntensity:
     def __post_init__(self) -> None:
         for name, value in (("face", self.face), ("body", self.body)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} intensity must be in [0, 1], got {value}.")
+                raise SettingsError(f"{name} intensity must be in [0, 1] (0.5 = as released), got {value}.")
 
     @property
     def is_default(self) -> bool:

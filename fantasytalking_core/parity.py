@@ -57,6 +57,11 @@ def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, rel_tol: float = R
     return ParityResult(name, err, rel, tol, bool(err <= tol))
 
 
+def missing(name: str) -> ParityResult:
+    """An item the layout requires but the set does not hold: a failure, never a silent skip."""
+    return ParityResult(name, float("inf"), float("inf"), 0.0, False)
+
+
 def compare_exact(name: str, ours: object, ref: object) -> ParityResult:
     """Integer comparison: equal or fail. The error is the largest absolute difference (inf on shape mismatch)."""
     a, b = torch.as_tensor(ours), torch.as_tensor(ref)
@@ -128,7 +133,7 @@ def check_dit(root: Path, model: FantasyTalkingModel, inputs: dict, windows: Aud
     path = root / "dit_outputs.safetensors"
     outputs = load_file(path)
     with safe_open(str(path), framework="pt") as f:
-        custom_scale = float((f.metadata() or {}).get("custom_audio_scale", "0.7"))
+        custom_scale = (f.metadata() or {}).get("custom_audio_scale")
     with torch.no_grad():
         proj_full = model.project_audio(inputs["audio_features"])
     proj = gather_audio_windows(proj_full, windows)
@@ -143,11 +148,12 @@ def check_dit(root: Path, model: FantasyTalkingModel, inputs: dict, windows: Aud
         "pred_audio0": ("context_pos", 0.0, k_lens),
         "pred_audio1_masked": ("context_pos", 1.0, k_lens),
         "pred_audio1_unmasked": ("context_pos", 1.0, None),
-        "pred_audio_custom_masked": ("context_pos", custom_scale, k_lens),
+        "pred_audio_custom_masked": ("context_pos", None if custom_scale is None else float(custom_scale), k_lens),
         "pred_neg_audio0": ("context_neg", 0.0, k_lens),
     }
     for name, (context, scale, lens) in cases.items():
-        if name not in outputs:
+        if name not in outputs or scale is None:  # scale None: the metadata lacks custom_audio_scale
+            yield missing(f"dit/{name}")
             continue
         with torch.no_grad():
             pred = model(inputs["x"], inputs["timestep"], inputs[context], inputs["clip_feature"], inputs["y"],
@@ -173,17 +179,16 @@ def check_sampling(root: Path, model: FantasyTalkingModel, inputs: dict, windows
     guidance = GuidanceConfig(cfg=settings["cfg_scale"], audio_cfg=settings["audio_cfg_scale"])
     results: list[ParityResult] = []
 
+    def check(name: str, ours: torch.Tensor) -> None:
+        results.append(compare(f"sampling/{name}", ours, ref[name]) if name in ref else missing(f"sampling/{name}"))
+
     def on_passes(step: int, preds: dict) -> None:
         for key, pred in preds.items():
-            name = f"step{step}.{PASS_NAMES[key]}"
-            if name in ref:
-                results.append(compare(f"sampling/{name}", pred, ref[name]))
+            check(f"step{step}.{PASS_NAMES[key]}", pred)
 
     def on_step(info: dict) -> None:
-        i = info["i"]
-        for name, ours in ((f"step{i}.pred_cfg", info["velocity"]), (f"step{i}.latent_out", info["x"])):
-            if name in ref:
-                results.append(compare(f"sampling/{name}", ours, ref[name]))
+        check(f"step{info['i']}.pred_cfg", info["velocity"])
+        check(f"step{info['i']}.latent_out", info["x"])
 
     final = sample_flow_euler(guided_velocity(model, cond, guidance, steps, on_passes=on_passes), noise, sigmas, on_step)
     yield from results

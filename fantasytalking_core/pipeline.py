@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .audio_features import AudioFeatures, extract_audio_features
+from .audio_features import AudioFeatures, crop_samples_for_frames, extract_audio_features
+from .audio_io import load_audio
 from .audio_windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
+from .errors import SettingsError
 from .guidance import GuidanceConfig
 from .image_encoder import encode_image_clip
 from .image_io import comfy_image_to_pil, image_to_tensor, load_image
@@ -68,18 +70,30 @@ class GenerationSettings:
     face_box: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}.")
-        if self.max_frames < 5 or (self.max_frames - 1) % 4:
-            raise ValueError(f"max_frames must be 4n+1 and at least 5 (e.g. 81), got {self.max_frames}.")
-        if self.fps <= 0:
-            raise ValueError(f"fps must be positive, got {self.fps}.")
+        """Check every setting before any work, so a bad value fails in a second, not after the models load."""
+        start, end = self.audio_guidance_range
+        problems = [
+            (self.steps < 1, f"steps must be at least 1, got {self.steps}"),
+            (self.max_frames < 5 or (self.max_frames - 1) % 4, f"max_frames must be 4n+1 and at least 5 (e.g. 81), "
+                                                                f"got {self.max_frames}"),
+            (self.fps <= 0, f"fps must be positive, got {self.fps}"),
+            (self.shift <= 0, f"shift must be positive (5 official), got {self.shift}"),
+            (not 0 <= start <= end <= 1, f"the audio guidance range must satisfy 0 <= start <= end <= 1, got "
+                                         f"[{start}, {end}]"),
+            (self.image_size < 16, f"image_size must be at least 16 pixels, got {self.image_size}"),
+            (self.vae_tile is not None and (self.vae_tile < 64 or self.vae_tile % 32),
+             f"vae_tile must be a multiple of 32 and at least 64 pixels (e.g. 256), got {self.vae_tile}"),
+            (self.audio_scale < 0, f"audio_scale must be >= 0, got {self.audio_scale}"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise SettingsError(message + ".")
 
 
 @dataclass
 class GenerationResult:
-    """frames: [F, H, W, 3] float32 in 0..1 (ComfyUI IMAGE layout); audio: [1, T] float32 mono, the part of the
-    recording the video shows; sample_rate in Hz; fps in frames/s."""
+    """frames: [F, H, W, 3] float32 in 0..1 (ComfyUI IMAGE layout); audio: [C, T] float32, the part of the
+    recording the video shows, at its own rate and channels; sample_rate in Hz; fps in frames/s."""
 
     frames: torch.Tensor
     audio: torch.Tensor
@@ -104,8 +118,8 @@ class FantasyTalkingModels:
 def on_device(module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
     """Keep ``module`` on ``device`` inside the block and move it back where it was afterwards, even on error."""
     home = next(module.parameters()).device
-    module.to(device)
-    try:
+    try:  # the move itself may fail half-way (out of memory): move back in every case
+        module.to(device)
         yield module
     finally:
         module.to(home)
@@ -169,7 +183,10 @@ class FantasyTalkingPipeline:
         with on_device(m.vae, self.device):
             video = decode_latents(m.vae, latents, tile_size=tile)  # [1, 3, F, H, W] in -1..1
         frames = (video[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2
-        return GenerationResult(frames.clamp(0, 1), voice.waveform_16k[None].cpu(), voice.sample_rate, voice.fps)
+        # the recording itself (its own rate and channels), cut where the features were cut
+        original = load_audio(audio)
+        cut = crop_samples_for_frames(voice.num_frames, voice.fps, original.sample_rate)
+        return GenerationResult(frames.clamp(0, 1), original.waveform[:, :cut], original.sample_rate, voice.fps)
 
 
 @torch.no_grad()

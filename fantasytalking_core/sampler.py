@@ -89,14 +89,17 @@ def guided_velocity(
         raise ValueError("cfg != 1 needs a negative prompt encoding (text_neg).")
     texts = {"positive": pad_text(cond.text_pos), "negative": None if cond.text_neg is None else pad_text(cond.text_neg)}
 
+    device = cond.audio_windows.device
+    scale_map = cond.audio_scale.to(device) if isinstance(cond.audio_scale, torch.Tensor) else None
+
     def audio_for(passes: tuple[tuple[str, bool], ...]) -> AudioConditioning:
-        scale = cond.audio_scale
+        scale = cond.audio_scale if scale_map is None else scale_map
         if batch_passes:
-            rows = [scale if audio_on else 0.0 for _, audio_on in passes]
-            if isinstance(scale, torch.Tensor):
-                scale = torch.stack([torch.as_tensor(r).expand_as(scale) for r in rows])  # [B, S]
+            # one scale row per pass, built on the model's device (0 for the passes without audio)
+            if scale_map is not None:
+                scale = torch.stack([scale_map if on else torch.zeros_like(scale_map) for _, on in passes])  # [B, S]
             else:
-                scale = torch.tensor(rows, dtype=torch.float32)  # [B]
+                scale = torch.tensor([scale if on else 0.0 for _, on in passes], dtype=torch.float32, device=device)
             return AudioConditioning(cond.audio_windows, cond.k_lens, scale)
         on = passes[0][1]
         if isinstance(scale, torch.Tensor):

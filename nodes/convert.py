@@ -204,6 +204,9 @@ def crop_face(image: torch.Tensor, face_index: int = 0, margin: float = 0.6, mas
     if image.ndim != 4 or image.shape[-1] != 3:
         raise ImageInputError(f"FantasyTalking Face Crop: expected an IMAGE [B, H, W, 3], got {tuple(image.shape)}.")
     reference = image[0].float().cpu()
+    if mask is not None and tuple(mask.shape[-2:]) != tuple(reference.shape[:2]):
+        raise ImageInputError(f"FantasyTalking Face Crop: the mask is {tuple(mask.shape[-2:])} but the image is "
+                              f"{tuple(reference.shape[:2])}; paint the mask on this image.")
     try:
         face = box_from_mask(mask[0] if mask.ndim == 3 else mask) if mask is not None else pick_face(
             detect_faces(reference), face_index)

@@ -104,15 +104,19 @@ def dequantized_fp8_scaled(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def write_gguf(state: dict[str, torch.Tensor], path: Path) -> None:
-    """A GGUF file in city96's Wan layout: 2-D weights Q8_0 where the row length allows, the rest F32."""
+    """A GGUF file as ComfyUI-GGUF's converter writes them: 2-D weights Q8_0 where the row length allows, other
+    weights F16, and 1-D tensors (biases, norms) BF16, which gguf-py stores as raw bytes."""
     writer = gguf.GGUFWriter(str(path), "wan")
     for key, tensor in state.items():
         array = tensor.float().numpy()
         if array.ndim == 2 and array.shape[1] % 32 == 0:
             q = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(key, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif array.ndim == 1:
+            q = gguf.quants.quantize(array, gguf.GGMLQuantizationType.BF16)
+            writer.add_tensor(key, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
         else:
-            writer.add_tensor(key, array)
+            writer.add_tensor(key, array.astype("float16"))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -188,7 +192,10 @@ def write_fixture_set(root: Path, config: dict, proj_dim: int, num_frames: int, 
     noise = initial_noise((1, 16, T, h, w), seed)
     cond = DiTConditions(inputs["context_pos"], inputs["context_neg"], inputs["clip_feature"], inputs["y"], proj, k_lens, 1.0)
     record = {"noise": noise, "sigmas": sigmas[:-1], "timesteps": sigmas[:-1] * 1000}
-    velocity = guided_velocity(model, cond, GuidanceConfig(4.0, 2.5), steps)
+    from fantasytalking_core.parity import PASS_NAMES
+
+    velocity = guided_velocity(model, cond, GuidanceConfig(4.0, 2.5), steps, on_passes=lambda i, preds: record.update(
+        {f"step{i}.{PASS_NAMES[key]}": pred.clone() for key, pred in preds.items()}))
     final = sample_flow_euler(velocity, noise, sigmas, lambda d: record.update(
         {f"step{d['i']}.latent_out": d["x"], f"step{d['i']}.pred_cfg": d["velocity"]}))
     record["final_latent"] = final.clone()

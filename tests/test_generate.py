@@ -114,3 +114,17 @@ def test_face_box_crops_and_pastes_back_at_the_portrait_size(inputs, tmp_path):
     bad = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out", str(out),
                    "--tiny", "--face-box", "40,20,10,60")
     assert bad.returncode != 0 and "x1 > x0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "steps must be at least 1"),
+    (["--audio-guidance-start", "0.8", "--audio-guidance-end", "0.2"], "audio guidance range"),
+    (["--face-intensity", "2"], "face intensity"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(
+        __import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU, so --device cuda is valid")),
+])
+def test_bad_settings_fail_before_any_model_loads(inputs, tmp_path, args, message):
+    proc = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out", str(tmp_path / "x.mp4"),
+                    "--tiny", *args)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert "--tiny: random tiny models" not in proc.stderr  # failed before making any model

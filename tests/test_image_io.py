@@ -50,3 +50,12 @@ def test_bad_files_and_shapes(tmp_path):
         load_image(tmp_path / "a.png")
     with pytest.raises(ImageInputError, match=r"\[B, H, W, 3\]"):
         comfy_image_to_pil(torch.zeros(1, 3, 32, 32))
+
+
+def test_resize_is_lanczos_to_the_edge_then_bicubic_to_multiples_of_16():
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (300, 500, 3), dtype=np.uint8))
+    official = image.resize((307, 184), Image.LANCZOS).resize((320, 192), Image.BICUBIC)  # 500x300 -> 307x184 -> 320x192
+    ours = image_to_tensor(image, image_size=307)
+    assert ours.shape == (3, 192, 320)
+    expected = torch.from_numpy(np.asarray(official, dtype=np.float32)).permute(2, 0, 1) * (2 / 255) - 1
+    assert torch.equal(ours, expected)

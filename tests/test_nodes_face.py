@@ -58,3 +58,10 @@ def test_identity_gets_the_face_region_from_the_crop_or_by_detection(photo):
     assert x0 < 110 < x1 and y0 < 62 < y1
     assert encode_identity(photo, ComfyLikeVAE(None), clip, 256).face_box is None
     assert isinstance(crop, FaceCrop)
+
+
+def test_a_mask_of_another_size_is_refused(photo):
+    from fantasytalking_core.errors import ImageInputError
+
+    with pytest.raises(ImageInputError, match="paint the mask on this image"):
+        crop_face(photo, mask=torch.ones(1, 100, 100))

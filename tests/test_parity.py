@@ -59,6 +59,19 @@ def test_a_wrong_stored_output_fails(other_set, tmp_path, capsys):
     assert lines["dit/pred_audio0"]["pass"]
 
 
+def test_a_missing_stored_output_fails_instead_of_being_skipped(other_set, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "incomplete"
+    shutil.copytree(other_set, broken)
+    ref = load_file(broken / "sampling.safetensors")
+    del ref["step1.pred_pos_audio"]
+    save_file(ref, str(broken / "sampling.safetensors"))
+    assert main(["parity", str(broken)]) == 1
+    lines = {x["name"]: x for x in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert not lines["sampling/step1.pred_pos_audio"]["pass"] and lines["sampling/step0.pred_pos_audio"]["pass"]
+
+
 def test_not_a_fixture_set_is_one_clear_line(tmp_path):
     rc, lines, err = run_cli(tmp_path)
     assert rc == 2 and lines == [] and err.strip().startswith("error:") and "Traceback" not in err

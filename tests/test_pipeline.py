@@ -40,7 +40,9 @@ def test_frames_audio_and_progress(pipe, face, voice):
     assert calls == [(1, 2), (2, 2)]
     assert result.frames.shape == (13, 32, 32, 3)  # 0.4 s at 23 fps -> 4*floor(9.2/4)+5; 64x40 -> 32x(20->32)
     assert 0 <= result.frames.min() and result.frames.max() <= 1 and result.frames.std() > 0
-    assert result.sample_rate == 16000 and result.audio.shape == (1, int(0.4 * 16000))
+    # the recording itself (44.1 kHz stereo), not the 16 kHz mono copy the model hears
+    assert result.sample_rate == 44100 and result.audio.shape == (2, int(0.4 * 44100))
+    assert torch.equal(result.audio, voice["waveform"][0])
 
 
 def test_same_seed_same_video_other_seed_other_video(pipe, face, voice):
@@ -58,13 +60,49 @@ def test_default_motion_is_the_official_path_bit_for_bit(pipe, face, voice):
     assert not torch.equal(plain.frames, changed.frames)
 
 
-def test_interrupt_from_progress_stops_the_run_and_leaves_models_home(pipe, face, voice):
+def test_interrupt_from_progress_stops_the_run_and_sends_every_model_home(pipe, face, voice, monkeypatch):
+    """Records each model's moves: every part goes to the compute device and back, also when the run is cut."""
+    moves = []
+    for name in ("dit", "vae", "text_encoder", "image_encoder", "wav2vec2"):
+        module = getattr(pipe.models, name)
+        original = module.to
+
+        def recording_to(*args, _name=name, _original=original, **kwargs):
+            moves.append((_name, str(args[0]) if args else str(kwargs)))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "to", recording_to)
+    monkeypatch.setattr(pipe, "device", torch.device("cpu", 0))  # same memory, but "cpu:0" tells a move from a return
+
     def stop(i, n):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         pipe(face, voice, GenerationSettings(steps=3, image_size=32), progress=stop)
-    assert next(pipe.models.dit.parameters()).device.type == "cpu"
+    assert {n for n, d in moves if d == "cpu:0"} == {"dit", "vae", "text_encoder", "image_encoder", "wav2vec2"}
+    for name in ("dit", "vae", "text_encoder", "image_encoder", "wav2vec2"):
+        mine = [d for n, d in moves if n == name]
+        assert mine[-1] == "cpu", f"{name} was left on {mine[-1]}"
+
+
+def test_on_device_moves_back_when_the_move_itself_fails():
+    from fantasytalking_core.pipeline import on_device
+
+    layer = torch.nn.Linear(2, 2)
+    calls = []
+    original = layer.to
+
+    def failing_to(device, *a, **k):
+        calls.append(str(device))
+        if str(device) == "meta":
+            raise RuntimeError("out of memory half-way")
+        return original(device, *a, **k)
+
+    layer.to = failing_to
+    with pytest.raises(RuntimeError, match="half-way"):
+        with on_device(layer, torch.device("meta")):
+            pass
+    assert calls == ["meta", "cpu"]
 
 
 def test_face_crop_generates_on_the_face_and_pastes_back_at_full_size(pipe, voice):
@@ -95,3 +133,25 @@ def test_face_crop_without_a_face_fails_clearly_or_falls_back(pipe, face, voice)
         generate_talking_video(pipe, face, voice, settings, FaceCropOptions())
     out = generate_talking_video(pipe, face, voice, settings, FaceCropOptions(fallback_whole_image=True))
     assert torch.equal(out.frames, pipe(face, voice, settings).frames)
+
+
+def test_bf16_models_run_the_whole_pipeline(tmp_path_factory, face, voice):
+    """Half-precision weights (as on a GPU): every part loads in bf16, and the frames stay close to float32's."""
+    files = make_tiny_models(tmp_path_factory.mktemp("bf16"))
+    bf16 = FantasyTalkingPipeline(load_models(files, dtype=torch.bfloat16))
+    assert bf16.models.dit.dtype == torch.bfloat16 and bf16.models.text_encoder.dtype == torch.bfloat16
+    settings = GenerationSettings(steps=2, image_size=32, seed=5, motion=MotionIntensity(face=0.8), batch_passes=True)
+    low = bf16(face, voice, settings).frames
+    full = FantasyTalkingPipeline(load_models(files, dtype=torch.float32))(face, voice, settings).frames
+    assert torch.isfinite(low).all() and low.shape == full.shape
+    assert (low - full).abs().mean() < 0.05
+
+
+def test_bad_settings_fail_at_once_with_a_clear_error():
+    from fantasytalking_core.errors import SettingsError
+
+    for bad in ({"steps": 0}, {"audio_guidance_range": (0.8, 0.2)}, {"shift": 0}, {"vae_tile": 100}, {"max_frames": 80}):
+        with pytest.raises(SettingsError):
+            GenerationSettings(**bad)
+    with pytest.raises(SettingsError, match="face intensity"):
+        MotionIntensity(face=2.0)

@@ -36,3 +36,11 @@ def test_fp8_scaled_hides_scales_and_dequantizes(tmp_path):
 def test_strip_prefix_needs_every_key():
     assert strip_prefix(["model.diffusion_model.a", "model.diffusion_model.b"], ("model.diffusion_model.",))[0] == "model.diffusion_model."
     assert strip_prefix(["model.diffusion_model.a", "b"], ("model.diffusion_model.",))[0] == ""
+
+
+@pytest.mark.parametrize("content", [b"hello, not a checkpoint", b"PK\x03\x04 truncated zip"])
+def test_unreadable_pickles_are_a_clear_error(tmp_path, content):
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match="not a readable torch checkpoint"):
+        open_checkpoint(path)

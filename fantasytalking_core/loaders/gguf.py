@@ -64,6 +64,8 @@ def load_gguf_dit(path: Path, config: dict, compute_dtype: torch.dtype = torch.b
         else:
             if name in quantized:  # quantized weight of a module diffusers keeps in float32
                 data = dequantize_gguf_tensor(GGUFParameter(data, quant_type=tensor.tensor_type))
+            if tensor.tensor_type.name == "BF16":  # gguf-py hands bfloat16 over as raw bytes
+                data = data.view(torch.bfloat16)
             value = data.reshape(shapes[tensor.name]).to(torch.float32 if name in keep_fp32 else compute_dtype)
         assign_tensor(model, name, value.to(device))
     return model.eval().requires_grad_(False)

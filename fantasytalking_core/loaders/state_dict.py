@@ -151,12 +151,13 @@ def _open_safetensors(shard_map: dict[str, Path] | None, path: Path) -> Checkpoi
 
 def _open_pickle(path: Path) -> Checkpoint:
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # old (non-zip) pickles cannot be memory-mapped
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelFileError(f"{path} is not a readable torch checkpoint: {exc}") from None
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # old (non-zip) pickles cannot be memory-mapped
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or non-checkpoint files
+        raise ModelFileError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc}). "
+                             "Re-download the file or choose another one.") from None
     flat = flatten_state_dict(state)
     shapes = {k: tuple(v.shape) for k, v in flat.items()}
     dtypes = {k: v.dtype for k, v in flat.items()}
