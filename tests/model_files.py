@@ -115,6 +115,9 @@ def write_gguf(state: dict[str, torch.Tensor], path: Path) -> None:
         elif array.ndim == 1:
             q = gguf.quants.quantize(array, gguf.GGMLQuantizationType.BF16)
             writer.add_tensor(key, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        elif array.ndim > 4:  # GGUF holds at most 4 dims: flatten and record the real shape, as ComfyUI-GGUF does
+            writer.add_array(f"comfy.gguf.orig_shape.{key}", list(array.shape))
+            writer.add_tensor(key, array.reshape(array.shape[0], -1).astype("float16"))
         else:
             writer.add_tensor(key, array.astype("float16"))
     writer.write_header_to_file()

@@ -222,3 +222,12 @@ def test_gguf_and_fp8_dits_take_the_adapter_and_run_with_audio(tmp_path, wan_sta
                               AudioConditioning(audio, windows.k_lens_tensor(), 1.0)))
     for out in outs[1:]:
         assert (out - outs[0]).abs().max() < 0.1 * outs[0].abs().max()  # quantization error only
+
+
+def test_gguf_dtype_sets_the_unquantized_weights_and_compute(tmp_path, wan_state):
+    path = tmp_path / "q8.gguf"
+    write_gguf(wan_state, path)
+    model = load_wan_dit(path, config=CONFIG, dtype=torch.bfloat16)
+    assert model.patch_embedding.weight.dtype == torch.bfloat16  # stored flattened, restored to its 5-D shape
+    assert model.patch_embedding.weight.shape == wan_state["patch_embedding.weight"].shape
+    assert model.blocks[0].attn1.to_q.compute_dtype == torch.bfloat16

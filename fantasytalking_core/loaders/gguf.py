@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import WanTransformer3DModel
 
 from ..errors import ModelFileError
+
+if TYPE_CHECKING:
+    import gguf
 from ..transformer import build_transformer
 
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _reader(path: Path):
+def _reader(path: Path) -> "gguf.GGUFReader":
     import gguf
 
     try:
@@ -29,9 +33,21 @@ def _reader(path: Path):
         raise ModelFileError(f"{path} is not a readable GGUF file: {exc}") from None
 
 
-def gguf_shapes(reader) -> dict[str, tuple[int, ...]]:
-    """Logical (PyTorch-order) shape of every tensor in a GGUF file, without reading the data."""
-    return {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
+ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."  # ComfyUI-GGUF's record of tensors reshaped to fit GGUF's 4 dims
+
+
+def gguf_shapes(reader: "gguf.GGUFReader") -> dict[str, tuple[int, ...]]:
+    """Logical (PyTorch-order) shape of every tensor in a GGUF file, without reading the data.
+
+    Tensors with more than 4 dims (Wan's Conv3d patch embedding) are stored flattened by ComfyUI-GGUF's converter,
+    which records the real shape in a ``comfy.gguf.orig_shape.<name>`` field; that shape wins.
+    """
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
+    for field_name, field in reader.fields.items():
+        name = field_name[len(ORIG_SHAPE_KEY):]
+        if field_name.startswith(ORIG_SHAPE_KEY) and name in shapes:
+            shapes[name] = tuple(int(n) for n in field.contents())
+    return shapes
 
 
 def load_gguf_dit(path: Path, config: dict, compute_dtype: torch.dtype = torch.bfloat16,

@@ -208,7 +208,9 @@ def load_wan_dit(
     if file.name.lower().endswith(".gguf"):
         from .gguf import load_gguf_dit
 
-        return load_gguf_dit(file, config, compute_dtype=compute_dtype, device=device)
+        # quantized weights stay as stored; ``dtype`` (if a float type) sets what the rest is kept and computed in
+        float_dtype = dtype if dtype is not None and dtype not in FP8_DTYPES else compute_dtype
+        return load_gguf_dit(file, config, compute_dtype=float_dtype, device=device)
     ckpt = open_checkpoint(file)
     info = inspect_wan_checkpoint(ckpt.shapes)
     check_matches_config(info, config, str(path))
