@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .audio_features import AudioFeatures, crop_samples_for_frames, extract_audio_features
-from .audio_io import load_audio
+from .audio_io import DecodedAudio, load_audio
 from .audio_windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
 from .errors import SettingsError
 from .guidance import GuidanceConfig
@@ -148,7 +148,8 @@ class FantasyTalkingPipeline:
         return image_to_tensor(image, image_size)
 
     @torch.no_grad()
-    def audio_features(self, audio: str | os.PathLike | Mapping, settings: GenerationSettings) -> AudioFeatures:
+    def audio_features(self, audio: str | os.PathLike | Mapping | DecodedAudio,
+                       settings: GenerationSettings) -> AudioFeatures:
         with on_device(self.models.wav2vec2, self.device):
             return extract_audio_features(self.models.wav2vec2, audio, settings.fps, settings.max_frames)
 
@@ -164,7 +165,8 @@ class FantasyTalkingPipeline:
         settings = settings or GenerationSettings()
         m = self.models
         pixels = self.reference_image(image, settings.image_size)  # validate the cheap input first
-        voice = self.audio_features(audio, settings)
+        recording = load_audio(audio)  # decoded once: the features and the muxed sound come from it
+        voice = self.audio_features(recording, settings)
         height, width = pixels.shape[1:]
 
         with on_device(m.text_encoder, self.device):
@@ -184,9 +186,8 @@ class FantasyTalkingPipeline:
             video = decode_latents(m.vae, latents, tile_size=tile)  # [1, 3, F, H, W] in -1..1
         frames = (video[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2
         # the recording itself (its own rate and channels), cut where the features were cut
-        original = load_audio(audio)
-        cut = crop_samples_for_frames(voice.num_frames, voice.fps, original.sample_rate)
-        return GenerationResult(frames.clamp(0, 1), original.waveform[:, :cut], original.sample_rate, voice.fps)
+        cut = crop_samples_for_frames(voice.num_frames, voice.fps, recording.sample_rate)
+        return GenerationResult(frames.clamp(0, 1), recording.waveform[:, :cut], recording.sample_rate, voice.fps)
 
 
 @torch.no_grad()
