@@ -19,8 +19,7 @@ from ..audio_adapter import attach_audio_adapter
 from ..errors import ModelFileError
 from ..transformer import FantasyTalkingModel, compute_dtype
 from .state_dict import open_checkpoint
-from .common import identify_checkpoint
-from .wan_dit import assign_tensor
+from .common import assign_tensor, identify_checkpoint
 
 _PROC_RE = re.compile(r"^audio_processor\.blocks\.(\d+)\.cross_attn\.processor\.([kv])_proj\.weight$")
 PROJ_KEYS = ("proj_model.proj.weight", "proj_model.norm.weight", "proj_model.norm.bias")

@@ -90,13 +90,13 @@ def assign_weights(
         for target, transform in by_key[key]:
             if transform is None:
                 whole = whole if whole is not None else torch.nn.Parameter(raw.to(device), requires_grad=False)
-                _set_tensor(model, target, whole)
+                assign_tensor(model, target, whole)
             else:
-                _set_tensor(model, target, transform(raw).to(device))
+                assign_tensor(model, target, transform(raw).to(device))
         del raw, whole
     for target, transform in by_key.get(None, []):
         value = transform(None)
-        _set_tensor(model, target, value.to(device, dtype if value.is_floating_point() else None))
+        assign_tensor(model, target, value.to(device, dtype if value.is_floating_point() else None))
     model.eval().requires_grad_(False)
 
 
@@ -143,7 +143,11 @@ def plan_from_table(targets: list[str], table: tuple[Rename, ...], source_prefix
     return plan
 
 
-def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+def assign_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of parameter/buffer ``name`` without copying it (works on meta models).
+
+    A Parameter subclass (e.g. diffusers' GGUFParameter) is kept as it is.
+    """
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     if leaf in module._parameters:

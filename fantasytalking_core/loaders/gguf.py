@@ -20,6 +20,7 @@ from ..errors import ModelFileError
 if TYPE_CHECKING:
     import gguf
 from ..transformer import build_transformer
+from .common import assign_tensor
 
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -55,7 +56,7 @@ def load_gguf_dit(path: Path, config: dict, compute_dtype: torch.dtype = torch.b
     """Load a GGUF Wan2.1-I2V DiT described by ``config`` (a ``WanTransformer3DModel`` config dict)."""
     from diffusers.quantizers.gguf.utils import GGUFParameter, _replace_with_gguf_linear, dequantize_gguf_tensor
 
-    from .wan_dit import _file_to_names, _fp32_names, assign_tensor, check_keys, check_matches_config, inspect_wan_checkpoint
+    from .wan_dit import _file_to_names, _fp32_names, check_keys, check_matches_config, inspect_wan_checkpoint
 
     reader = _reader(path)
     shapes = gguf_shapes(reader)

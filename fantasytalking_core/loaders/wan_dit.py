@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ModelFileError, ModelNotFoundError
 from ..transformer import build_transformer, resolve_config
-from .common import identify_checkpoint
+from .common import assign_tensor, identify_checkpoint
 from .state_dict import FP8_DTYPES, open_checkpoint, strip_prefix
 
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -120,16 +120,6 @@ def check_keys(found: dict[str, tuple[int, ...]], model: nn.Module, source: str,
         if wrong:
             parts.append("wrong shapes: " + ", ".join(f"{k} {tuple(found[k])} vs {expected[k]}" for k in wrong[:5]))
         raise ModelFileError(f"{source} does not match the model it is loaded into: {'; '.join(parts)}.")
-
-
-def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Put ``tensor`` in place of parameter/buffer ``name`` without copying it (works on meta models)."""
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if attr in module._parameters:
-        module._parameters[attr] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
-    else:
-        module._buffers[attr] = tensor
 
 
 def _fp32_names(model: WanTransformer3DModel) -> set[str]:
