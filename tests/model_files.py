@@ -18,6 +18,11 @@ from fantasytalking_core.loaders.wan_dit import wan_key_to_diffusers
 from fantasytalking_core.transformer import build_transformer, resolve_config
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
+
+
+def parity_tol(ref: torch.Tensor) -> float:
+    """The fixtures' tolerance (their README, "Tolerances"): 1e-4 x max|reference|."""
+    return 1e-4 * ref.abs().max().item()
 TINY_WAN = json.loads((OFFICIAL / "dit" / "config.json").read_text())
 
 

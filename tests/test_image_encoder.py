@@ -1,7 +1,5 @@
 """CLIP ViT-H/14 image encoder: official parity, Wan and ComfyUI layouts, strict loading, preprocessing."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -10,15 +8,11 @@ from transformers import CLIPVisionModel
 
 from fantasytalking_core.errors import ImageInputError, ModelFileError
 from fantasytalking_core.image_encoder import clip_config, encode_image_clip, load_image_encoder
+from model_files import OFFICIAL, parity_tol
 
-OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 CLIP = OFFICIAL / "clip"
 CONFIG = CLIP / "config.json"
 LAYERS, WIDTH = 3, 16
-
-
-def _tol(ref: torch.Tensor) -> float:
-    return 1e-4 * ref.abs().max().item()  # README "Tolerances": 1e-4 x max abs
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +69,12 @@ def _comfy_layout(wan: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_wan_layout_matches_official_penultimate(model, io):
     out = encode_image_clip(model, io["image"])  # 48x48 frame, squashed to 224x224 inside
     assert out.shape == io["penultimate"].shape == (1, 257, WIDTH)
-    torch.testing.assert_close(out, io["penultimate"], rtol=0, atol=_tol(io["penultimate"]))
+    torch.testing.assert_close(out, io["penultimate"], rtol=0, atol=parity_tol(io["penultimate"]))
 
 
 def test_uint8_image_matches_official_penultimate224(model, io):
     out = encode_image_clip(model, _uint8_to_unit(io["image224_uint8_hwc"]))
-    torch.testing.assert_close(out, io["penultimate224"], rtol=0, atol=_tol(io["penultimate224"]))
+    torch.testing.assert_close(out, io["penultimate224"], rtol=0, atol=parity_tol(io["penultimate224"]))
 
 
 def test_penultimate_is_not_the_last_block_or_post_norm(model, io):
@@ -89,7 +83,7 @@ def test_penultimate_is_not_the_last_block_or_post_norm(model, io):
     std = torch.tensor(model.config.image_std).view(1, 3, 1, 1)
     with torch.no_grad():
         out = model(pixel_values=(pixels * 0.5 + 0.5 - mean) / std, output_hidden_states=True)
-    tol = _tol(io["penultimate"])
+    tol = parity_tol(io["penultimate"])
     assert (out.hidden_states[-1] - io["penultimate"]).abs().max() > tol  # all blocks: wrong
     assert (out.last_hidden_state - io["penultimate"]).abs().max() > tol
     assert (out.hidden_states[-2] - io["penultimate"]).abs().max() < tol
@@ -101,7 +95,7 @@ def test_antialiased_resize_would_fail_parity(model, io, monkeypatch):
 
     plain = torch.nn.functional.interpolate
     monkeypatch.setattr(mod.F, "interpolate", lambda *a, **k: plain(*a, **k, antialias=True))
-    assert (encode_image_clip(model, io["image"]) - io["penultimate"]).abs().max() > _tol(io["penultimate"])
+    assert (encode_image_clip(model, io["image"]) - io["penultimate"]).abs().max() > parity_tol(io["penultimate"])
 
 
 # ---------------------------------------------------------------- file layouts
@@ -111,7 +105,7 @@ def test_comfy_layout_matches_official(tmp_path, wan_state, io):
     save_file(_comfy_layout(wan_state), tmp_path / "clip_vision_h.safetensors")
     model = load_image_encoder(tmp_path / "clip_vision_h.safetensors", CONFIG)
     torch.testing.assert_close(encode_image_clip(model, io["image"]), io["penultimate"],
-                               rtol=0, atol=_tol(io["penultimate"]))
+                               rtol=0, atol=parity_tol(io["penultimate"]))
 
 
 def test_comfy_fp16_file_loads_as_fp16_with_exact_weights(tmp_path, wan_state, io):
@@ -133,7 +127,7 @@ def test_diffsynth_prefixed_wan_file(tmp_path, wan_state, io):
     torch.save({f"model.{k}": v for k, v in wan_state.items() if k != "log_scale"}, tmp_path / "clip.pth")
     model = load_image_encoder(tmp_path / "clip.pth", CONFIG)
     torch.testing.assert_close(encode_image_clip(model, io["image"]), io["penultimate"],
-                               rtol=0, atol=_tol(io["penultimate"]))
+                               rtol=0, atol=parity_tol(io["penultimate"]))
 
 
 # ---------------------------------------------------------------- strict loading and wrong files

@@ -1,7 +1,5 @@
 """umT5 text encoder: official parity, every file layout, the tokenizer path, strict loading, prompt cleaning."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,16 +14,12 @@ from fantasytalking_core.text_encoder import (
     load_tokenizer,
     t5_config,
 )
+from model_files import OFFICIAL, parity_tol
 
-OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 
 T5 = OFFICIAL / "t5"
 CONFIG = T5 / "config.json"
 LAYERS = 2
-
-
-def _tol(ref: torch.Tensor) -> float:
-    return 1e-4 * ref.abs().max().item()  # README "Tolerances": 1e-4 x max abs
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +65,7 @@ def _transformers_layout(wan: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def test_wan_layout_matches_official_output(encoder, io):
     out = _forward(encoder, io)
     assert out.shape == io["output_full"].shape
-    torch.testing.assert_close(out, io["output_full"], rtol=0, atol=_tol(io["output_full"]))
+    torch.testing.assert_close(out, io["output_full"], rtol=0, atol=parity_tol(io["output_full"]))
 
 
 def test_exact_erf_gelu_would_fail_parity(io):
@@ -79,7 +73,7 @@ def test_exact_erf_gelu_would_fail_parity(io):
     model = load_text_encoder(T5 / "t5.pth", CONFIG)
     for block in model.encoder.block:
         block.layer[1].DenseReluDense.act = torch.nn.GELU()
-    assert (_forward(model, io) - io["output_full"]).abs().max() > _tol(io["output_full"])
+    assert (_forward(model, io) - io["output_full"]).abs().max() > parity_tol(io["output_full"])
 
 
 def test_comfy_layout_with_bundled_tokenizer_matches_official(tmp_path, wan_state, io):
@@ -87,7 +81,7 @@ def test_comfy_layout_with_bundled_tokenizer_matches_official(tmp_path, wan_stat
     state["spiece_model"] = torch.arange(64, dtype=torch.uint8)  # ComfyUI bundles the tokenizer bytes
     save_file(state, tmp_path / "umt5_xxl_fp32.safetensors")
     model = load_text_encoder(tmp_path / "umt5_xxl_fp32.safetensors", CONFIG)
-    torch.testing.assert_close(_forward(model, io), io["output_full"], rtol=0, atol=_tol(io["output_full"]))
+    torch.testing.assert_close(_forward(model, io), io["output_full"], rtol=0, atol=parity_tol(io["output_full"]))
 
 
 def test_fp16_file_loads_as_fp16_with_exact_weights(tmp_path, wan_state):
@@ -185,7 +179,7 @@ def test_encode_prompt_matches_official_trimmed_output(encoder, tokenizer, io):
     text = "  " + "\t ".join(words) + " \n"  # messy whitespace: cleaning must not change the tokens
     out = encode_prompt(encoder, tokenizer, text)
     assert out.shape == (length, 32) == io["output_trimmed"].shape[1:]
-    torch.testing.assert_close(out, io["output_trimmed"][0], rtol=0, atol=_tol(io["output_trimmed"]))
+    torch.testing.assert_close(out, io["output_trimmed"][0], rtol=0, atol=parity_tol(io["output_trimmed"]))
 
 
 def test_encode_prompt_truncates_to_max_length(encoder, tokenizer):

@@ -1,7 +1,5 @@
 """Wan2.1 VAE: official parity, file layouts, strict loading, I2V conditioning, tiling."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,14 +14,10 @@ from fantasytalking_core.vae import (
     load_vae,
     vae_config,
 )
+from model_files import OFFICIAL, parity_tol
 
-OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 VAE = OFFICIAL / "vae"
 CONFIG = VAE / "config.json"
-
-
-def _tol(ref: torch.Tensor) -> float:
-    return 1e-4 * ref.abs().max().item()  # README "Tolerances": 1e-4 x max abs
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +42,13 @@ def test_encode_matches_official_normalized_mean(vae, io):
     latent = encode_video(vae, io["video"])
     assert latent.shape == io["latent_mean_normalized"].shape == (1, 16, 2, 2, 4)
     assert latent.dtype == torch.float32
-    torch.testing.assert_close(latent, io["latent_mean_normalized"], rtol=0, atol=_tol(io["latent_mean_normalized"]))
+    torch.testing.assert_close(latent, io["latent_mean_normalized"], rtol=0, atol=parity_tol(io["latent_mean_normalized"]))
 
 
 def test_decode_matches_official_clamped_video(vae, io):
     video = decode_latents(vae, io["latent_mean_normalized"])
     assert video.shape == io["decoded"].shape == (1, 3, 5, 16, 32)
-    torch.testing.assert_close(video, io["decoded"], rtol=0, atol=_tol(io["decoded"]))
+    torch.testing.assert_close(video, io["decoded"], rtol=0, atol=parity_tol(io["decoded"]))
     assert video.min() >= -1 and video.max() <= 1
 
 
@@ -93,7 +87,7 @@ def test_other_layouts_give_the_same_model(tmp_path, vae, wan_state, io, layout)
     save_file(state, tmp_path / "vae.safetensors")
     other = load_vae(tmp_path / "vae.safetensors", CONFIG)
     torch.testing.assert_close(encode_video(other, io["video"]), io["latent_mean_normalized"],
-                               rtol=0, atol=_tol(io["latent_mean_normalized"]))
+                               rtol=0, atol=parity_tol(io["latent_mean_normalized"]))
 
 
 # ---------------------------------------------------------------- strict loading and wrong files
