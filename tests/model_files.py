@@ -23,6 +23,23 @@ OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 def parity_tol(ref: torch.Tensor) -> float:
     """The fixtures' tolerance (their README, "Tolerances"): 1e-4 x max|reference|."""
     return 1e-4 * ref.abs().max().item()
+
+
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def rounding_tol(ref: torch.Tensor, terms: int) -> float:
+    """Tolerance for two float32 computations of the same maths, from an error model rather than one CPU's output.
+
+    A float32 reduction over ``terms`` products, summed in whatever order a CPU kernel picks (AVX2, AVX-512, AMX
+    and oneDNN all differ), carries a relative error with standard deviation about ``sqrt(terms) * u``
+    (u = 2^-24). The reference and our run each carry one, so their difference has about ``sqrt(2 * terms) * u``;
+    six of those, scaled by the output's magnitude, is the bar. For the 768-wide audio projection that is
+    1.4e-5 relative, while a wrong weight, norm or window is off by order 1.
+    """
+    return 6.0 * (2.0 * terms) ** 0.5 * FLOAT32_UNIT_ROUNDOFF * ref.abs().max().item()
+
+
 TINY_WAN = json.loads((OFFICIAL / "dit" / "config.json").read_text())
 
 
