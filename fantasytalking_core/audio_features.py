@@ -788,7 +788,7 @@ def extract_audio_features(
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
     overlap_seconds: float = DEFAULT_OVERLAP_SECONDS,
     progress: ProgressCallback | None = None,
-    resample_backend: ResampleBackend = "auto",
+    resample_backend: ResampleBackend = "soxr",
 ) -> AudioFeatures:
     """Recording in, FantasyTalking audio features out (steps 1-6 of the module docstring).
 

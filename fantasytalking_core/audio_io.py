@@ -15,7 +15,6 @@ in the same order.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from collections.abc import Mapping
@@ -37,7 +36,7 @@ MAX_SAMPLE_RATE = 1_536_000
 # More channels than this almost always means a [B, T, C] tensor was passed where [B, C, T] was expected.
 MAX_CHANNELS = 32
 
-ResampleBackend = Literal["auto", "torchaudio", "soxr"]
+ResampleBackend = Literal["soxr", "torchaudio"]
 SUPPORTED_FORMATS_HINT = "wav, flac, mp3, ogg/opus, m4a/aac, or a mp4/mov/webm video with an audio track"
 
 
@@ -321,32 +320,27 @@ def resampled_length(num_samples: int, orig_sr: int, target_sr: int = TARGET_SAM
     return int(np.ceil(num_samples * (float(target_sr) / orig_sr)))
 
 
-def pick_resample_backend(backend: ResampleBackend = "auto") -> str:
-    """Return "torchaudio" or "soxr". "auto" prefers torchaudio when it imports (ComfyUI installs usually have it)."""
-    if backend not in ("auto", "torchaudio", "soxr"):
-        raise ValueError(f"resample backend must be 'auto', 'torchaudio' or 'soxr', got {backend!r}")
-    if backend != "auto":
-        return backend
-    try:
-        importlib.import_module("torchaudio")
-        return "torchaudio"
-    except Exception:  # ImportError, or a torchaudio build that does not match torch (raises OSError/RuntimeError)
-        return "soxr"
+def check_resample_backend(backend: str) -> ResampleBackend:
+    """``backend`` itself when it is "soxr" or "torchaudio", else a ValueError naming both."""
+    if backend not in ("soxr", "torchaudio"):
+        raise ValueError(f"resample backend must be 'soxr' (the official librosa result) or 'torchaudio', got {backend!r}")
+    return backend
 
 
 def resample(
     waveform: torch.Tensor,
     orig_sr: int,
     target_sr: int = TARGET_SAMPLE_RATE,
-    backend: ResampleBackend = "auto",
+    backend: ResampleBackend = "soxr",
 ) -> torch.Tensor:
     """Band-limited resampling of a mono waveform.
 
     Args:
         waveform: float tensor [T] at ``orig_sr`` Hz.
         orig_sr, target_sr: sample rates in Hz.
-        backend: "torchaudio" (windowed-sinc, torchaudio defaults), "soxr" (libsoxr "HQ", which is what
-            ``librosa.load`` uses) or "auto" (torchaudio when it imports, else soxr).
+        backend: "soxr" (libsoxr "HQ", what the official ``librosa.load`` uses: the official numbers in every
+            environment) or "torchaudio" (windowed-sinc, torchaudio defaults; only when asked for, since it
+            differs from the official result).
 
     Returns:
         float32 tensor [ceil(T * target_sr / orig_sr)]; the input itself when the rates are equal.
@@ -358,7 +352,7 @@ def resample(
     if orig_sr == target_sr:
         return x
     n_out = resampled_length(x.shape[0], orig_sr, target_sr)
-    if pick_resample_backend(backend) == "torchaudio":
+    if check_resample_backend(backend) == "torchaudio":
         import torchaudio.functional as taf
 
         y = taf.resample(x[None], orig_sr, target_sr)[0]
@@ -374,7 +368,7 @@ def resample(
 
 def load_mono_16k(
     source: Mapping[str, Any] | str | os.PathLike[str] | DecodedAudio,
-    backend: ResampleBackend = "auto",
+    backend: ResampleBackend = "soxr",
 ) -> tuple[torch.Tensor, float]:
     """Decode, average the channels and resample to 16 kHz, like ``librosa.load(path, sr=16000)``.
 

@@ -30,7 +30,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .audio_io import load_audio
     from .image_io import load_image
-    from .model_paths import find_model_files, load_models
+    from .model_paths import find_model_files, is_480p, load_models
     from .motion import MotionIntensity
     from .pipeline import FaceCropOptions, FantasyTalkingPipeline, GenerationSettings, generate_talking_video, save_result
 
@@ -50,7 +50,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.face_crop or args.face_box:
         box = _parse_box(args.face_box) if args.face_box else None
         crop = FaceCropOptions(args.face_index, args.face_margin, args.face_feather, args.face_fallback, box)
-    dtype = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     with tempfile.TemporaryDirectory() as scratch:
         if args.tiny:
             from .tiny import make_tiny_models
@@ -59,10 +59,14 @@ def _generate(args: argparse.Namespace) -> int:
             files = make_tiny_models(scratch)
             dtype = torch.float32
         else:
-            if not args.models:
+            explicit = {part: getattr(args, part) for part in EXPLICIT_FILES}
+            if not args.models and not all(explicit.values()):
                 raise FantasyTalkingError("--models is required (your ComfyUI/models folder), or use --tiny.")
-            files = find_model_files(args.models)
-        models = load_models(files, dtype=dtype, fp8_storage=args.fp8)
+            files = find_model_files(args.models, **explicit)
+            if is_480p(files.dit):
+                print(f"note: {files.dit.name} is Wan2.1-I2V-14B-480P; the released FantasyTalking adapter was trained "
+                      "on 720P (it runs on 480P, not the released pairing).", file=sys.stderr)
+        models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8)
     pipe = FantasyTalkingPipeline(models, args.device)
     with tqdm(total=settings.steps, desc="denoising", unit="step") as bar:
         result = generate_talking_video(pipe, args.image, args.audio, settings, crop, progress=lambda i, n: bar.update(1))
@@ -78,6 +82,19 @@ def _generate(args: argparse.Namespace) -> int:
         except FaceNotFoundError as exc:  # the video is written; the check just has nothing to measure
             print(f"identity check: {exc}")
     return 0
+
+
+# Command-line flag -> model part, for choosing each file explicitly instead of searching --models.
+EXPLICIT_FILES = {
+    "dit": "the Wan2.1-I2V-14B DiT file (720P is the released pairing), e.g. a .safetensors, .gguf or shard index",
+    "adapter": "the FantasyTalking adapter (fantasytalking_model.ckpt or a .safetensors)",
+    "wav2vec2": "wav2vec2-base-960h (a folder with config.json, or one .safetensors file)",
+    "text_encoder": "the umT5-XXL encoder file",
+    "tokenizer": "the umT5 tokenizer folder",
+    "image_encoder": "the CLIP ViT-H/14 vision file (clip_vision_h.safetensors)",
+    "vae": "the Wan2.1 VAE file",
+}
+FLAG_NAMES = {"image_encoder": "--clip-vision"}
 
 
 def _parse_box(text: str) -> tuple[float, float, float, float]:
@@ -107,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output .mp4 path")
     gen.add_argument("--models", help="ComfyUI models/ folder (or the official FantasyTalking models/ folder)")
     gen.add_argument("--tiny", action="store_true", help="check the installation with tiny random models (output is noise)")
+    files = gen.add_argument_group("model files, each chosen explicitly (overrides what --models finds)")
+    for part, what in EXPLICIT_FILES.items():
+        files.add_argument(FLAG_NAMES.get(part, "--" + part.replace("_", "-")), dest=part, help=what)
     gen.add_argument("--prompt", default=d.prompt)
     gen.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT)
     gen.add_argument("--seed", type=int, default=d.seed)
@@ -121,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-frames", type=int, default=d.max_frames, help="cap on the frame count (4n+1)")
     gen.add_argument("--image-size", type=int, default=d.image_size, help="longest edge of the video in pixels")
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    gen.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    gen.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                     help="compute precision of the DiT and umT5 whatever the files store (bf16: the official setting)")
     gen.add_argument("--fp8", action="store_true", help="keep the DiT's block weights in fp8 (half the memory)")
     gen.add_argument("--batch-passes", action="store_true", help="run the guidance passes as one batch")
     gen.add_argument("--vae-tile", type=int, default=None, help="decode in tiles of this many pixels")

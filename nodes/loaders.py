@@ -67,8 +67,9 @@ class ModelLoader(io.ComfyNode):
             node_id="FantasyTalkingModelLoader",
             display_name="FantasyTalking Model Loader",
             category=io_types.CATEGORY,
-            description="Loads Wan2.1-I2V-14B (480P or 720P, any file format) and joins the FantasyTalking audio "
-                        "adapter to it. The model waits in RAM and moves to the GPU only while the sampler runs.",
+            description="Loads Wan2.1-I2V-14B-720P (the released adapter was trained on it; 480P also runs, not the "
+                        "released pairing), any file format, and joins the FantasyTalking audio adapter to it. The "
+                        "model waits in RAM and moves to the GPU only while the sampler runs.",
             inputs=[
                 io.Combo.Input("model_name", options=dit_choices(folder_paths.get_filename_list(DIT_FOLDER)),
                                tooltip="Wan2.1-I2V-14B diffusion model from models/diffusion_models: a single "
@@ -79,12 +80,12 @@ class ModelLoader(io.ComfyNode):
                                        "file in models/diffusion_models): fantasytalking_model.ckpt or "
                                        "fantasytalking_fp16.safetensors."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip="Precision the DiT weights are kept in. default: as stored in the file (fp8 "
-                                       "files are upcast to compute_dtype). fp8_e4m3fn: 8-bit storage, about 14 GB "
+                               tooltip="Precision the DiT weights are kept in. default: compute_dtype, whatever the "
+                                       "file stores (GGUF stays quantized). fp8_e4m3fn: 8-bit storage, about 14 GB "
                                        "for the 14B model instead of 28 GB in bf16, upcast layer by layer."),
                 io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="bf16", advanced=True,
-                               tooltip="Precision of the arithmetic for fp8 and GGUF weights (other weights compute "
-                                       "in their own precision). bf16 unless your GPU lacks it."),
+                               tooltip="Precision of the arithmetic. bf16 is the official setting (the adapter was "
+                                       "trained and released with it); fp16 or fp32 only as a deliberate choice."),
             ],
             outputs=[io_types.FantasyTalkingModel.Output(display_name="model",
                                                          tooltip="Wan2.1-I2V DiT with the audio adapter.")],
@@ -100,8 +101,8 @@ class ModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name: str, adapter_name: str, weight_dtype: str, compute_dtype: str) -> io.NodeOutput:
-        dit = load_wan_dit(dit_path(model_name), dtype=WEIGHT_DTYPES[weight_dtype],
-                           compute_dtype=COMPUTE_DTYPES[compute_dtype])
+        compute = COMPUTE_DTYPES[compute_dtype]
+        dit = load_wan_dit(dit_path(model_name), dtype=WEIGHT_DTYPES[weight_dtype] or compute, compute_dtype=compute)
         return io.NodeOutput(load_audio_adapter(adapter_path(adapter_name), dit))
 
 

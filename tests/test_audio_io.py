@@ -20,7 +20,6 @@ from fantasytalking_core.audio_io import (
     from_comfy_audio,
     load_audio,
     load_mono_16k,
-    pick_resample_backend,
     resample,
     resampled_length,
     samples_to_float32,
@@ -353,7 +352,8 @@ def test_same_rate_is_identity():
     assert torch.equal(resample(x, 16000, 16000), x)
 
 
-def test_auto_backend_prefers_torchaudio_when_it_imports(monkeypatch):
+def _fake_torchaudio(monkeypatch) -> list:
+    """Install a torchaudio stand-in whose resample records its calls and returns a deliberately short result."""
     calls = []
 
     def fake_resample(wave, orig, new):
@@ -366,17 +366,26 @@ def test_auto_backend_prefers_torchaudio_when_it_imports(monkeypatch):
     package.functional = functional
     monkeypatch.setitem(sys.modules, "torchaudio", package)
     monkeypatch.setitem(sys.modules, "torchaudio.functional", functional)
-    assert pick_resample_backend("auto") == "torchaudio"
-    y = resample(torch.zeros(441), 44100, 16000)
+    return calls
+
+
+def test_soxr_is_the_default_even_where_torchaudio_imports(monkeypatch):
+    # ComfyUI installs usually have torchaudio; the official numbers come from soxr, so it must not take over.
+    calls = _fake_torchaudio(monkeypatch)
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal(4410).astype(np.float32))
+    assert torch.equal(resample(x, 44100, 16000), resample(x, 44100, 16000, backend="soxr"))
+    wave, _ = load_mono_16k({"waveform": x[None, None].repeat(1, 2, 1), "sample_rate": 44100})
+    assert torch.equal(wave, resample(x, 44100, 16000))
+    assert calls == []
+
+
+def test_torchaudio_only_when_asked(monkeypatch):
+    calls = _fake_torchaudio(monkeypatch)
+    y = resample(torch.zeros(441), 44100, 16000, backend="torchaudio")
     assert calls == [((1, 441), 44100, 16000)]
     assert y.tolist() == [1.0] * 5 + [0.0] * (160 - 5)
-
-
-def test_auto_backend_falls_back_to_soxr_without_torchaudio(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchaudio", None)  # makes `import torchaudio` raise ImportError
-    assert pick_resample_backend("auto") == "soxr"
     with pytest.raises(ValueError, match="backend"):
-        pick_resample_backend("scipy")
+        resample(torch.zeros(441), 44100, 16000, backend="auto")
 
 
 def test_resample_refuses_multichannel():

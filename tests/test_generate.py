@@ -88,6 +88,46 @@ def test_finds_a_comfyui_models_tree(tmp_path):
     assert files.wav2vec2.name == "wav2vec2-base-960h.safetensors"
 
 
+COMFY_TREE = ("fantasytalking/fantasytalking_fp16.safetensors", "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+               "text_encoders/umt5-xxl/tokenizer.json", "clip_vision/clip_vision_h.safetensors",
+               "vae/wan_2.1_vae.safetensors", "audio_encoders/wav2vec2-base-960h.safetensors")
+
+
+def test_720p_is_picked_over_480p(tmp_path):
+    # the released adapter was trained on 720P: with both present, 720P wins whatever the sort order of the names
+    for rel in ("diffusion_models/a_wan2.1_i2v_480p_14B_bf16.safetensors",
+                "diffusion_models/wan2.1_i2v_720p_14B_fp8_scaled.safetensors",
+                "diffusion_models/z_wan2.1_i2v_480p_14B_fp16.safetensors", *COMFY_TREE):
+        _touch(tmp_path / rel)
+    assert find_model_files(tmp_path).dit.name == "wan2.1_i2v_720p_14B_fp8_scaled.safetensors"
+
+
+def test_explicit_files_override_the_search_and_need_no_models_folder(tmp_path):
+    for rel in ("diffusion_models/wan2.1_i2v_720p_14B_bf16.safetensors", *COMFY_TREE):
+        _touch(tmp_path / rel)
+    chosen = tmp_path / "elsewhere" / "my_480p_dit.safetensors"
+    _touch(chosen)
+    assert find_model_files(tmp_path, dit=chosen).dit == chosen
+    explicit = {"dit": chosen, "adapter": tmp_path / COMFY_TREE[0], "text_encoder": tmp_path / COMFY_TREE[1],
+                "tokenizer": tmp_path / "text_encoders/umt5-xxl", "image_encoder": tmp_path / COMFY_TREE[3],
+                "vae": tmp_path / COMFY_TREE[4], "wav2vec2": tmp_path / COMFY_TREE[5]}
+    assert find_model_files(None, **explicit).vae == tmp_path / COMFY_TREE[4]
+    with pytest.raises(MissingModelsError, match=r"does_not_exist\.safetensors does not exist"):
+        find_model_files(tmp_path, dit=tmp_path / "does_not_exist.safetensors")
+
+
+def test_explicit_dit_flag_reaches_the_loader_and_480p_is_noted(inputs, tmp_path):
+    for rel in COMFY_TREE:
+        _touch(tmp_path / rel)
+    dit = tmp_path / "wan2.1_i2v_480p_14B_bf16.safetensors"
+    _touch(dit)
+    proc = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
+                    str(tmp_path / "x.mp4"), "--models", str(tmp_path), "--dit", str(dit))
+    # the empty file is found and loaded (then refused by the strict loader): the flag reached the loader
+    assert "720P" in proc.stderr and dit.name in proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
 def test_finds_the_official_layout(tmp_path):
     wan = tmp_path / "Wan2.1-I2V-14B-720P"
     for rel in ("diffusion_pytorch_model.safetensors.index.json", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/spiece.model",

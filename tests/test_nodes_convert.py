@@ -76,7 +76,7 @@ class CLIPVisionOutput:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return load_models(make_tiny_models(tmp_path_factory.mktemp("models")), dtype=torch.float32)
+    return load_models(make_tiny_models(tmp_path_factory.mktemp("models")), compute_dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

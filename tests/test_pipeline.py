@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from PIL import Image
 
 from fantasytalking_core.model_paths import load_models
@@ -14,7 +15,7 @@ from fantasytalking_core.tiny import make_tiny_models
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     files = make_tiny_models(tmp_path_factory.mktemp("models"))
-    return FantasyTalkingPipeline(load_models(files, dtype=torch.float32))
+    return FantasyTalkingPipeline(load_models(files, compute_dtype=torch.float32))
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +139,30 @@ def test_face_crop_without_a_face_fails_clearly_or_falls_back(pipe, face, voice)
 def test_bf16_models_run_the_whole_pipeline(tmp_path_factory, face, voice):
     """Half-precision weights (as on a GPU): every part loads in bf16, and the frames stay close to float32's."""
     files = make_tiny_models(tmp_path_factory.mktemp("bf16"))
-    bf16 = FantasyTalkingPipeline(load_models(files, dtype=torch.bfloat16))
+    bf16 = FantasyTalkingPipeline(load_models(files, compute_dtype=torch.bfloat16))
     assert bf16.models.dit.dtype == torch.bfloat16 and bf16.models.text_encoder.dtype == torch.bfloat16
     settings = GenerationSettings(steps=2, image_size=32, seed=5, motion=MotionIntensity(face=0.8), batch_passes=True)
     low = bf16(face, voice, settings).frames
-    full = FantasyTalkingPipeline(load_models(files, dtype=torch.float32))(face, voice, settings).frames
+    full = FantasyTalkingPipeline(load_models(files, compute_dtype=torch.float32))(face, voice, settings).frames
     assert torch.isfinite(low).all() and low.shape == full.shape
     assert (low - full).abs().mean() < 0.05
+
+
+def test_defaults_compute_in_bf16_whatever_the_files_store(tmp_path):
+    """The official precision by default: the DiT, the adapter's k/v and umT5 in bf16 even from fp16 or fp32
+    files; CLIP and wav2vec2 in float32. A half-precision file must not turn into half-precision compute."""
+    files = make_tiny_models(tmp_path)
+    dit_file = next(files.dit.glob("*.safetensors"))
+    save_file({k: v.half() for k, v in load_file(dit_file).items()}, dit_file)  # a user's ..._fp16 file
+    for stored in (torch.float16, torch.float32):
+        if stored == torch.float32:
+            save_file({k: v.float() for k, v in load_file(dit_file).items()}, dit_file)  # the official fp32 shards
+        models = load_models(files)
+        block = models.dit.transformer.blocks[0]
+        assert models.dit.dtype == torch.bfloat16, stored
+        assert block.attn1.to_q.weight.dtype == block.attn2.processor.k_proj.weight.dtype == torch.bfloat16
+        assert models.text_encoder.dtype == torch.bfloat16
+        assert models.image_encoder.dtype == torch.float32 and models.wav2vec2.dtype == torch.float32
 
 
 def test_bad_settings_fail_at_once_with_a_clear_error():
