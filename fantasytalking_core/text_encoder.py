@@ -81,7 +81,12 @@ def t5_config(config: str | Path | Mapping | None = None) -> UMT5Config:
         if unknown:
             raise ModelFileError(f"Unknown umT5 config key(s) {unknown}.")
         merged.update(user)
-    return UMT5Config(**merged)
+    config = UMT5Config(**merged)
+    # The official umT5 attention is the plain matmul-softmax-matmul. transformers' SDPA route hands bf16 to a
+    # CPU flash kernel that depends on the CPU's instruction set (it fails outright when ATEN_CPU_CAPABILITY is
+    # below the CPU's); the encoder runs once per video, so the portable eager path costs nothing noticeable.
+    config._attn_implementation = "eager"
+    return config
 
 
 def _from_wan_names(wan: dict) -> dict:

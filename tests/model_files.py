@@ -40,6 +40,12 @@ def rounding_tol(ref: torch.Tensor, terms: int) -> float:
     return 6.0 * (2.0 * terms) ** 0.5 * FLOAT32_UNIT_ROUNDOFF * ref.abs().max().item()
 
 
+def ulp_tol(ref: torch.Tensor, ulps: float) -> float:
+    """``ulps`` float32 units in the last place of max|ref|: for elementwise maths (no reductions) whose
+    vectorised and scalar kernels (ATEN_CPU_CAPABILITY default / avx2 / avx512) round differently."""
+    return ulps * 2.0**-23 * ref.abs().max().item()
+
+
 TINY_WAN = json.loads((OFFICIAL / "dit" / "config.json").read_text())
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from model_files import ulp_tol
 from safetensors.torch import load_file
 
 from fantasytalking_core.audio_windows import audio_windows_for_frames, gather_audio_windows
@@ -26,8 +27,14 @@ def run(tiny_model, official_inputs, official_dir):
 
 
 def test_noise_equals_official_cpu_noise(run):
+    # torch's CPU normal is Box-Muller, z = sqrt(-2 ln u1) cos(2 pi u2): the uniforms are the same on every CPU,
+    # but log/cos come from a scalar or a vectorised kernel depending on ATEN_CPU_CAPABILITY, each within a few
+    # ulps. Carried through r and the 2 pi argument that is at most about 4 (1 + 2 pi) ~ 32 ulps of max|z|
+    # (measured 3 with the scalar kernel, 0 with AVX2/AVX-512); another seed differs by order 1.
     settings, _, _, ref = run
-    assert torch.equal(initial_noise(tuple(settings["noise_shape"]), settings["seed"]), ref["noise"])
+    noise = initial_noise(tuple(settings["noise_shape"]), settings["seed"])
+    torch.testing.assert_close(noise, ref["noise"], rtol=0, atol=ulp_tol(ref["noise"], 32))
+    assert (initial_noise(tuple(settings["noise_shape"]), settings["seed"] + 1) - ref["noise"]).abs().max() > 1
 
 
 @pytest.mark.parametrize("batch_passes", [False, True])
