@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fantasytalking_core import audio_features as af  # noqa: E402
+from fantasytalking_core.audio import wav2vec2 as af  # noqa: E402
 
 SR_IN = 44100
 

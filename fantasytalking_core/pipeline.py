@@ -19,19 +19,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .audio_features import AudioFeatures, crop_samples_for_frames, extract_audio_features
-from .audio_io import DecodedAudio, load_audio
-from .audio_windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
+from .audio.wav2vec2 import AudioFeatures, crop_samples_for_frames, extract_audio_features
+from .audio.io import DecodedAudio, load_audio
+from .audio.windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
 from .errors import SettingsError
-from .guidance import GuidanceConfig
-from .image_encoder import encode_image_clip
-from .image_io import comfy_image_to_pil, image_to_tensor, load_image
-from .motion import MotionIntensity, audio_cfg_for, audio_scale_map
-from .sampler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
-from .schedule import flow_match_sigmas
-from .text_encoder import DEFAULT_NEGATIVE_PROMPT, encode_prompt
-from .transformer import FantasyTalkingModel
-from .vae import decode_latents, image_to_video_condition
+from .sampling.guidance import GuidanceConfig
+from .encoders.image import encode_image_clip
+from .media.image import comfy_image_to_pil, image_to_tensor, load_image
+from .face.motion import MotionIntensity, audio_cfg_for, audio_scale_map
+from .sampling.euler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
+from .sampling.schedule import flow_match_sigmas
+from .encoders.text import DEFAULT_NEGATIVE_PROMPT, encode_prompt
+from .model.transformer import FantasyTalkingModel
+from .encoders.vae import decode_latents, image_to_video_condition
 
 ProgressFn = Callable[[int, int], None]
 
@@ -131,7 +131,7 @@ class FantasyTalkingPipeline:
     """Portrait + voice -> talking video frames.
 
     Args:
-        models: the loaded parts (see :func:`fantasytalking_core.model_paths.load_models`).
+        models: the loaded parts (see :func:`fantasytalking_core.loaders.model_paths.load_models`).
         device: where the models compute; they wait on their own device (usually the CPU) in between.
     """
 
@@ -261,8 +261,8 @@ def generate_talking_video(
     """
     from dataclasses import replace
 
-    from .face_crop import FaceBox, crop_image, detect_faces, paste_back, pick_face, square_crop
-    from .image_io import frame_size
+    from .face.crop import FaceBox, crop_image, detect_faces, paste_back, pick_face, square_crop
+    from .media.image import frame_size
 
     picture = image if isinstance(image, Image.Image) else load_image(image)
     full = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255)  # [H, W, 3] in 0..1
@@ -288,6 +288,6 @@ def generate_talking_video(
 
 def save_result(result: GenerationResult, path: str | Path) -> Path:
     """Write ``result`` as an H.264 mp4 with the voice muxed as AAC."""
-    from .video_writer import write_video
+    from .media.video import write_video
 
     return write_video(path, result.frames, result.fps, result.audio, result.sample_rate)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from fantasytalking_core.motion import DEFAULT_INTENSITY, MotionIntensity
+from fantasytalking_core.face.motion import DEFAULT_INTENSITY, MotionIntensity
 
 from . import io_types
 from .convert import encode_identity

@@ -25,15 +25,15 @@ from typing import Any
 
 import torch
 
-from fantasytalking_core.audio_adapter import TEXT_LEN
-from fantasytalking_core.audio_features import AudioFeatures, crop_samples_for_frames, extract_audio_features
+from fantasytalking_core.model.adapter import TEXT_LEN
+from fantasytalking_core.audio.wav2vec2 import AudioFeatures, crop_samples_for_frames, extract_audio_features
 from fantasytalking_core.errors import AudioInputError, FaceNotFoundError, ImageInputError, ModelFileError
-from fantasytalking_core.face_crop import (CropInfo, box_from_mask, crop_image, detect_faces, paste_back, pick_face,
+from fantasytalking_core.face.crop import (CropInfo, box_from_mask, crop_image, detect_faces, paste_back, pick_face,
                                            square_crop)
-from fantasytalking_core.image_io import comfy_image_to_pil, image_to_tensor
+from fantasytalking_core.media.image import comfy_image_to_pil, image_to_tensor
 from fantasytalking_core.pipeline import GenerationSettings, generate_latents, on_device
-from fantasytalking_core.transformer import IMAGE_TOKENS, FantasyTalkingModel
-from fantasytalking_core.vae import first_frame_mask, latent_num_frames, vae_config
+from fantasytalking_core.model.transformer import IMAGE_TOKENS, FantasyTalkingModel
+from fantasytalking_core.encoders.vae import first_frame_mask, latent_num_frames, vae_config
 
 logger = logging.getLogger(__name__)
 

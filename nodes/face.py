@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from fantasytalking_core.face_crop import DEFAULT_MARGIN
-from fantasytalking_core.identity import identity_similarity
+from fantasytalking_core.face.crop import DEFAULT_MARGIN
+from fantasytalking_core.face.identity import identity_similarity
 
 from . import io_types
 from .convert import crop_face, paste_face

@@ -9,7 +9,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from fantasytalking_core.audio_features import load_wav2vec2
+from fantasytalking_core.audio.wav2vec2 import load_wav2vec2
 from fantasytalking_core.loaders.adapter import load_audio_adapter
 from fantasytalking_core.loaders.wan_dit import load_wan_dit
 

@@ -1,4 +1,4 @@
-"""fantasytalking_core.audio_features: official frame/crop rules, normalisation, loading, chunked encoding."""
+"""fantasytalking_core.audio.wav2vec2: official frame/crop rules, normalisation, loading, chunked encoding."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
 from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2FeatureEncoder
 
-from fantasytalking_core import audio_features as af
-from fantasytalking_core.audio_features import (
+from fantasytalking_core.audio import wav2vec2 as af
+from fantasytalking_core.audio.wav2vec2 import (
     RIGHT_MODEL,
     AudioFeatures,
     bundled_wav2vec2_config,
@@ -32,7 +32,7 @@ from fantasytalking_core.audio_features import (
     utterance_stats,
     wav2vec2_num_tokens,
 )
-from fantasytalking_core.audio_io import resample, to_mono
+from fantasytalking_core.audio.io import resample, to_mono
 from fantasytalking_core.errors import AudioInputError, ModelFileError, ModelNotFoundError
 
 SR = 16000
@@ -643,7 +643,7 @@ def test_audio_too_short_for_one_token_is_refused(model):
 
 
 def test_silent_recording_warns_but_works(model, caplog):
-    with caplog.at_level(logging.WARNING, logger="fantasytalking_core.audio_features"):
+    with caplog.at_level(logging.WARNING, logger="fantasytalking_core.audio.wav2vec2"):
         out = extract_audio_features(model, comfy_audio(torch.zeros(2, 24000), 48000))
     assert torch.isfinite(out.features).all() and out.features.shape == (24, 16)
     assert "silence" in caplog.text

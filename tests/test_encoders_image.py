@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionModel
 
 from fantasytalking_core.errors import ImageInputError, ModelFileError
-from fantasytalking_core.image_encoder import clip_config, encode_image_clip, load_image_encoder
+from fantasytalking_core.encoders.image import clip_config, encode_image_clip, load_image_encoder
 from model_files import OFFICIAL, parity_tol
 
 CLIP = OFFICIAL / "clip"
@@ -91,7 +91,7 @@ def test_penultimate_is_not_the_last_block_or_post_norm(model, io):
 
 def test_antialiased_resize_would_fail_parity(model, io, monkeypatch):
     # Wan resizes with F.interpolate's default (no antialias); the fixture is sensitive to the difference.
-    import fantasytalking_core.image_encoder as mod
+    import fantasytalking_core.encoders.image as mod
 
     plain = torch.nn.functional.interpolate
     monkeypatch.setattr(mod.F, "interpolate", lambda *a, **k: plain(*a, **k, antialias=True))

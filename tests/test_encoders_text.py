@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 from fantasytalking_core.errors import ModelFileError, ModelNotFoundError
 from fantasytalking_core.tiny import make_tokenizer
-from fantasytalking_core.text_encoder import (
+from fantasytalking_core.encoders.text import (
     DEFAULT_NEGATIVE_PROMPT,
     clean_prompt,
     encode_prompt,

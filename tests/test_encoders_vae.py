@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fantasytalking_core.errors import ImageInputError, ModelFileError
-from fantasytalking_core.vae import (
+from fantasytalking_core.encoders.vae import (
     decode_latents,
     encode_video,
     first_frame_mask,

@@ -3,7 +3,7 @@ import torch
 from skimage import data
 
 from fantasytalking_core.errors import FaceNotFoundError
-from fantasytalking_core.identity import FaceEmbedder, identity_similarity
+from fantasytalking_core.face.identity import FaceEmbedder, identity_similarity
 
 
 @pytest.fixture(scope="module")

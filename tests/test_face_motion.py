@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fantasytalking_core.audio_adapter import AudioConditioning, FantasyTalkingAttnProcessor
-from fantasytalking_core.motion import (MotionIntensity, audio_cfg_for, audio_scale_map, face_coverage,
+from fantasytalking_core.model.adapter import AudioConditioning, FantasyTalkingAttnProcessor
+from fantasytalking_core.face.motion import (MotionIntensity, audio_cfg_for, audio_scale_map, face_coverage,
                                         intensity_to_multiplier)
 
 

@@ -8,7 +8,7 @@ import torch
 from fantasytalking_core.errors import ModelFileError, ModelNotFoundError
 from fantasytalking_core.loaders.state_dict import open_checkpoint
 from fantasytalking_core.loaders.wan_dit import FP8Linear, load_wan_dit
-from fantasytalking_core.transformer import resolve_config
+from fantasytalking_core.model.transformer import resolve_config
 from model_files import (OFFICIAL, TINY_WAN, dequantized_fp8_scaled, save_wan_file, to_fp8_scaled, write_gguf,
                          write_shards)
 
@@ -202,8 +202,8 @@ def test_a_file_inside_a_model_folder_uses_the_folder_config(tmp_path, wan_state
 
 
 def test_gguf_and_fp8_dits_take_the_adapter_and_run_with_audio(tmp_path, wan_state, official_inputs):
-    from fantasytalking_core.audio_adapter import AudioConditioning
-    from fantasytalking_core.audio_windows import audio_windows_for_frames, gather_audio_windows
+    from fantasytalking_core.model.adapter import AudioConditioning
+    from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows
     from fantasytalking_core.loaders.adapter import load_audio_adapter
 
     gguf_path = tmp_path / "q8.gguf"

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from fantasytalking_core.errors import ImageInputError
-from fantasytalking_core.image_io import comfy_image_to_pil, frame_size, image_to_tensor, load_image
+from fantasytalking_core.media.image import comfy_image_to_pil, frame_size, image_to_tensor, load_image
 
 
 @pytest.mark.parametrize("size,expected", [((1024, 768), (512, 384)), ((768, 1024), (384, 512)),

@@ -2,7 +2,7 @@ import av
 import pytest
 import torch
 
-from fantasytalking_core.video_writer import write_video
+from fantasytalking_core.media.video import write_video
 
 
 def probe(path):

@@ -1,6 +1,6 @@
 import torch
 
-from fantasytalking_core.audio_adapter import AudioConditioning, AudioProjModel, _scale_for, audio_cross_attention
+from fantasytalking_core.model.adapter import AudioConditioning, AudioProjModel, _scale_for, audio_cross_attention
 
 
 def qkv(batch=1, frames=3, per_frame=4, width=5, heads=2, dim=8, seed=0):

@@ -5,9 +5,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fantasytalking_core.audio_adapter import AudioConditioning
-from fantasytalking_core.audio_windows import audio_windows_for_frames, gather_audio_windows
-from fantasytalking_core.transformer import pad_text, resolve_config, wan_config_to_diffusers
+from fantasytalking_core.model.adapter import AudioConditioning
+from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows
+from fantasytalking_core.model.transformer import pad_text, resolve_config, wan_config_to_diffusers
 from fantasytalking_core.errors import ModelFileError
 from model_files import rounding_tol
 

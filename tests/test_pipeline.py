@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fantasytalking_core.model_paths import load_models
-from fantasytalking_core.motion import MotionIntensity
+from fantasytalking_core.loaders.model_paths import load_models
+from fantasytalking_core.face.motion import MotionIntensity
 from fantasytalking_core.pipeline import FantasyTalkingPipeline, GenerationSettings
 from fantasytalking_core.tiny import make_tiny_models
 
@@ -108,7 +108,7 @@ def test_on_device_moves_back_when_the_move_itself_fails():
 def test_face_crop_generates_on_the_face_and_pastes_back_at_full_size(pipe, voice):
     from skimage import data
 
-    from fantasytalking_core.face_crop import detect_faces, pick_face, square_crop
+    from fantasytalking_core.face.crop import detect_faces, pick_face, square_crop
     from fantasytalking_core.pipeline import FaceCropOptions, generate_talking_video
 
     photo = Image.fromarray(data.astronaut())

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fantasytalking_core.guidance import NEG, POS, POS_AUDIO, GuidanceConfig, combine_guidance, passes_for_step
+from fantasytalking_core.sampling.guidance import NEG, POS, POS_AUDIO, GuidanceConfig, combine_guidance, passes_for_step
 
 
 def preds():

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from fantasytalking_core.schedule import flow_match_sigmas, shift_sigmas, sigmas_to_timesteps
+from fantasytalking_core.sampling.schedule import flow_match_sigmas, shift_sigmas, sigmas_to_timesteps
 
 
 def test_four_step_schedule_equals_official(official_dir):

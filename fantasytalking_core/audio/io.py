@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .errors import AudioInputError
+from ..errors import AudioInputError
 
 TARGET_SAMPLE_RATE = 16000
 """Sample rate wav2vec2-base-960h was trained on, in Hz."""

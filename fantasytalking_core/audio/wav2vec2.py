@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-from . import audio_io
-from .audio_io import TARGET_SAMPLE_RATE, DecodedAudio, ResampleBackend
-from .errors import AudioInputError, ModelFileError, ModelNotFoundError
+from . import io as audio_io
+from .io import TARGET_SAMPLE_RATE, DecodedAudio, ResampleBackend
+from ..errors import AudioInputError, ModelFileError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ DEFAULT_OVERLAP_SECONDS = 10.0
 # (the result does not depend on it). 10 s of base-size front end peaks at about 0.3 GB of activations.
 FRONTEND_BLOCK_SECONDS = 10.0
 
-BUNDLED_CONFIG_PATH = Path(__file__).parent / "configs" / "wav2vec2-base-960h.json"
+BUNDLED_CONFIG_PATH = Path(__file__).parent.parent / "configs" / "wav2vec2-base-960h.json"
 
 ProgressCallback = Callable[[int, int], None]
 """``progress(done, total)``: work units done so far out of ``total``."""

@@ -24,9 +24,9 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-from .errors import ImageInputError, ModelFileError
-from .loaders.common import Source, assign_weights, read_config, resolve_dtype, wrong_file_error
-from .loaders.state_dict import open_checkpoint, strip_prefix
+from ..errors import ImageInputError, ModelFileError
+from ..loaders.common import Source, assign_weights, read_config, resolve_dtype, wrong_file_error
+from ..loaders.state_dict import open_checkpoint, strip_prefix
 
 VAE_CONFIG = "wan2.1_vae.json"
 

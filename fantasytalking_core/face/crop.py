@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import FaceNotFoundError, ImageInputError
+from ..errors import FaceNotFoundError, ImageInputError
 
 DEFAULT_MARGIN = 0.6  # extra side length around the face box, as a fraction of the face size on each side
 DETECTION_THRESHOLD = 0.5  # dlib HOG score below which a detection is ignored (weak, often not a face)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FaceNotFoundError, ModelNotFoundError
-from .face_crop import _as_uint8, detect_faces, pick_face
+from ..errors import FaceNotFoundError, ModelNotFoundError
+from .crop import _as_uint8, detect_faces, pick_face
 
 INSTALL_HINT = "pip install face-recognition-models dlib-bin"
 

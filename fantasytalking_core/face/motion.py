@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SettingsError
+from ..errors import SettingsError
 
 PATCH_PIXELS = 16  # one DiT token covers 16x16 pixels: VAE stride 8 x patch 2
 DEFAULT_INTENSITY = 0.5

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
-from ..audio_adapter import attach_audio_adapter
+from ..model.adapter import attach_audio_adapter
 from ..errors import ModelFileError
-from ..transformer import FantasyTalkingModel, compute_dtype
+from ..model.transformer import FantasyTalkingModel, compute_dtype
 from .state_dict import open_checkpoint
 from .common import assign_tensor, identify_checkpoint
 

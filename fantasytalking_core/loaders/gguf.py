@@ -19,7 +19,7 @@ from ..errors import ModelFileError
 
 if TYPE_CHECKING:
     import gguf
-from ..transformer import build_transformer
+from ..model.transformer import build_transformer
 from .common import assign_tensor
 
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

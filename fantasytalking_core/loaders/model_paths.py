@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .errors import FantasyTalkingError
+from ..errors import FantasyTalkingError
 
 # What each part is, where it goes in ComfyUI, where it comes from, and the names to look for (globs, lower case,
 # searched recursively; official-layout names last).
@@ -119,13 +119,13 @@ def find_model_files(models_dir: str | Path, **overrides: str | Path | None) -> 
 
 def load_models(files: ModelFiles, dtype: torch.dtype | None = None, fp8_storage: bool = False):
     """Load every part on the CPU (the pipeline moves each to the compute device while it works)."""
-    from .audio_features import load_wav2vec2
-    from .image_encoder import load_image_encoder
-    from .loaders.adapter import load_audio_adapter
-    from .loaders.wan_dit import load_wan_dit
-    from .pipeline import FantasyTalkingModels
-    from .text_encoder import load_text_encoder, load_tokenizer
-    from .vae import load_vae
+    from ..audio.wav2vec2 import load_wav2vec2
+    from ..encoders.image import load_image_encoder
+    from .adapter import load_audio_adapter
+    from .wan_dit import load_wan_dit
+    from ..pipeline import FantasyTalkingModels
+    from ..encoders.text import load_text_encoder, load_tokenizer
+    from ..encoders.vae import load_vae
 
     cfg = files.configs
     dit = load_wan_dit(files.dit, config=cfg.get("dit"), dtype=dtype, fp8_storage=fp8_storage,

@@ -19,7 +19,7 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from torch import nn
 
 from ..errors import ModelFileError, ModelNotFoundError
-from ..transformer import build_transformer, resolve_config
+from ..model.transformer import build_transformer, resolve_config
 from .common import assign_tensor, identify_checkpoint
 from .state_dict import FP8_DTYPES, open_checkpoint, strip_prefix
 

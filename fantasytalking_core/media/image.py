@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageInputError
+from ..errors import ImageInputError
 
 SIZE_MULTIPLE = 16
 

@@ -16,10 +16,10 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
-from .audio_adapter import TEXT_LEN, AudioConditioning, AudioProjModel, audio_processors
-from .errors import ModelFileError
+from .adapter import TEXT_LEN, AudioConditioning, AudioProjModel, audio_processors
+from ..errors import ModelFileError
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
 BUNDLED_DIT_CONFIGS = {
     "wan2.1_i2v_14b_480p": CONFIG_DIR / "wan2.1_i2v_14b_480p.json",
     "wan2.1_i2v_14b_720p": CONFIG_DIR / "wan2.1_i2v_14b_720p.json",
