@@ -99,7 +99,7 @@ def check_windows(root: Path) -> Iterator[ParityResult]:
 
 def check_frame_rule(root: Path) -> Iterator[ParityResult]:
     """The official frame-count rule and the wav2vec2 crop/length rules of windows.json, exactly."""
-    from .audio.wav2vec2 import crop_samples_for_frames, frames_for_duration, wav2vec2_num_tokens
+    from .audio.rules import crop_samples_for_frames, frames_for_duration, wav2vec2_num_tokens
 
     table = json.loads((root / "windows.json").read_text())
     rule = table.get("frame_rule", {}).get("results", [])

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .audio.wav2vec2 import AudioFeatures, crop_samples_for_frames, extract_audio_features
+from .audio.encode import AudioFeatures, extract_audio_features
+from .audio.rules import crop_samples_for_frames
 from .audio.io import DecodedAudio, load_audio
 from .audio.windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
 from .errors import SettingsError

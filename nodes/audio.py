@@ -6,7 +6,7 @@ import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io, ui
 
-from fantasytalking_core.audio.wav2vec2 import DEFAULT_FPS, DEFAULT_MAX_FRAMES
+from fantasytalking_core.audio.rules import DEFAULT_FPS, DEFAULT_MAX_FRAMES
 
 from . import io_types
 from .convert import describe_audio, encode_audio

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from fantasytalking_core.model.adapter import TEXT_LEN
-from fantasytalking_core.audio.wav2vec2 import AudioFeatures, crop_samples_for_frames, extract_audio_features
+from fantasytalking_core.audio.encode import AudioFeatures, extract_audio_features
+from fantasytalking_core.audio.rules import crop_samples_for_frames
 from fantasytalking_core.errors import AudioInputError, FaceNotFoundError, ImageInputError, ModelFileError
 from fantasytalking_core.face.crop import (CropInfo, box_from_mask, crop_image, detect_faces, paste_back, pick_face,
                                            square_crop)

@@ -476,7 +476,7 @@ def probe_mp4(path: Path) -> dict:
 
 
 def expected_frames(seconds: float, fps: float, max_frames: int) -> int:
-    from fantasytalking_core.audio.wav2vec2 import frames_for_duration
+    from fantasytalking_core.audio.rules import frames_for_duration
 
     return frames_for_duration(seconds, fps, max_frames)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fantasytalking_core.audio.wav2vec2 import crop_samples_for_frames
+from fantasytalking_core.audio.rules import crop_samples_for_frames
 from fantasytalking_core.errors import ModelFileError
 from fantasytalking_core.encoders.image import encode_image_clip
 from fantasytalking_core.media.image import image_to_tensor
