@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from fantasytalking_core.loaders.state_dict import open_checkpoint
-from fantasytalking_core.loaders.wan_dit import wan_key_to_diffusers
+from fantasytalking_core.loaders.keys import wan_key_to_diffusers
 from fantasytalking_core.model.transformer import build_transformer, resolve_config
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"

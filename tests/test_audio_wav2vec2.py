@@ -333,9 +333,9 @@ def test_masked_spec_embed_is_optional(tmp_path, ctc, model):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda s: s.pop("encoder.layers.1.attention.q_proj.bias"), "missing: encoder.layers.1.attention.q_proj.bias"),
-        (lambda s: s.__setitem__("encoder.layers.0.extra.weight", torch.zeros(3)), "unexpected: encoder.layers.0.extra"),
-        (lambda s: s.__setitem__("feature_projection.projection.bias", torch.zeros(17)), "wrong shape"),
+        (lambda s: s.pop("encoder.layers.1.attention.q_proj.bias"), "1 tensor\\(s\\) missing from the file, e.g. 'encoder.layers.1.attention.q_proj.bias'"),
+        (lambda s: s.__setitem__("encoder.layers.0.extra.weight", torch.zeros(3)), "unexpected tensor\\(s\\) in the file, e.g. 'encoder.layers.0.extra"),
+        (lambda s: s.__setitem__("feature_projection.projection.bias", torch.zeros(17)), "wrong size: 'feature_projection.projection.bias' is \\[17\\]"),
         (lambda s: s.__setitem__("lm_head.weight", torch.zeros(40, 16)), "40 outputs"),
     ],
 )

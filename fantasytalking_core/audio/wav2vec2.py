@@ -18,6 +18,7 @@ import torch
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from ..errors import ModelFileError, ModelNotFoundError
+from ..loaders.common import check_keys
 from .rules import SAMPLE_RATE
 
 RIGHT_MODEL = "facebook/wav2vec2-base-960h"
@@ -287,19 +288,8 @@ def _check_weights(
         )
     shapes = _pos_conv_shapes(shapes)
     optional = {"masked_spec_embed"}  # SpecAugment's mask vector: training only, dropped by some repacks
-    missing = [k for k in expected if k not in shapes and k not in optional]
-    unexpected = [k for k in shapes if k not in expected]
-    mismatched = [f"{k} {list(shapes[k])} (expected {list(expected[k])})" for k in expected if k in shapes and shapes[k] != expected[k]]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-        if items:
-            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
-            problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
-    if problems:
-        raise ModelFileError(
-            f"{where} does not match wav2vec2-base-960h tensor for tensor ({'; '.join(problems)}). "
-            f"The file is incomplete or a different model. {FIX_HINT}"
-        )
+    needed = {k: v for k, v in expected.items() if k in shapes or k not in optional}
+    check_keys(shapes, needed, where, "wav2vec2-base-960h", f"The file is incomplete or a different model. {FIX_HINT}")
 
 
 def _fit_pos_conv(state: dict[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
