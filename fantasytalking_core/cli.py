@@ -32,7 +32,8 @@ def _generate(args: argparse.Namespace) -> int:
     from .media.image import load_image
     from .loaders.model_paths import find_model_files, load_models
     from .face.motion import MotionIntensity
-    from .pipeline import FaceCropOptions, FantasyTalkingPipeline, GenerationSettings, generate_talking_video, save_result
+    from .face.workflow import FaceCropOptions, generate_talking_video
+    from .pipeline import FantasyTalkingPipeline, GenerationSettings, save_result
 
     # cheap checks first: bad settings, a bad image or audio path fail before any model is loaded
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -32,7 +32,8 @@ from fantasytalking_core.errors import AudioInputError, FaceNotFoundError, Image
 from fantasytalking_core.face.crop import (CropInfo, box_from_mask, crop_image, detect_faces, paste_back, pick_face,
                                            square_crop)
 from fantasytalking_core.media.image import comfy_image_to_pil, image_to_tensor
-from fantasytalking_core.pipeline import GenerationSettings, generate_latents, on_device
+from fantasytalking_core.pipeline import GenerationSettings, sample_latents
+from fantasytalking_core.runtime.placement import on_device
 from fantasytalking_core.model.transformer import IMAGE_TOKENS, FantasyTalkingModel
 from fantasytalking_core.encoders.vae import first_frame_mask, latent_num_frames, vae_config
 
@@ -351,6 +352,6 @@ def sample_video(
     if make_room is not None:
         make_room()
     with on_device(model, device):
-        latents = generate_latents(model, text_pos, text_neg, identity.clip_tokens, y, voice.features.features,
-                                   num_frames, settings, progress)
+        latents = sample_latents(model, text_pos, text_neg, identity.clip_tokens, y, voice.features.features,
+                                 num_frames, settings, progress)
     return decode_frames(identity.vae, latents)

@@ -107,7 +107,7 @@ def comfy_conditioning(tokens: torch.Tensor, rows: int = 512) -> list:
 
 
 def test_node_path_makes_the_pipeline_video(models, face, voice):
-    """Comfy-type conversions + generate_latents + ComfyUI-style VAE calls give the pipeline's frames: the latent
+    """Comfy-type conversions + sample_latents + ComfyUI-style VAE calls give the pipeline's frames: the latent
     normalization, the conditioning video (grey = 0), the mask and the frame layout are all right."""
     settings = GenerationSettings(steps=2, image_size=32, seed=5, cfg=4.5, audio_cfg=3.0)
     pipe = FantasyTalkingPipeline(models)
