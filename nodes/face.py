@@ -14,10 +14,8 @@ from .convert import crop_face, paste_face
 class FaceCrop(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FantasyTalkingFaceCrop",
-            display_name="FantasyTalking Face Crop",
-            category=io_types.CATEGORY,
+        return io_types.schema(
+            "FantasyTalkingFaceCrop", "FantasyTalking Face Crop",
             description="Cuts a square around the face so the model spends its whole resolution on it. Feed the crop "
                         "to CLIP Vision Encode and Identity Encode, and the crop info to Face Paste Back.",
             inputs=[
@@ -51,10 +49,8 @@ class FaceCrop(io.ComfyNode):
 class FacePasteBack(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FantasyTalkingFacePasteBack",
-            display_name="FantasyTalking Face Paste Back",
-            category=io_types.CATEGORY,
+        return io_types.schema(
+            "FantasyTalkingFacePasteBack", "FantasyTalking Face Paste Back",
             description="Pastes the generated face video back into the full-resolution portrait, frame by frame, "
                         "with a feathered edge. Upscalers and frame interpolators can sit before or after it.",
             inputs=[
@@ -74,10 +70,8 @@ class FacePasteBack(io.ComfyNode):
 class IdentityCheck(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FantasyTalkingIdentityCheck",
-            display_name="FantasyTalking Identity Check",
-            category=io_types.CATEGORY,
+        return io_types.schema(
+            "FantasyTalkingIdentityCheck", "FantasyTalking Identity Check",
             description="How much the video still looks like the portrait: cosine similarity of dlib face embeddings "
                         "(like the paper's IDC metric); the same person usually scores above 0.9.",
             inputs=[
