@@ -1,7 +1,7 @@
 """Motion intensity: a training-free stand-in for the paper's motion-intensity module.
 
 The released FantasyTalking has no motion module (no code, no weights). What it does have is an audio branch
-whose strength can vary over space: every video token gets its own ``audio_scale`` (see ``audio_adapter``).
+whose strength can vary over space: every video token gets its own ``audio_scale`` (see ``model/adapter.py``).
 The audio drives lip and expression motion inside the face and head/body motion outside it, so
 
 - ``face`` intensity scales the audio branch on the tokens covering the face region,
