@@ -458,7 +458,7 @@ def test_missing_and_unreadable_files(tmp_path, ctc):
         load_wav2vec2(corrupt)
     text = tmp_path / "readme.bin"
     text.write_text("hello")
-    with pytest.raises(ModelFileError, match="not a readable PyTorch"):
+    with pytest.raises(ModelFileError, match="not a readable torch checkpoint"):
         load_wav2vec2(text)
     odd = tmp_path / "model.onnx"
     odd.write_bytes(b"x")

@@ -19,6 +19,7 @@ from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from ..errors import ModelFileError, ModelNotFoundError
 from ..loaders.common import check_keys
+from ..loaders.state_dict import load_pickle
 from .rules import SAMPLE_RATE
 
 RIGHT_MODEL = "facebook/wav2vec2-base-960h"
@@ -163,16 +164,9 @@ def _folder_weight_files(folder: Path, where: str) -> list[Path]:
 
 
 def _read_torch_file(file: Path, mmap: bool = False) -> Mapping[str, Any]:
-    """The state dict in a torch pickle (weights_only: no code runs). ``mmap`` reads lazily (for inspection)."""
-    try:
-        try:
-            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError:
-            if not mmap:
-                raise
-            obj = torch.load(file, map_location="cpu", weights_only=True)  # legacy format cannot be mapped
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights file we can read safely"
-        raise ModelFileError(f"{file.name} is not a readable PyTorch weights file ({type(e).__name__}: {e}).") from None
+    """The state dict in a torch pickle (the shared reader: weights_only, no code runs), unwrapped if wrapped.
+    ``mmap`` reads lazily (for inspection)."""
+    obj = load_pickle(file, mmap)
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model", "module"):  # checkpoints that wrap the state dict
             inner = obj.get(wrapper)
