@@ -29,10 +29,10 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .audio.io import load_audio
-    from .media.image import load_image
-    from .loaders.model_paths import find_model_files, load_models
     from .face.motion import MotionIntensity
     from .face.workflow import FaceCropOptions, generate_talking_video
+    from .loaders.model_paths import find_model_files, load_models
+    from .media.image import load_image
     from .pipeline import FantasyTalkingPipeline, GenerationSettings, save_result
 
     # cheap checks first: bad settings, a bad image or audio path fail before any model is loaded
@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("dir", help="directory laid out like tests/fixtures/official")
     parity.set_defaults(func=_parity)
 
-    from .pipeline import GenerationSettings
     from .encoders.text import DEFAULT_NEGATIVE_PROMPT
+    from .pipeline import GenerationSettings
 
     d = GenerationSettings()
     gen = sub.add_parser("generate", help="portrait + voice -> talking video (mp4 with sound)")

@@ -48,8 +48,8 @@ def make_tiny_models(folder: str | Path, seed: int = 0) -> ModelFiles:
 
     from .encoders.image import clip_config
     from .encoders.text import t5_config
-    from .model.transformer import build_transformer
     from .encoders.vae import vae_config
+    from .model.transformer import build_transformer
 
     torch.manual_seed(seed)
     root = Path(folder)

@@ -25,17 +25,17 @@ from typing import Any
 
 import torch
 
-from fantasytalking_core.model.adapter import TEXT_LEN
 from fantasytalking_core.audio.encode import AudioFeatures, extract_audio_features
 from fantasytalking_core.audio.rules import crop_samples_for_frames
 from fantasytalking_core.errors import AudioInputError, FaceNotFoundError, ImageInputError, ModelFileError
+from fantasytalking_core.model.adapter import TEXT_LEN
 from fantasytalking_core.face.crop import (CropInfo, box_from_mask, crop_image, detect_faces, paste_back, pick_face,
                                            square_crop)
+from fantasytalking_core.encoders.vae import first_frame_mask, latent_num_frames, vae_config
 from fantasytalking_core.media.image import comfy_image_to_pil, image_to_tensor
+from fantasytalking_core.model.transformer import IMAGE_TOKENS, FantasyTalkingModel
 from fantasytalking_core.pipeline import GenerationSettings, sample_latents
 from fantasytalking_core.runtime.placement import on_device
-from fantasytalking_core.model.transformer import IMAGE_TOKENS, FantasyTalkingModel
-from fantasytalking_core.encoders.vae import first_frame_mask, latent_num_frames, vae_config
 
 logger = logging.getLogger(__name__)
 

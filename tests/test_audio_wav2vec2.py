@@ -24,9 +24,9 @@ from fantasytalking_core.audio.encode import (
     normalize_utterance,
     utterance_stats,
 )
+from fantasytalking_core.audio.io import resample, to_mono
 from fantasytalking_core.audio.rules import frames_for_duration, wav2vec2_num_tokens
 from fantasytalking_core.audio.wav2vec2 import BUNDLED_CONFIG_PATH, RIGHT_MODEL, bundled_wav2vec2_config, load_wav2vec2
-from fantasytalking_core.audio.io import resample, to_mono
 from fantasytalking_core.errors import AudioInputError, ModelFileError, ModelNotFoundError
 
 SR = 16000

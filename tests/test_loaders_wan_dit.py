@@ -202,9 +202,9 @@ def test_a_file_inside_a_model_folder_uses_the_folder_config(tmp_path, wan_state
 
 
 def test_gguf_and_fp8_dits_take_the_adapter_and_run_with_audio(tmp_path, wan_state, official_inputs):
-    from fantasytalking_core.model.adapter import AudioConditioning
     from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows
     from fantasytalking_core.loaders.adapter import load_audio_adapter
+    from fantasytalking_core.model.adapter import AudioConditioning
 
     gguf_path = tmp_path / "q8.gguf"
     write_gguf(wan_state, gguf_path)

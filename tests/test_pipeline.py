@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fantasytalking_core.loaders.model_paths import load_models
 from fantasytalking_core.face.motion import MotionIntensity
+from fantasytalking_core.loaders.model_paths import load_models
 from fantasytalking_core.pipeline import FantasyTalkingPipeline, GenerationSettings
 from fantasytalking_core.tiny import make_tiny_models
 

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows
-from fantasytalking_core.sampling.guidance import GuidanceConfig
 from fantasytalking_core.sampling.euler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
+from fantasytalking_core.sampling.guidance import GuidanceConfig
 from fantasytalking_core.sampling.schedule import flow_match_sigmas
 
 

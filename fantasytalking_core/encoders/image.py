@@ -24,8 +24,8 @@ from accelerate import init_empty_weights
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from ..errors import ImageInputError, ModelFileError
-from ..loaders.state_dict import open_checkpoint, strip_prefix
 from ..loaders.common import Rename, Source, assign_weights, plan_from_table, read_config, resolve_dtype, wrong_file_error
+from ..loaders.state_dict import open_checkpoint, strip_prefix
 
 CLIP_CONFIG = "clip_vit_h_14.json"
 _INFO_KEYS = {"construct", "_class_name", "_name", "architectures", "model_type", "transformers_version"}

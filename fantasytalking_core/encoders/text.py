@@ -24,8 +24,8 @@ from accelerate import init_empty_weights
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
 from ..errors import ModelFileError, ModelNotFoundError
-from ..loaders.state_dict import open_checkpoint, strip_prefix
 from ..loaders.common import Rename, Source, assign_weights, plan_from_table, read_config, resolve_dtype, wrong_file_error
+from ..loaders.state_dict import open_checkpoint, strip_prefix
 
 T5_CONFIG = "umt5_xxl_encoder.json"
 TEXT_LEN = 512

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
-from ..model.adapter import attach_audio_adapter
 from ..errors import ModelFileError
+from ..model.adapter import attach_audio_adapter
 from ..model.transformer import FantasyTalkingModel, compute_dtype
 from .common import assign_tensor, identify_checkpoint, key_mismatch_error
 from .state_dict import open_checkpoint

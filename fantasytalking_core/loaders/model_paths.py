@@ -121,11 +121,11 @@ def load_models(files: ModelFiles, dtype: torch.dtype | None = None, fp8_storage
     """Load every part on the CPU (the pipeline moves each to the compute device while it works)."""
     from ..audio.wav2vec2 import load_wav2vec2
     from ..encoders.image import load_image_encoder
-    from .adapter import load_audio_adapter
-    from .wan_dit import load_wan_dit
-    from ..pipeline import FantasyTalkingModels
     from ..encoders.text import load_text_encoder, load_tokenizer
     from ..encoders.vae import load_vae
+    from ..pipeline import FantasyTalkingModels
+    from .adapter import load_audio_adapter
+    from .wan_dit import load_wan_dit
 
     cfg = files.configs
     dit = load_wan_dit(files.dit, config=cfg.get("dit"), dtype=dtype, fp8_storage=fp8_storage,

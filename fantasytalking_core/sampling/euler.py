@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from ..model.adapter import AudioConditioning
+from ..model.transformer import FantasyTalkingModel, pad_text
 from .guidance import POS_AUDIO, GuidanceConfig, combine_guidance, passes_for_step
 from .schedule import sigmas_to_timesteps
-from ..model.transformer import FantasyTalkingModel, pad_text
 
 VelocityFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[dict], None]
