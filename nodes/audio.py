@@ -16,7 +16,8 @@ class AudioEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io_types.schema(
-            "FantasyTalkingAudioEncode", "FantasyTalking Audio Encode",
+            node_id="FantasyTalkingAudioEncode",
+            display_name="FantasyTalking Audio Encode",
             description="Turns the voice recording into the features that drive the lips, and fixes the video length: "
                         "4*floor(fps*seconds/4)+5 frames, at most max_frames.",
             inputs=[

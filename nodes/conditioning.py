@@ -14,7 +14,8 @@ class IdentityEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io_types.schema(
-            "FantasyTalkingIdentityEncode", "FantasyTalking Identity Encode",
+            node_id="FantasyTalkingIdentityEncode",
+            display_name="FantasyTalking Identity Encode",
             description="Sizes the portrait to the video and takes its CLIP tokens. The video's first frame is this "
                         "portrait; the sampler encodes it with the VAE once the frame count is known.",
             inputs=[
@@ -52,7 +53,8 @@ class Motion(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         intensity = {"default": DEFAULT_INTENSITY, "min": 0.0, "max": 1.0, "step": 0.05}
         return io_types.schema(
-            "FantasyTalkingMotion", "FantasyTalking Motion Intensity",
+            node_id="FantasyTalkingMotion",
+            display_name="FantasyTalking Motion Intensity",
             description="How strongly the voice moves the face and the rest of the frame. 0.5 and 0.5 give the "
                         "released model's behaviour exactly. A training-free approximation: the paper's motion module "
                         "was never released.",

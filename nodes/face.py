@@ -15,7 +15,8 @@ class FaceCrop(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io_types.schema(
-            "FantasyTalkingFaceCrop", "FantasyTalking Face Crop",
+            node_id="FantasyTalkingFaceCrop",
+            display_name="FantasyTalking Face Crop",
             description="Cuts a square around the face so the model spends its whole resolution on it. Feed the crop "
                         "to CLIP Vision Encode and Identity Encode, and the crop info to Face Paste Back.",
             inputs=[
@@ -50,7 +51,8 @@ class FacePasteBack(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io_types.schema(
-            "FantasyTalkingFacePasteBack", "FantasyTalking Face Paste Back",
+            node_id="FantasyTalkingFacePasteBack",
+            display_name="FantasyTalking Face Paste Back",
             description="Pastes the generated face video back into the full-resolution portrait, frame by frame, "
                         "with a feathered edge. Upscalers and frame interpolators can sit before or after it.",
             inputs=[
@@ -71,7 +73,8 @@ class IdentityCheck(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io_types.schema(
-            "FantasyTalkingIdentityCheck", "FantasyTalking Identity Check",
+            node_id="FantasyTalkingIdentityCheck",
+            display_name="FantasyTalking Identity Check",
             description="How much the video still looks like the portrait: cosine similarity of dlib face embeddings "
                         "(like the paper's IDC metric); the same person usually scores above 0.9.",
             inputs=[

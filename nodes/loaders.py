@@ -64,7 +64,8 @@ class ModelLoader(io.ComfyNode):
         adapters = adapter_choices(folder_paths.get_filename_list(ADAPTER_FOLDER),
                                    folder_paths.get_filename_list("diffusion_models"))
         return io_types.schema(
-            "FantasyTalkingModelLoader", "FantasyTalking Model Loader",
+            node_id="FantasyTalkingModelLoader",
+            display_name="FantasyTalking Model Loader",
             description="Loads Wan2.1-I2V-14B (480P or 720P, any file format) and joins the FantasyTalking audio "
                         "adapter to it. The model waits in RAM and moves to the GPU only while the sampler runs.",
             inputs=[
@@ -109,7 +110,8 @@ class Wav2Vec2Loader(io.ComfyNode):
         options = (folder_paths.get_filename_list("audio_encoders")
                    + wav2vec2_folders(folder_paths.get_folder_paths(TRANSFORMERS_FOLDER)))
         return io_types.schema(
-            "FantasyTalkingWav2Vec2Loader", "FantasyTalking wav2vec2 Loader",
+            node_id="FantasyTalkingWav2Vec2Loader",
+            display_name="FantasyTalking wav2vec2 Loader",
             description="Loads facebook/wav2vec2-base-960h, the audio encoder FantasyTalking was trained with. "
                         "Other audio encoders are refused: the adapter cannot read their features.",
             inputs=[
