@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fantasytalking_core import audio_features as af  # noqa: E402
+from fantasytalking_core.audio import encode, rules, wav2vec2  # noqa: E402
 
 SR_IN = 44100
 
@@ -65,11 +65,11 @@ def cpu_seconds() -> float:
 
 
 def child_speed(model_path: str, seconds: float, chunk: float, overlap: float) -> dict:
-    model = af.load_wav2vec2(model_path)
+    model = wav2vec2.load_wav2vec2(model_path)
     rss_model = peak_rss_mb()
     audio = {"waveform": speechlike(seconds, SR_IN, 2)[None], "sample_rate": SR_IN}
     start, cpu_start = time.perf_counter(), cpu_seconds()
-    out = af.extract_audio_features(
+    out = encode.extract_audio_features(
         model, audio, max_frames=None, chunk_seconds=chunk, overlap_seconds=overlap, resample_backend="soxr"
     )
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
@@ -87,12 +87,12 @@ def child_speed(model_path: str, seconds: float, chunk: float, overlap: float) -
 
 @torch.inference_mode()
 def child_accuracy(model_path: str, seconds: float, chunk: float, overlap: float) -> dict:
-    model = af.load_wav2vec2(model_path)
-    wave = speechlike(seconds, af.SAMPLE_RATE, 1, seed=1)[0]
+    model = wav2vec2.load_wav2vec2(model_path)
+    wave = speechlike(seconds, rules.SAMPLE_RATE, 1, seed=1)[0]
     # Chunked first, so that the peak RSS after it is its own; the one-shot reference may only raise it.
-    chunked = af.encode_audio(model, wave, chunk_seconds=chunk, overlap_seconds=overlap)
+    chunked = encode.encode_audio(model, wave, chunk_seconds=chunk, overlap_seconds=overlap)
     rss_chunked = peak_rss_mb()
-    one_shot = model(af.normalize_utterance(wave)[None]).last_hidden_state[0]
+    one_shot = model(encode.normalize_utterance(wave)[None]).last_hidden_state[0]
     rss_one_shot = peak_rss_mb()
     diff = (chunked - one_shot).abs()
     per_token = diff.max(dim=1).values
@@ -100,7 +100,7 @@ def child_accuracy(model_path: str, seconds: float, chunk: float, overlap: float
         "seconds": seconds,
         "chunk": chunk,
         "overlap": overlap,
-        "windows": len(af.encoder_windows(one_shot.shape[0], round(chunk * 50), round(overlap * 50))),
+        "windows": len(encode.encoder_windows(one_shot.shape[0], round(chunk * 50), round(overlap * 50))),
         "max_abs": float(diff.max()),
         "mean_abs": float(diff.mean()),
         "max_abs_value": float(one_shot.abs().max()),
@@ -124,8 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="*", default=[1.0, 10.0])
     parser.add_argument("--accuracy-seconds", type=float, nargs="*", default=[10.0, 120.0])
-    parser.add_argument("--chunk-seconds", type=float, default=af.DEFAULT_CHUNK_SECONDS)
-    parser.add_argument("--overlap-seconds", type=float, default=af.DEFAULT_OVERLAP_SECONDS)
+    parser.add_argument("--chunk-seconds", type=float, default=encode.DEFAULT_CHUNK_SECONDS)
+    parser.add_argument("--overlap-seconds", type=float, default=encode.DEFAULT_OVERLAP_SECONDS)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -140,7 +140,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        model = Wav2Vec2Model(af.bundled_wav2vec2_config()).eval()
+        model = Wav2Vec2Model(wav2vec2.bundled_wav2vec2_config()).eval()
         model_path = os.path.join(tmp, "wav2vec2-base-960h-random.safetensors")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, model_path)
         n_params = sum(p.numel() for p in model.parameters())

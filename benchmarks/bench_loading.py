@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from fantasytalking_core.transformer import build_transformer, resolve_config  # noqa: E402
+from fantasytalking_core.model.transformer import build_transformer, resolve_config  # noqa: E402
 from model_files import random_wan_state, to_fp8_scaled, wan_keys, write_gguf, write_shards  # noqa: E402
 
 BASE = dict(model_type="i2v", patch_size=[1, 2, 2], text_len=512, in_dim=36, dim=1536, ffn_dim=8960, freq_dim=256,

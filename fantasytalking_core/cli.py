@@ -28,11 +28,12 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .audio_io import load_audio
-    from .image_io import load_image
-    from .model_paths import find_model_files, is_480p, load_models
-    from .motion import MotionIntensity
-    from .pipeline import FaceCropOptions, FantasyTalkingPipeline, GenerationSettings, generate_talking_video, save_result
+    from .audio.io import load_audio
+    from .face.motion import MotionIntensity
+    from .face.workflow import FaceCropOptions, generate_talking_video
+    from .loaders.model_paths import find_model_files, is_480p, load_models
+    from .media.image import load_image
+    from .pipeline import FantasyTalkingPipeline, GenerationSettings, save_result
 
     # cheap checks first: bad settings, a bad image or audio path fail before any model is loaded
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -74,7 +75,7 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({len(result.frames)} frames at {result.fps:g} fps)")
     if args.identity_check:
         from .errors import FaceNotFoundError
-        from .identity import identity_similarity
+        from .face.identity import identity_similarity
 
         reference = torch.from_numpy(np.asarray(load_image(args.image), dtype=np.float32) / 255)
         try:
@@ -114,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("dir", help="directory laid out like tests/fixtures/official")
     parity.set_defaults(func=_parity)
 
+    from .encoders.text import DEFAULT_NEGATIVE_PROMPT
     from .pipeline import GenerationSettings
-    from .text_encoder import DEFAULT_NEGATIVE_PROMPT
 
     d = GenerationSettings()
     gen = sub.add_parser("generate", help="portrait + voice -> talking video (mp4 with sound)")

@@ -18,15 +18,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .audio_adapter import AudioConditioning
-from .audio_windows import AudioWindows, audio_windows_for_frames, gather_audio_windows
+from .model.adapter import AudioConditioning
+from .audio.windows import AudioWindows, audio_windows_for_frames, gather_audio_windows
 from .errors import ModelNotFoundError
-from .guidance import NEG, POS, POS_AUDIO, GuidanceConfig
+from .sampling.guidance import NEG, POS, POS_AUDIO, GuidanceConfig
 from .loaders.adapter import load_audio_adapter
 from .loaders.wan_dit import load_wan_dit
-from .sampler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
-from .schedule import flow_match_sigmas
-from .transformer import FantasyTalkingModel
+from .sampling.euler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
+from .sampling.schedule import flow_match_sigmas
+from .model.transformer import FantasyTalkingModel
 
 REL_TOL = 1e-4
 PASS_NAMES = {NEG: "pred_neg_noaudio", POS: "pred_pos_noaudio", POS_AUDIO: "pred_pos_audio"}
@@ -99,7 +99,7 @@ def check_windows(root: Path) -> Iterator[ParityResult]:
 
 def check_frame_rule(root: Path) -> Iterator[ParityResult]:
     """The official frame-count rule and the wav2vec2 crop/length rules of windows.json, exactly."""
-    from .audio_features import crop_samples_for_frames, frames_for_duration, wav2vec2_num_tokens
+    from .audio.rules import crop_samples_for_frames, frames_for_duration, wav2vec2_num_tokens
 
     table = json.loads((root / "windows.json").read_text())
     rule = table.get("frame_rule", {}).get("results", [])
@@ -198,7 +198,7 @@ def check_sampling(root: Path, model: FantasyTalkingModel, inputs: dict, windows
 def check_encoders(root: Path) -> Iterator[ParityResult]:
     """The VAE, CLIP and umT5 sets (``vae/``, ``clip/``, ``t5/``), where the fixture set has them."""
     if (root / "vae" / "vae.pth").exists():
-        from .vae import decode_latents, encode_video, load_vae
+        from .encoders.vae import decode_latents, encode_video, load_vae
 
         vae = load_vae(root / "vae" / "vae.pth", config=root / "vae" / "config.json", dtype=torch.float32)
         io = load_file(root / "vae" / "vae_io.safetensors")
@@ -206,7 +206,7 @@ def check_encoders(root: Path) -> Iterator[ParityResult]:
             yield compare("vae/latent_mean_normalized", encode_video(vae, io["video"]), io["latent_mean_normalized"])
             yield compare("vae/decoded", decode_latents(vae, io["latent_mean_normalized"]), io["decoded"])
     if (root / "clip" / "clip.pth").exists():
-        from .image_encoder import encode_image_clip, load_image_encoder
+        from .encoders.image import encode_image_clip, load_image_encoder
 
         clip = load_image_encoder(root / "clip" / "clip.pth", config=root / "clip" / "config.json", dtype=torch.float32)
         io = load_file(root / "clip" / "clip_io.safetensors")
@@ -215,7 +215,7 @@ def check_encoders(root: Path) -> Iterator[ParityResult]:
             yield compare("clip/penultimate", encode_image_clip(clip, io["image"]), io["penultimate"])
             yield compare("clip/penultimate224", encode_image_clip(clip, image224), io["penultimate224"])
     if (root / "t5" / "t5.pth").exists():
-        from .text_encoder import load_text_encoder
+        from .encoders.text import load_text_encoder
 
         t5 = load_text_encoder(root / "t5" / "t5.pth", config=root / "t5" / "config.json", dtype=torch.float32)
         io = load_file(root / "t5" / "t5_io.safetensors")

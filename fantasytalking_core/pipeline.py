@@ -1,37 +1,38 @@
 """``FantasyTalkingPipeline``: portrait + voice in, frames + the matching audio out.
 
-The pipeline composes the parts and owns no maths: audio features (``audio_features``), windows
-(``audio_windows``), encoders (``text_encoder``, ``image_encoder``, ``vae``), the DiT (``transformer``) and the
-sampler (``schedule``, ``guidance``, ``sampler``). Each model sits on the compute device only while it works
-(offloading), and everything it put there is freed when a run ends or fails.
+The pipeline composes the parts and owns no maths: audio features (``audio/``), the encoders (``encoders/``), the
+DiT with its audio adapter (``model/``) and the denoising run (``sampling/``). Each model sits on the compute
+device only while it works (``runtime/placement.py``). :func:`sample_latents` is the one place where the user's
+:class:`GenerationSettings` become the sampler's arguments; the face-crop workflow around a run is in
+``face/workflow.py``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-from .audio_features import AudioFeatures, crop_samples_for_frames, extract_audio_features
-from .audio_io import DecodedAudio, load_audio
-from .audio_windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
+from .audio.encode import AudioFeatures, extract_audio_features
+from .audio.io import DecodedAudio, load_audio
+from .audio.rules import crop_samples_for_frames
+from .encoders.image import encode_image_clip
+from .encoders.text import DEFAULT_NEGATIVE_PROMPT, encode_prompt
+from .encoders.vae import decode_latents, image_to_video_condition
 from .errors import SettingsError
-from .guidance import GuidanceConfig
-from .image_encoder import encode_image_clip
-from .image_io import comfy_image_to_pil, image_to_tensor, load_image
-from .motion import MotionIntensity, audio_cfg_for, audio_scale_map
-from .sampler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
-from .schedule import flow_match_sigmas
-from .text_encoder import DEFAULT_NEGATIVE_PROMPT, encode_prompt
-from .transformer import FantasyTalkingModel
-from .vae import decode_latents, image_to_video_condition
+from .face.motion import MotionIntensity, audio_cfg_for, audio_scale_map
+from .media.image import comfy_image_to_pil, image_to_tensor, load_image
+from .media.video import write_video
+from .model.transformer import FantasyTalkingModel
+from .runtime.placement import on_device
+from .sampling.denoise import generate_latents
+from .sampling.guidance import GuidanceConfig
+from .sampling.schedule import flow_match_sigmas
 
 ProgressFn = Callable[[int, int], None]
 
@@ -48,7 +49,7 @@ class GenerationSettings:
         audio_guidance_range: fraction of the steps [start, end) with audio guidance.
         batch_passes: run the guidance passes of a step as one batch (faster on a big GPU).
         vae_tile: decode in spatial tiles of this many pixels (bounded memory), or None.
-        motion: face/body motion intensity (training-free, see ``motion.py``); None = official behaviour.
+        motion: face/body motion intensity (training-free, see ``face/motion.py``); None = official behaviour.
         face_box: (x0, y0, x1, y1) of the face in video-frame pixels, where the face intensity applies.
     """
 
@@ -114,24 +115,11 @@ class FantasyTalkingModels:
     extra: dict = field(default_factory=dict)
 
 
-@contextmanager
-def on_device(module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
-    """Keep ``module`` on ``device`` inside the block and move it back where it was afterwards, even on error."""
-    home = next(module.parameters()).device
-    try:  # the move itself may fail half-way (out of memory): move back in every case
-        module.to(device)
-        yield module
-    finally:
-        module.to(home)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
 class FantasyTalkingPipeline:
     """Portrait + voice -> talking video frames.
 
     Args:
-        models: the loaded parts (see :func:`fantasytalking_core.model_paths.load_models`).
+        models: the loaded parts (see :func:`fantasytalking_core.loaders.model_paths.load_models`).
         device: where the models compute; they wait on their own device (usually the CPU) in between.
     """
 
@@ -179,8 +167,8 @@ class FantasyTalkingPipeline:
             y = image_to_video_condition(m.vae, pixels, voice.num_frames, tile_size=tile)
 
         with on_device(m.dit, self.device):
-            latents = generate_latents(m.dit, text_pos, text_neg, clip_tokens, y, voice.features, voice.num_frames,
-                                       settings, progress)
+            latents = sample_latents(m.dit, text_pos, text_neg, clip_tokens, y, voice.features, voice.num_frames,
+                                     settings, progress)
 
         with on_device(m.vae, self.device):
             video = decode_latents(m.vae, latents, tile_size=tile)  # [1, 3, F, H, W] in -1..1
@@ -190,8 +178,7 @@ class FantasyTalkingPipeline:
         return GenerationResult(frames.clamp(0, 1), recording.waveform[:, :cut], recording.sample_rate, voice.fps)
 
 
-@torch.no_grad()
-def generate_latents(
+def sample_latents(
     dit: FantasyTalkingModel,
     text_pos: torch.Tensor,
     text_neg: torch.Tensor | None,
@@ -202,92 +189,22 @@ def generate_latents(
     settings: GenerationSettings,
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
-    """The denoising run, shared by the pipeline and the ComfyUI sampler node. Runs where ``dit`` is.
-
-    Args:
-        text_pos, text_neg: [1, L, text_dim] umT5 outputs (``text_neg`` None when cfg is 1).
-        clip_tokens: [1, 257, 1280] CLIP penultimate tokens of the reference.
-        image_latents: [1, 20, T, H/8, W/8] the I2V conditioning y.
-        audio_features: [L_audio, 768] wav2vec2 last hidden state of the cropped recording.
-        num_frames: video frames (4n+1) the audio features were made for.
-    Returns:
-        [1, 16, T, H/8, W/8] float32 denoised latent.
-    """
-    device = dit.device
+    """:func:`~.sampling.denoise.generate_latents` with a user's settings: the one place where settings become the
+    guidance config, the sigma schedule, the seed and the (motion-shaped) audio strength. Shared by the pipeline
+    and the ComfyUI sampler node; tensor arguments as in ``generate_latents``. Runs where ``dit`` is."""
     frames, height, width = image_latents.shape[2], image_latents.shape[3] * 8, image_latents.shape[4] * 8
-    if frames != latent_frame_count(num_frames):
-        raise ValueError(f"image_latents has {frames} latent frames but {num_frames} video frames need "
-                         f"{latent_frame_count(num_frames)}.")
-    windows = audio_windows_for_frames(audio_features.shape[0], num_frames)
-    audio_tokens = gather_audio_windows(dit.project_audio(audio_features[None].to(device)), windows)
-    scale = audio_scale_map(settings.motion, settings.audio_scale, frames, height, width, settings.face_box)
-    cond = DiTConditions(text_pos.to(device), None if text_neg is None else text_neg.to(device),
-                         clip_tokens.to(device), image_latents.to(device), audio_tokens,
-                         windows.k_lens_tensor().to(device), scale.to(device) if isinstance(scale, torch.Tensor) else scale)
     start, end = settings.audio_guidance_range
-    guidance = GuidanceConfig(settings.cfg, audio_cfg_for(settings.motion, settings.audio_cfg), start, end)
-    noise = initial_noise((1, dit.transformer.config.out_channels, frames, height // 8, width // 8), settings.seed)
-    velocity = guided_velocity(dit, cond, guidance, settings.steps, batch_passes=settings.batch_passes)
-    on_step = None if progress is None else (lambda d: progress(d["i"] + 1, settings.steps))
-    return sample_flow_euler(velocity, noise.to(device), flow_match_sigmas(settings.steps, settings.shift), on_step)
-
-
-@dataclass
-class FaceCropOptions:
-    """Crop -> generate -> paste back. index: which face (0 = largest); margin: see ``face_crop.square_crop``;
-    feather: blend width in reference pixels; fallback_whole_image: use the whole image when no face is found;
-    box: (x0, y0, x1, y1) of the face in reference pixels, given by the user instead of detection."""
-
-    index: int = 0
-    margin: float = 0.6
-    feather: int = 16
-    fallback_whole_image: bool = False
-    box: tuple[float, float, float, float] | None = None
-
-
-def generate_talking_video(
-    pipe: FantasyTalkingPipeline,
-    image: str | os.PathLike | Image.Image,
-    audio: str | os.PathLike | Mapping,
-    settings: GenerationSettings,
-    face_crop: FaceCropOptions | None = None,
-    progress: ProgressFn | None = None,
-) -> GenerationResult:
-    """The whole job: optional face crop and paste-back around the pipeline, and the face region for motion.
-
-    With ``face_crop`` the model generates on a square around the face and the frames are pasted back into the
-    full-resolution reference (the result has the reference's size). Without it, a non-default motion intensity
-    locates the face in the reference to know where the face intensity applies (whole frame if none is found).
-    """
-    from dataclasses import replace
-
-    from .face_crop import FaceBox, crop_image, detect_faces, paste_back, pick_face, square_crop
-    from .image_io import frame_size
-
-    picture = image if isinstance(image, Image.Image) else load_image(image)
-    full = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255)  # [H, W, 3] in 0..1
-    needs_face = face_crop is not None or (settings.motion is not None and not settings.motion.is_default
-                                           and settings.face_box is None)
-    if face_crop is not None and face_crop.box is not None:
-        faces = [FaceBox(*face_crop.box)]
-    else:
-        faces = detect_faces(full) if needs_face else []
-    if face_crop is not None and (faces or not face_crop.fallback_whole_image):
-        info = square_crop(pick_face(faces, face_crop.index), full.shape[0], full.shape[1], face_crop.margin)
-        crop = Image.fromarray((crop_image(full, info).numpy() * 255).round().astype(np.uint8))
-        side = frame_size(info.size, info.size, settings.image_size)[0]
-        result = pipe(crop, audio, replace(settings, face_box=info.face_in(side, side)), progress)
-        return replace(result, frames=paste_back(result.frames, full, info, face_crop.feather))
-    if faces and settings.face_box is None and settings.motion is not None and not settings.motion.is_default:
-        width, height = frame_size(picture.width, picture.height, settings.image_size)
-        face = pick_face(faces, face_crop.index if face_crop else 0)
-        sx, sy = width / picture.width, height / picture.height
-        settings = replace(settings, face_box=(face.x0 * sx, face.y0 * sy, face.x1 * sx, face.y1 * sy))
-    return pipe(picture, audio, settings, progress)
+    return generate_latents(
+        dit, text_pos, text_neg, clip_tokens, image_latents, audio_features, num_frames,
+        guidance=GuidanceConfig(settings.cfg, audio_cfg_for(settings.motion, settings.audio_cfg), start, end),
+        sigmas=flow_match_sigmas(settings.steps, settings.shift),
+        seed=settings.seed,
+        audio_scale=audio_scale_map(settings.motion, settings.audio_scale, frames, height, width, settings.face_box),
+        batch_passes=settings.batch_passes,
+        progress=progress,
+    )
 
 
 def save_result(result: GenerationResult, path: str | Path) -> Path:
     """Write ``result`` as an H.264 mp4 with the voice muxed as AAC."""
-    from .video_writer import write_video
-
     return write_video(path, result.frames, result.fps, result.audio, result.sample_rate)

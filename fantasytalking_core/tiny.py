@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .model_paths import ModelFiles
+from .loaders.model_paths import ModelFiles
 
 TINY_DIR = Path(__file__).parent / "configs" / "tiny"
 
@@ -46,10 +46,10 @@ def make_tiny_models(folder: str | Path, seed: int = 0) -> ModelFiles:
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionModel, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model
 
-    from .image_encoder import clip_config
-    from .text_encoder import t5_config
-    from .transformer import build_transformer
-    from .vae import vae_config
+    from .encoders.image import clip_config
+    from .encoders.text import t5_config
+    from .encoders.vae import vae_config
+    from .model.transformer import build_transformer
 
     torch.manual_seed(seed)
     root = Path(folder)

@@ -6,7 +6,7 @@ import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io, ui
 
-from fantasytalking_core.audio_features import DEFAULT_FPS, DEFAULT_MAX_FRAMES
+from fantasytalking_core.audio.rules import DEFAULT_FPS, DEFAULT_MAX_FRAMES
 
 from . import io_types
 from .convert import describe_audio, encode_audio
@@ -15,10 +15,9 @@ from .convert import describe_audio, encode_audio
 class AudioEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return io_types.schema(
             node_id="FantasyTalkingAudioEncode",
             display_name="FantasyTalking Audio Encode",
-            category=io_types.CATEGORY,
             description="Turns the voice recording into the features that drive the lips, and fixes the video length: "
                         "4*floor(fps*seconds/4)+5 frames, at most max_frames.",
             inputs=[

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from fantasytalking_core.motion import DEFAULT_INTENSITY, MotionIntensity
+from fantasytalking_core.face.motion import DEFAULT_INTENSITY, MotionIntensity
 
 from . import io_types
 from .convert import encode_identity
@@ -13,10 +13,9 @@ from .convert import encode_identity
 class IdentityEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return io_types.schema(
             node_id="FantasyTalkingIdentityEncode",
             display_name="FantasyTalking Identity Encode",
-            category=io_types.CATEGORY,
             description="Sizes the portrait to the video and takes its CLIP tokens. The video's first frame is this "
                         "portrait; the sampler encodes it with the VAE once the frame count is known.",
             inputs=[
@@ -53,10 +52,9 @@ class Motion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         intensity = {"default": DEFAULT_INTENSITY, "min": 0.0, "max": 1.0, "step": 0.05}
-        return io.Schema(
+        return io_types.schema(
             node_id="FantasyTalkingMotion",
             display_name="FantasyTalking Motion Intensity",
-            category=io_types.CATEGORY,
             description="How strongly the voice moves the face and the rest of the frame. 0.5 and 0.5 give the "
                         "released model's behaviour exactly. A training-free approximation: the paper's motion module "
                         "was never released.",

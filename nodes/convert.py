@@ -25,15 +25,17 @@ from typing import Any
 
 import torch
 
-from fantasytalking_core.audio_adapter import TEXT_LEN
-from fantasytalking_core.audio_features import AudioFeatures, crop_samples_for_frames, extract_audio_features
+from fantasytalking_core.audio.encode import AudioFeatures, extract_audio_features
+from fantasytalking_core.audio.rules import crop_samples_for_frames
 from fantasytalking_core.errors import AudioInputError, FaceNotFoundError, ImageInputError, ModelFileError
-from fantasytalking_core.face_crop import (CropInfo, box_from_mask, crop_image, detect_faces, paste_back, pick_face,
+from fantasytalking_core.model.adapter import TEXT_LEN
+from fantasytalking_core.face.crop import (CropInfo, box_from_mask, crop_image, detect_faces, paste_back, pick_face,
                                            square_crop)
-from fantasytalking_core.image_io import comfy_image_to_pil, image_to_tensor
-from fantasytalking_core.pipeline import GenerationSettings, generate_latents, on_device
-from fantasytalking_core.transformer import IMAGE_TOKENS, FantasyTalkingModel
-from fantasytalking_core.vae import first_frame_mask, latent_num_frames, vae_config
+from fantasytalking_core.encoders.vae import first_frame_mask, latent_num_frames, vae_config
+from fantasytalking_core.media.image import comfy_image_to_pil, image_to_tensor
+from fantasytalking_core.model.transformer import IMAGE_TOKENS, FantasyTalkingModel
+from fantasytalking_core.pipeline import GenerationSettings, sample_latents
+from fantasytalking_core.runtime.placement import on_device
 
 logger = logging.getLogger(__name__)
 
@@ -350,6 +352,6 @@ def sample_video(
     if make_room is not None:
         make_room()
     with on_device(model, device):
-        latents = generate_latents(model, text_pos, text_neg, identity.clip_tokens, y, voice.features.features,
-                                   num_frames, settings, progress)
+        latents = sample_latents(model, text_pos, text_neg, identity.clip_tokens, y, voice.features.features,
+                                 num_frames, settings, progress)
     return decode_frames(identity.vae, latents)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from fantasytalking_core.face_crop import DEFAULT_MARGIN
-from fantasytalking_core.identity import identity_similarity
+from fantasytalking_core.face.crop import DEFAULT_MARGIN
+from fantasytalking_core.face.identity import identity_similarity
 
 from . import io_types
 from .convert import crop_face, paste_face
@@ -14,10 +14,9 @@ from .convert import crop_face, paste_face
 class FaceCrop(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return io_types.schema(
             node_id="FantasyTalkingFaceCrop",
             display_name="FantasyTalking Face Crop",
-            category=io_types.CATEGORY,
             description="Cuts a square around the face so the model spends its whole resolution on it. Feed the crop "
                         "to CLIP Vision Encode and Identity Encode, and the crop info to Face Paste Back.",
             inputs=[
@@ -51,10 +50,9 @@ class FaceCrop(io.ComfyNode):
 class FacePasteBack(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return io_types.schema(
             node_id="FantasyTalkingFacePasteBack",
             display_name="FantasyTalking Face Paste Back",
-            category=io_types.CATEGORY,
             description="Pastes the generated face video back into the full-resolution portrait, frame by frame, "
                         "with a feathered edge. Upscalers and frame interpolators can sit before or after it.",
             inputs=[
@@ -74,10 +72,9 @@ class FacePasteBack(io.ComfyNode):
 class IdentityCheck(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return io_types.schema(
             node_id="FantasyTalkingIdentityCheck",
             display_name="FantasyTalking Identity Check",
-            category=io_types.CATEGORY,
             description="How much the video still looks like the portrait: cosine similarity of dlib face embeddings "
                         "(like the paper's IDC metric); the same person usually scores above 0.9.",
             inputs=[

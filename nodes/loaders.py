@@ -9,7 +9,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from fantasytalking_core.audio_features import load_wav2vec2
+from fantasytalking_core.audio.wav2vec2 import load_wav2vec2
 from fantasytalking_core.loaders.adapter import load_audio_adapter
 from fantasytalking_core.loaders.wan_dit import load_wan_dit
 
@@ -63,10 +63,9 @@ class ModelLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         adapters = adapter_choices(folder_paths.get_filename_list(ADAPTER_FOLDER),
                                    folder_paths.get_filename_list("diffusion_models"))
-        return io.Schema(
+        return io_types.schema(
             node_id="FantasyTalkingModelLoader",
             display_name="FantasyTalking Model Loader",
-            category=io_types.CATEGORY,
             description="Loads Wan2.1-I2V-14B-720P (the released adapter was trained on it; 480P also runs, not the "
                         "released pairing), any file format, and joins the FantasyTalking audio adapter to it. The "
                         "model waits in RAM and moves to the GPU only while the sampler runs.",
@@ -111,10 +110,9 @@ class Wav2Vec2Loader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         options = (folder_paths.get_filename_list("audio_encoders")
                    + wav2vec2_folders(folder_paths.get_folder_paths(TRANSFORMERS_FOLDER)))
-        return io.Schema(
+        return io_types.schema(
             node_id="FantasyTalkingWav2Vec2Loader",
             display_name="FantasyTalking wav2vec2 Loader",
-            category=io_types.CATEGORY,
             description="Loads facebook/wav2vec2-base-960h, the audio encoder FantasyTalking was trained with. "
                         "Other audio encoders are refused: the adapter cannot read their features.",
             inputs=[

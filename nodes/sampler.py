@@ -17,10 +17,9 @@ DEFAULTS = GenerationSettings()
 class Sampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return io_types.schema(
             node_id="FantasyTalkingSampler",
             display_name="FantasyTalking Sampler",
-            category=io_types.CATEGORY,
             description="Generates the talking video. The frames, the audio cut to the video and the fps go straight "
                         "into Create Video, upscalers or frame interpolators. The model is on the GPU only while "
                         "this node runs; Cancel stops it after the current step.",

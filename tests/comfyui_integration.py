@@ -89,8 +89,8 @@ def write_models(models: Path) -> list[str]:
     from safetensors.torch import load_file, save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, T5Config, T5EncoderModel, Wav2Vec2Model
 
-    from fantasytalking_core.audio_features import bundled_wav2vec2_config
-    from fantasytalking_core.transformer import resolve_config
+    from fantasytalking_core.audio.wav2vec2 import bundled_wav2vec2_config
+    from fantasytalking_core.model.transformer import resolve_config
 
     marker = models / ".fantasytalking-test-models"
     files = {
@@ -476,7 +476,7 @@ def probe_mp4(path: Path) -> dict:
 
 
 def expected_frames(seconds: float, fps: float, max_frames: int) -> int:
-    from fantasytalking_core.audio_features import frames_for_duration
+    from fantasytalking_core.audio.rules import frames_for_duration
 
     return frames_for_duration(seconds, fps, max_frames)
 

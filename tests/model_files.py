@@ -13,9 +13,9 @@ import gguf
 import torch
 from safetensors.torch import save_file
 
+from fantasytalking_core.loaders.keys import wan_key_to_diffusers
 from fantasytalking_core.loaders.state_dict import open_checkpoint
-from fantasytalking_core.loaders.wan_dit import wan_key_to_diffusers
-from fantasytalking_core.transformer import build_transformer, resolve_config
+from fantasytalking_core.model.transformer import build_transformer, resolve_config
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 
@@ -166,12 +166,12 @@ def write_fixture_set(root: Path, config: dict, proj_dim: int, num_frames: int, 
     command's handling of other sizes, seeds, frame counts and non-square frames)."""
     import shutil
 
-    from fantasytalking_core.audio_adapter import AudioConditioning
-    from fantasytalking_core.audio_windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
-    from fantasytalking_core.guidance import GuidanceConfig
+    from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
+    from fantasytalking_core.model.adapter import AudioConditioning
     from fantasytalking_core.parity import load_fixture_model
-    from fantasytalking_core.sampler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
-    from fantasytalking_core.schedule import flow_match_sigmas
+    from fantasytalking_core.sampling.euler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
+    from fantasytalking_core.sampling.guidance import GuidanceConfig
+    from fantasytalking_core.sampling.schedule import flow_match_sigmas
 
     dit = root / "dit"
     dit.mkdir(parents=True)

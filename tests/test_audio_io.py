@@ -1,4 +1,4 @@
-"""fantasytalking_core.audio_io: decoding, ComfyUI AUDIO values, mono mixing, resampling, bad input."""
+"""fantasytalking_core.audio.io: decoding, ComfyUI AUDIO values, mono mixing, resampling, bad input."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import soxr
 import torch
 
-from fantasytalking_core import audio_io
-from fantasytalking_core.audio_io import (
+from fantasytalking_core.audio import io as audio_io
+from fantasytalking_core.audio.io import (
     DecodedAudio,
     decode_audio_file,
     from_comfy_audio,

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from fantasytalking_core.audio_windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
+from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
 
 CASES = json.loads((__import__("pathlib").Path(__file__).parent / "fixtures/official/windows.json").read_text())["cases"]
 

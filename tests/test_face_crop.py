@@ -5,7 +5,7 @@ import torch
 from skimage import data
 
 from fantasytalking_core.errors import FaceNotFoundError
-from fantasytalking_core.face_crop import (CropInfo, FaceBox, box_from_mask, crop_image, detect_faces, feather_mask,
+from fantasytalking_core.face.crop import (CropInfo, FaceBox, box_from_mask, crop_image, detect_faces, feather_mask,
                                            paste_back, pick_face, square_crop)
 
 

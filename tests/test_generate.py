@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fantasytalking_core.model_paths import MissingModelsError, find_model_files
+from fantasytalking_core.loaders.model_paths import MissingModelsError, find_model_files
 
 
 @pytest.fixture(scope="module")

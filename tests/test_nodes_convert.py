@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fantasytalking_core.audio_features import crop_samples_for_frames
+from fantasytalking_core.audio.rules import crop_samples_for_frames
 from fantasytalking_core.errors import ModelFileError
-from fantasytalking_core.image_encoder import encode_image_clip
-from fantasytalking_core.image_io import image_to_tensor
-from fantasytalking_core.model_paths import load_models
+from fantasytalking_core.encoders.image import encode_image_clip
+from fantasytalking_core.media.image import image_to_tensor
+from fantasytalking_core.loaders.model_paths import load_models
 from fantasytalking_core.pipeline import FantasyTalkingPipeline, GenerationSettings
-from fantasytalking_core.text_encoder import encode_prompt
+from fantasytalking_core.encoders.text import encode_prompt
 from fantasytalking_core.tiny import make_tiny_models
-from fantasytalking_core.vae import first_frame_mask, vae_config
+from fantasytalking_core.encoders.vae import first_frame_mask, vae_config
 from nodes import convert
 from nodes.convert import (
     EncodedAudio,
@@ -107,7 +107,7 @@ def comfy_conditioning(tokens: torch.Tensor, rows: int = 512) -> list:
 
 
 def test_node_path_makes_the_pipeline_video(models, face, voice):
-    """Comfy-type conversions + generate_latents + ComfyUI-style VAE calls give the pipeline's frames: the latent
+    """Comfy-type conversions + sample_latents + ComfyUI-style VAE calls give the pipeline's frames: the latent
     normalization, the conditioning video (grey = 0), the mask and the frame layout are all right."""
     settings = GenerationSettings(steps=2, image_size=32, seed=5, cfg=4.5, audio_cfg=3.0)
     pipe = FantasyTalkingPipeline(models)

@@ -31,3 +31,15 @@ def test_registry_fields():
     assert comfy["PublisherId"] and comfy["DisplayName"]
     icon = comfy["Icon"]
     assert icon.startswith("https://") and (ROOT / icon.split("/main/", 1)[1]).is_file()  # the file it points at
+
+
+def test_a_wheel_ships_every_subpackage_and_config():
+    """setuptools finds packages by their __init__.py and ships only the package-data globs: a folder without one,
+    or a config outside the globs, works from a checkout but is missing from an installed wheel."""
+    engine = ROOT / "fantasytalking_core"
+    for folder in {p.parent for p in engine.rglob("*.py")}:
+        assert (folder / "__init__.py").is_file(), f"{folder} has no __init__.py"
+    globs = PYPROJECT["tool"]["setuptools"]["package-data"]["fantasytalking_core"]
+    shipped = {p for g in globs for p in engine.glob(g)}
+    configs = set((engine / "configs").rglob("*.json"))
+    assert configs and configs <= shipped, sorted(str(p) for p in configs - shipped)

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from PIL import Image
 
-from fantasytalking_core.model_paths import load_models
-from fantasytalking_core.motion import MotionIntensity
+from fantasytalking_core.face.motion import MotionIntensity
+from fantasytalking_core.loaders.model_paths import load_models
 from fantasytalking_core.pipeline import FantasyTalkingPipeline, GenerationSettings
 from fantasytalking_core.tiny import make_tiny_models
 
@@ -86,31 +86,11 @@ def test_interrupt_from_progress_stops_the_run_and_sends_every_model_home(pipe, 
         assert mine[-1] == "cpu", f"{name} was left on {mine[-1]}"
 
 
-def test_on_device_moves_back_when_the_move_itself_fails():
-    from fantasytalking_core.pipeline import on_device
-
-    layer = torch.nn.Linear(2, 2)
-    calls = []
-    original = layer.to
-
-    def failing_to(device, *a, **k):
-        calls.append(str(device))
-        if str(device) == "meta":
-            raise RuntimeError("out of memory half-way")
-        return original(device, *a, **k)
-
-    layer.to = failing_to
-    with pytest.raises(RuntimeError, match="half-way"):
-        with on_device(layer, torch.device("meta")):
-            pass
-    assert calls == ["meta", "cpu"]
-
-
 def test_face_crop_generates_on_the_face_and_pastes_back_at_full_size(pipe, voice):
     from skimage import data
 
-    from fantasytalking_core.face_crop import detect_faces, pick_face, square_crop
-    from fantasytalking_core.pipeline import FaceCropOptions, generate_talking_video
+    from fantasytalking_core.face.crop import detect_faces, pick_face, square_crop
+    from fantasytalking_core.face.workflow import FaceCropOptions, generate_talking_video
 
     photo = Image.fromarray(data.astronaut())
     result = generate_talking_video(pipe, photo, voice, GenerationSettings(steps=1, image_size=32, seed=5),
@@ -127,7 +107,7 @@ def test_face_crop_generates_on_the_face_and_pastes_back_at_full_size(pipe, voic
 
 def test_face_crop_without_a_face_fails_clearly_or_falls_back(pipe, face, voice):
     from fantasytalking_core.errors import FaceNotFoundError
-    from fantasytalking_core.pipeline import FaceCropOptions, generate_talking_video
+    from fantasytalking_core.face.workflow import FaceCropOptions, generate_talking_video
 
     settings = GenerationSettings(steps=1, image_size=32, seed=5)
     with pytest.raises(FaceNotFoundError, match="No face was found"):

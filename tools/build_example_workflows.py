@@ -44,7 +44,7 @@ from comfyui_integration import (
     write_models,
 )
 
-from fantasytalking_core.text_encoder import DEFAULT_NEGATIVE_PROMPT, clean_prompt
+from fantasytalking_core.encoders.text import DEFAULT_NEGATIVE_PROMPT, clean_prompt
 
 OUT = ROOT / "example_workflows"
 DOCS = ROOT / "docs"

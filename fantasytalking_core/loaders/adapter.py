@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
-from ..audio_adapter import attach_audio_adapter
 from ..errors import ModelFileError
-from ..transformer import FantasyTalkingModel, compute_dtype
+from ..model.adapter import attach_audio_adapter
+from ..model.transformer import FantasyTalkingModel, compute_dtype
+from .common import assign_tensor, identify_checkpoint, key_mismatch_error
 from .state_dict import open_checkpoint
-from .common import assign_tensor, identify_checkpoint
 
+_PROC_KEY = "audio_processor.blocks.{i}.cross_attn.processor.{kv}_proj.weight"
 _PROC_RE = re.compile(r"^audio_processor\.blocks\.(\d+)\.cross_attn\.processor\.([kv])_proj\.weight$")
 PROJ_KEYS = ("proj_model.proj.weight", "proj_model.norm.weight", "proj_model.norm.bias")
 NEEDED = "FantasyTalking audio adapter (fantasytalking_model.ckpt or its .safetensors repack)"
@@ -60,14 +61,14 @@ def load_audio_adapter(
     absent = sorted(want - set(blocks))
     extra = sorted(set(blocks) - want)
     if unexpected or absent or extra:
-        parts = []
+        hint = f"The adapter needs k/v for each of the DiT's blocks (DiT has {num_layers})"
         if absent:
-            parts.append(f"no k/v for blocks {sorted({i for i, _ in absent})[:8]}")
+            hint += f"; no k/v for blocks {sorted({i for i, _ in absent})[:8]}"
         if extra:
-            parts.append(f"k/v for blocks the DiT does not have ({sorted({i for i, _ in extra})[:8]}, DiT has {num_layers})")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}")
-        raise ModelFileError(f"{path} does not fit this DiT: {'; '.join(parts)}.")
+            hint += f"; k/v for blocks the DiT does not have ({sorted({i for i, _ in extra})[:8]})"
+        missing = [(name, name) for name in (_PROC_KEY.format(i=i, kv=kv) for i, kv in absent)]
+        raise key_mismatch_error(path, "audio adapter", hint + f". Needed: the {NEEDED} for this DiT.", missing,
+                                 unexpected + [blocks[b] for b in extra], {})
     for key in blocks.values():
         if ckpt.shapes[key] != (dim, proj_dim):
             raise ModelFileError(

@@ -75,7 +75,7 @@ def assign_weights(
         if shape != expected[target]:
             wrong_shape.setdefault(src.key or target, (ckpt.shapes.get(src.key, shape), expected[target]))
     if missing or unexpected or wrong_shape:
-        raise ModelFileError(_mismatch_message(ckpt, kind, fix, missing, unexpected, wrong_shape))
+        raise key_mismatch_error(ckpt.path, kind, fix, missing, unexpected, wrong_shape, list(ckpt.shapes))
 
     by_key: dict[str | None, list[tuple[str, Callable | None]]] = defaultdict(list)
     for target, src in plan.items():
@@ -158,8 +158,34 @@ def assign_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> Non
         module._buffers[leaf] = value.data if isinstance(value, torch.nn.Parameter) else value
 
 
-def _mismatch_message(ckpt, kind, fix, missing, unexpected, wrong_shape, limit: int = 5) -> str:
-    lines = [f"{ckpt.path} does not match the {kind} it is loaded into:"]
+def check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], source: str | Path,
+               kind: str, fix: str, file_keys: list[str] | None = None) -> None:
+    """Strict: every ``expected`` tensor in ``found`` with its shape, nothing extra; else :func:`key_mismatch_error`.
+
+    ``found`` and ``expected`` map tensor names (in the same naming) to shapes; ``file_keys``, when given, lets
+    the message say what the file looks like.
+    """
+    missing = [(k, k) for k in sorted(expected) if k not in found]
+    unexpected = sorted(k for k in found if k not in expected)
+    wrong = {k: (tuple(found[k]), tuple(expected[k])) for k in sorted(expected)
+             if k in found and tuple(found[k]) != tuple(expected[k])}
+    if missing or unexpected or wrong:
+        raise key_mismatch_error(source, kind, fix, missing, unexpected, wrong, file_keys)
+
+
+def key_mismatch_error(
+    source: str | Path, kind: str, fix: str, missing: list[tuple[str, str | None]], unexpected: list[str],
+    wrong_shape: Mapping[str, tuple[tuple, tuple]], file_keys: list[str] | None = None, limit: int = 5,
+) -> ModelFileError:
+    """The one strict key-mismatch message of every loader: the file, the first offending keys of each kind, what
+    the file looks like (from ``file_keys``) and ``fix``.
+
+    Args:
+        missing: (model tensor, file key it should come from, or None when nothing maps to it).
+        unexpected: file keys nothing uses.
+        wrong_shape: file key (or model tensor) -> (shape in the file, shape the model needs).
+    """
+    lines = [f"{source} does not match the {kind} it is loaded into:"]
     if missing:
         shown = ", ".join(f"'{k}'" if k else f"(nothing maps to model tensor '{t}')" for t, k in missing[:limit])
         lines.append(f"  {len(missing)} tensor(s) missing from the file, e.g. {shown}")
@@ -170,11 +196,11 @@ def _mismatch_message(ckpt, kind, fix, missing, unexpected, wrong_shape, limit: 
         shown = "; ".join(f"'{k}' is {list(f)} in the file, the model needs {list(m)}"
                           for k, (f, m) in list(wrong_shape.items())[:limit])
         lines.append(f"  {len(wrong_shape)} tensor(s) of the wrong size: {shown}")
-    guess = describe_checkpoint(list(ckpt.shapes))
+    guess = describe_checkpoint(file_keys) if file_keys else None
     if guess:
         lines.append(f"  The file looks like {guess}.")
     lines.append(fix)
-    return "\n".join(lines)
+    return ModelFileError("\n".join(lines))
 
 
 # Key markers (a key ending with the marker) that identify what a file is: (marker, kind, description).

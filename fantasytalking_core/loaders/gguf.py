@@ -16,11 +16,12 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from ..errors import ModelFileError
+from ..model.transformer import build_transformer
+from .common import assign_tensor
+from .keys import check_dit_keys, check_matches_config, fp32_names, inspect_wan_checkpoint, model_names
 
 if TYPE_CHECKING:
     import gguf
-from ..transformer import build_transformer
-from .common import assign_tensor
 
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -56,17 +57,15 @@ def load_gguf_dit(path: Path, config: dict, compute_dtype: torch.dtype = torch.b
     """Load a GGUF Wan2.1-I2V DiT described by ``config`` (a ``WanTransformer3DModel`` config dict)."""
     from diffusers.quantizers.gguf.utils import GGUFParameter, _replace_with_gguf_linear, dequantize_gguf_tensor
 
-    from .wan_dit import _file_to_names, _fp32_names, check_keys, check_matches_config, inspect_wan_checkpoint
-
     reader = _reader(path)
     shapes = gguf_shapes(reader)
     info = inspect_wan_checkpoint(shapes)
     check_matches_config(info, config, str(path))
-    names = _file_to_names(list(shapes), info.key_format)
+    names = model_names(list(shapes), info.key_format)
     model = build_transformer(config, empty=True)
-    check_keys({names[k]: v for k, v in shapes.items()}, model, str(path))
+    check_dit_keys({names[k]: v for k, v in shapes.items()}, model, str(path))
 
-    keep_fp32 = _fp32_names(model)
+    keep_fp32 = fp32_names(model)
     quantized = {names[t.name]: t.tensor_type for t in reader.tensors if t.tensor_type.name not in _FLOAT_TYPES}
     markers = {n: GGUFParameter(torch.empty(0, dtype=torch.uint8), quant_type=q) for n, q in quantized.items()
                if n not in keep_fp32}

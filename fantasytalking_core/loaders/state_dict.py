@@ -149,16 +149,23 @@ def _open_safetensors(shard_map: dict[str, Path] | None, path: Path) -> Checkpoi
     return _with_fp8_scales(Checkpoint(path, shapes, dtypes, locations))
 
 
-def _open_pickle(path: Path) -> Checkpoint:
+def load_pickle(path: Path, mmap: bool = True) -> object:
+    """What a torch pickle holds, read with ``weights_only`` (no code runs); ``mmap``: memory-mapped where the format
+    allows (tensors are read when used), else read into memory."""
     try:
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
         except RuntimeError:  # old (non-zip) pickles cannot be memory-mapped
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            if not mmap:
+                raise
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or non-checkpoint files
         raise ModelFileError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc}). "
                              "Re-download the file or choose another one.") from None
-    flat = flatten_state_dict(state)
+
+
+def _open_pickle(path: Path) -> Checkpoint:
+    flat = flatten_state_dict(load_pickle(path))
     shapes = {k: tuple(v.shape) for k, v in flat.items()}
     dtypes = {k: v.dtype for k, v in flat.items()}
     return _with_fp8_scales(Checkpoint(path, shapes, dtypes, {}, _pickle=flat))

@@ -9,123 +9,18 @@ Anything else that is a model (T2V, 1.3B, Wan2.2, a VAE, a text encoder, ...) is
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
-from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from torch import nn
 
-from ..errors import ModelFileError, ModelNotFoundError
-from ..transformer import build_transformer, resolve_config
-from .common import assign_tensor, identify_checkpoint
-from .state_dict import FP8_DTYPES, open_checkpoint, strip_prefix
-
-COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
-NEEDED = "Wan2.1-I2V-14B (480P or 720P) diffusion model, e.g. wan2.1_i2v_480p_14B_bf16.safetensors"
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class WanCheckpointInfo:
-    """What a DiT checkpoint is, read from its key names and shapes alone (no weight is read)."""
-
-    key_format: str  # "wan" (original / ComfyUI) or "diffusers"
-    dim: int
-    in_channels: int
-    num_layers: int
-    ffn_dim: int
-    text_dim: int
-    has_image_embedding: bool
-    extras: tuple[str, ...]  # model families recognised by extra keys (vace, animate, flf2v ...)
-
-    def describe(self) -> str:
-        kind = "I2V" if self.has_image_embedding and self.in_channels == 36 else (
-            "T2V" if self.in_channels == 16 else f"{self.in_channels}-channel")
-        extra = f", with {'/'.join(self.extras)} layers" if self.extras else ""
-        return f"a Wan {kind} DiT with dim {self.dim}, {self.num_layers} blocks{extra}"
-
-
-def inspect_wan_checkpoint(shapes: dict[str, tuple[int, ...]]) -> WanCheckpointInfo:
-    """Classify a DiT state dict from key names and shapes; raise ModelFileError for non-Wan files."""
-    keys = list(shapes)
-    found = identify_checkpoint(keys)
-    if found is not None and found[0] != "dit":
-        raise ModelFileError(f"This file is {found[1]}, not a Wan diffusion model. FantasyTalking needs the {NEEDED}.")
-    _, stripped = strip_prefix(keys, COMFY_PREFIXES)
-    shapes = {k: shapes[v] for k, v in stripped.items()}
-    if "patch_embedding.weight" not in shapes:
-        raise ModelFileError(f"No Wan DiT found in this file (no 'patch_embedding.weight'). Needed: the {NEEDED}.")
-    fmt = "diffusers" if "proj_out.weight" in shapes else "wan"
-    dim, in_channels = shapes["patch_embedding.weight"][:2]
-    layers = {int(m.group(1)) for k in shapes if (m := _BLOCK_RE.match(k))}
-    ffn_key = "blocks.0.ffn.0.weight" if fmt == "wan" else "blocks.0.ffn.net.0.proj.weight"
-    text_key = "text_embedding.0.weight" if fmt == "wan" else "condition_embedder.text_embedder.linear_1.weight"
-    img_prefix = "img_emb." if fmt == "wan" else "condition_embedder.image_embedder."
-    extras = tuple(name for name, prefix in (
-        ("VACE", "vace_blocks."), ("Animate", "motion_encoder."), ("FLF2V", img_prefix + "emb_pos"),
-        ("FLF2V", img_prefix + "pos_embed")) if any(k.startswith(prefix) for k in shapes))
-    return WanCheckpointInfo(
-        key_format=fmt,
-        dim=dim,
-        in_channels=in_channels,
-        num_layers=len(layers),
-        ffn_dim=shapes[ffn_key][0] if ffn_key in shapes else 0,
-        text_dim=shapes[text_key][1] if text_key in shapes else 0,
-        has_image_embedding=any(k.startswith(img_prefix) for k in shapes),
-        extras=extras,
-    )
-
-
-def check_matches_config(info: WanCheckpointInfo, config: dict, source: str) -> None:
-    """Refuse a checkpoint that is not the Wan2.1 I2V model ``config`` describes, saying what it is."""
-    dim = config["num_attention_heads"] * config["attention_head_dim"]
-    want = (dim, config["in_channels"], config["num_layers"], config["ffn_dim"], config["text_dim"])
-    found = (info.dim, info.in_channels, info.num_layers, info.ffn_dim, info.text_dim)
-    if info.has_image_embedding and info.in_channels == 36 and not info.extras and want == found:
-        return
-    hint = ""
-    if info.in_channels == 16:
-        hint = " A text-to-video (T2V) model cannot animate a portrait."
-    elif not info.has_image_embedding and info.in_channels == 36:
-        hint = " This looks like Wan2.2 I2V, which FantasyTalking was not trained on."
-    elif info.dim != dim:
-        hint = " FantasyTalking's adapter was trained on the 14B model (dim 5120); other sizes cannot use it."
-    raise ModelFileError(
-        f"{source} is {info.describe()} ({info.in_channels} input channels, CLIP image embedding: "
-        f"{'yes' if info.has_image_embedding else 'no'}), but FantasyTalking needs the {NEEDED} "
-        f"(dim {dim}, {config['num_layers']} blocks, 36 input channels, CLIP image embedding).{hint}"
-    )
-
-
-def wan_key_to_diffusers(key: str) -> str:
-    """One original-Wan key -> its ``WanTransformer3DModel`` name (diffusers' own rename table)."""
-    return next(iter(convert_wan_transformer_to_diffusers({key: None})))
-
-
-def check_keys(found: dict[str, tuple[int, ...]], model: nn.Module, source: str, skip: str = ".processor.") -> None:
-    """Strict: every model tensor present with its shape, nothing extra; raise ModelFileError listing the first few."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if skip not in k}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != expected[k])
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:5])})")
-        if wrong:
-            parts.append("wrong shapes: " + ", ".join(f"{k} {tuple(found[k])} vs {expected[k]}" for k in wrong[:5]))
-        raise ModelFileError(f"{source} does not match the model it is loaded into: {'; '.join(parts)}.")
-
-
-def _fp32_names(model: WanTransformer3DModel) -> set[str]:
-    """Parameters diffusers keeps in float32 when the rest is half precision (norms, time embedder, modulation)."""
-    patterns = model._keep_in_fp32_modules or []
-    return {n for n, _ in model.named_parameters() if any(p in n.split(".") or p in n for p in patterns)}
+from ..errors import ModelNotFoundError
+from ..model.transformer import build_transformer, resolve_config
+from .common import assign_tensor
+from .gguf import load_gguf_dit
+from .keys import NEEDED, check_dit_keys, check_matches_config, fp32_names, inspect_wan_checkpoint, model_names
+from .state_dict import FP8_DTYPES, open_checkpoint
 
 
 def _target_dtype(
@@ -196,8 +91,6 @@ def load_wan_dit(
     file, folder_config = _resolve_files(Path(path))
     config = resolve_config(config if config is not None else folder_config)
     if file.name.lower().endswith(".gguf"):
-        from .gguf import load_gguf_dit
-
         # quantized weights stay as stored; ``dtype`` (if a float type) sets what the rest is kept and computed in
         float_dtype = dtype if dtype is not None and dtype not in FP8_DTYPES else compute_dtype
         return load_gguf_dit(file, config, compute_dtype=float_dtype, device=device)
@@ -206,10 +99,10 @@ def load_wan_dit(
     check_matches_config(info, config, str(path))
 
     model = build_transformer(config, empty=True)
-    names = _file_to_names(ckpt.keys, info.key_format)
-    check_keys({names[k]: ckpt.shapes[k] for k in ckpt.keys}, model, str(path))
+    names = model_names(ckpt.keys, info.key_format)
+    check_dit_keys({names[k]: ckpt.shapes[k] for k in ckpt.keys}, model, str(path))
 
-    keep_fp32 = _fp32_names(model)
+    keep_fp32 = fp32_names(model)
     store_fp8 = fp8_storage or dtype in FP8_DTYPES
     scales: dict[str, torch.Tensor] = {}
     for key in ckpt.keys:
@@ -228,13 +121,6 @@ def load_wan_dit(
     if store_fp8:
         enable_fp8_storage(model, scales)
     return model
-
-
-def _file_to_names(keys: list[str], key_format: str) -> dict[str, str]:
-    """File key -> model parameter name (prefix stripped, Wan names renamed to diffusers')."""
-    _, stripped = strip_prefix(keys, COMFY_PREFIXES)
-    convert = wan_key_to_diffusers if key_format == "wan" else (lambda k: k)
-    return {original: convert(short) for short, original in stripped.items()}
 
 
 class FP8Linear(nn.Linear):

@@ -1,0 +1,170 @@
+"""Finding the model files in a ComfyUI ``models/`` tree or the official FantasyTalking layout, and loading them.
+
+Every missing file is reported at once, with where it goes and where it comes from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import FantasyTalkingError
+
+# What each part is, where it goes in ComfyUI, where it comes from, and the names to look for (globs, lower case,
+# searched recursively; official-layout names last).
+PARTS: dict[str, dict[str, Any]] = {
+    "dit": {
+        "what": "Wan2.1-I2V-14B-720P diffusion model (the released adapter's pairing; 480P also runs)",
+        "folder": "diffusion_models",
+        "source": "Comfy-Org/Wan_2.1_ComfyUI_repackaged (wan2.1_i2v_720p_14B_bf16.safetensors, fp16/fp8 variants), "
+                  "city96/Wan2.1-I2V-14B-720P-gguf, or Wan-AI/Wan2.1-I2V-14B-720P",
+        "globs": ("*i2v*14b*.safetensors", "*i2v*14b*.gguf", "*i2v*14b*/*.safetensors.index.json"),
+    },
+    "adapter": {
+        "what": "FantasyTalking audio adapter",
+        "folder": "fantasytalking",
+        "source": "acvlab/FantasyTalking (fantasytalking_model.ckpt) or Kijai/WanVideo_comfy (fantasytalking_fp16.safetensors)",
+        "globs": ("*fantasytalking*.ckpt", "*fantasytalking*.safetensors"),
+    },
+    "text_encoder": {
+        "what": "umT5-XXL text encoder",
+        "folder": "text_encoders",
+        "source": "Comfy-Org/Wan_2.1_ComfyUI_repackaged (umt5_xxl_fp16.safetensors) or the Wan release "
+                  "(models_t5_umt5-xxl-enc-bf16.pth)",
+        "globs": ("umt5*xxl*.safetensors", "models_t5_umt5-xxl-enc-bf16.pth"),
+    },
+    "tokenizer": {
+        "what": "umT5 tokenizer folder (tokenizer.json / spiece.model)",
+        "folder": "text_encoders/umt5-xxl",
+        "source": "google/umt5-xxl (the tokenizer files), also inside the Wan release as google/umt5-xxl/",
+        "globs": ("umt5-xxl/tokenizer_config.json", "umt5-xxl/tokenizer.json", "umt5-xxl/spiece.model"),
+        "parent": True,
+    },
+    "image_encoder": {
+        "what": "CLIP ViT-H/14 vision encoder",
+        "folder": "clip_vision",
+        "source": "Comfy-Org/Wan_2.1_ComfyUI_repackaged (clip_vision_h.safetensors) or the Wan release "
+                  "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth)",
+        "globs": ("clip_vision_h*.safetensors", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"),
+    },
+    "vae": {
+        "what": "Wan2.1 VAE",
+        "folder": "vae",
+        "source": "Comfy-Org/Wan_2.1_ComfyUI_repackaged (wan_2.1_vae.safetensors) or the Wan release (Wan2.1_VAE.pth)",
+        "globs": ("wan_2.1_vae*.safetensors", "wan2.1_vae.pth"),
+    },
+    "wav2vec2": {
+        "what": "wav2vec2-base-960h audio encoder",
+        "folder": "audio_encoders",
+        "source": "facebook/wav2vec2-base-960h (a folder with config.json + model.safetensors, or one .safetensors file)",
+        "globs": ("*wav2vec2-base-960h*.safetensors", "wav2vec2-base-960h/config.json"),
+        "parent_for": "config.json",
+    },
+}
+
+
+class MissingModelsError(FantasyTalkingError, FileNotFoundError):
+    """Some model files were not found; the message lists every one."""
+
+
+@dataclass
+class ModelFiles:
+    """Paths of every part; ``configs`` optionally overrides a part's architecture (tiny test models)."""
+
+    dit: Path
+    adapter: Path
+    text_encoder: Path
+    tokenizer: Path
+    image_encoder: Path
+    vae: Path
+    wav2vec2: Path
+    configs: dict[str, Any] = field(default_factory=dict)
+
+
+def _preference(rel: str) -> tuple[int, str]:
+    """Sort key among paths (relative to the models folder, lower case) that match one pattern: 720P first (the
+    released adapter was trained on Wan2.1-I2V-14B-720P), then by path so the pick does not depend on the file
+    system's order."""
+    return (0 if "720p" in rel else 1, rel)
+
+
+def _find(root: Path, spec: dict[str, Any]) -> Path | None:
+    tree = {p.relative_to(root).as_posix().lower(): p for p in root.rglob("*")}
+    for pattern in spec["globs"]:
+        matches = {rel: p for rel, p in tree.items() if Path(rel).match(pattern)}
+        if matches:
+            path = matches[min(matches, key=_preference)]
+            if spec.get("parent") or (spec.get("parent_for") and path.name == spec["parent_for"]):
+                return path.parent
+            return path
+    return None
+
+
+def is_480p(dit: str | Path) -> bool:
+    """True when a DiT's file or folder name says 480P: it runs (same architecture) but is not the adapter's
+    pairing."""
+    path = Path(dit)
+    return "480p" in f"{path.parent.name}/{path.name}".lower()
+
+
+def find_model_files(models_dir: str | Path | None, **explicit: str | Path | None) -> ModelFiles:
+    """Locate every part under ``models_dir`` (a ComfyUI ``models/`` folder or the official ``models/``).
+
+    ``explicit`` files (e.g. ``dit=...``, the command line's ``--dit``) take precedence and need no ``models_dir``.
+    When both a 720P and a 480P DiT are present, 720P is picked. Raises :class:`MissingModelsError` listing each
+    missing part, the folder it belongs in and where to download it.
+    """
+    root = Path(models_dir) if models_dir is not None else None
+    if root is not None and not root.is_dir():
+        raise MissingModelsError(f"Models folder not found: {root}. Pass --models with your ComfyUI/models folder.")
+    found: dict[str, Path] = {}
+    missing = []
+    for name, spec in PARTS.items():
+        given = explicit.get(name)
+        if given is not None and not Path(given).exists():
+            missing.append(f"  - {spec['what']}: {given} does not exist")
+            continue
+        path = Path(given) if given is not None else (_find(root, spec) if root is not None else None)
+        if path is None:
+            where = root / spec["folder"] if root is not None else f"<models>/{spec['folder']}"
+            missing.append(f"  - {spec['what']}: put it in {where}/  (from {spec['source']})")
+        else:
+            found[name] = path
+    if missing:
+        raise MissingModelsError("Missing model files:\n" + "\n".join(missing))
+    return ModelFiles(**found)
+
+
+def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, fp8_storage: bool = False):
+    """Load every part on the CPU (the pipeline moves each to the compute device while it works).
+
+    The DiT (with the adapter's k/v) and umT5 compute in ``compute_dtype`` whatever their files store (fp32
+    shards, fp16, bf16, fp8, GGUF): bf16 is what the official code runs. fp8 weights stay fp8 with
+    ``fp8_storage``, GGUF weights stay quantized; both are upcast layer by layer. CLIP runs in float32 and
+    wav2vec2 in float32, as in the official code.
+    """
+    from ..audio.wav2vec2 import load_wav2vec2
+    from ..encoders.image import load_image_encoder
+    from ..encoders.text import load_text_encoder, load_tokenizer
+    from ..encoders.vae import load_vae
+    from ..pipeline import FantasyTalkingModels
+    from .adapter import load_audio_adapter
+    from .wan_dit import load_wan_dit
+
+    cfg = files.configs
+    dit = load_wan_dit(files.dit, config=cfg.get("dit"), dtype=compute_dtype, fp8_storage=fp8_storage,
+                       compute_dtype=compute_dtype)
+    return FantasyTalkingModels(
+        dit=load_audio_adapter(files.adapter, dit),
+        vae=load_vae(files.vae, config=cfg.get("vae")),
+        text_encoder=load_text_encoder(files.text_encoder, config=cfg.get("text_encoder"), dtype=compute_dtype),
+        tokenizer=load_tokenizer(files.tokenizer),
+        image_encoder=load_image_encoder(files.image_encoder, config=cfg.get("image_encoder"), dtype=torch.float32),
+        wav2vec2=load_wav2vec2(files.wav2vec2, config=cfg.get("wav2vec2")),
+    )
+
+
+__all__ = ["MissingModelsError", "ModelFiles", "find_model_files", "is_480p", "load_models"]

@@ -1,0 +1,174 @@
+"""The FantasyTalking DiT: diffusers' ``WanTransformer3DModel`` plus the audio adapter, with one forward.
+
+Configs are data: the Wan2.1-I2V-14B configs ship in ``configs/`` and other sizes come as a dict or JSON file,
+in diffusers' terms or in Wan's own constructor terms (``dim``, ``num_heads``, ...), see :func:`resolve_config`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import WanTransformer3DModel
+from torch import nn
+
+from .adapter import TEXT_LEN, AudioConditioning, AudioProjModel, audio_processors
+from ..errors import ModelFileError
+
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
+BUNDLED_DIT_CONFIGS = {
+    "wan2.1_i2v_14b_480p": CONFIG_DIR / "wan2.1_i2v_14b_480p.json",
+    "wan2.1_i2v_14b_720p": CONFIG_DIR / "wan2.1_i2v_14b_720p.json",
+}
+DEFAULT_DIT_CONFIG = "wan2.1_i2v_14b_480p"
+IMAGE_TOKENS = 257  # CLIP ViT-H/14 penultimate tokens: CLS + 16x16 patches
+CLIP_DIM = 1280
+
+
+def wan_config_to_diffusers(wan: dict) -> dict:
+    """Wan's ``WanModel`` constructor arguments -> ``WanTransformer3DModel`` config."""
+    if wan.get("model_type", "i2v") != "i2v":
+        raise ModelFileError(f"config is for Wan model_type '{wan.get('model_type')}'; FantasyTalking needs 'i2v'.")
+    if list(wan.get("window_size", [-1, -1])) != [-1, -1]:
+        raise ModelFileError("config has a local attention window; Wan2.1 I2V uses global attention ([-1, -1]).")
+    if wan["dim"] % wan["num_heads"]:
+        raise ModelFileError(f"config dim {wan['dim']} is not divisible by num_heads {wan['num_heads']}.")
+    return {
+        "patch_size": list(wan.get("patch_size", [1, 2, 2])),
+        "num_attention_heads": wan["num_heads"],
+        "attention_head_dim": wan["dim"] // wan["num_heads"],
+        "in_channels": wan["in_dim"],
+        "out_channels": wan["out_dim"],
+        "text_dim": wan["text_dim"],
+        "freq_dim": wan["freq_dim"],
+        "ffn_dim": wan["ffn_dim"],
+        "num_layers": wan["num_layers"],
+        "cross_attn_norm": bool(wan.get("cross_attn_norm", True)),
+        "qk_norm": "rms_norm_across_heads" if wan.get("qk_norm", True) else None,
+        "eps": wan.get("eps", 1e-6),
+        "image_dim": CLIP_DIM,
+        "added_kv_proj_dim": wan["dim"],
+        "rope_max_seq_len": 1024,
+        "pos_embed_seq_len": None,
+    }
+
+
+def resolve_config(config: str | Path | dict | None) -> dict:
+    """A ``WanTransformer3DModel`` config from a bundled name, a JSON path or a dict (diffusers or Wan terms)."""
+    if config is None:
+        config = DEFAULT_DIT_CONFIG
+    if isinstance(config, str) and config in BUNDLED_DIT_CONFIGS:
+        config = BUNDLED_DIT_CONFIGS[config]
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelFileError(f"Cannot read DiT config {path}: {exc}") from None
+    config = dict(config)
+    if "dim" in config and "num_heads" in config:
+        return wan_config_to_diffusers(config)
+    params = inspect.signature(WanTransformer3DModel.__init__).parameters
+    return {k: v for k, v in config.items() if k in params and k != "self"}
+
+
+def build_transformer(config: dict, empty: bool = False) -> WanTransformer3DModel:
+    """Construct the DiT. ``empty=True`` puts parameters on the meta device (buffers stay real) for streaming."""
+    if empty:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            return WanTransformer3DModel(**config)
+    return WanTransformer3DModel(**config)
+
+
+def compute_dtype(transformer: WanTransformer3DModel) -> torch.dtype:
+    """The dtype activations run in. Read from the patch embedding (a Conv3d): Linear weights may be stored
+    quantized (GGUF) or in fp8 and say nothing about the compute dtype."""
+    return transformer.patch_embedding.weight.dtype
+
+
+def pad_text(context: torch.Tensor, text_len: int = TEXT_LEN) -> torch.Tensor:
+    """Zero-pad text-encoder output [B, L, C] (L <= text_len) to [B, text_len, C], as the official DiT does."""
+    if context.shape[1] > text_len:
+        raise ValueError(f"text context has {context.shape[1]} rows; at most {text_len} are allowed.")
+    return torch.nn.functional.pad(context, (0, 0, 0, text_len - context.shape[1]))
+
+
+class FantasyTalkingModel(nn.Module):
+    """Wan2.1 I2V DiT with the FantasyTalking audio adapter.
+
+    Attributes:
+        transformer: ``WanTransformer3DModel`` whose cross-attentions carry ``FantasyTalkingAttnProcessor``.
+        audio_proj: :class:`AudioProjModel` (wav2vec2 768 -> adapter width).
+    """
+
+    def __init__(self, transformer: WanTransformer3DModel, audio_proj: AudioProjModel):
+        super().__init__()
+        self.transformer = transformer
+        self.audio_proj = audio_proj
+        self._processors = audio_processors(transformer)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return compute_dtype(self.transformer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.patch_embedding.weight.device
+
+    def project_audio(self, audio_features: torch.Tensor) -> torch.Tensor:
+        """wav2vec2 last hidden state [B, L, 768] -> adapter tokens [B, L, P] (float32 in, model dtype out)."""
+        weight = self.audio_proj.proj.weight
+        return self.audio_proj(audio_features.to(device=weight.device, dtype=weight.dtype))
+
+    @contextmanager
+    def conditioned_on(self, audio: AudioConditioning | None) -> Iterator[None]:
+        """Make every block's audio branch use ``audio`` for the forwards inside the ``with`` (and never after)."""
+        for proc in self._processors:
+            proc.conditioning = audio
+        try:
+            yield
+        finally:
+            for proc in self._processors:
+                proc.conditioning = None
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        image_tokens: torch.Tensor,
+        image_latents: torch.Tensor,
+        audio: AudioConditioning | None = None,
+    ) -> torch.Tensor:
+        """Flow-matching velocity.
+
+        Args:
+            latents: [B, 16, T, H/8, W/8] noisy latent z_t.
+            timestep: [B] or scalar, t = 1000 * sigma (sigma in [0, 1]).
+            text: [B, L, text_dim] umT5 output, L <= 512 (zero-padded here).
+            image_tokens: [B, 257, 1280] CLIP ViT-H penultimate tokens of the reference image.
+            image_latents: [B, 20, T, H/8, W/8] I2V conditioning y (4 mask channels + first-frame VAE latent).
+            audio: windows, valid lengths and scale; ``None`` runs the plain Wan I2V forward.
+        Returns:
+            [B, 16, T, H/8, W/8] predicted velocity.
+        """
+        batch = latents.shape[0]
+        dtype = self.dtype
+        timestep = torch.as_tensor(timestep, device=latents.device).float().reshape(-1).expand(batch)
+        hidden = torch.cat([latents, image_latents.to(latents.dtype)], dim=1).to(dtype)
+        with self.conditioned_on(audio):
+            return self.transformer(
+                hidden_states=hidden,
+                timestep=timestep,
+                encoder_hidden_states=pad_text(text).to(dtype),
+                encoder_hidden_states_image=image_tokens.to(dtype),
+                return_dict=False,
+            )[0]

@@ -1,0 +1,71 @@
+"""The denoising run shared by the pipeline and the ComfyUI sampler node: conditions in, a denoised latent out.
+
+Every choice arrives as an explicit argument (guidance scales, the sigma schedule, the seed, the audio strength);
+``pipeline.sample_latents`` is the one place a user's ``GenerationSettings`` become these arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..audio.windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
+from ..model.transformer import FantasyTalkingModel
+from .euler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
+from .guidance import GuidanceConfig
+
+ProgressFn = Callable[[int, int], None]
+
+
+@torch.no_grad()
+def generate_latents(
+    dit: FantasyTalkingModel,
+    text_pos: torch.Tensor,
+    text_neg: torch.Tensor | None,
+    clip_tokens: torch.Tensor,
+    image_latents: torch.Tensor,
+    audio_features: torch.Tensor,
+    num_frames: int,
+    *,
+    guidance: GuidanceConfig,
+    sigmas: torch.Tensor,
+    seed: int,
+    audio_scale: float | torch.Tensor = 1.0,
+    batch_passes: bool = False,
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """Denoise from seeded noise to a video latent. Runs where ``dit`` is.
+
+    Args:
+        text_pos, text_neg: [1, L, text_dim] umT5 outputs (``text_neg`` None when ``guidance.cfg`` is 1).
+        clip_tokens: [1, 257, 1280] CLIP penultimate tokens of the reference.
+        image_latents: [1, 20, T, H/8, W/8] the I2V conditioning y.
+        audio_features: [L_audio, 768] wav2vec2 last hidden state of the cropped recording.
+        num_frames: video frames (4n+1) the audio features were made for.
+        guidance: text/audio guidance scales and the audio-guidance step range.
+        sigmas: [steps + 1] float32 noise levels in [0, 1] ending at 0 (``schedule.flow_match_sigmas``).
+        seed: seed of the initial noise (the official CPU noise for the same seed and shape).
+        audio_scale: strength of the audio branch: a float, or a [S] tensor with one strength per video token
+            (``face.motion.audio_scale_map``).
+        batch_passes: run a step's guidance passes as one batch (faster on a big GPU).
+        progress: ``(step, total)`` after every step; it may raise to interrupt.
+    Returns:
+        [1, 16, T, H/8, W/8] float32 denoised latent.
+    """
+    device = dit.device
+    frames, height, width = image_latents.shape[2], image_latents.shape[3] * 8, image_latents.shape[4] * 8
+    if frames != latent_frame_count(num_frames):
+        raise ValueError(f"image_latents has {frames} latent frames but {num_frames} video frames need "
+                         f"{latent_frame_count(num_frames)}.")
+    steps = len(sigmas) - 1
+    windows = audio_windows_for_frames(audio_features.shape[0], num_frames)
+    audio_tokens = gather_audio_windows(dit.project_audio(audio_features[None].to(device)), windows)
+    cond = DiTConditions(text_pos.to(device), None if text_neg is None else text_neg.to(device),
+                         clip_tokens.to(device), image_latents.to(device), audio_tokens,
+                         windows.k_lens_tensor().to(device),
+                         audio_scale.to(device) if isinstance(audio_scale, torch.Tensor) else audio_scale)
+    noise = initial_noise((1, dit.transformer.config.out_channels, frames, height // 8, width // 8), seed)
+    velocity = guided_velocity(dit, cond, guidance, steps, batch_passes=batch_passes)
+    on_step = None if progress is None else (lambda d: progress(d["i"] + 1, steps))
+    return sample_flow_euler(velocity, noise.to(device), sigmas, on_step)

@@ -1,0 +1,133 @@
+"""The sampling loop: Euler on the flow-matching velocity, with FantasyTalking's guided velocity.
+
+``sample_flow_euler`` is a small k-diffusion-style loop over sigma pairs; guidance wraps the model
+(:func:`guided_velocity`) and leaves the loop alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..model.adapter import AudioConditioning
+from ..model.transformer import FantasyTalkingModel, pad_text
+from .guidance import POS_AUDIO, GuidanceConfig, combine_guidance, passes_for_step
+from .schedule import sigmas_to_timesteps
+
+VelocityFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[dict], None]
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Seeded float32 noise, identical to the official ``rand_device='cpu'`` noise for the same seed and shape."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample_flow_euler(
+    velocity_fn: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None = None
+) -> torch.Tensor:
+    """Euler integration of dx/dsigma = v from sigmas[0] to sigmas[-1] (rectified flow, Liu et al. 2022).
+
+    Args:
+        velocity_fn: (x, step index, sigma) -> velocity, same shape as x.
+        x: [B, C, T, H, W] float32 latent at sigmas[0].
+        sigmas: [n + 1] float32 levels in [0, 1], ending at 0.
+        callback: called after every step with ``{"i", "x", "sigma", "sigma_next", "velocity"}``; it may raise to
+            interrupt the run between steps (ComfyUI's interrupt does).
+    """
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        velocity = velocity_fn(x, i, sigma)
+        x = x + velocity * (sigma_next - sigma)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "velocity": velocity})
+    return x
+
+
+@dataclass
+class DiTConditions:
+    """Everything the DiT sees besides the latent, fixed for a whole run.
+
+    Attributes:
+        text_pos, text_neg: [1, L, text_dim] umT5 outputs (L <= 512); ``text_neg`` may be None when cfg is 1.
+        image_tokens: [1, 257, 1280] CLIP tokens of the reference.
+        image_latents: [1, 20, T, h, w] I2V conditioning y.
+        audio_windows: [1, F, W, P] projected audio windows (``gather_audio_windows(model.project_audio(...))``).
+        k_lens: [F] valid tokens per window, or None to attend the padding (official non-flash fallback).
+        audio_scale: float, or a [S] tensor with one strength per video token (S = F * h/2 * w/2).
+    """
+
+    text_pos: torch.Tensor
+    text_neg: torch.Tensor | None
+    image_tokens: torch.Tensor
+    image_latents: torch.Tensor
+    audio_windows: torch.Tensor
+    k_lens: torch.Tensor | None
+    audio_scale: float | torch.Tensor = 1.0
+
+
+def guided_velocity(
+    model: FantasyTalkingModel,
+    cond: DiTConditions,
+    guidance: GuidanceConfig,
+    num_steps: int,
+    batch_passes: bool = False,
+    on_passes: Callable[[int, dict], None] | None = None,
+) -> VelocityFn:
+    """A velocity function running the passes each step needs and combining them (see ``guidance.py``).
+
+    Args:
+        batch_passes: run a step's passes as one batch (faster on a GPU with memory to spare) instead of one
+            after another (lowest peak memory). Results agree to float rounding.
+        on_passes: optional ``(step, {pass: velocity})`` hook, for inspection and parity checks.
+    """
+    if guidance.cfg != 1.0 and cond.text_neg is None:
+        raise ValueError("cfg != 1 needs a negative prompt encoding (text_neg).")
+    texts = {"positive": pad_text(cond.text_pos), "negative": None if cond.text_neg is None else pad_text(cond.text_neg)}
+
+    device = cond.audio_windows.device
+    scale_map = cond.audio_scale.to(device) if isinstance(cond.audio_scale, torch.Tensor) else None
+
+    def audio_for(passes: tuple[tuple[str, bool], ...]) -> AudioConditioning:
+        scale = cond.audio_scale if scale_map is None else scale_map
+        if batch_passes:
+            # one scale row per pass, built on the model's device (0 for the passes without audio)
+            if scale_map is not None:
+                scale = torch.stack([scale_map if on else torch.zeros_like(scale_map) for _, on in passes])  # [B, S]
+            else:
+                scale = torch.tensor([scale if on else 0.0 for _, on in passes], dtype=torch.float32, device=device)
+            return AudioConditioning(cond.audio_windows, cond.k_lens, scale)
+        on = passes[0][1]
+        if isinstance(scale, torch.Tensor):
+            scale = scale.unsqueeze(0)
+        return AudioConditioning(cond.audio_windows, cond.k_lens, scale if on else 0.0)
+
+    def run(x: torch.Tensor, t: torch.Tensor, passes: tuple[tuple[str, bool], ...]) -> list[torch.Tensor]:
+        b = len(passes)
+        text = torch.cat([texts[prompt] for prompt, _ in passes])
+        pred = model(
+            x.expand(b, *x.shape[1:]), t, text, cond.image_tokens.expand(b, -1, -1),
+            cond.image_latents.expand(b, *cond.image_latents.shape[1:]), audio_for(passes),
+        )
+        return list(pred.float().unbind(0))
+
+    def velocity(x: torch.Tensor, step: int, sigma: torch.Tensor) -> torch.Tensor:
+        t = sigmas_to_timesteps(sigma).reshape(1)
+        passes = passes_for_step(step, num_steps, guidance)
+        if batch_passes:
+            outs = run(x, t, passes)
+        else:
+            outs = [run(x, t, (p,))[0] for p in passes]
+        preds = {p: o.unsqueeze(0) for p, o in zip(passes, outs)}
+        if on_passes is not None:
+            on_passes(step, preds)
+        return combine_guidance(preds, guidance)
+
+    return velocity
+
+
+__all__ = ["DiTConditions", "POS_AUDIO", "guided_velocity", "initial_noise", "sample_flow_euler"]

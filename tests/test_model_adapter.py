@@ -1,0 +1,56 @@
+import torch
+
+from fantasytalking_core.model.adapter import AudioConditioning, AudioProjModel, _scale_for, audio_cross_attention
+
+
+def qkv(batch=1, frames=3, per_frame=4, width=5, heads=2, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, frames * per_frame, heads, dim, generator=g)
+    k = torch.randn(batch, frames, width, heads, dim, generator=g)
+    v = torch.randn(batch, frames, width, heads, dim, generator=g)
+    return q, k, v
+
+
+def test_each_frame_attends_only_its_own_window():
+    q, k, v = qkv()
+    out = audio_cross_attention(q, k, v, None)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 1], v2[:, 1] = torch.randn_like(k[:, 1]), torch.randn_like(v[:, 1])  # change frame 1's window only
+    out2 = audio_cross_attention(q, k2, v2, None)
+    assert torch.equal(out[:, :4], out2[:, :4]) and torch.equal(out[:, 8:], out2[:, 8:])
+    assert not torch.allclose(out[:, 4:8], out2[:, 4:8])
+
+
+def test_masked_slots_are_ignored_and_unmasked_are_not():
+    q, k, v = qkv()
+    k_lens = torch.tensor([2, 5, 3])
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 0, 2:], v2[:, 0, 2:] = 7.0, 7.0  # only padded slots of frame 0 change
+    torch.testing.assert_close(audio_cross_attention(q, k, v, k_lens), audio_cross_attention(q, k2, v2, k_lens))
+    assert not torch.allclose(audio_cross_attention(q, k, v, None), audio_cross_attention(q, k2, v2, None))
+    # the masked result equals attention over the valid prefix alone
+    ref = audio_cross_attention(q[:, :4], k[:, :1, :2], v[:, :1, :2], None)
+    torch.testing.assert_close(audio_cross_attention(q, k, v, k_lens)[:, :4], ref)
+
+
+def test_empty_window_contributes_zero_not_nan():
+    q, k, v = qkv()
+    out = audio_cross_attention(q, k, v, torch.tensor([0, 5, 5]))
+    assert torch.isfinite(out).all() and out[:, :4].abs().max() == 0
+
+
+def test_scale_shapes_broadcast_per_row_and_per_token():
+    out = torch.ones(2, 6, 2, 4)
+    assert _scale_for(0.5, out) == 0.5
+    assert (out * _scale_for(torch.tensor([0.0, 2.0]), out))[:, :, 0, 0].tolist() == [[0.0] * 6, [2.0] * 6]
+    per_token = torch.arange(12, dtype=torch.float32).view(2, 6)
+    assert torch.equal((out * _scale_for(per_token, out))[..., 0, 0], per_token)
+    assert AudioConditioning(torch.zeros(1), None, torch.zeros(2, 6)).is_silent()
+    assert not AudioConditioning(torch.zeros(1), None, torch.tensor([0.0, 1e-3])).is_silent()
+
+
+def test_projection_is_linear_without_bias_then_layernorm():
+    proj = AudioProjModel(768, 32)
+    assert proj.proj.bias is None and proj.norm.normalized_shape == (32,)
+    x = torch.randn(1, 7, 768)
+    torch.testing.assert_close(proj(x), torch.nn.functional.layer_norm(x @ proj.proj.weight.T, (32,), proj.norm.weight, proj.norm.bias))

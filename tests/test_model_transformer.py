@@ -1,0 +1,92 @@
+"""DiT forward parity with the official implementation (tolerance: 1e-4 x max|reference|)."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fantasytalking_core.model.adapter import AudioConditioning
+from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows
+from fantasytalking_core.model.transformer import pad_text, resolve_config, wan_config_to_diffusers
+from fantasytalking_core.errors import ModelFileError
+from model_files import rounding_tol
+
+
+@pytest.fixture(scope="module")
+def outputs(official_dir):
+    return load_file(official_dir / "dit_outputs.safetensors")
+
+
+@pytest.fixture(scope="module")
+def audio(tiny_model, official_inputs):
+    windows = audio_windows_for_frames(official_inputs["audio_features"].shape[1], 17)
+    with torch.no_grad():
+        full = tiny_model.project_audio(official_inputs["audio_features"])
+    return full, gather_audio_windows(full, windows), windows.k_lens_tensor()
+
+
+def test_audio_projection_and_windows_match(audio, outputs, official_inputs):
+    full, windows, k_lens = audio
+    # Linear 768 -> P then LayerNorm: one 768-term reduction per output (the error model in rounding_tol).
+    terms = official_inputs["audio_features"].shape[-1]
+    torch.testing.assert_close(full, outputs["audio_proj_full"], rtol=0, atol=rounding_tol(outputs["audio_proj_full"], terms))
+    torch.testing.assert_close(windows, outputs["audio_proj"], rtol=0, atol=rounding_tol(outputs["audio_proj"], terms))
+    assert k_lens.tolist() == outputs["audio_context_lens"].tolist()
+
+
+@pytest.mark.parametrize("name,context,scale,masked", [
+    ("pred_audio0", "context_pos", 0.0, True),
+    ("pred_audio1_masked", "context_pos", 1.0, True),
+    ("pred_audio1_unmasked", "context_pos", 1.0, False),
+    ("pred_audio_custom_masked", "context_pos", None, True),
+    ("pred_neg_audio0", "context_neg", 0.0, True),
+])
+def test_dit_forward_matches_official(tiny_model, official_inputs, official_dir, audio, outputs, name, context, scale, masked):
+    if scale is None:
+        with safe_open(str(official_dir / "dit_outputs.safetensors"), "pt") as f:
+            scale = float(f.metadata()["custom_audio_scale"])
+    _, windows, k_lens = audio
+    x = official_inputs
+    with torch.no_grad():
+        pred = tiny_model(x["x"], x["timestep"], x[context], x["clip_feature"], x["y"],
+                          AudioConditioning(windows, k_lens if masked else None, scale))
+    ref = outputs[name]
+    assert (pred - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_audio_off_equals_no_adapter_pass(tiny_model, official_inputs, audio):
+    x = official_inputs
+    with torch.no_grad():
+        plain = tiny_model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"], None)
+        zero = tiny_model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"],
+                          AudioConditioning(audio[1], audio[2], 0.0))
+        on = tiny_model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"],
+                        AudioConditioning(audio[1], audio[2], 1.0))
+    assert torch.equal(plain, zero)
+    assert (on - plain).abs().max() > 0.1  # the audio branch really acts
+
+
+def test_conditioning_does_not_leak_between_calls(tiny_model, official_inputs, audio):
+    x = official_inputs
+    with torch.no_grad():
+        first = tiny_model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"], None)
+        tiny_model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"], AudioConditioning(audio[1], audio[2], 1.0))
+        again = tiny_model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"], None)
+    assert torch.equal(first, again)
+    assert all(p.conditioning is None for p in tiny_model._processors)
+
+
+def test_pad_text_zero_pads_to_512_and_refuses_longer():
+    out = pad_text(torch.ones(2, 11, 4))
+    assert out.shape == (2, 512, 4) and out[:, :11].eq(1).all() and out[:, 11:].eq(0).all()
+    with pytest.raises(ValueError, match="at most 512"):
+        pad_text(torch.ones(1, 513, 4))
+
+
+def test_bundled_14b_config_and_wan_terms():
+    cfg = resolve_config(None)
+    assert (cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["num_layers"], cfg["in_channels"]) == (5120, 40, 36)
+    assert cfg["image_dim"] == 1280 and cfg["added_kv_proj_dim"] == 5120 and cfg["text_dim"] == 4096
+    assert resolve_config("wan2.1_i2v_14b_720p") == cfg
+    with pytest.raises(ModelFileError, match="needs 'i2v'"):
+        wan_config_to_diffusers({"model_type": "t2v", "dim": 64, "num_heads": 2})

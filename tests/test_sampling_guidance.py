@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from fantasytalking_core.sampling.guidance import NEG, POS, POS_AUDIO, GuidanceConfig, combine_guidance, passes_for_step
+
+
+def preds():
+    return {NEG: torch.tensor([1.0]), POS: torch.tensor([3.0]), POS_AUDIO: torch.tensor([10.0])}
+
+
+def test_three_pass_combine_is_the_official_formula():
+    # u + s_p (p - u) + s_a (pa - p) = 1 + 4.5*2 + 3*7
+    assert combine_guidance(preds(), GuidanceConfig(cfg=4.5, audio_cfg=3.0)).item() == 1 + 4.5 * 2 + 3.0 * 7
+
+
+def test_cfg_one_uses_two_passes_and_keeps_audio_guidance():
+    cfg = GuidanceConfig(cfg=1.0, audio_cfg=2.0)
+    assert passes_for_step(0, 10, cfg) == (POS, POS_AUDIO)
+    p = {k: v for k, v in preds().items() if k != NEG}
+    assert combine_guidance(p, cfg).item() == 3 + 2.0 * 7
+
+
+def test_audio_guidance_step_range():
+    cfg = GuidanceConfig(cfg=5.0, audio_cfg=4.0, audio_start=0.2, audio_end=0.6)
+    active = [POS in passes_for_step(i, 10, cfg) for i in range(10)]
+    assert active == [False, False, True, True, True, True, False, False, False, False]
+    # outside the range: plain CFG with audio on in the positive pass
+    p = {NEG: torch.tensor([1.0]), POS_AUDIO: torch.tensor([10.0])}
+    assert combine_guidance(p, cfg).item() == 1 + 5.0 * 9
+
+
+def test_default_range_is_every_step():
+    assert all(passes_for_step(i, 30, GuidanceConfig()) == (NEG, POS, POS_AUDIO) for i in range(30))
+
+
+def test_bad_range_is_refused():
+    with pytest.raises(ValueError, match="audio guidance range"):
+        GuidanceConfig(audio_start=0.8, audio_end=0.2)
