@@ -29,3 +29,41 @@ def test_odd_sizes_are_padded_and_shapes_checked(tmp_path):
     assert probe(path)[2][0].shape == (32, 46, 3)
     with pytest.raises(ValueError, match=r"\[F, H, W, 3\]"):
         write_video(tmp_path / "bad.mp4", torch.rand(5, 3, 32, 32), 25)
+
+
+@pytest.mark.parametrize("rate,muxed", [(192000, 48000), (176400, 48000), (37000, 44100), (22050, 22050)])
+def test_a_rate_aac_refuses_is_resampled_for_the_mux(tmp_path, rate, muxed):
+    # 176.4 / 192 kHz studio recordings made FFmpeg's AAC encoder fail after the whole run (avcodec_open2 error 22)
+    t = torch.arange(rate) / rate
+    tone = (0.5 * torch.sin(2 * torch.pi * 440 * t))[None]  # 1 s of 440 Hz, mono
+    path = write_video(tmp_path / "hi.mp4", torch.rand(23, 16, 16, 3), 23, tone, rate)
+    with av.open(str(path)) as c:
+        a = c.streams.audio[0]
+        assert (a.codec_context.name, a.rate) == ("aac", muxed)
+        assert abs(float(a.duration * a.time_base) - 1.0) < 0.07
+        decoded = torch.cat([torch.from_numpy(f.to_ndarray()[0]) for f in c.decode(audio=0)])
+    spectrum = torch.fft.rfft(decoded[muxed // 10: muxed // 10 + muxed // 2]).abs()  # 0.5 s: 2 Hz bins
+    assert abs(int(spectrum.argmax()) * 2 - 440) <= 2  # still the same tone: resampled, not reinterpreted
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "out.mp4"
+    target.write_bytes(b"the previous video")
+    real = av.AudioFrame.from_ndarray
+    calls = []
+
+    def fail_midway(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user stops the job while the sound is muxed, after every video frame
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(av.AudioFrame, "from_ndarray", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write_video(target, torch.rand(6, 16, 16, 3), 23, torch.zeros(1, 16000), 16000)
+    assert len(calls) == 3
+    assert target.read_bytes() == b"the previous video"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+    monkeypatch.setattr(av.AudioFrame, "from_ndarray", real)
+    write_video(target, torch.rand(6, 16, 16, 3), 23)  # a complete write replaces it
+    assert len(probe(target)[2]) == 6 and sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]

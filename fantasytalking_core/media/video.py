@@ -1,13 +1,33 @@
-"""Write frames and the voice to an mp4 (H.264 + AAC) with PyAV."""
+"""Write frames and the voice to an mp4 (H.264 + AAC) with PyAV.
+
+The file is written beside the target under a temporary name and renamed when complete, so a failed or
+interrupted write never leaves a partial video and never damages an existing one.
+"""
 
 from __future__ import annotations
 
+import os
+import uuid
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
+
+from ..audio.io import resample
+
+AAC_MAX_SAMPLE_RATE = 48000
+"""Highest rate the sound is muxed at, in Hz: FFmpeg's AAC encoder refuses 176.4/192 kHz, and nothing above
+48 kHz is audible in a voice track."""
+AAC_SAMPLE_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+"""The rates (Hz, up to :data:`AAC_MAX_SAMPLE_RATE`) FFmpeg's AAC encoder opens with."""
+
+
+def aac_sample_rate(sample_rate: int) -> int:
+    """The rate (Hz) a ``sample_rate`` recording is muxed at: itself when AAC takes it, else the next AAC rate up,
+    capped at 48 kHz (so 176.4 and 192 kHz become 48 kHz, and an odd 37 kHz becomes 44.1 kHz)."""
+    return next((rate for rate in AAC_SAMPLE_RATES if rate >= sample_rate), AAC_MAX_SAMPLE_RATE)
 
 
 def write_video(
@@ -25,10 +45,11 @@ def write_video(
         frames: [F, H, W, 3] float in 0..1 (ComfyUI IMAGE layout); H and W are padded to even sizes for yuv420p.
         fps: frames per second.
         audio: [C, T] or [T] float waveform in -1..1, or None for a silent video.
-        sample_rate: audio sample rate in Hz (needed with ``audio``).
+        sample_rate: audio sample rate in Hz (needed with ``audio``); a rate AAC does not take is resampled to
+            :func:`aac_sample_rate`.
         crf: H.264 quality (lower is better; 18 is visually lossless for most content).
     Returns:
-        The written path.
+        The written path; it only appears (or is replaced) once the whole file is written.
     """
     path = Path(path)
     if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -40,27 +61,39 @@ def write_video(
     height, width = pixels.shape[1] + pixels.shape[1] % 2, pixels.shape[2] + pixels.shape[2] % 2
     rate = Fraction(fps).limit_denominator(1001)
 
-    with av.open(str(path), mode="w") as container:
-        video = container.add_stream("libx264", rate=rate)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"crf": str(crf)}
-        sound = None
-        if audio is not None:
-            sound = container.add_stream("aac", rate=int(sample_rate))
-            sound.layout = "mono" if audio.ndim == 1 or audio.shape[0] == 1 else "stereo"
-        for frame in pixels:
-            if frame.shape[:2] != (height, width):
-                frame = np.pad(frame, ((0, height - frame.shape[0]), (0, width - frame.shape[1]), (0, 0)), mode="edge")
-            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(video.encode())
-        if sound is not None:
-            _mux_audio(container, sound, audio, int(sample_rate), len(pixels) / float(rate))
+    # same suffix as the target, so the container format is chosen from the name exactly as it would be
+    partial = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial{path.suffix}")
+    try:
+        with av.open(str(partial), mode="w") as container:
+            video = container.add_stream("libx264", rate=rate)
+            video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+            video.options = {"crf": str(crf)}
+            sound = None
+            if audio is not None:
+                sound = container.add_stream("aac", rate=aac_sample_rate(int(sample_rate)))
+                sound.layout = "mono" if audio.ndim == 1 or audio.shape[0] == 1 else "stereo"
+            for frame in pixels:
+                if frame.shape[:2] != (height, width):
+                    frame = np.pad(frame, ((0, height - frame.shape[0]), (0, width - frame.shape[1]), (0, 0)), mode="edge")
+                container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(video.encode())
+            if sound is not None:
+                _mux_audio(container, sound, audio, int(sample_rate), len(pixels) / float(rate))
+        os.replace(partial, path)  # atomic on one file system: readers see the old file or the whole new one
+    except BaseException:  # also Ctrl-C: never leave the partial file behind
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 
 def _mux_audio(container, stream, audio: torch.Tensor, sample_rate: int, duration_s: float) -> None:
+    """Encode ``audio`` ([C, T] or [T] at ``sample_rate`` Hz) into ``stream`` at the stream's rate, trimmed or
+    padded with silence to ``duration_s`` seconds."""
     wave = audio.detach().float().cpu()
     wave = wave.unsqueeze(0) if wave.ndim == 1 else wave[:2]
+    if stream.rate != sample_rate:  # a rate AAC refuses (e.g. 192 kHz): the library's resampler, channel by channel
+        wave = torch.stack([resample(channel, sample_rate, stream.rate) for channel in wave])
+        sample_rate = stream.rate
     length = int(round(duration_s * sample_rate))
     wave = torch.nn.functional.pad(wave[:, :length], (0, max(0, length - wave.shape[1]))).clamp(-1, 1).numpy()
     channels = wave.shape[0]
