@@ -28,6 +28,7 @@ from .errors import SettingsError
 from .face.motion import MotionIntensity, audio_cfg_for, audio_scale_map
 from .media.image import comfy_image_to_pil, image_to_tensor, load_image
 from .media.video import write_video
+from .model.limits import check_image_size, check_max_frames
 from .model.transformer import FantasyTalkingModel
 from .runtime.placement import on_device
 from .sampling.denoise import generate_latents
@@ -43,8 +44,8 @@ class GenerationSettings:
 
     Attributes:
         fps: video frames per second; the frame count follows the audio (``4*floor(fps*duration/4)+5``).
-        max_frames: cap on the frame count (4n+1).
-        image_size: longest edge of the video in pixels (sides rounded up to multiples of 16).
+        max_frames: cap on the frame count (4n+1, at most ``model.limits.MAX_FRAMES`` = 4093).
+        image_size: longest edge of the video in pixels (sides rounded up to multiples of 16; at most 16384).
         cfg, audio_cfg: text and audio guidance scales; audio_scale: strength of the audio branch.
         audio_guidance_range: fraction of the steps [start, end) with audio guidance.
         batch_passes: run the guidance passes of a step as one batch (faster on a big GPU).
@@ -75,13 +76,10 @@ class GenerationSettings:
         start, end = self.audio_guidance_range
         problems = [
             (self.steps < 1, f"steps must be at least 1, got {self.steps}"),
-            (self.max_frames < 5 or (self.max_frames - 1) % 4, f"max_frames must be 4n+1 and at least 5 (e.g. 81), "
-                                                                f"got {self.max_frames}"),
             (self.fps <= 0, f"fps must be positive, got {self.fps}"),
             (self.shift <= 0, f"shift must be positive (5 official), got {self.shift}"),
             (not 0 <= start <= end <= 1, f"the audio guidance range must satisfy 0 <= start <= end <= 1, got "
                                          f"[{start}, {end}]"),
-            (self.image_size < 16, f"image_size must be at least 16 pixels, got {self.image_size}"),
             (self.vae_tile is not None and (self.vae_tile < 64 or self.vae_tile % 32),
              f"vae_tile must be a multiple of 32 and at least 64 pixels (e.g. 256), got {self.vae_tile}"),
             (self.audio_scale < 0, f"audio_scale must be >= 0, got {self.audio_scale}"),
@@ -89,6 +87,8 @@ class GenerationSettings:
         for bad, message in problems:
             if bad:
                 raise SettingsError(message + ".")
+        check_max_frames(self.max_frames)  # the DiT's reach in time and space (model/limits.py)
+        check_image_size(self.image_size)
 
 
 @dataclass

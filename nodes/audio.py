@@ -7,6 +7,7 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from fantasytalking_core.audio.rules import DEFAULT_FPS, DEFAULT_MAX_FRAMES
+from fantasytalking_core.model.limits import MAX_FRAMES
 
 from . import io_types
 from .convert import describe_audio, encode_audio
@@ -24,11 +25,15 @@ class AudioEncode(io.ComfyNode):
                 io_types.Wav2Vec2.Input("wav2vec2", tooltip="wav2vec2-base-960h from the FantasyTalking wav2vec2 Loader."),
                 io.Audio.Input("audio", tooltip="The voice recording (any sample rate, mono or stereo), e.g. from Load "
                                                 "Audio."),
-                io.Float.Input("fps", default=float(DEFAULT_FPS), min=1.0, max=120.0, step=1.0, round=0.001,
-                               tooltip="Video frame rate in frames per second (FantasyTalking was trained at 23)."),
-                io.Int.Input("max_frames", default=DEFAULT_MAX_FRAMES, min=5, max=8193, step=4,
-                             tooltip="Longest video in frames (4n+1); a longer recording is cut there. 81 frames = "
-                                     "3.5 s at 23 fps; more frames need more GPU memory and time."),
+                # step = round: some front-end versions keep only as many decimals as the step has (step 1 turned
+                # 12.5 into 13), and 23.976 needs three
+                io.Float.Input("fps", default=float(DEFAULT_FPS), min=1.0, max=120.0, step=0.001, round=0.001,
+                               tooltip="Video frame rate in frames per second, fractions allowed (12.5, 23.976); "
+                                       "FantasyTalking was trained at 23."),
+                io.Int.Input("max_frames", default=DEFAULT_MAX_FRAMES, min=5, max=MAX_FRAMES, step=4,
+                             tooltip=f"Longest video in frames (4n+1); a longer recording is cut there. 81 frames = "
+                                     f"3.5 s at 23 fps; more frames need more GPU memory and time. At most "
+                                     f"{MAX_FRAMES}: the model cannot place more frames in time."),
             ],
             outputs=[
                 io_types.AudioFeatures.Output(display_name="audio_features",

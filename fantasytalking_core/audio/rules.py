@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..model.limits import check_max_frames
 from .io import TARGET_SAMPLE_RATE
 
 SAMPLE_RATE = TARGET_SAMPLE_RATE
@@ -27,14 +28,14 @@ def frames_for_duration(duration_s: float, fps: float = DEFAULT_FPS, max_frames:
     Args:
         duration_s: length of the recording in seconds (>= 0).
         fps: video frame rate (> 0). The official default is 23.
-        max_frames: cap (4k+1, >= 5), or None for no cap. The official default is 81.
+        max_frames: cap (4k+1, 5..4093: see ``model/limits.py``), or None for no cap. The official default is 81.
     """
     if not math.isfinite(float(fps)) or fps <= 0:
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     if not math.isfinite(float(duration_s)) or duration_s < 0:
         raise ValueError(f"duration_s must be a finite number of seconds >= 0, got {duration_s!r}")
-    if max_frames is not None and (int(max_frames) != max_frames or max_frames < 5 or (max_frames - 1) % 4):
-        raise ValueError(f"max_frames must be 4k+1 and >= 5 (e.g. 81, 121, 161), got {max_frames!r}")
+    if max_frames is not None:
+        check_max_frames(max_frames)
     # Same float expression as infer.py, so boundary cases round identically.
     num_frames = int(fps * duration_s // 4) * 4 + 5
     return num_frames if max_frames is None else min(num_frames, int(max_frames))

@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapter import TEXT_LEN, AudioConditioning, AudioProjModel, audio_processors
 from ..errors import ModelFileError
+from .limits import ROPE_MAX_SEQ_LEN
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
 BUNDLED_DIT_CONFIGS = {
@@ -52,7 +53,7 @@ def wan_config_to_diffusers(wan: dict) -> dict:
         "eps": wan.get("eps", 1e-6),
         "image_dim": CLIP_DIM,
         "added_kv_proj_dim": wan["dim"],
-        "rope_max_seq_len": 1024,
+        "rope_max_seq_len": ROPE_MAX_SEQ_LEN,
         "pos_embed_seq_len": None,
     }
 
