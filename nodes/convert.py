@@ -31,6 +31,7 @@ from fantasytalking_core.errors import AudioInputError, FaceNotFoundError, Image
 from fantasytalking_core.model.adapter import TEXT_LEN
 from fantasytalking_core.face.crop import (CropInfo, box_from_mask, crop_image, detect_faces, paste_back, pick_face,
                                            square_crop)
+from fantasytalking_core.face.identity import identity_report
 from fantasytalking_core.encoders.vae import first_frame_mask, latent_num_frames, vae_config
 from fantasytalking_core.media.image import comfy_image_to_pil, image_to_tensor
 from fantasytalking_core.model.transformer import IMAGE_TOKENS, FantasyTalkingModel
@@ -236,6 +237,15 @@ def paste_face(frames: torch.Tensor, crop: FaceCrop, feather: int = 16) -> torch
 
 
 @functools.cache
+def check_identity(reference: torch.Tensor, images: torch.Tensor,
+                   every_nth_frame: int = 4) -> tuple[float | None, float | None, str]:
+    """Identity Check's outputs: (mean, min similarity, the text shown on the node) of every n-th frame of
+    ``images`` [F, H, W, 3] against the first ``reference`` image [B, H, W, 3] (both 0..1). No face to measure
+    gives (None, None, why): the node never fails a job whose video is already made."""
+    score, text = identity_report(reference[0], images, stride=every_nth_frame)
+    return (None, None, text) if score is None else (score.mean, score.minimum, text)
+
+
 def _wan21_latent_stats() -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std), each [1, 16, 1, 1, 1] float32: the Wan2.1 latent tables."""
     config = vae_config()

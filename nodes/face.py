@@ -5,10 +5,8 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from fantasytalking_core.face.crop import DEFAULT_MARGIN
-from fantasytalking_core.face.identity import identity_similarity
-
 from . import io_types
-from .convert import crop_face, paste_face
+from .convert import check_identity, crop_face, paste_face
 
 
 class FaceCrop(io.ComfyNode):
@@ -84,15 +82,17 @@ class IdentityCheck(io.ComfyNode):
                              tooltip="Check every n-th frame (each check takes a moment on the CPU)."),
             ],
             outputs=[
-                io.Float.Output(display_name="mean_similarity", tooltip="Mean similarity over the checked frames."),
-                io.Float.Output(display_name="min_similarity", tooltip="Lowest similarity of a checked frame."),
+                io.Float.Output(display_name="mean_similarity",
+                                tooltip="Mean similarity over the checked frames; none when no face was found."),
+                io.Float.Output(display_name="min_similarity",
+                                tooltip="Lowest similarity of a checked frame; none when no face was found."),
             ],
         )
 
     @classmethod
     def execute(cls, reference, images, every_nth_frame: int) -> io.NodeOutput:
-        score = identity_similarity(reference[0], images, stride=every_nth_frame)
-        return io.NodeOutput(score.mean, score.minimum, ui=ui.PreviewText(score.summary()))
+        mean, minimum, text = check_identity(reference, images, every_nth_frame)
+        return io.NodeOutput(mean, minimum, ui=ui.PreviewText(text))
 
 
 NODES = [FaceCrop, FacePasteBack, IdentityCheck]

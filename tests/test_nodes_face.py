@@ -5,7 +5,7 @@ import torch
 from skimage import data
 
 from fantasytalking_core.errors import FaceNotFoundError
-from nodes.convert import FaceCrop, crop_face, encode_identity, paste_face
+from nodes.convert import FaceCrop, check_identity, crop_face, encode_identity, paste_face
 from test_nodes_convert import CLIPVisionOutput, ComfyLikeVAE
 
 
@@ -65,3 +65,15 @@ def test_a_mask_of_another_size_is_refused(photo):
 
     with pytest.raises(ImageInputError, match="paint the mask on this image"):
         crop_face(photo, mask=torch.ones(1, 100, 100))
+
+
+def test_identity_check_reports_no_face_instead_of_failing_the_job(photo):
+    # a graph where Identity Check runs before Save Video lost the finished video when the check raised
+    grey = torch.full((3, 64, 64, 3), 0.5)
+    mean, minimum, text = check_identity(photo, grey, every_nth_frame=1)
+    assert (mean, minimum) == (None, None) and "no score" in text and "No face was found in any output frame" in text
+    mean, minimum, text = check_identity(grey[:1], photo, every_nth_frame=1)  # no face in the reference either
+    assert (mean, minimum) == (None, None) and "no score" in text
+    mean, minimum, text = check_identity(photo, torch.cat([photo, torch.full_like(photo, 0.5)]), every_nth_frame=1)
+    assert mean == pytest.approx(1.0, abs=1e-4) and minimum == pytest.approx(1.0, abs=1e-4)
+    assert text.startswith("identity similarity: mean 1.000") and "1 without a detectable face" in text

@@ -80,3 +80,15 @@ def identity_similarity(reference: torch.Tensor | np.ndarray, frames: torch.Tens
     if not found:
         raise FaceNotFoundError("No face was found in any output frame, so identity cannot be measured.")
     return IdentityScore(tuple(scores), float(np.mean(found)), float(np.min(found)), len(scores) - len(found))
+
+
+def identity_report(reference: torch.Tensor | np.ndarray, frames: torch.Tensor,
+                    stride: int = 1) -> tuple[IdentityScore | None, str]:
+    """:func:`identity_similarity` as a report that never fails the job: (score, its summary), or (None, why) when
+    the reference or every checked frame has no face. The check runs after the video exists (beside Save Video,
+    or after the command line wrote the mp4), and a measurement with nothing to measure must not cost it."""
+    try:
+        score = identity_similarity(reference, frames, stride=stride)
+    except FaceNotFoundError as exc:
+        return None, f"identity check: no score: {exc}"
+    return score, score.summary()
