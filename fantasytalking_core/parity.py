@@ -4,7 +4,9 @@ A set is a directory laid out like ``tests/fixtures/official`` (its README docum
 adapter in their real file formats under ``dit/``, ``inputs.*``, ``dit_outputs.safetensors``,
 ``sampling.{json,safetensors}`` and ``windows.json``, and optionally the ``vae/``, ``clip/`` and ``t5/`` sets. Everything is loaded through the package's own loaders and
 recomputed; each comparison becomes one :class:`ParityResult`. Float outputs pass within
-``1e-4 * max|reference|``; integer outputs must be equal.
+``1e-4 * max|reference|``; integer outputs must be equal. An item whose files the set lacks fails, with a note
+naming them (an optional ``vae/``, ``clip/`` or ``t5/`` folder that is absent is not part of the set; one that is
+there must be complete).
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ class ParityResult:
     rel_error: float
     tolerance: float
     passed: bool
+    note: str = ""  # why an item failed without a comparison (e.g. "missing sampling.json")
 
     def to_json(self) -> str:
         d = asdict(self)
         d["pass"] = d.pop("passed")
+        if not d["note"]:
+            del d["note"]
         return json.dumps(d)
 
 
@@ -57,9 +62,15 @@ def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, rel_tol: float = R
     return ParityResult(name, err, rel, tol, bool(err <= tol))
 
 
-def missing(name: str) -> ParityResult:
+def missing(name: str, note: str = "missing from the set") -> ParityResult:
     """An item the layout requires but the set does not hold: a failure, never a silent skip."""
-    return ParityResult(name, float("inf"), float("inf"), 0.0, False)
+    return ParityResult(name, float("inf"), float("inf"), 0.0, False, note)
+
+
+def absent_files(root: Path, *files: str) -> str:
+    """"" when every one of ``files`` (relative to ``root``) exists, else "missing a, b" naming the absent ones."""
+    gone = [f for f in files if not (root / f).is_file()]
+    return f"missing {', '.join(gone)}" if gone else ""
 
 
 def compare_exact(name: str, ours: object, ref: object) -> ParityResult:
@@ -86,6 +97,9 @@ def load_fixture_model(root: Path, dit_file: str, adapter_file: str) -> FantasyT
 
 def check_windows(root: Path) -> Iterator[ParityResult]:
     """Every case of windows.json: ranges, expanded ranges, k_lens and slot indices, exactly."""
+    if note := absent_files(root, "windows.json"):
+        yield missing("windows", note)
+        return
     cases = json.loads((root / "windows.json").read_text())["cases"]
     for i, case in enumerate(cases):
         w = audio_windows_for_frames(case["audio_tokens"], case["num_frames"])
@@ -101,9 +115,14 @@ def check_frame_rule(root: Path) -> Iterator[ParityResult]:
     """The official frame-count rule and the wav2vec2 crop/length rules of windows.json, exactly."""
     from .audio.rules import crop_samples_for_frames, frames_for_duration, wav2vec2_num_tokens
 
+    if note := absent_files(root, "windows.json"):
+        yield missing("frame_rule", note)
+        return
     table = json.loads((root / "windows.json").read_text())
     rule = table.get("frame_rule", {}).get("results", [])
-    if rule:
+    if not rule:
+        yield missing("frame_rule", "windows.json has no frame_rule.results")
+    else:
         ours = [frames_for_duration(r["duration_s"], r["fps"], r["max_num_frames"]) for r in rule]
         yield compare_exact("frame_rule", ours, [r["num_frames"] for r in rule])
     cases = [c for c in table["cases"] if c.get("audio_samples_16k") is not None]  # token-only cases have none
@@ -118,7 +137,8 @@ def check_loaders(root: Path, model: FantasyTalkingModel) -> Iterator[ParityResu
     reference = model.state_dict()
     dit_dir = root / "dit"
     for dit_file, adapter_file in (("dit_comfy.safetensors", "fantasytalking.safetensors"),):
-        if not (dit_dir / dit_file).exists() or not (dit_dir / adapter_file).exists():
+        if note := absent_files(dit_dir, dit_file, adapter_file):
+            yield missing(f"load/{dit_file}+{adapter_file}", note)
             continue
         other = load_fixture_model(root, dit_file, adapter_file).state_dict()
         if set(other) != set(reference):
@@ -130,6 +150,9 @@ def check_loaders(root: Path, model: FantasyTalkingModel) -> Iterator[ParityResu
 
 def check_dit(root: Path, model: FantasyTalkingModel, inputs: dict, windows: AudioWindows) -> Iterator[ParityResult]:
     """Audio projection, windows and every stored DiT forward."""
+    if note := absent_files(root, "dit_outputs.safetensors"):
+        yield missing("dit", note)
+        return
     path = root / "dit_outputs.safetensors"
     outputs = load_file(path)
     with safe_open(str(path), framework="pt") as f:
@@ -163,6 +186,9 @@ def check_dit(root: Path, model: FantasyTalkingModel, inputs: dict, windows: Aud
 
 def check_sampling(root: Path, model: FantasyTalkingModel, inputs: dict, windows: AudioWindows) -> Iterator[ParityResult]:
     """The whole denoising run: schedule, noise, every pass of every step, and the final latent."""
+    if note := absent_files(root, "sampling.json", "sampling.safetensors"):
+        yield missing("sampling", note)
+        return
     settings = json.loads((root / "sampling.json").read_text())
     ref = load_file(root / "sampling.safetensors")
     steps = settings["num_inference_steps"]
@@ -196,8 +222,17 @@ def check_sampling(root: Path, model: FantasyTalkingModel, inputs: dict, windows
 
 
 def check_encoders(root: Path) -> Iterator[ParityResult]:
-    """The VAE, CLIP and umT5 sets (``vae/``, ``clip/``, ``t5/``), where the fixture set has them."""
-    if (root / "vae" / "vae.pth").exists():
+    """The VAE, CLIP and umT5 sets (``vae/``, ``clip/``, ``t5/``), where the fixture set has them; a folder that
+    is there but incomplete fails."""
+    complete = set()
+    for part in ("vae", "clip", "t5"):
+        if not (root / part).is_dir():
+            continue  # this set has no such part
+        if note := absent_files(root / part, f"{part}.pth", "config.json", f"{part}_io.safetensors"):
+            yield missing(part, f"{part}/: {note}")
+        else:
+            complete.add(part)
+    if "vae" in complete:
         from .encoders.vae import decode_latents, encode_video, load_vae
 
         vae = load_vae(root / "vae" / "vae.pth", config=root / "vae" / "config.json", dtype=torch.float32)
@@ -205,7 +240,7 @@ def check_encoders(root: Path) -> Iterator[ParityResult]:
         with torch.no_grad():
             yield compare("vae/latent_mean_normalized", encode_video(vae, io["video"]), io["latent_mean_normalized"])
             yield compare("vae/decoded", decode_latents(vae, io["latent_mean_normalized"]), io["decoded"])
-    if (root / "clip" / "clip.pth").exists():
+    if "clip" in complete:
         from .encoders.image import encode_image_clip, load_image_encoder
 
         clip = load_image_encoder(root / "clip" / "clip.pth", config=root / "clip" / "config.json", dtype=torch.float32)
@@ -214,7 +249,7 @@ def check_encoders(root: Path) -> Iterator[ParityResult]:
         with torch.no_grad():
             yield compare("clip/penultimate", encode_image_clip(clip, io["image"]), io["penultimate"])
             yield compare("clip/penultimate224", encode_image_clip(clip, image224), io["penultimate224"])
-    if (root / "t5" / "t5.pth").exists():
+    if "t5" in complete:
         from .encoders.text import load_text_encoder
 
         t5 = load_text_encoder(root / "t5" / "t5.pth", config=root / "t5" / "config.json", dtype=torch.float32)
@@ -235,6 +270,11 @@ def run_parity(root: str | Path) -> Iterator[ParityResult]:
     model = load_fixture_model(root, _find(root / "dit", ("dit.safetensors", "dit_comfy.safetensors")).name,
                                _find(root / "dit", ("fantasytalking.ckpt", "fantasytalking.safetensors")).name)
     yield from check_loaders(root, model)
+    if note := absent_files(root, "inputs.safetensors", "inputs.json"):  # the DiT and sampling items need them
+        yield missing("dit", note)
+        yield missing("sampling", note)
+        yield from check_encoders(root)
+        return
     inputs = load_file(root / "inputs.safetensors")
     windows = audio_windows_for_frames(inputs["audio_features"].shape[1],
                                        json.loads((root / "inputs.json").read_text())["num_frames"])

@@ -199,6 +199,10 @@ def test_a_file_inside_a_model_folder_uses_the_folder_config(tmp_path, wan_state
     (folder / "config.json").write_text('{"something": "else"}')  # not a DiT config: ignored
     with pytest.raises(ModelFileError, match="dim 5120"):
         load_wan_dit(path)
+    (folder / "config.json").write_text('{"dim": 64, "num_heads"')  # cut short: an error naming it, no fallback
+    with pytest.raises(ModelFileError, match=r"Cannot read .*wan2.1_i2v_14b_small/config.json"):
+        load_wan_dit(path)
+    assert_same(load_wan_dit(path, config=CONFIG), reference)  # an explicit config does not read the broken one
 
 
 def test_gguf_and_fp8_dits_take_the_adapter_and_run_with_audio(tmp_path, wan_state, official_inputs):

@@ -75,3 +75,21 @@ def test_a_missing_stored_output_fails_instead_of_being_skipped(other_set, tmp_p
 def test_not_a_fixture_set_is_one_clear_line(tmp_path):
     rc, lines, err = run_cli(tmp_path)
     assert rc == 2 and lines == [] and err.strip().startswith("error:") and "Traceback" not in err
+
+
+def test_items_whose_files_are_missing_fail_with_a_note_instead_of_being_skipped(other_set, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "partial"
+    shutil.copytree(other_set, broken)
+    (broken / "dit" / "dit_comfy.safetensors").unlink()  # the second file layout
+    (broken / "sampling.json").unlink()
+    (broken / "vae").mkdir()  # a VAE set that lacks its weights and outputs
+    (broken / "vae" / "config.json").write_text("{}")
+    assert main(["parity", str(broken)]) == 1
+    lines = {x["name"]: x for x in map(json.loads, capsys.readouterr().out.splitlines())}
+    failed = {name: x["note"] for name, x in lines.items() if not x["pass"]}
+    assert failed == {"load/dit_comfy.safetensors+fantasytalking.safetensors": "missing dit_comfy.safetensors",
+                      "sampling": "missing sampling.json",
+                      "vae": "vae/: missing vae.pth, vae_io.safetensors"}
+    assert lines["dit/pred_audio1_masked"]["pass"] and "note" not in lines["dit/pred_audio1_masked"]

@@ -15,7 +15,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
-from ..errors import ModelNotFoundError
+from ..errors import ModelFileError, ModelNotFoundError
 from ..model.transformer import build_transformer, resolve_config
 from .common import assign_tensor
 from .gguf import load_gguf_dit
@@ -39,20 +39,23 @@ def _target_dtype(
 
 
 def _folder_config(folder: Path) -> dict | None:
-    """The DiT config.json of a model folder (original Wan or diffusers), None if there is none."""
+    """The DiT config.json of a model folder (original Wan or diffusers), None if there is none or it describes
+    another kind of model. An unreadable or malformed one is an error: falling back to the bundled 14B config
+    would load the folder's weights into the wrong architecture, or fail later with a confusing shape message."""
     file = folder / "config.json"
     if not file.is_file():
         return None
     try:
         config = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"Cannot read {file} ({exc}): fix or re-download it, or remove it to use the bundled "
+                             "Wan2.1-I2V-14B config.") from None
     is_dit = isinstance(config, dict) and ({"dim", "num_heads"} <= set(config) or "num_attention_heads" in config)
     return config if is_dit else None
 
 
-def _resolve_files(path: Path) -> tuple[Path, dict | None]:
-    """A file, shard, index json or folder -> (the file to open, the DiT config.json of its folder or None).
+def _resolve_files(path: Path) -> tuple[Path, Path]:
+    """A file, shard, index json or folder -> (the file to open, the folder whose config.json describes it).
 
     A file inside a model folder (a shard of the original release, a diffusers folder's weights) picks up the
     folder's ``config.json``, so the folder's architecture is used wherever the file is chosen from.
@@ -60,12 +63,11 @@ def _resolve_files(path: Path) -> tuple[Path, dict | None]:
     if not path.exists():
         raise ModelNotFoundError(f"Diffusion model not found: {path}. Put the {NEEDED} in ComfyUI/models/diffusion_models/.")
     if not path.is_dir():
-        return path, _folder_config(path.parent)
-    config = _folder_config(path)
+        return path, path.parent
     for pattern in ("*.safetensors.index.json", "*.safetensors", "*.gguf", "*.pth"):
         found = sorted(path.glob(pattern))
         if found:
-            return found[0], config
+            return found[0], path
     raise ModelNotFoundError(f"No model weights (.safetensors, shard index, .gguf, .pth) in folder {path}.")
 
 
@@ -88,8 +90,8 @@ def load_wan_dit(
         fp8_storage: keep the block Linear weights as float8_e4m3fn in memory and upcast them to
             ``compute_dtype`` layer by layer at run time (half the memory of bf16).
     """
-    file, folder_config = _resolve_files(Path(path))
-    config = resolve_config(config if config is not None else folder_config)
+    file, folder = _resolve_files(Path(path))
+    config = resolve_config(config if config is not None else _folder_config(folder))  # an explicit one wins
     if file.name.lower().endswith(".gguf"):
         # quantized weights stay as stored; ``dtype`` (if a float type) sets what the rest is kept and computed in
         float_dtype = dtype if dtype is not None and dtype not in FP8_DTYPES else compute_dtype
