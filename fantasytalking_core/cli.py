@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .errors import FantasyTalkingError
 
@@ -33,9 +35,11 @@ def _generate(args: argparse.Namespace) -> int:
     from .face.workflow import FaceCropOptions, generate_talking_video
     from .loaders.model_paths import find_model_files, is_480p, load_models
     from .media.image import load_image
+    from .media.video import aac_sample_rate, check_output_path
     from .pipeline import FantasyTalkingPipeline, GenerationSettings, save_result
 
     # cheap checks first: bad settings, a bad image or audio path fail before any model is loaded
+    check_output_path(args.out)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise FantasyTalkingError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu.")
     settings = GenerationSettings(
@@ -45,11 +49,15 @@ def _generate(args: argparse.Namespace) -> int:
         audio_guidance_range=(args.audio_guidance_start, args.audio_guidance_end),
         motion=MotionIntensity(args.face_intensity, args.body_intensity, args.motion_audio_cfg),
     )
-    load_image(args.image)
-    load_audio(args.audio)
+    portrait = load_image(args.image)
+    recording = load_audio(args.audio)
+    muxed_rate = aac_sample_rate(recording.sample_rate)
+    if muxed_rate != recording.sample_rate:
+        print(f"note: the {recording.sample_rate} Hz recording goes into the mp4 at {muxed_rate} Hz (AAC's rates).",
+              file=sys.stderr)
     crop = None
     if args.face_crop or args.face_box:
-        box = _parse_box(args.face_box) if args.face_box else None
+        box = _parse_box(args.face_box, portrait.width, portrait.height) if args.face_box else None
         crop = FaceCropOptions(args.face_index, args.face_margin, args.face_feather, args.face_fallback, box)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     with tempfile.TemporaryDirectory() as scratch:
@@ -74,14 +82,10 @@ def _generate(args: argparse.Namespace) -> int:
     out = save_result(result, args.out)
     print(f"wrote {out} ({len(result.frames)} frames at {result.fps:g} fps)")
     if args.identity_check:
-        from .errors import FaceNotFoundError
-        from .face.identity import identity_similarity
+        from .face.identity import identity_report
 
-        reference = torch.from_numpy(np.asarray(load_image(args.image), dtype=np.float32) / 255)
-        try:
-            print(identity_similarity(reference, result.frames, stride=4).summary())
-        except FaceNotFoundError as exc:  # the video is written; the check just has nothing to measure
-            print(f"identity check: {exc}")
+        reference = torch.from_numpy(np.asarray(portrait, dtype=np.float32) / 255)
+        print(identity_report(reference, result.frames, stride=4)[1])  # the video is written whatever this finds
     return 0
 
 
@@ -98,18 +102,32 @@ EXPLICIT_FILES = {
 FLAG_NAMES = {"image_encoder": "--clip-vision"}
 
 
-def _parse_box(text: str) -> tuple[float, float, float, float]:
+def _parse_box(text: str, width: int, height: int) -> tuple[float, float, float, float]:
+    """``--face-box`` "x0,y0,x1,y1" -> floats in pixels of the ``width`` x ``height`` portrait. Refused when it has
+    no area or misses the portrait (a box in another image's pixels would otherwise crop only edge padding)."""
     try:
         x0, y0, x1, y1 = (float(v) for v in text.split(","))
+        if not all(map(math.isfinite, (x0, y0, x1, y1))):
+            raise ValueError
     except ValueError:
         raise FantasyTalkingError(f"--face-box takes x0,y0,x1,y1 in pixels of the portrait, got '{text}'.") from None
     if not (x1 > x0 and y1 > y0):
         raise FantasyTalkingError(f"--face-box needs x1 > x0 and y1 > y0, got '{text}'.")
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        raise FantasyTalkingError(f"--face-box {text} lies outside the {width}x{height} portrait: give the face in "
+                                  f"its pixels (x from 0 to {width}, y from 0 to {height}).")
     return x0, y0, x1, y1
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other bad input (not the usage block and a line)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fantasytalking_core", description=__doc__)
+    parser = _OneLineParser(prog="python -m fantasytalking_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     parity = sub.add_parser("parity", help="recompute a fixture set of the official implementation and compare")
     parity.add_argument("dir", help="directory laid out like tests/fixtures/official")

@@ -48,7 +48,7 @@ def load_image(path: str | Path) -> Image.Image:
     """Open an image file as 8-bit RGB, with a clear error for a missing or non-image file."""
     path = Path(path)
     if not path.is_file():
-        raise ImageInputError(f"Image not found: {path}")
+        raise ImageInputError(f"{path} is a folder, not an image file." if path.is_dir() else f"Image not found: {path}")
     try:
         with Image.open(path) as image:
             image.load()

@@ -16,12 +16,32 @@ import numpy as np
 import torch
 
 from ..audio.io import resample
+from ..errors import SettingsError
 
 AAC_MAX_SAMPLE_RATE = 48000
 """Highest rate the sound is muxed at, in Hz: FFmpeg's AAC encoder refuses 176.4/192 kHz, and nothing above
 48 kHz is audible in a voice track."""
 AAC_SAMPLE_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 """The rates (Hz, up to :data:`AAC_MAX_SAMPLE_RATE`) FFmpeg's AAC encoder opens with."""
+
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".m4v")
+"""File name endings whose containers take H.264 video with AAC sound (FFmpeg picks the container by the name)."""
+
+
+def check_output_path(path: str | Path) -> Path:
+    """``path`` as a Path when :func:`write_video` can write there, else a SettingsError naming the fix; cheap,
+    so that callers check it before any model loads instead of failing after the whole run."""
+    path = Path(path)
+    if path.is_dir():
+        raise SettingsError(f"The output {path} is a folder: give a file name in it, e.g. {path / 'talking.mp4'}.")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise SettingsError(f"The output {path.name} is not a video file name: end it with "
+                            f"{' or '.join(VIDEO_SUFFIXES[:2])} (e.g. {path.with_suffix('.mp4').name}).")
+    folder = next(p for p in path.parents if p.exists())  # the first part of the path that exists
+    if not folder.is_dir():
+        raise SettingsError(f"The output {path} cannot be created: {folder} is a file, not a folder.")
+    return path
 
 
 def aac_sample_rate(sample_rate: int) -> int:
@@ -51,7 +71,7 @@ def write_video(
     Returns:
         The written path; it only appears (or is replaced) once the whole file is written.
     """
-    path = Path(path)
+    path = check_output_path(path)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [F, H, W, 3], got {tuple(frames.shape)}.")
     if audio is not None and not sample_rate:

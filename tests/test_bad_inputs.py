@@ -1,0 +1,194 @@
+"""Every bad input gives one clear line naming the problem (and the fix), before any model loads, with no
+traceback and no output file: the command line and the node functions, case by case.
+
+Command-line cases run ``cli.main`` in this process (the code path of ``python -m fantasytalking_core``; importing
+torch and diffusers costs ~5 s per fresh process on two cores), and a few run as real processes to check the exit
+status and stderr of the whole program. Node cases call ``nodes/convert.py`` as the nodes do (no ComfyUI here);
+ComfyUI shows the exception's message on the node, so it must be one line.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fantasytalking_core.cli import main
+from fantasytalking_core.errors import FantasyTalkingError
+from nodes.convert import (check_wan21_vae, clip_vision_tokens, conditioning_to_text, crop_face, encode_audio,
+                           reference_pixels)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """face.png (60x90), voice.wav (0.5 s, 16 kHz), empty.wav (no samples), noise.wav (not audio), a folder."""
+    d = tmp_path_factory.mktemp("in")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 60, 3), dtype=np.uint8)).save(d / "face.png")
+    for name, seconds in (("voice.wav", 0.5), ("empty.wav", 0.0)):
+        samples = (0.3 * np.sin(np.arange(int(seconds * 16000)) / 7) * 32767).astype(np.int16)
+        with wave.open(str(d / name), "wb") as w:
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(samples.tobytes())
+    (d / "noise.wav").write_bytes(np.random.default_rng(1).integers(0, 255, 4000, dtype=np.uint8).tobytes())
+    (d / "folder").mkdir()
+    return d
+
+
+def generate_args(inputs: Path, out: Path, *extra: str, image: str = "face.png", audio: str = "voice.wav") -> list[str]:
+    return ["generate", "--image", str(inputs / image), "--audio", str(inputs / audio), "--out", str(out), "--tiny",
+            "--steps", "1", "--image-size", "32", *extra]
+
+
+def assert_one_clear_line(stderr: str, words: str, rc: int | None) -> None:
+    """Non-zero exit (when known), exactly one line on stderr, no traceback, and the words naming the problem."""
+    lines = stderr.strip().splitlines()
+    assert rc is None or rc != 0
+    assert "Traceback" not in stderr and len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") and words in lines[0], lines[0]
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    """``cli.main`` as the program runs it; argparse's usage errors exit through SystemExit."""
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    captured = capsys.readouterr()
+    return rc, captured.err
+
+
+# (arguments after the defaults of generate_args, keyword arguments of generate_args, words in the one line)
+COMMAND_LINE_CASES = {
+    "missing image": ([], dict(image="missing.png"), "Image not found"),
+    "image not an image": ([], dict(image="voice.wav"), "not a readable image"),
+    "image is a folder": ([], dict(image="folder"), "is a folder, not an image file"),
+    "audio not found": ([], dict(audio="missing.wav"), "Audio file not found"),
+    "audio is a picture": ([], dict(audio="face.png"), "no audio track"),
+    "audio is noise bytes": ([], dict(audio="noise.wav"), "not an audio or video file"),
+    "audio is a folder": ([], dict(audio="folder"), "is a folder, not an audio file"),
+    "audio has no samples": ([], dict(audio="empty.wav"), "holds no samples"),
+    "steps zero": (["--steps", "0"], {}, "steps must be at least 1"),
+    "steps not a number": (["--steps", "abc"], {}, "invalid int value: 'abc'"),
+    "fps zero": (["--fps", "0"], {}, "fps must be positive"),
+    "shift zero": (["--shift", "0"], {}, "shift must be positive"),
+    "max frames not 4n+1": (["--max-frames", "80"], {}, "max_frames must be 4n+1"),
+    "max frames past the RoPE": (["--max-frames", "4097"], {}, "max_frames 4097 is above 4093"),
+    "image size too small": (["--image-size", "8"], {}, "image_size must be at least 16"),
+    "image size past the RoPE": (["--image-size", "16385"], {}, "image_size 16385 is above 16384"),
+    "guidance range reversed": (["--audio-guidance-start", "0.8", "--audio-guidance-end", "0.2"], {},
+                                "audio guidance range"),
+    "vae tile": (["--vae-tile", "100"], {}, "vae_tile must be a multiple of 32"),
+    "negative audio scale": (["--audio-scale", "-1"], {}, "audio_scale must be >= 0"),
+    "face intensity": (["--face-intensity", "2"], {}, "face intensity"),
+    "face box outside": (["--face-box", "5000,5000,6000,6000"], {}, "lies outside the 60x90 portrait"),
+    "face box without area": (["--face-box", "40,20,10,60"], {}, "x1 > x0 and y1 > y0"),
+    "face box not numbers": (["--face-box", "1,2,3"], {}, "x0,y0,x1,y1"),
+    "face box infinite": (["--face-box", "0,0,inf,10"], {}, "x0,y0,x1,y1"),
+    "dtype not offered": (["--dtype", "fp64"], {}, "invalid choice: 'fp64'"),
+}
+
+
+@pytest.mark.parametrize("case", COMMAND_LINE_CASES)
+def test_command_line_bad_input(case, inputs, tmp_path, capsys):
+    extra, where, words = COMMAND_LINE_CASES[case]
+    out = tmp_path / "talking.mp4"
+    rc, err = run_main(generate_args(inputs, out, *extra, **where), capsys)
+    assert_one_clear_line(err, words, rc)
+    assert "--tiny" not in err and list(tmp_path.iterdir()) == []  # no model made, no file written
+
+
+@pytest.mark.parametrize("out,words", [
+    ("folder", "is a folder: give a file name in it"),
+    ("talking.gif", "not a video file name"),
+    ("face.png/talking.mp4", "is a file, not a folder"),
+])
+def test_an_output_path_the_writer_would_fail_on_is_refused_up_front(inputs, out, words, capsys):
+    before = sorted(p.name for p in inputs.iterdir())
+    rc, err = run_main(generate_args(inputs, inputs / out), capsys)
+    assert_one_clear_line(err, words, rc)
+    assert sorted(p.name for p in inputs.iterdir()) == before
+
+
+def test_no_models_and_no_tiny(inputs, tmp_path, capsys):
+    argv = [a for a in generate_args(inputs, tmp_path / "x.mp4") if a != "--tiny"]
+    rc, err = run_main(argv, capsys)
+    assert_one_clear_line(err, "--models is required", rc)
+
+
+def test_parity_on_a_folder_that_is_no_fixture_set(tmp_path, capsys):
+    rc, err = run_main(["parity", str(tmp_path)], capsys)
+    assert_one_clear_line(err, "is not a fixture set", rc)
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--face-box", "5000,5000,6000,6000"], "lies outside the 60x90 portrait"),
+    (["--max-frames", "4097"], "above 4093"),
+    (["--steps"], "expected one argument"),
+])
+def test_the_program_itself_prints_one_line_and_exits_non_zero(inputs, tmp_path, extra, words):
+    out = tmp_path / "talking.mp4"
+    proc = subprocess.run([sys.executable, "-m", "fantasytalking_core", *generate_args(inputs, out, *extra)],
+                          capture_output=True, text=True)
+    assert_one_clear_line(proc.stderr, words, proc.returncode)
+    assert proc.stdout == "" and not out.exists()
+
+
+# ---- nodes ---------------------------------------------------------------------------------------------------------
+
+
+def audio_value(waveform: torch.Tensor, sample_rate: int = 16000) -> dict:
+    return {"waveform": waveform, "sample_rate": sample_rate}
+
+
+def voice(samples: int = 8000) -> torch.Tensor:
+    return 0.3 * torch.sin(torch.arange(samples) / 7.0)[None, None]  # AUDIO [1, 1, T]
+
+
+class NotWan21VAE:
+    latent_channels, latent_dim = 48, 3
+
+
+WAV2VEC2_STANDIN = torch.nn.Linear(1, 1)  # the inputs are refused before the model runs
+NODE_CASES = {
+    "audio batch of two": (lambda: encode_audio(WAV2VEC2_STANDIN, audio_value(voice().repeat(2, 1, 1)), 23, 81, CPU),
+                           "batch of 2 recordings"),
+    "audio with NaN": (lambda: encode_audio(WAV2VEC2_STANDIN, audio_value(voice().index_fill(2, torch.tensor([5]),
+                                                                                             math.nan)), 23, 81, CPU),
+                       "NaN"),
+    "audio rate zero": (lambda: encode_audio(WAV2VEC2_STANDIN, audio_value(voice(), 0), 23, 81, CPU),
+                        "not a valid audio rate"),
+    "audio transposed": (lambda: encode_audio(WAV2VEC2_STANDIN, audio_value(voice().transpose(1, 2)), 23, 81, CPU),
+                         "transpose the last two dimensions"),
+    "audio empty": (lambda: encode_audio(WAV2VEC2_STANDIN, audio_value(torch.zeros(1, 1, 0)), 23, 81, CPU), "empty"),
+    "audio not an AUDIO": (lambda: encode_audio(WAV2VEC2_STANDIN, "voice", 23, 81, CPU), "Audio file not found"),
+    "max frames past the RoPE": (lambda: encode_audio(WAV2VEC2_STANDIN, audio_value(voice()), 23, 4097, CPU),
+                                 "above 4093"),
+    "no face and no fallback": (lambda: crop_face(torch.full((1, 64, 96, 3), 0.5)), "No face was found"),
+    "empty face mask": (lambda: crop_face(torch.rand(1, 64, 64, 3), mask=torch.zeros(1, 64, 64)), "mask is empty"),
+    "mask of another size": (lambda: crop_face(torch.rand(1, 64, 64, 3), mask=torch.ones(1, 32, 32)),
+                             "paint the mask on this image"),
+    "image not an IMAGE": (lambda: reference_pixels(torch.rand(64, 64), 32), "expected an IMAGE"),
+    "two prompts": (lambda: conditioning_to_text([[torch.zeros(1, 4, 8), {}]] * 2, "positive", 8), "holds 2 prompts"),
+    "text of another width": (lambda: conditioning_to_text([[torch.zeros(1, 4, 8), {}]], "positive", 16),
+                              "8 wide"),
+    "no CLIP vision output": (lambda: clip_vision_tokens({"image_embeds": torch.zeros(1, 8)}),
+                              "no penultimate_hidden_states"),
+    "Wan2.2 VAE": (lambda: check_wan21_vae(NotWan21VAE()), "the Wan2.2 VAE"),
+}
+
+
+@pytest.mark.parametrize("case", NODE_CASES)
+def test_node_bad_input(case):
+    call, words = NODE_CASES[case]
+    with pytest.raises((FantasyTalkingError, ValueError, FileNotFoundError)) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message and words in message, message
