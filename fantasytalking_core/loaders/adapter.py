@@ -33,7 +33,8 @@ def load_audio_adapter(
     """Attach the adapter in ``path`` to ``transformer`` and return the combined model.
 
     Args:
-        dtype: adapter weight dtype; default: the DiT's compute dtype.
+        dtype: dtype of the per-block k/v weights; default: the DiT's compute dtype. The audio projection is
+            always kept in float32 (small; the official code computes it in float32).
     """
     ckpt = open_checkpoint(path)
     keys = ckpt.keys
@@ -83,7 +84,7 @@ def load_audio_adapter(
     dtype = dtype or compute_dtype(transformer)
     audio_proj = attach_audio_adapter(transformer, proj_dim, audio_dim)
     for key in PROJ_KEYS:
-        assign_tensor(audio_proj, key[len("proj_model."):], ckpt.tensor(key).to(device=device, dtype=dtype))
+        assign_tensor(audio_proj, key[len("proj_model."):], ckpt.tensor(key).to(device=device, dtype=torch.float32))
     for (i, kv), key in blocks.items():
         processor = transformer.blocks[i].attn2.processor
         assign_tensor(processor, f"{kv}_proj.weight", ckpt.tensor(key).to(device=device, dtype=dtype))

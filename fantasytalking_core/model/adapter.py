@@ -22,12 +22,18 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
+from .precision import layer_norm_fp32, linear_fp32
+
 WAV2VEC2_DIM = 768  # wav2vec2-base hidden size, the adapter's input width
 TEXT_LEN = 512  # umT5 context rows the DiT always sees (shorter prompts are zero-padded)
 
 
 class AudioProjModel(nn.Module):
-    """wav2vec2 tokens [B, L, audio_dim] -> adapter tokens [B, L, proj_dim] (Linear without bias, then LayerNorm)."""
+    """wav2vec2 tokens [B, L, audio_dim] -> adapter tokens [B, L, proj_dim] (Linear without bias, then LayerNorm).
+
+    Always computed in float32, whatever dtype its weights are stored in: the official ``infer.py`` calls
+    ``proj_model`` in float32 outside the DiT's bf16 autocast.
+    """
 
     def __init__(self, audio_dim: int = WAV2VEC2_DIM, proj_dim: int = 2048):
         super().__init__()
@@ -35,7 +41,8 @@ class AudioProjModel(nn.Module):
         self.norm = nn.LayerNorm(proj_dim)
 
     def forward(self, audio_features: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(audio_features))
+        """[B, L, audio_dim] any float dtype -> [B, L, proj_dim] float32."""
+        return layer_norm_fp32(self.norm, linear_fp32(self.proj, audio_features))
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch import nn
 from .adapter import TEXT_LEN, AudioConditioning, AudioProjModel, audio_processors
 from ..errors import ModelFileError
 from .limits import ROPE_MAX_SEQ_LEN
+from .precision import OFFICIAL, check_policy, forward_with_float32_islands
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
 BUNDLED_DIT_CONFIGS = {
@@ -107,13 +108,18 @@ class FantasyTalkingModel(nn.Module):
 
     Attributes:
         transformer: ``WanTransformer3DModel`` whose cross-attentions carry ``FantasyTalkingAttnProcessor``.
-        audio_proj: :class:`AudioProjModel` (wav2vec2 768 -> adapter width).
+        audio_proj: :class:`AudioProjModel` (wav2vec2 768 -> adapter width), computed in float32.
+        precision: how a bf16/fp16 compute dtype rounds: ``"official"`` (default) keeps the official float32
+            islands (:mod:`fantasytalking_core.precision`); ``"diffusers"`` runs diffusers' own forward, whose
+            residual stream, modulation and head are in the compute dtype. float32 compute always runs
+            diffusers' forward (both policies are the same graph there).
     """
 
-    def __init__(self, transformer: WanTransformer3DModel, audio_proj: AudioProjModel):
+    def __init__(self, transformer: WanTransformer3DModel, audio_proj: AudioProjModel, precision: str = OFFICIAL):
         super().__init__()
         self.transformer = transformer
         self.audio_proj = audio_proj
+        self.precision = check_policy(precision)
         self._processors = audio_processors(transformer)
 
     @property
@@ -125,9 +131,9 @@ class FantasyTalkingModel(nn.Module):
         return self.transformer.patch_embedding.weight.device
 
     def project_audio(self, audio_features: torch.Tensor) -> torch.Tensor:
-        """wav2vec2 last hidden state [B, L, 768] -> adapter tokens [B, L, P] (float32 in, model dtype out)."""
-        weight = self.audio_proj.proj.weight
-        return self.audio_proj(audio_features.to(device=weight.device, dtype=weight.dtype))
+        """wav2vec2 last hidden state [B, L, 768] -> adapter tokens [B, L, P], float32 whatever the compute dtype
+        (the official ``proj_model`` runs in float32 outside autocast); each block's k/v Linear rounds them."""
+        return self.audio_proj(audio_features.to(self.audio_proj.proj.weight.device))
 
     @contextmanager
     def conditioned_on(self, audio: AudioConditioning | None) -> Iterator[None]:
@@ -159,13 +165,15 @@ class FantasyTalkingModel(nn.Module):
             image_latents: [B, 20, T, H/8, W/8] I2V conditioning y (4 mask channels + first-frame VAE latent).
             audio: windows, valid lengths and scale; ``None`` runs the plain Wan I2V forward.
         Returns:
-            [B, 16, T, H/8, W/8] predicted velocity.
+            [B, 16, T, H/8, W/8] predicted velocity: float32 under the official policy, else the compute dtype.
         """
         batch = latents.shape[0]
         dtype = self.dtype
         timestep = torch.as_tensor(timestep, device=latents.device).float().reshape(-1).expand(batch)
         hidden = torch.cat([latents, image_latents.to(latents.dtype)], dim=1).to(dtype)
         with self.conditioned_on(audio):
+            if dtype != torch.float32 and self.precision == OFFICIAL:
+                return forward_with_float32_islands(self.transformer, hidden, timestep, pad_text(text), image_tokens)
             return self.transformer(
                 hidden_states=hidden,
                 timestep=timestep,
