@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="python -m fantasytalking_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     parity = sub.add_parser("parity", help="recompute a fixture set of the official implementation and compare")
-    parity.add_argument("dir", help="directory laid out like tests/fixtures/official")
+    parity.add_argument("dir", help="directory laid out like tests/fixtures/official or tests/fixtures/official_bf16")
     parity.set_defaults(func=_parity)
 
     from .encoders.text import DEFAULT_NEGATIVE_PROMPT

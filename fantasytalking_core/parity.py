@@ -1,12 +1,22 @@
 """Recompute a golden fixture set of the official implementation with this package and compare.
 
-A set is a directory laid out like ``tests/fixtures/official`` (its README documents every file): the DiT and
-adapter in their real file formats under ``dit/``, ``inputs.*``, ``dit_outputs.safetensors``,
-``sampling.{json,safetensors}`` and ``windows.json``, and optionally the ``vae/``, ``clip/`` and ``t5/`` sets. Everything is loaded through the package's own loaders and
-recomputed; each comparison becomes one :class:`ParityResult`. Float outputs pass within
-``1e-4 * max|reference|``; integer outputs must be equal. An item whose files the set lacks fails, with a note
-naming them (an optional ``vae/``, ``clip/`` or ``t5/`` folder that is absent is not part of the set; one that is
-there must be complete).
+Two layouts are recognised by their files:
+
+- a *parity set*, laid out like ``tests/fixtures/official`` (its README documents every file): the DiT and
+  adapter in their real file formats under ``dit/``, ``inputs.*``, ``dit_outputs.safetensors``,
+  ``sampling.{json,safetensors}`` and ``windows.json``, and optionally the ``vae/``, ``clip/`` and ``t5/`` sets.
+  Float outputs pass within ``1e-4 * max|reference|``; integer outputs must be equal. An item whose files the set
+  lacks fails, with a note naming them (an optional ``vae/``, ``clip/`` or ``t5/`` folder that is absent is not
+  part of the set; one that is there must be complete).
+- a *precision set*, laid out like ``tests/fixtures/official_bf16``: ``dit/`` (bf16 DiT + adapter),
+  ``inputs.safetensors``, ``outputs.safetensors`` with the official float32 passes ``fp32_*`` and
+  ``stats.json`` with the official bf16 run's relative RMS error against them. Our float32 passes must equal
+  ``fp32_*`` within ``1e-4 * max|reference|`` (items ``fp32/*``); our bf16 passes may lose at most
+  :data:`BF16_RATIO_LIMIT` times the official bf16 error against ``fp32_*`` (items ``bf16/*``: ``rel_error`` is
+  the relative RMS error, ``tolerance`` its limit, ``ratio`` ours / official).
+
+Everything is loaded through the package's own loaders and recomputed; each comparison becomes one
+:class:`ParityResult`.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from safetensors.torch import load_file
 from .model.adapter import AudioConditioning
 from .audio.windows import AudioWindows, audio_windows_for_frames, gather_audio_windows
 from .errors import ModelNotFoundError
-from .sampling.guidance import NEG, POS, POS_AUDIO, GuidanceConfig
+from .sampling.guidance import NEG, POS, POS_AUDIO, GuidanceConfig, combine_guidance
 from .loaders.adapter import load_audio_adapter
 from .loaders.wan_dit import load_wan_dit
 from .sampling.euler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
@@ -32,22 +42,31 @@ from .model.transformer import FantasyTalkingModel
 
 REL_TOL = 1e-4
 PASS_NAMES = {NEG: "pred_neg_noaudio", POS: "pred_pos_noaudio", POS_AUDIO: "pred_pos_audio"}
+BF16_STATS_KEY = "official_bf16_rel_rms_vs_fp32"  # marks a precision set's stats.json
+BF16_RATIO_LIMIT = 1.2  # our bf16 error / the official bf16 error, both against float32 (README of the set)
+BF16_PASSES = {"u": NEG, "p": POS, "pa": POS_AUDIO}  # a precision set's pass names -> guidance passes
 
 
 @dataclass
 class ParityResult:
+    """One comparison. ``rel_error`` is checked against ``tolerance`` for ratio items (``ratio`` set), else
+    ``max_abs_error`` is; ``ratio`` (ours / official bf16 error) is written only where it applies."""
+
     name: str
     max_abs_error: float
     rel_error: float
     tolerance: float
     passed: bool
     note: str = ""  # why an item failed without a comparison (e.g. "missing sampling.json")
+    ratio: float | None = None  # ours / official bf16 error, for the precision set's bf16 items
 
     def to_json(self) -> str:
         d = asdict(self)
         d["pass"] = d.pop("passed")
         if not d["note"]:
             del d["note"]
+        if d["ratio"] is None:
+            del d["ratio"]
         return json.dumps(d)
 
 
@@ -60,6 +79,24 @@ def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, rel_tol: float = R
     rel = err / scale if scale else err
     tol = rel_tol * scale
     return ParityResult(name, err, rel, tol, bool(err <= tol))
+
+
+def rel_rms(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative RMS error sqrt(mean((ours - ref)^2)) / sqrt(mean(ref^2)), in float64."""
+    diff, ref = ours.double() - ref.double(), ref.double()
+    return (diff.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+def compare_error_ratio(name: str, ours: torch.Tensor, ref: torch.Tensor, official: float,
+                        limit: float = BF16_RATIO_LIMIT) -> ParityResult:
+    """Reduced-precision comparison: pass when rel_rms(ours, ref) <= limit * official, where ``official`` is the
+    official reduced-precision run's relative RMS error against the same float32 reference ``ref``."""
+    if tuple(ours.shape) != tuple(ref.shape):
+        return ParityResult(name, float("inf"), float("inf"), 0.0, False)
+    rel = rel_rms(ours, ref)
+    err = (ours.double() - ref.double()).abs().max().item()
+    ratio = rel / official if official > 0 else float("inf")
+    return ParityResult(name, err, rel, limit * official, bool(rel <= limit * official), ratio=ratio)
 
 
 def missing(name: str, note: str = "missing from the set") -> ParityResult:
@@ -89,10 +126,11 @@ def _find(folder: Path, names: tuple[str, ...]) -> Path:
     raise ModelNotFoundError(f"None of {', '.join(names)} found in {folder}.")
 
 
-def load_fixture_model(root: Path, dit_file: str, adapter_file: str) -> FantasyTalkingModel:
-    """The DiT + adapter of a fixture set, loaded in float32 through the package's loaders."""
-    dit = load_wan_dit(root / "dit" / dit_file, config=root / "dit" / "config.json", dtype=torch.float32)
-    return load_audio_adapter(root / "dit" / adapter_file, dit, dtype=torch.float32)
+def load_fixture_model(root: Path, dit_file: str, adapter_file: str,
+                       dtype: torch.dtype = torch.float32) -> FantasyTalkingModel:
+    """The DiT + adapter of a fixture set, loaded through the package's loaders to compute in ``dtype``."""
+    dit = load_wan_dit(root / "dit" / dit_file, config=root / "dit" / "config.json", dtype=dtype)
+    return load_audio_adapter(root / "dit" / adapter_file, dit, dtype=dtype)
 
 
 def check_windows(root: Path) -> Iterator[ParityResult]:
@@ -260,11 +298,85 @@ def check_encoders(root: Path) -> Iterator[ParityResult]:
         yield compare("t5/output_trimmed", out[:, : int(io["mask"].sum())], io["output_trimmed"])
 
 
+def is_precision_set(root: Path) -> bool:
+    """Whether ``root`` is laid out like ``tests/fixtures/official_bf16`` (outputs.safetensors and a stats.json
+    holding the official bf16 errors)."""
+    stats = root / "stats.json"
+    if not ((root / "outputs.safetensors").is_file() and stats.is_file()):
+        return False
+    try:
+        return BF16_STATS_KEY in json.loads(stats.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def load_precision_set_model(root: Path, dtype: torch.dtype) -> FantasyTalkingModel:
+    """A precision set's DiT + adapter, computing in ``dtype``."""
+    dit_file = _find(root / "dit", ("dit_bf16.safetensors", "dit.safetensors", "dit_comfy.safetensors")).name
+    adapter_file = _find(root / "dit", ("fantasytalking.ckpt", "fantasytalking.safetensors")).name
+    return load_fixture_model(root, dit_file, adapter_file, dtype)
+
+
+def precision_set_passes(model: FantasyTalkingModel, inputs: dict[str, torch.Tensor],
+                         stats: dict) -> dict[str, torch.Tensor]:
+    """The passes of a precision set recomputed by ``model``, plus what is derived from them.
+
+    Args:
+        inputs: the set's ``inputs.safetensors``; stats: its ``stats.json`` (``passes``, ``num_frames``,
+            ``cfg``, ``audio_cfg``).
+    Returns:
+        float32 [1, 16, F, H, W] each: ``u``, ``p``, ``pa`` (one DiT forward each, masked audio windows),
+        ``guided`` = u + cfg (p - u) + audio_cfg (pa - p), and ``audio_term`` = pa - p.
+    """
+    windows = audio_windows_for_frames(inputs["audio_features"].shape[1], stats["num_frames"])
+    preds = {}
+    with torch.no_grad():
+        audio = gather_audio_windows(model.project_audio(inputs["audio_features"]), windows)
+        for name, spec in stats["passes"].items():
+            cond = AudioConditioning(audio, windows.k_lens_tensor(), float(spec["audio_scale"]))
+            preds[name] = model(inputs["x"], inputs["timestep"], inputs[spec["context"]], inputs["clip_feature"],
+                                inputs["y"], cond).float()
+    guidance = GuidanceConfig(cfg=stats["cfg"], audio_cfg=stats["audio_cfg"])
+    preds["guided"] = combine_guidance({BF16_PASSES[k]: preds[k] for k in BF16_PASSES}, guidance)
+    preds["audio_term"] = preds["pa"] - preds["p"]
+    return preds
+
+
+def reference_passes(outputs: dict[str, torch.Tensor], prefix: str = "fp32_") -> dict[str, torch.Tensor]:
+    """A precision set's stored passes with ``prefix`` (``fp32_`` or ``official_bf16_``), plus their audio term."""
+    ref = {k[len(prefix):]: v for k, v in outputs.items() if k.startswith(prefix)}
+    if "pa" in ref and "p" in ref:
+        ref["audio_term"] = ref["pa"] - ref["p"]
+    return ref
+
+
+def check_precision_set(root: Path) -> Iterator[ParityResult]:
+    """float32 parity of every pass (``fp32/*``) and the bf16 error ratio of every pass and derived quantity
+    that ``stats.json`` holds an official error for (``bf16/*``)."""
+    stats = json.loads((root / "stats.json").read_text())
+    inputs = load_file(root / "inputs.safetensors")
+    ref = reference_passes(load_file(root / "outputs.safetensors"))
+    ours32 = precision_set_passes(load_precision_set_model(root, torch.float32), inputs, stats)
+    for name in (*stats["passes"], "guided"):
+        yield compare(f"fp32/{name}", ours32[name], ref[name]) if name in ref else missing(f"fp32/{name}")
+    del ours32
+    ours16 = precision_set_passes(load_precision_set_model(root, torch.bfloat16), inputs, stats)
+    for name, official in stats[BF16_STATS_KEY].items():
+        if name not in ref or name not in ours16:
+            yield missing(f"bf16/{name}")
+            continue
+        yield compare_error_ratio(f"bf16/{name}", ours16[name], ref[name], official)
+
+
 def run_parity(root: str | Path) -> Iterator[ParityResult]:
-    """Every comparison for the fixture set in ``root``, one result at a time."""
+    """Every comparison for the fixture set in ``root`` (either layout), one result at a time."""
     root = Path(root)
+    if is_precision_set(root):
+        yield from check_precision_set(root)
+        return
     if not (root / "dit").is_dir():
-        raise ModelNotFoundError(f"{root} is not a fixture set: it has no dit/ folder (see tests/fixtures/official).")
+        raise ModelNotFoundError(f"{root} is not a fixture set: it has no dit/ folder (see tests/fixtures/official "
+                                 "and tests/fixtures/official_bf16).")
     yield from check_windows(root)
     yield from check_frame_rule(root)
     model = load_fixture_model(root, _find(root / "dit", ("dit.safetensors", "dit_comfy.safetensors")).name,

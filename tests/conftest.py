@@ -6,12 +6,19 @@ from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL = FIXTURES / "official"
+OFFICIAL_BF16 = FIXTURES / "official_bf16"
 
 
 @pytest.fixture(scope="session")
 def official_dir() -> Path:
     """Golden data of the official FantasyTalking implementation (see tests/fixtures/official/README.md)."""
     return OFFICIAL
+
+
+@pytest.fixture(scope="session")
+def official_bf16_dir() -> Path:
+    """The official bf16 precision set: head size 128, non-square latent (see tests/fixtures/official_bf16/README.md)."""
+    return OFFICIAL_BF16
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,15 @@
-"""`python -m fantasytalking_core parity DIR`: the official set passes; other sets of the same layout work; a wrong
-stored output makes it fail with a non-zero exit."""
+"""`python -m fantasytalking_core parity DIR`: the official parity set and the official bf16 precision set pass; a
+wrong stored output (or a precision bound the package misses) makes it fail with a non-zero exit."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fantasytalking_core.cli import main
-from model_files import write_fixture_set, wan_config
 
 
 def run_cli(path):
@@ -31,39 +31,65 @@ def test_official_set_passes_every_item(official_dir):
 
 
 @pytest.fixture(scope="module")
-def other_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("other") / "set"
-    config = wan_config(dim=96, num_heads=3, num_layers=3, ffn_dim=160, text_dim=24)
-    write_fixture_set(root, config, proj_dim=40, num_frames=13, height=32, width=64, seed=7)
+def dit_set(official_dir, tmp_path_factory):
+    """The official set without its optional encoder sets (the failure tests below break DiT items only)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("official") / "set"
+    shutil.copytree(official_dir, root, ignore=shutil.ignore_patterns("vae", "clip", "t5"))
     return root
 
 
-def test_other_size_seed_frames_and_non_square_set(other_set, capsys):
-    assert main(["parity", str(other_set)]) == 0
+def test_precision_set_passes_float32_and_bf16_items(official_bf16_dir, capsys):
+    """The official bf16 set (head size 128, non-square latent) is recognised by its files and passes."""
+    assert main(["parity", str(official_bf16_dir)]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert any(x["name"] == "dit/pred_audio_custom_masked" for x in lines)
-    assert all(x["pass"] for x in lines)
+    by_name = {line["name"]: line for line in lines}
+    assert set(by_name) == {f"fp32/{n}" for n in ("u", "p", "pa", "guided")} | {
+        f"bf16/{n}" for n in ("u", "p", "pa", "guided", "audio_term")}
+    assert all(line["pass"] for line in lines)
+    assert all(line["ratio"] <= 1.2 and line["rel_error"] <= line["tolerance"]
+               for name, line in by_name.items() if name.startswith("bf16/"))
 
 
-def test_a_wrong_stored_output_fails(other_set, tmp_path, capsys):
+def test_a_precision_set_fails_on_a_wrong_output_or_a_smaller_official_error(official_bf16_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken_bf16"
+    shutil.copytree(official_bf16_dir, broken)
+    outputs = load_file(broken / "outputs.safetensors")
+    outputs["fp32_u"][0, 0, 0, 3, 5] += 0.01 * outputs["fp32_u"].abs().max()
+    save_file(outputs, str(broken / "outputs.safetensors"))
+    stats = json.loads((broken / "stats.json").read_text())
+    stats["official_bf16_rel_rms_vs_fp32"]["guided"] /= 2  # as if the official bf16 run were twice as exact
+    (broken / "stats.json").write_text(json.dumps(stats))
+    assert main(["parity", str(broken)]) == 1
+    lines = {x["name"]: x for x in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert not lines["fp32/u"]["pass"] and lines["fp32/p"]["pass"]
+    assert not lines["bf16/guided"]["pass"] and lines["bf16/pa"]["pass"]
+
+
+def test_a_wrong_stored_output_fails(dit_set, tmp_path, capsys):
     import shutil
 
     broken = tmp_path / "broken"
-    shutil.copytree(other_set, broken)
+    shutil.copytree(dit_set, broken)
+    with safe_open(str(broken / "dit_outputs.safetensors"), "pt") as f:
+        metadata = f.metadata()
     outputs = load_file(broken / "dit_outputs.safetensors")
     outputs["pred_audio1_masked"][0, 0, 0, 0, 0] += 0.01 * outputs["pred_audio1_masked"].abs().max()
-    save_file(outputs, str(broken / "dit_outputs.safetensors"), metadata={"custom_audio_scale": "0.4"})
+    save_file(outputs, str(broken / "dit_outputs.safetensors"), metadata=metadata)
     assert main(["parity", str(broken)]) == 1
     lines = {x["name"]: x for x in map(json.loads, capsys.readouterr().out.splitlines())}
     assert not lines["dit/pred_audio1_masked"]["pass"]
-    assert lines["dit/pred_audio0"]["pass"]
+    assert lines["dit/pred_audio0"]["pass"] and lines["dit/pred_audio_custom_masked"]["pass"]
 
 
-def test_a_missing_stored_output_fails_instead_of_being_skipped(other_set, tmp_path, capsys):
+def test_a_missing_stored_output_fails_instead_of_being_skipped(dit_set, tmp_path, capsys):
     import shutil
 
     broken = tmp_path / "incomplete"
-    shutil.copytree(other_set, broken)
+    shutil.copytree(dit_set, broken)
     ref = load_file(broken / "sampling.safetensors")
     del ref["step1.pred_pos_audio"]
     save_file(ref, str(broken / "sampling.safetensors"))
