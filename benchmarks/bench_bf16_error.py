@@ -12,7 +12,7 @@ and each is reported as ratio = our relative RMS error vs ``fp32_*`` / the offic
 much as the official run; the parity bound is 1.2). Passes: u (negative prompt, no audio), p (positive, no
 audio), pa (positive, audio), guided = u + cfg (p - u) + audio_cfg (pa - p), audio_term = pa - p.
 
-Usage:  python benchmarks/bench_bf16_error.py [--set DIR] [--json]
+Usage:  python benchmarks/bench_bf16_error.py [--set DIR] [--device cuda] [--json]
 """
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ from fantasytalking_core.model.transformer import FantasyTalkingModel  # noqa: E
 DEFAULT_SET = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "official_bf16"
 
 
-def measure(root: Path) -> dict[str, dict[str, float]]:
-    """{policy: {pass: our bf16 rel RMS error / the official bf16 one}}, plus ``official`` absolute errors."""
+def measure(root: Path, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Rows of relative RMS errors against float32 (official bf16, ours per policy) and ratios ours / official, each
+    {pass: value}. ``device``: where our bf16 passes run (the references are CPU numbers)."""
     stats = json.loads((root / "stats.json").read_text())
-    inputs = load_file(root / "inputs.safetensors")
-    ref = reference_passes(load_file(root / "outputs.safetensors"))
+    inputs = {k: v.to(device) for k, v in load_file(root / "inputs.safetensors").items()}
+    ref = reference_passes(load_file(root / "outputs.safetensors", device=device))
     official = stats[BF16_STATS_KEY]
-    model = load_precision_set_model(root, torch.bfloat16)
+    model = load_precision_set_model(root, torch.bfloat16).to(device)
     table: dict[str, dict[str, float]] = {"official bf16 rel RMS": dict(official)}
     for policy in PRECISION_POLICIES:
         ours = precision_set_passes(FantasyTalkingModel(model.transformer, model.audio_proj, policy), inputs, stats)
@@ -54,15 +55,17 @@ def measure(root: Path) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", type=Path, default=DEFAULT_SET, help="precision set directory")
+    parser.add_argument("--device", default="cpu", help="where our passes run (cpu, cuda)")
     parser.add_argument("--json", action="store_true", help="print the table as one JSON object")
     args = parser.parse_args()
-    table = measure(args.set)
+    table = measure(args.set, args.device)
     if args.json:
         print(json.dumps(table))
         return
     names = list(next(iter(table.values())))
-    print(f"set: {args.set}  torch {torch.__version__}  {platform.processor() or platform.machine()}  "
-          f"threads {torch.get_num_threads()}  bound: ratio <= {BF16_RATIO_LIMIT}")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"set: {args.set}  torch {torch.__version__}  {where}  bound: ratio <= {BF16_RATIO_LIMIT}")
     print("| row | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for row, values in table.items():

@@ -17,6 +17,11 @@ tokens cut into per-frame windows by the library's own helpers, so the real code
   e. group_offload               diffusers' block-level group offloading (weights on the CPU, streamed): last,
                                  since it moves the model
 
+``--precision`` picks how bf16 rounds (``fantasytalking_core.precision``): ``official`` (default, what the library
+runs: float32 residual stream, modulation and head) or ``diffusers`` (``WanTransformer3DModel.forward`` as it is).
+Sections d and e act on each block's ``forward``, which only the diffusers policy calls (the official policy runs
+the blocks' submodules itself), so they are skipped under the official policy.
+
 Each timing is 1 warm-up + N timed runs (CUDA events), with the peak of ``torch.cuda.max_memory_allocated`` reset
 per section. Every section is isolated (an error is recorded and the next one runs), results are printed as they
 come and the JSON at ``--out`` is rewritten after each section; sections are skipped when the time budget
@@ -75,6 +80,7 @@ from fantasytalking_core.loaders.wan_dit import (
     _target_dtype,
     enable_fp8_storage,
 )
+from fantasytalking_core.model.precision import DIFFUSERS, OFFICIAL, PRECISION_POLICIES
 from fantasytalking_core.sampler import DiTConditions, guided_velocity
 from fantasytalking_core.schedule import flow_match_sigmas, sigmas_to_timesteps
 from fantasytalking_core.tiny import tiny_configs
@@ -207,12 +213,13 @@ def init_random_(module: nn.Module, std: float = INIT_STD) -> None:
                 param.normal_(0.0, std)
 
 
-def build_random_model(scale: Scale, device: torch.device, dtype: torch.dtype = DTYPE) -> FantasyTalkingModel:
+def build_random_model(scale: Scale, device: torch.device, dtype: torch.dtype = DTYPE,
+                       precision: str = OFFICIAL) -> FantasyTalkingModel:
     """The DiT with the audio adapter attached, random weights allocated directly on ``device``."""
     transformer = build_transformer(scale.dit_config, empty=True)  # parameters on meta, RoPE tables real
     with torch.device("meta"):
         audio_proj = attach_audio_adapter(transformer, scale.proj_dim, scale.audio_dim)
-    model = FantasyTalkingModel(transformer, audio_proj)
+    model = FantasyTalkingModel(transformer, audio_proj, precision)
     set_param_dtypes_(model, dtype)
     materialize_(model, device)
     init_random_(model)
@@ -503,7 +510,7 @@ def section_environment(ctx: Context) -> dict[str, Any]:
 
 def section_build(ctx: Context) -> dict[str, Any]:
     start = time.perf_counter()
-    ctx.model = build_random_model(ctx.scale, ctx.device)
+    ctx.model = build_random_model(ctx.scale, ctx.device, precision=ctx.args.precision)
     synchronize(ctx.device)
     params = list(ctx.model.parameters())
     return {
@@ -769,10 +776,18 @@ def dynamo_stats() -> dict[str, Any]:
     }
 
 
+def require_block_forward(model: FantasyTalkingModel, what: str) -> None:
+    """Skip a section that wraps each block's ``forward`` when the model never calls it (official policy)."""
+    if model.precision != DIFFUSERS:
+        raise SectionSkippedError(f"{what} wraps each block's forward, which the '{model.precision}' precision "
+                                  f"policy does not call; run with --precision {DIFFUSERS}")
+
+
 def section_compiled_blocks(ctx: Context) -> dict[str, Any]:
     """Regional compilation: each transformer block through ``torch.compile(dynamic=False)``; the first (warm-up)
     pass compiles, so ``warmup_s`` is compile time plus one pass."""
     model, inputs = ctx.need_model()
+    require_block_forward(model, "regional compilation")
     blocks = model.transformer.blocks
     originals = list(blocks)
 
@@ -812,6 +827,7 @@ def section_dit_pass_720p(ctx: Context) -> dict[str, Any]:
 def section_group_offload(ctx: Context) -> dict[str, Any]:
     """Weights on the CPU, each block onloaded for its turn (prefetched on a side stream where CUDA has one)."""
     model, inputs = ctx.need_model()
+    require_block_forward(model, "block-level group offloading")
     start = time.perf_counter()
     model.to("cpu")
     free_memory(ctx.device)
@@ -932,6 +948,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-cap-s", type=float, default=240.0, help="time cap of the compile section")
     parser.add_argument("--sections", default="", help="comma-separated subset of sections to run (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=PRECISION_POLICIES, default=OFFICIAL,
+                        help="bf16 rounding policy of the DiT (official: float32 islands; diffusers: as diffusers)")
     return parser.parse_args(argv)
 
 
@@ -961,6 +979,7 @@ def main(argv: list[str] | None = None) -> int:
             "budget_s": args.budget_s,
             "warmup": args.warmup,
             "repeats": args.repeats,
+            "precision": args.precision,
         },
     )
     if device.type != "cuda" and not args.tiny:

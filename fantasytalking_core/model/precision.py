@@ -18,7 +18,13 @@ error against float32 (see ``docs/benchmarks.md``).
 :func:`forward_with_float32_islands` is a forward of ``WanTransformer3DModel`` with those islands, built from the
 model's own submodules (no fork of diffusers). The weights stay as stored; the few float32 weights an island
 needs are upcast per call (:func:`float32_weight`), so nothing is cached and nothing survives a call.
-Attention processors (diffusers' and ``FantasyTalkingAttnProcessor``) are used as they are.
+Attention processors (diffusers' and ``FantasyTalkingAttnProcessor``) are used as they are. Each block's own
+``forward`` is not called, so wrappers of it (regional ``torch.compile`` of ``block``, diffusers' block-level group
+offloading hooks) do not apply on this path; they still do under ``precision="diffusers"``.
+
+Two deliberate differences, both below the bf16 rounding they sit in: the sinusoidal time embedding is
+diffusers' float32 one (official: float64, then float32), and the residual stream is float32 from the patch
+embedding on (official: block 0 still sees the bf16 patch embedding, so its first LayerNorm output is rounded).
 
 Shapes: B batch, S video tokens (frame-major: latent frame, patch row, patch column), D model width, C_txt/C_img
 the text/CLIP token widths, F/H/W latent frames, height and width (in latent pixels).
@@ -33,7 +39,7 @@ from torch import nn
 OFFICIAL = "official"  # float32 islands, as the official GPU run
 DIFFUSERS = "diffusers"  # diffusers' WanTransformer3DModel.forward as it is
 PRECISION_POLICIES = (OFFICIAL, DIFFUSERS)
-REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)  # compute dtypes the policy applies to
 
 
 def check_policy(policy: str) -> str:
