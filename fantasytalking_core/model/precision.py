@@ -32,9 +32,12 @@ the text/CLIP token widths, F/H/W latent frames, height and width (in latent pix
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 OFFICIAL = "official"  # float32 islands, as the official GPU run
 DIFFUSERS = "diffusers"  # diffusers' WanTransformer3DModel.forward as it is
@@ -47,6 +50,17 @@ def check_policy(policy: str) -> str:
     if policy not in PRECISION_POLICIES:
         raise ValueError(f"precision policy must be one of {PRECISION_POLICIES}, got '{policy}'.")
     return policy
+
+
+def attention_backends(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
+    """Where a forward's attention may run: anywhere torch picks, except reduced precision on a CPU whose ATen
+    kernels are limited below AVX-512 (``ATEN_CPU_CAPABILITY=default`` / ``avx2``, or a CPU without it), where the
+    math backend is used. torch's CPU flash kernel packs bf16/fp16 operands with AVX-512/AMX instructions chosen from
+    the hardware, and fails ("pack_vnni2 is only supported when avx512 is supported") when ATen runs below it."""
+    below_avx512 = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    if device.type == "cpu" and dtype in REDUCED_DTYPES and below_avx512:
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext()
 
 
 def float32_weight(linear: nn.Module) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 from .adapter import TEXT_LEN, AudioConditioning, AudioProjModel, audio_processors
 from ..errors import ModelFileError
 from .limits import ROPE_MAX_SEQ_LEN
-from .precision import OFFICIAL, REDUCED_DTYPES, check_policy, forward_with_float32_islands
+from .precision import OFFICIAL, REDUCED_DTYPES, attention_backends, check_policy, forward_with_float32_islands
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
 BUNDLED_DIT_CONFIGS = {
@@ -171,7 +171,7 @@ class FantasyTalkingModel(nn.Module):
         dtype = self.dtype
         timestep = torch.as_tensor(timestep, device=latents.device).float().reshape(-1).expand(batch)
         hidden = torch.cat([latents, image_latents.to(latents.dtype)], dim=1).to(dtype)
-        with self.conditioned_on(audio):
+        with self.conditioned_on(audio), attention_backends(self.device, dtype):
             if dtype in REDUCED_DTYPES and self.precision == OFFICIAL:
                 return forward_with_float32_islands(self.transformer, hidden, timestep, pad_text(text), image_tokens)
             return self.transformer(
