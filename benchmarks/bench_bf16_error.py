@@ -3,7 +3,7 @@
 Fixture: a precision set (default ``tests/fixtures/official_bf16``, see its README): a DiT with the 14B model's
 head size (2 heads of 128) on a non-square 16x24 latent, with the official float32 passes and the official bf16
 run's relative RMS error against them (``stats.json``). Our bf16 passes are computed from the same bf16 weights
-with each precision policy (``fantasytalking_core.precision``):
+with each precision policy (``fantasytalking_core.model.precision``):
 
   * ``official``: float32 residual stream, modulation, head, LayerNorms and audio projection (the default),
   * ``diffusers``: diffusers' own ``WanTransformer3DModel.forward`` (residual stream, modulation, head in bf16),
@@ -28,10 +28,10 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fantasytalking_core.parity import (BF16_RATIO_LIMIT, BF16_STATS_KEY, load_precision_set_model,  # noqa: E402
-                                        precision_set_passes, reference_passes, rel_rms)
 from fantasytalking_core.model.precision import PRECISION_POLICIES  # noqa: E402
 from fantasytalking_core.model.transformer import FantasyTalkingModel  # noqa: E402
+from fantasytalking_core.parity import (BF16_RATIO_LIMIT, BF16_STATS_KEY, load_precision_set_model,  # noqa: E402
+                                        precision_set_passes, reference_passes, rel_rms)
 
 DEFAULT_SET = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "official_bf16"
 

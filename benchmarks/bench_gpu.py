@@ -17,7 +17,7 @@ tokens cut into per-frame windows by the library's own helpers, so the real code
   e. group_offload               diffusers' block-level group offloading (weights on the CPU, streamed): last,
                                  since it moves the model
 
-``--precision`` picks how bf16 rounds (``fantasytalking_core.precision``): ``official`` (default, what the library
+``--precision`` picks how bf16 rounds (``fantasytalking_core.model.precision``): ``official`` (default, what the library
 runs: float32 residual stream, modulation and head) or ``diffusers`` (``WanTransformer3DModel.forward`` as it is).
 Sections d and e act on each block's ``forward``, which only the diffusers policy calls (the official policy runs
 the blocks' submodules itself), so they are skipped under the official policy.
@@ -61,35 +61,35 @@ from torch import nn
 from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fantasytalking_core.audio_adapter import (
+from fantasytalking_core.audio.rules import crop_samples_for_frames, wav2vec2_num_tokens
+from fantasytalking_core.audio.windows import (
+    audio_windows_for_frames,
+    gather_audio_windows,
+    latent_frame_count,
+)
+from fantasytalking_core.loaders.keys import fp32_names
+from fantasytalking_core.loaders.wan_dit import (
+    FP8Linear,
+    _target_dtype,
+    enable_fp8_storage,
+)
+from fantasytalking_core.model.adapter import (
     TEXT_LEN,
     WAV2VEC2_DIM,
     AudioConditioning,
     attach_audio_adapter,
 )
-from fantasytalking_core.audio_features import crop_samples_for_frames, wav2vec2_num_tokens
-from fantasytalking_core.audio_windows import (
-    audio_windows_for_frames,
-    gather_audio_windows,
-    latent_frame_count,
-)
-from fantasytalking_core.guidance import GuidanceConfig, passes_for_step
-from fantasytalking_core.loaders.wan_dit import (
-    FP8Linear,
-    _fp32_names,
-    _target_dtype,
-    enable_fp8_storage,
-)
 from fantasytalking_core.model.precision import DIFFUSERS, OFFICIAL, PRECISION_POLICIES
-from fantasytalking_core.sampler import DiTConditions, guided_velocity
-from fantasytalking_core.schedule import flow_match_sigmas, sigmas_to_timesteps
-from fantasytalking_core.tiny import tiny_configs
-from fantasytalking_core.transformer import (
+from fantasytalking_core.model.transformer import (
     IMAGE_TOKENS,
     FantasyTalkingModel,
     build_transformer,
     resolve_config,
 )
+from fantasytalking_core.sampling.euler import DiTConditions, guided_velocity
+from fantasytalking_core.sampling.guidance import GuidanceConfig, passes_for_step
+from fantasytalking_core.sampling.schedule import flow_match_sigmas, sigmas_to_timesteps
+from fantasytalking_core.tiny import tiny_configs
 
 DTYPE = torch.bfloat16
 FP8 = torch.float8_e4m3fn
@@ -188,7 +188,7 @@ def pass_flops(scale: Scale, latent_hw: tuple[int, int], audio_window: int, batc
 
 def set_param_dtypes_(model: FantasyTalkingModel, dtype: torch.dtype) -> None:
     """Give every (meta) parameter the dtype the loader gives it: ``dtype``, with diffusers' fp32 modules in fp32."""
-    keep_fp32 = {f"transformer.{name}" for name in _fp32_names(model.transformer)}
+    keep_fp32 = {f"transformer.{name}" for name in fp32_names(model.transformer)}
     for name, param in model.named_parameters():
         param.data = param.data.to(torch.float32 if name in keep_fp32 else dtype)
 
@@ -703,7 +703,7 @@ def section_fp8_matmul(ctx: Context) -> dict[str, Any]:
 def fp8_weight_names(transformer: nn.Module) -> list[str]:
     """Linear modules whose weight the loader stores in fp8 with ``fp8_storage`` (the DiT's block linears; the
     audio adapter's k/v projections are attached after loading and stay in the compute dtype)."""
-    keep_fp32 = _fp32_names(transformer)
+    keep_fp32 = fp32_names(transformer)
     names = []
     for name, module in transformer.named_modules():
         if type(module) is not nn.Linear or ".processor." in name:

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fantasytalking_core.parity import (BF16_RATIO_LIMIT, BF16_STATS_KEY, load_precision_set_model,
-                                        precision_set_passes, reference_passes, rel_rms)
 from fantasytalking_core.model.precision import DIFFUSERS, float32_weight
 from fantasytalking_core.model.transformer import FantasyTalkingModel
+from fantasytalking_core.parity import (BF16_RATIO_LIMIT, BF16_STATS_KEY, load_precision_set_model,
+                                        precision_set_passes, reference_passes, rel_rms)
 from model_files import parity_tol
 
 PASSES = ("u", "p", "pa", "guided")
@@ -101,12 +101,12 @@ def test_quantized_weights_are_upcast_for_the_islands(tmp_path, tiny_model, offi
     """GGUF (Q8_0 time projection and head) and fp8 storage run the float32 islands with their real weights."""
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
-    from fantasytalking_core.model.adapter import AudioConditioning
     from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows
     from fantasytalking_core.loaders.adapter import load_audio_adapter
     from fantasytalking_core.loaders.state_dict import open_checkpoint
     from fantasytalking_core.loaders.wan_dit import FP8Linear, load_wan_dit
-    from model_files import OFFICIAL, to_fp8_scaled, write_gguf, save_wan_file
+    from fantasytalking_core.model.adapter import AudioConditioning
+    from model_files import OFFICIAL, save_wan_file, to_fp8_scaled, write_gguf
 
     state = dict(open_checkpoint(OFFICIAL / "dit" / "dit.safetensors").items())
     write_gguf(state, tmp_path / "q8.gguf")

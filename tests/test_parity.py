@@ -103,11 +103,11 @@ def test_not_a_fixture_set_is_one_clear_line(tmp_path):
     assert rc == 2 and lines == [] and err.strip().startswith("error:") and "Traceback" not in err
 
 
-def test_items_whose_files_are_missing_fail_with_a_note_instead_of_being_skipped(other_set, tmp_path, capsys):
+def test_items_whose_files_are_missing_fail_with_a_note_instead_of_being_skipped(dit_set, tmp_path, capsys):
     import shutil
 
     broken = tmp_path / "partial"
-    shutil.copytree(other_set, broken)
+    shutil.copytree(dit_set, broken)
     (broken / "dit" / "dit_comfy.safetensors").unlink()  # the second file layout
     (broken / "sampling.json").unlink()
     (broken / "vae").mkdir()  # a VAE set that lacks its weights and outputs

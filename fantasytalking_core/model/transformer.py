@@ -110,7 +110,7 @@ class FantasyTalkingModel(nn.Module):
         transformer: ``WanTransformer3DModel`` whose cross-attentions carry ``FantasyTalkingAttnProcessor``.
         audio_proj: :class:`AudioProjModel` (wav2vec2 768 -> adapter width), computed in float32.
         precision: how a bf16/fp16 compute dtype rounds: ``"official"`` (default) keeps the official float32
-            islands (:mod:`fantasytalking_core.precision`); ``"diffusers"`` runs diffusers' own forward, whose
+            islands (:mod:`fantasytalking_core.model.precision`); ``"diffusers"`` runs diffusers' own forward, whose
             residual stream, modulation and head are in the compute dtype. float32 compute always runs
             diffusers' forward (both policies are the same graph there).
     """
