@@ -13,7 +13,7 @@ tokens cut into per-frame windows by the library's own helpers, so the real code
                                  loader's ``FP8Linear`` (fp8 storage, bf16 compute): TFLOP/s and error
      dit_pass_fp8_storage        the pass with the block Linear weights stored in fp8 (``enable_fp8_storage``)
   f. dit_pass_720p               a 720x1280x81 pass (latent 90x160) with the fastest backend of (b)
-  d. compiled_blocks             regional ``torch.compile`` of every transformer block: compile time, s per pass
+  d. compiled_blocks             regional ``torch.compile`` of every transformer block (in place): compile time, s per pass
   e. group_offload               diffusers' block-level group offloading (weights on the CPU, streamed): last,
                                  since it moves the model
 
@@ -79,7 +79,7 @@ from fantasytalking_core.model.adapter import (
     AudioConditioning,
     attach_audio_adapter,
 )
-from fantasytalking_core.model.precision import DIFFUSERS, OFFICIAL, PRECISION_POLICIES
+from fantasytalking_core.model.precision import OFFICIAL, PRECISION_POLICIES
 from fantasytalking_core.model.transformer import (
     IMAGE_TOKENS,
     FantasyTalkingModel,
@@ -776,30 +776,22 @@ def dynamo_stats() -> dict[str, Any]:
     }
 
 
-def require_block_forward(model: FantasyTalkingModel, what: str) -> None:
-    """Skip a section that wraps each block's ``forward`` when the model never calls it (official policy)."""
-    if model.precision != DIFFUSERS:
-        raise SectionSkippedError(f"{what} wraps each block's forward, which the '{model.precision}' precision "
-                                  f"policy does not call; run with --precision {DIFFUSERS}")
-
-
 def section_compiled_blocks(ctx: Context) -> dict[str, Any]:
-    """Regional compilation: each transformer block through ``torch.compile(dynamic=False)``; the first (warm-up)
-    pass compiles, so ``warmup_s`` is compile time plus one pass."""
+    """Regional compilation: each transformer block compiled in place (``block.compile(dynamic=False)``, which keeps
+    the module and its class, so the float32-island forward still recognises it); the first (warm-up) pass
+    compiles, so ``warmup_s`` is compile time plus one pass."""
     model, inputs = ctx.need_model()
-    require_block_forward(model, "regional compilation")
-    blocks = model.transformer.blocks
-    originals = list(blocks)
+    blocks = list(model.transformer.blocks)
 
     def restore() -> None:
-        for i, block in enumerate(originals):
-            blocks[i] = block
+        for block in blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set: back to the eager call
         torch._dynamo.reset()
 
     ctx.defer(restore)
     torch._dynamo.reset()
-    for i, block in enumerate(originals):
-        blocks[i] = torch.compile(block, dynamic=False)
+    for block in blocks:
+        block.compile(dynamic=False)
     result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx))
     return {
         **result,
@@ -827,7 +819,6 @@ def section_dit_pass_720p(ctx: Context) -> dict[str, Any]:
 def section_group_offload(ctx: Context) -> dict[str, Any]:
     """Weights on the CPU, each block onloaded for its turn (prefetched on a side stream where CUDA has one)."""
     model, inputs = ctx.need_model()
-    require_block_forward(model, "block-level group offloading")
     start = time.perf_counter()
     model.to("cpu")
     free_memory(ctx.device)

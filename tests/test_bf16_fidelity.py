@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from fantasytalking_core.model.precision import DIFFUSERS, float32_weight
+from fantasytalking_core.model.adapter import audio_processors
 from fantasytalking_core.model.transformer import FantasyTalkingModel
 from fantasytalking_core.parity import (BF16_RATIO_LIMIT, BF16_STATS_KEY, load_precision_set_model,
                                         precision_set_passes, reference_passes, rel_rms)
@@ -82,9 +83,35 @@ def test_bf16_islands_are_float32_and_the_weights_stay_as_stored(bf16_model, inp
     assert model.dtype == torch.bfloat16 and model.precision == "official"
     assert model.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     assert model.transformer.proj_out.weight.dtype == torch.bfloat16  # upcast per call, not stored twice
-    assert model._processors[0].k_proj.weight.dtype == torch.bfloat16
+    assert audio_processors(model.transformer)[0].k_proj.weight.dtype == torch.bfloat16
     assert model.audio_proj.proj.weight.dtype == torch.float32  # official proj_model: float32
     assert model.project_audio(inputs["audio_features"]).dtype == torch.float32
+
+
+def test_block_wrappers_apply_under_the_official_policy(bf16_model, inputs, stats):
+    """Regional compile and diffusers' group offloading wrap each block's forward: the float32-island forward must
+    call the blocks as modules, through such a wrapper (here a diffusers hook that counts and scales its output)."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Count(ModelHook):
+        calls = 0
+
+        def post_forward(self, module, output):
+            Count.calls += 1
+            return output * 0  # a wrapper that acts: the whole residual update chain is replaced by zeros
+
+    block = bf16_model.transformer.blocks[-1]
+    registry = HookRegistry.check_if_exists_or_initialize(block)
+    registry.register_hook(Count(), "count")
+    try:
+        with torch.no_grad():
+            out = precision_set_passes(bf16_model, inputs, stats)["p"]
+    finally:
+        registry.remove_hook("count")
+    assert Count.calls == len(stats["passes"]) and torch.isfinite(out).all()  # once per pass
+    with torch.no_grad():
+        unhooked = precision_set_passes(bf16_model, inputs, stats)["p"]
+    assert (out - unhooked).abs().max() > 0  # the hook's output was used
 
 
 def test_float32_compute_is_the_same_under_either_policy(tiny_model, official_inputs):

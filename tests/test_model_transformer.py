@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fantasytalking_core.model.adapter import AudioConditioning
+from fantasytalking_core.model.adapter import AudioConditioning, FantasyTalkingAttnProcessor, audio_processors
 from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows
 from fantasytalking_core.model.transformer import pad_text, resolve_config, wan_config_to_diffusers
 from fantasytalking_core.errors import ModelFileError
@@ -73,7 +73,35 @@ def test_conditioning_does_not_leak_between_calls(tiny_model, official_inputs, a
         tiny_model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"], AudioConditioning(audio[1], audio[2], 1.0))
         again = tiny_model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"], None)
     assert torch.equal(first, again)
-    assert all(p.conditioning is None for p in tiny_model._processors)
+    assert all(p.conditioning is None for p in audio_processors(tiny_model.transformer))
+
+
+def test_a_processor_swapped_in_later_still_gets_the_audio(tiny_model, official_inputs, audio):
+    """diffusers' attention-backend and parallelism helpers replace processors; audio must not silently stop."""
+    x = official_inputs
+    cond = AudioConditioning(audio[1], audio[2], 1.0)
+    attn2 = tiny_model.transformer.blocks[1].attn2
+    original = attn2.processor
+    with torch.no_grad():
+        before = tiny_model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"], cond)
+        swapped = FantasyTalkingAttnProcessor(original.k_proj.in_features, original.k_proj.out_features)
+        swapped.load_state_dict(original.state_dict())
+        attn2.set_processor(swapped)
+        try:
+            after = tiny_model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"], cond)
+            attn2.set_processor(AttnProcessorStandIn())
+            with pytest.raises(ValueError, match="no FantasyTalking audio adapter"):
+                tiny_model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"], cond)
+        finally:
+            attn2.set_processor(original)
+    assert torch.equal(before, after)
+
+
+class AttnProcessorStandIn:
+    """A processor that is not FantasyTalking's (as a generic attention-backend helper would install)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        raise AssertionError("the forward must refuse before running a processor without the audio branch")
 
 
 def test_pad_text_zero_pads_to_512_and_refuses_longer():

@@ -18,9 +18,9 @@ error against float32 (see ``docs/benchmarks.md``).
 :func:`forward_with_float32_islands` is a forward of ``WanTransformer3DModel`` with those islands, built from the
 model's own submodules (no fork of diffusers). The weights stay as stored; the few float32 weights an island
 needs are upcast per call (:func:`float32_weight`), so nothing is cached and nothing survives a call.
-Attention processors (diffusers' and ``FantasyTalkingAttnProcessor``) are used as they are. Each block's own
-``forward`` is not called, so wrappers of it (regional ``torch.compile`` of ``block``, diffusers' block-level group
-offloading hooks) do not apply on this path; they still do under ``precision="diffusers"``.
+Attention processors (diffusers' and ``FantasyTalkingAttnProcessor``) are used as they are. Each block is called
+as a module whose class is :class:`Float32IslandBlock` (:func:`use_float32_island_blocks`), so regional
+``torch.compile`` of a block and diffusers' block-level group offloading hooks wrap the float32-island forward.
 
 Two deliberate differences, both below the bf16 rounding they sit in: the sinusoidal time embedding is
 diffusers' float32 one (official: float64, then float32), and the residual stream is float32 from the patch
@@ -37,6 +37,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 OFFICIAL = "official"  # float32 islands, as the official GPU run
@@ -158,6 +159,35 @@ def block_forward(
     return x + ffn.float() * c_gate
 
 
+class Float32IslandBlock(WanTransformerBlock):
+    """A ``WanTransformerBlock`` that also runs :func:`block_forward` (same parameters, same state-dict keys).
+
+    The residual stream's dtype says which policy the caller runs: a float32 stream (the float32-island forward, or
+    any float32 compute) takes :func:`block_forward`; a bf16/fp16 stream (diffusers' own forward at reduced
+    precision) takes diffusers' block forward unchanged. :func:`use_float32_island_blocks` gives a loaded model's
+    blocks this class, so the float32-island forward calls each block as a module and wrappers of
+    ``block.forward`` (regional ``torch.compile``, diffusers' block-level group offloading hooks) apply to it.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if hidden_states.dtype != torch.float32:
+            return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
+        return block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
+
+
+def use_float32_island_blocks(transformer: nn.Module) -> None:
+    """Give every block of ``transformer`` the :class:`Float32IslandBlock` forward, in place.
+
+    Only the class changes: parameters, buffers, processors and keys stay as loaded. Call it before wrapping
+    blocks (compile, offloading hooks), so the wrappers wrap this forward.
+    """
+    for block in transformer.blocks:
+        if not isinstance(block, WanTransformerBlock):
+            raise TypeError(f"expected diffusers' WanTransformerBlock, got {type(block).__name__}")
+        block.__class__ = Float32IslandBlock
+
+
 def head_forward(transformer: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
     """The output head in float32: modulated LayerNorm then ``proj_out`` with a float32 copy of its weight.
 
@@ -213,5 +243,7 @@ def forward_with_float32_islands(
         context = torch.cat([image_embedding(embedder.image_embedder, image_tokens, dtype), context], dim=1)
 
     for block in transformer.blocks:
-        x = block_forward(block, x, context, modulation, rotary_emb)
+        if not isinstance(block, Float32IslandBlock):
+            raise TypeError("call use_float32_island_blocks(transformer) first: the blocks run diffusers' policy")
+        x = block(x, context, modulation, rotary_emb)  # as a module, so compile / offloading wrappers apply
     return unpatchify(head_forward(transformer, x, temb), grid, (p_t, p_h, p_w))

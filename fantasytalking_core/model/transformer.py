@@ -19,7 +19,14 @@ from torch import nn
 from .adapter import TEXT_LEN, AudioConditioning, AudioProjModel, audio_processors
 from ..errors import ModelFileError
 from .limits import ROPE_MAX_SEQ_LEN
-from .precision import OFFICIAL, REDUCED_DTYPES, attention_backends, check_policy, forward_with_float32_islands
+from .precision import (
+    OFFICIAL,
+    REDUCED_DTYPES,
+    attention_backends,
+    check_policy,
+    forward_with_float32_islands,
+    use_float32_island_blocks,
+)
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
 BUNDLED_DIT_CONFIGS = {
@@ -120,7 +127,8 @@ class FantasyTalkingModel(nn.Module):
         self.transformer = transformer
         self.audio_proj = audio_proj
         self.precision = check_policy(precision)
-        self._processors = audio_processors(transformer)
+        audio_processors(transformer)  # refuse a transformer without the adapter now, not at the first forward
+        use_float32_island_blocks(transformer)  # either policy: the stream's dtype picks the block's maths
 
     @property
     def dtype(self) -> torch.dtype:
@@ -137,13 +145,19 @@ class FantasyTalkingModel(nn.Module):
 
     @contextmanager
     def conditioned_on(self, audio: AudioConditioning | None) -> Iterator[None]:
-        """Make every block's audio branch use ``audio`` for the forwards inside the ``with`` (and never after)."""
-        for proc in self._processors:
+        """Make every block's audio branch use ``audio`` for the forwards inside the ``with`` (and never after).
+
+        The processors are looked up on every call, not cached: a processor swapped in later (as diffusers'
+        attention-backend and parallelism helpers do) gets the audio too, and one that is not a FantasyTalking
+        processor raises instead of silently turning the audio off.
+        """
+        processors = audio_processors(self.transformer)
+        for proc in processors:
             proc.conditioning = audio
         try:
             yield
         finally:
-            for proc in self._processors:
+            for proc in processors:
                 proc.conditioning = None
 
     def forward(
