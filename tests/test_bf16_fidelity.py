@@ -88,30 +88,37 @@ def test_bf16_islands_are_float32_and_the_weights_stay_as_stored(bf16_model, inp
     assert model.project_audio(inputs["audio_features"]).dtype == torch.float32
 
 
-def test_block_wrappers_apply_under_the_official_policy(bf16_model, inputs, stats):
-    """Regional compile and diffusers' group offloading wrap each block's forward: the float32-island forward must
-    call the blocks as modules, through such a wrapper (here a diffusers hook that counts and scales its output)."""
+def test_module_wrappers_apply_under_the_official_policy(bf16_model, inputs, stats):
+    """Regional compile wraps each block's forward and diffusers' group offloading hooks both the blocks and the
+    model itself (its root group holds the patch embedding, condition embedder and head): the float32-island
+    forward must run through both, as diffusers' own forward does."""
     from diffusers.hooks import HookRegistry, ModelHook
 
+    calls = {"root": 0, "block": 0}
+
     class Count(ModelHook):
-        calls = 0
+        def __init__(self, where: str, zero: bool):
+            super().__init__()
+            self.where, self.zero = where, zero
 
         def post_forward(self, module, output):
-            Count.calls += 1
-            return output * 0  # a wrapper that acts: the whole residual update chain is replaced by zeros
+            calls[self.where] += 1
+            return output * 0 if self.zero else output  # the block's wrapper acts: its output must be used
 
-    block = bf16_model.transformer.blocks[-1]
-    registry = HookRegistry.check_if_exists_or_initialize(block)
-    registry.register_hook(Count(), "count")
+    hooked = {"root": bf16_model.transformer, "block": bf16_model.transformer.blocks[-1]}
+    for where, module in hooked.items():
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(Count(where, where == "block"), "count")
     try:
         with torch.no_grad():
             out = precision_set_passes(bf16_model, inputs, stats)["p"]
     finally:
-        registry.remove_hook("count")
-    assert Count.calls == len(stats["passes"]) and torch.isfinite(out).all()  # once per pass
+        for module in hooked.values():
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook("count")
+    assert calls == {"root": len(stats["passes"]), "block": len(stats["passes"])}  # once per pass each
+    assert torch.isfinite(out).all()
     with torch.no_grad():
         unhooked = precision_set_passes(bf16_model, inputs, stats)["p"]
-    assert (out - unhooked).abs().max() > 0  # the hook's output was used
+    assert (out - unhooked).abs().max() > 0  # the block hook's output was used
 
 
 def test_float32_compute_is_the_same_under_either_policy(tiny_model, official_inputs):

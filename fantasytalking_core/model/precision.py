@@ -19,7 +19,7 @@ error against float32 (see ``docs/benchmarks.md``).
 model's own submodules (no fork of diffusers). The weights stay as stored; the few float32 weights an island
 needs are upcast per call (:func:`float32_weight`), so nothing is cached and nothing survives a call.
 Attention processors (diffusers' and ``FantasyTalkingAttnProcessor``) are used as they are. Each block is called
-as a module whose class is :class:`Float32IslandBlock` (:func:`use_float32_island_blocks`), so regional
+as a module whose class is :class:`Float32IslandBlock` (:func:`use_float32_islands`), so regional
 ``torch.compile`` of a block and diffusers' block-level group offloading hooks wrap the float32-island forward.
 
 Two deliberate differences, both below the bf16 rounding they sit in: the sinusoidal time embedding is
@@ -37,7 +37,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn
-from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 OFFICIAL = "official"  # float32 islands, as the official GPU run
@@ -165,7 +166,7 @@ class Float32IslandBlock(WanTransformerBlock):
     The residual stream's dtype says which policy the caller runs: a float32 stream (the float32-island forward, or
     any float32 compute) takes :func:`block_forward`; a bf16/fp16 stream (diffusers' own forward at reduced
     precision) takes diffusers' block forward unchanged. :func:`use_float32_island_blocks` gives a loaded model's
-    blocks this class, so the float32-island forward calls each block as a module and wrappers of
+    blocks this class (via :func:`use_float32_islands`), so the float32-island forward calls each block as a module and wrappers of
     ``block.forward`` (regional ``torch.compile``, diffusers' block-level group offloading hooks) apply to it.
     """
 
@@ -176,12 +177,39 @@ class Float32IslandBlock(WanTransformerBlock):
         return block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
 
 
-def use_float32_island_blocks(transformer: nn.Module) -> None:
-    """Give every block of ``transformer`` the :class:`Float32IslandBlock` forward, in place.
+class Float32IslandTransformer(WanTransformer3DModel):
+    """A ``WanTransformer3DModel`` whose ``forward`` takes the policy per call (same parameters and keys).
 
-    Only the class changes: parameters, buffers, processors and keys stay as loaded. Call it before wrapping
-    blocks (compile, offloading hooks), so the wrappers wrap this forward.
+    Called as a module in both policies, so hooks on the model itself (diffusers' group offloading keeps the
+    patch embedding, condition embedder and head in a group that its root hook loads) apply to the float32-island
+    forward as they do to diffusers' own.
     """
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_hidden_states_image: torch.Tensor | None = None, return_dict: bool = True,
+                attention_kwargs: dict | None = None, precision: str = DIFFUSERS):
+        """diffusers' forward, or with ``precision="official"`` at a bf16/fp16 compute dtype
+        :func:`forward_with_float32_islands` (text and image tokens uncast: the islands decide what rounds)."""
+        dtype = self.patch_embedding.weight.dtype
+        if check_policy(precision) == OFFICIAL and dtype in REDUCED_DTYPES:
+            out = forward_with_float32_islands(self, hidden_states, timestep, encoder_hidden_states,
+                                               encoder_hidden_states_image)
+            return (out,) if not return_dict else Transformer2DModelOutput(sample=out)
+        image = None if encoder_hidden_states_image is None else encoder_hidden_states_image.to(dtype)
+        return super().forward(hidden_states.to(dtype), timestep, encoder_hidden_states.to(dtype), image,
+                               return_dict, attention_kwargs)
+
+
+def use_float32_islands(transformer: nn.Module) -> None:
+    """Give ``transformer`` the :class:`Float32IslandTransformer` forward and its blocks the
+    :class:`Float32IslandBlock` one, in place.
+
+    Only classes change: parameters, buffers, processors and keys stay as loaded. Call it before wrapping the model
+    or its blocks (compile, offloading hooks), so the wrappers wrap these forwards.
+    """
+    if not isinstance(transformer, WanTransformer3DModel):
+        raise TypeError(f"expected diffusers' WanTransformer3DModel, got {type(transformer).__name__}")
+    transformer.__class__ = Float32IslandTransformer
     for block in transformer.blocks:
         if not isinstance(block, WanTransformerBlock):
             raise TypeError(f"expected diffusers' WanTransformerBlock, got {type(block).__name__}")
@@ -244,6 +272,6 @@ def forward_with_float32_islands(
 
     for block in transformer.blocks:
         if not isinstance(block, Float32IslandBlock):
-            raise TypeError("call use_float32_island_blocks(transformer) first: the blocks run diffusers' policy")
+            raise TypeError("call use_float32_islands(transformer) first: the blocks run diffusers' policy")
         x = block(x, context, modulation, rotary_emb)  # as a module, so compile / offloading wrappers apply
     return unpatchify(head_forward(transformer, x, temb), grid, (p_t, p_h, p_w))

@@ -19,14 +19,7 @@ from torch import nn
 from .adapter import TEXT_LEN, AudioConditioning, AudioProjModel, audio_processors
 from ..errors import ModelFileError
 from .limits import ROPE_MAX_SEQ_LEN
-from .precision import (
-    OFFICIAL,
-    REDUCED_DTYPES,
-    attention_backends,
-    check_policy,
-    forward_with_float32_islands,
-    use_float32_island_blocks,
-)
+from .precision import OFFICIAL, attention_backends, check_policy, use_float32_islands
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
 BUNDLED_DIT_CONFIGS = {
@@ -128,7 +121,7 @@ class FantasyTalkingModel(nn.Module):
         self.audio_proj = audio_proj
         self.precision = check_policy(precision)
         audio_processors(transformer)  # refuse a transformer without the adapter now, not at the first forward
-        use_float32_island_blocks(transformer)  # either policy: the stream's dtype picks the block's maths
+        use_float32_islands(transformer)  # either policy: the policy is passed per call
 
     @property
     def dtype(self) -> torch.dtype:
@@ -186,12 +179,7 @@ class FantasyTalkingModel(nn.Module):
         timestep = torch.as_tensor(timestep, device=latents.device).float().reshape(-1).expand(batch)
         hidden = torch.cat([latents, image_latents.to(latents.dtype)], dim=1).to(dtype)
         with self.conditioned_on(audio), attention_backends(self.device, dtype):
-            if dtype in REDUCED_DTYPES and self.precision == OFFICIAL:
-                return forward_with_float32_islands(self.transformer, hidden, timestep, pad_text(text), image_tokens)
-            return self.transformer(
-                hidden_states=hidden,
-                timestep=timestep,
-                encoder_hidden_states=pad_text(text).to(dtype),
-                encoder_hidden_states_image=image_tokens.to(dtype),
-                return_dict=False,
-            )[0]
+            # called as a module in either policy, so hooks on the transformer (offloading) always apply
+            return self.transformer(hidden_states=hidden, timestep=timestep, encoder_hidden_states=pad_text(text),
+                                    encoder_hidden_states_image=image_tokens, return_dict=False,
+                                    precision=self.precision)[0]
