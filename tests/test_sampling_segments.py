@@ -170,3 +170,61 @@ def test_crossfade_and_color_match_in_a_run(pipe, face):
     assert changed and changed <= seams  # only the shared frames are blended (later frames follow the same chain)
     matched = collect(pipe.stream(face, audio, SETTINGS, SegmentOptions(13, 5, color_match=1.0)))
     assert matched.shape == plain.shape and not torch.equal(matched, plain)
+
+
+# ---- the file: streamed, atomic; the command line ----
+
+def test_write_long_video_streams_to_an_mp4_and_an_interrupt_leaves_no_file(pipe, face, tmp_path):
+    import av
+
+    from fantasytalking_core.face.workflow import prepare_job
+    from fantasytalking_core.long_video import write_long_video
+
+    options = SegmentOptions(segment_frames=13, motion_frames=5)
+    job = prepare_job(face, SETTINGS)
+    report = write_long_video(pipe, job, voice(1.2), options, tmp_path / "long.mp4", sample_frames=4)
+    assert len(report.segment_seconds) == len(report.plan) == 3 and report.samples.shape[0] == 4
+    with av.open(str(tmp_path / "long.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 29
+        assert abs(float(c.streams.audio[0].duration * c.streams.audio[0].time_base) - 29 / 23) < 0.07
+    expected = collect(pipe.stream(face, voice(1.2), SETTINGS, options))
+    assert torch.equal(report.samples, expected[::8])
+
+    def stop(i, n):
+        if i == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_long_video(pipe, job, voice(1.2), options, tmp_path / "cut.mp4", progress=stop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]  # no partial file, no temp file
+
+
+def test_command_line_segments_by_default_and_max_frames_keeps_the_single_clip(tmp_path):
+    import subprocess
+    import sys
+    import wave
+
+    import av
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "f.png")
+    samples = (voice(1.2)["waveform"].flatten().numpy() * 32767).astype(np.int16)
+    with wave.open(str(tmp_path / "v.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(samples.tobytes())
+
+    def generate(out, *extra):
+        proc = subprocess.run([sys.executable, "-m", "fantasytalking_core", "generate", "--tiny", "--steps", "1",
+                               "--image-size", "32", "--image", str(tmp_path / "f.png"), "--audio",
+                               str(tmp_path / "v.wav"), "--out", str(tmp_path / out), *extra],
+                              capture_output=True, text=True)
+        return proc
+
+    proc = generate("long.mp4", "--segment-frames", "13", "--motion-frames", "5", "--chaining", "motion_frames",
+                    "--crossfade", "--color-match", "0.5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "29 frames" in proc.stdout and "3 segment(s)" in proc.stdout
+    proc = generate("clip.mp4", "--max-frames", "13")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with av.open(str(tmp_path / "long.mp4")) as a, av.open(str(tmp_path / "clip.mp4")) as b:
+        assert sum(1 for _ in a.decode(video=0)) == 29 and sum(1 for _ in b.decode(video=0)) == 13
+    proc = generate("bad.mp4", "--segment-frames", "12")
+    assert proc.returncode == 2 and "segment_frames must be 4n+1" in proc.stderr and "Traceback" not in proc.stderr

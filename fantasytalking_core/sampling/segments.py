@@ -112,8 +112,9 @@ def generate_segments(
 ) -> Iterator[torch.Tensor]:
     """Generate ``plan`` segment by segment, yielding the video's frames in order as soon as they are final.
 
-    Only the frames the next segment shares with the current one are held back (they are needed for its known
-    frames and the crossfade); the chunks together are the plan's ``num_frames`` frames, each exactly once.
+    One chunk per segment, as soon as it is decoded: the frames that are final then. Only the frames the next
+    segment shares with the current one are held back (they are needed for its known frames and the crossfade)
+    and come with the next chunk; the chunks together are the plan's ``num_frames`` frames, each exactly once.
 
     Args:
         plan: from ``plan_segments(..., overlap=options.overlap)``.
@@ -124,7 +125,8 @@ def generate_segments(
         progress: ``(step, total)`` after every step of every segment, total = steps x segments; it may raise to
             interrupt between any two steps.
     Yields:
-        float32 [f, H, W, 3] chunks in 0..1.
+        per segment, float32 [f, H, W, 3] in 0..1: global frames [segment start, next segment's start) (frame 0
+        for the first segment; to the end for the last).
     """
     if plan.overlap != options.overlap:
         raise ValueError(f"the plan overlaps segments by {plan.overlap} frames, the options by {options.overlap}.")
@@ -144,10 +146,11 @@ def generate_segments(
         report = None if progress is None else (lambda i, n, done=done: progress(done + i, total))
         frames = decode(sample(seg.index, y, audio, seg.num_frames, seg.num_tokens, report))
         frames = match_color(frames, reference_rgb, options.color_match)
-        if tail is not None:
-            shared = frames[: seg.keep_from]
-            yield crossfade(tail, shared) if options.crossfade else tail
         following = plan.segments[seg.index + 1] if seg.index + 1 < len(plan) else None
         cut = seg.num_frames if following is None else following.start - seg.start
-        yield frames[seg.keep_from: cut]
+        if tail is None:
+            yield frames[:cut]
+        else:
+            shared = crossfade(tail, frames[: seg.keep_from]) if options.crossfade else tail
+            yield torch.cat([shared, frames[seg.keep_from: cut]])
         tail = None if following is None else frames[cut:].clone()  # clone: let the rest of the segment go
