@@ -31,12 +31,14 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .audio.io import load_audio
+    from .errors import SettingsError
     from .face.motion import MotionIntensity
-    from .face.workflow import FaceCropOptions, generate_talking_video
+    from .face.workflow import FaceCropOptions, generate_talking_video, prepare_job
     from .loaders.model_paths import find_model_files, is_480p, load_models
     from .media.image import load_image
     from .media.video import aac_sample_rate, check_output_path
     from .pipeline import FantasyTalkingPipeline, GenerationSettings, save_result
+    from .sampling.segments import SegmentOptions
 
     # cheap checks first: bad settings, a bad image or audio path fail before any model is loaded
     check_output_path(args.out)
@@ -44,11 +46,18 @@ def _generate(args: argparse.Namespace) -> int:
         raise FantasyTalkingError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu.")
     settings = GenerationSettings(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps, cfg=args.cfg,
-        audio_cfg=args.audio_cfg, audio_scale=args.audio_scale, fps=args.fps, max_frames=args.max_frames,
+        audio_cfg=args.audio_cfg, audio_scale=args.audio_scale, fps=args.fps,
+        max_frames=args.max_frames or GenerationSettings.max_frames,
         image_size=args.image_size, shift=args.shift, batch_passes=args.batch_passes, vae_tile=args.vae_tile,
         audio_guidance_range=(args.audio_guidance_start, args.audio_guidance_end),
         motion=MotionIntensity(args.face_intensity, args.body_intensity, args.motion_audio_cfg),
     )
+    segmented = args.max_frames is None  # --max-frames asks for the official single clip
+    try:
+        options = SegmentOptions(args.segment_frames, args.motion_frames, args.chaining, args.color_match,
+                                 args.crossfade)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     portrait = load_image(args.image)
     recording = load_audio(args.audio)
     muxed_rate = aac_sample_rate(recording.sample_rate)
@@ -77,15 +86,31 @@ def _generate(args: argparse.Namespace) -> int:
                       "on 720P (it runs on 480P, not the released pairing).", file=sys.stderr)
         models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8)
     pipe = FantasyTalkingPipeline(models, args.device)
-    with tqdm(total=settings.steps, desc="denoising", unit="step") as bar:
-        result = generate_talking_video(pipe, args.image, args.audio, settings, crop, progress=lambda i, n: bar.update(1))
-    out = save_result(result, args.out)
-    print(f"wrote {out} ({len(result.frames)} frames at {result.fps:g} fps)")
+    if segmented:
+        from .long_video import write_long_video
+
+        with tqdm(desc="denoising", unit="step") as bar:
+            def tick(step: int, total: int) -> None:
+                bar.total = total
+                bar.update(1)
+
+            report = write_long_video(pipe, prepare_job(args.image, settings, crop), args.audio, options, args.out,
+                                      tick, sample_frames=64 if args.identity_check else 0)
+        out, shown = report.path, report.samples
+        print(f"wrote {out} ({report.plan.num_frames} frames at {report.fps:g} fps, {len(report.plan)} segment(s))")
+    else:
+        with tqdm(total=settings.steps, desc="denoising", unit="step") as bar:
+            result = generate_talking_video(pipe, args.image, args.audio, settings, crop,
+                                            progress=lambda i, n: bar.update(1))
+        out = save_result(result, args.out)
+        print(f"wrote {out} ({len(result.frames)} frames at {result.fps:g} fps)")
+        shown = result.frames
     if args.identity_check:
         from .face.identity import identity_report
 
         reference = torch.from_numpy(np.asarray(portrait, dtype=np.float32) / 255)
-        print(identity_report(reference, result.frames, stride=4)[1])  # the video is written whatever this finds
+        # the video is written whatever this finds; segmented runs hand over frames already sampled across it
+        print(identity_report(reference, shown, stride=1 if segmented else 4)[1])
     return 0
 
 
@@ -157,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--audio-guidance-start", type=float, default=0.0, help="fraction of the steps where audio guidance starts")
     gen.add_argument("--audio-guidance-end", type=float, default=1.0, help="fraction of the steps where it ends")
     gen.add_argument("--fps", type=float, default=d.fps)
-    gen.add_argument("--max-frames", type=int, default=d.max_frames, help="cap on the frame count (4n+1)")
+    gen.add_argument("--max-frames", type=int, default=None,
+                     help="make the official single clip, capped at this many frames (4n+1, e.g. 81); without it "
+                          "a recording of any length is generated in segments")
     gen.add_argument("--image-size", type=int, default=d.image_size, help="longest edge of the video in pixels")
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
     gen.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
@@ -165,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fp8", action="store_true", help="keep the DiT's block weights in fp8 (half the memory)")
     gen.add_argument("--batch-passes", action="store_true", help="run the guidance passes as one batch")
     gen.add_argument("--vae-tile", type=int, default=None, help="decode in tiles of this many pixels")
+    from .audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES
+    from .sampling.segments import CHAININGS
+
+    long = gen.add_argument_group("long recordings, generated in segments on one frame grid (see sampling/segments.py)")
+    long.add_argument("--segment-frames", type=int, default=DEFAULT_SEGMENT_FRAMES,
+                      help="frames per segment (4n+1; 81 = the trained clip length)")
+    long.add_argument("--chaining", choices=CHAININGS, default="last_frame",
+                      help="last_frame: the previous segment's last frame starts the next (as trained); "
+                           "motion_frames: its last --motion-frames frames are given as known frames")
+    long.add_argument("--motion-frames", type=int, default=DEFAULT_MOTION_FRAMES,
+                      help="frames given to the next segment with --chaining motion_frames (4m+1)")
+    long.add_argument("--color-match", type=float, default=0.0,
+                      help="pull each segment's Lab colour statistics toward the portrait's, 0 (off) .. 1")
+    long.add_argument("--crossfade", action="store_true", help="blend the frames two segments share")
     face = gen.add_argument_group("face crop, motion and identity (training-free; see README)")
     face.add_argument("--face-crop", action="store_true", help="generate on a square around the face, paste back")
     face.add_argument("--face-box", help="x0,y0,x1,y1: the face in portrait pixels, instead of detection (implies --face-crop)")

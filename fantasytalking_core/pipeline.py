@@ -10,8 +10,8 @@ device only while it works (``runtime/placement.py``). :func:`sample_latents` is
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ from PIL import Image
 from .audio.encode import AudioFeatures, extract_audio_features
 from .audio.io import DecodedAudio, load_audio
 from .audio.rules import crop_samples_for_frames
+from .audio.timeline import SegmentPlan, plan_segments
 from .encoders.image import encode_image_clip
 from .encoders.text import DEFAULT_NEGATIVE_PROMPT, encode_prompt
-from .encoders.vae import decode_latents, image_to_video_condition
+from .encoders.vae import decode_latents, image_to_video_condition, known_frames_condition
 from .errors import SettingsError
 from .face.motion import MotionIntensity, audio_cfg_for, audio_scale_map
 from .media.image import comfy_image_to_pil, image_to_tensor, load_image
@@ -34,6 +35,7 @@ from .runtime.placement import on_device
 from .sampling.denoise import generate_latents
 from .sampling.guidance import GuidanceConfig
 from .sampling.schedule import flow_match_sigmas
+from .sampling.segments import SegmentOptions, generate_segments
 
 ProgressFn = Callable[[int, int], None]
 
@@ -103,6 +105,21 @@ class GenerationResult:
 
 
 @dataclass
+class StreamedVideo:
+    """A long video made segment by segment (:meth:`FantasyTalkingPipeline.stream`).
+
+    frames: iterator of float32 [f, H, W, 3] chunks in 0..1, in order, ``plan.num_frames`` frames in all; the
+    work happens while it is consumed. audio, sample_rate, fps: as in :class:`GenerationResult`.
+    """
+
+    plan: SegmentPlan
+    frames: Iterator[torch.Tensor]
+    audio: torch.Tensor
+    sample_rate: int
+    fps: float
+
+
+@dataclass
 class FantasyTalkingModels:
     """The loaded parts. ``tokenizer`` is the umT5 tokenizer; ``wav2vec2`` the audio encoder."""
 
@@ -155,13 +172,7 @@ class FantasyTalkingPipeline:
         pixels = self.reference_image(image, settings.image_size)  # validate the cheap input first
         recording = load_audio(audio)  # decoded once: the features and the muxed sound come from it
         voice = self.audio_features(recording, settings)
-        height, width = pixels.shape[1:]
-
-        with on_device(m.text_encoder, self.device):
-            text_pos = encode_prompt(m.text_encoder, m.tokenizer, settings.prompt)[None]
-            text_neg = encode_prompt(m.text_encoder, m.tokenizer, settings.negative_prompt)[None] if settings.cfg != 1 else None
-        with on_device(m.image_encoder, self.device):
-            clip_tokens = encode_image_clip(m.image_encoder, pixels[None])
+        text_pos, text_neg, clip_tokens = self._prompt_and_identity(pixels, settings)
         tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
         with on_device(m.vae, self.device):
             y = image_to_video_condition(m.vae, pixels, voice.num_frames, tile_size=tile)
@@ -170,12 +181,70 @@ class FantasyTalkingPipeline:
             latents = sample_latents(m.dit, text_pos, text_neg, clip_tokens, y, voice.features, voice.num_frames,
                                      settings, progress)
 
-        with on_device(m.vae, self.device):
-            video = decode_latents(m.vae, latents, tile_size=tile)  # [1, 3, F, H, W] in -1..1
-        frames = (video[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2
+        frames = self._decode(latents, tile)
         # the recording itself (its own rate and channels), cut where the features were cut
         cut = crop_samples_for_frames(voice.num_frames, voice.fps, recording.sample_rate)
-        return GenerationResult(frames.clamp(0, 1), recording.waveform[:, :cut], recording.sample_rate, voice.fps)
+        return GenerationResult(frames, recording.waveform[:, :cut], recording.sample_rate, voice.fps)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        image: str | os.PathLike | Image.Image | torch.Tensor,
+        audio: str | os.PathLike | Mapping,
+        settings: GenerationSettings | None = None,
+        options: SegmentOptions | None = None,
+        progress: ProgressFn | None = None,
+    ) -> StreamedVideo:
+        """Generate a recording of any length in segments (``sampling/segments.py``), frames streamed out.
+
+        The audio features cover the whole recording (``settings.max_frames`` does not apply: the segment length
+        does); segment i is a single-clip run with seed ``settings.seed + i``. A recording that fits one segment
+        gives the frames of ``self(image, audio, settings)`` bit for bit. ``progress(step, total)`` counts the
+        steps of all segments and may raise to interrupt.
+        """
+        settings = settings or GenerationSettings()
+        options = options or SegmentOptions()
+        m = self.models
+        pixels = self.reference_image(image, settings.image_size)
+        recording = load_audio(audio)
+        with on_device(m.wav2vec2, self.device):
+            voice = extract_audio_features(m.wav2vec2, recording, settings.fps, None)  # bounded chunks
+        plan = plan_segments(voice.num_frames, voice.fps, voice.num_tokens, options.segment_frames, options.overlap)
+        text_pos, text_neg, clip_tokens = self._prompt_and_identity(pixels, settings)  # identity: the portrait
+        tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
+
+        def condition(known: torch.Tensor, num_frames: int) -> torch.Tensor:
+            with on_device(m.vae, self.device):
+                return known_frames_condition(m.vae, known, num_frames, tile_size=tile)
+
+        def sample(index: int, y: torch.Tensor, features: torch.Tensor, num_frames: int, num_tokens: int,
+                   report: ProgressFn | None) -> torch.Tensor:
+            with on_device(m.dit, self.device):
+                return sample_latents(m.dit, text_pos, text_neg, clip_tokens, y, features, num_frames,
+                                      replace(settings, seed=settings.seed + index), report, num_tokens)
+
+        frames = generate_segments(plan, voice.features, pixels, options, condition=condition, sample=sample,
+                                   decode=lambda latents: self._decode(latents, tile), steps=settings.steps,
+                                   progress=progress)
+        cut = crop_samples_for_frames(voice.num_frames, voice.fps, recording.sample_rate)
+        return StreamedVideo(plan, frames, recording.waveform[:, :cut], recording.sample_rate, voice.fps)
+
+    def _prompt_and_identity(self, pixels: torch.Tensor, settings: GenerationSettings
+                             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(text_pos, text_neg or None when cfg is 1, CLIP tokens of the portrait [1, 257, 1280])."""
+        m = self.models
+        with on_device(m.text_encoder, self.device):
+            text_pos = encode_prompt(m.text_encoder, m.tokenizer, settings.prompt)[None]
+            text_neg = encode_prompt(m.text_encoder, m.tokenizer, settings.negative_prompt)[None] if settings.cfg != 1 else None
+        with on_device(m.image_encoder, self.device):
+            clip_tokens = encode_image_clip(m.image_encoder, pixels[None])
+        return text_pos, text_neg, clip_tokens
+
+    def _decode(self, latents: torch.Tensor, tile: tuple[int, int] | None) -> torch.Tensor:
+        """Latents -> frames [F, H, W, 3] float32 in 0..1 on the CPU."""
+        with on_device(self.models.vae, self.device):
+            video = decode_latents(self.models.vae, latents, tile_size=tile)  # [1, 3, F, H, W] in -1..1
+        return ((video[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2).clamp(0, 1)
 
 
 def sample_latents(
@@ -188,10 +257,12 @@ def sample_latents(
     num_frames: int,
     settings: GenerationSettings,
     progress: ProgressFn | None = None,
+    num_audio_tokens: int | None = None,
 ) -> torch.Tensor:
     """:func:`~.sampling.denoise.generate_latents` with a user's settings: the one place where settings become the
     guidance config, the sigma schedule, the seed and the (motion-shaped) audio strength. Shared by the pipeline
-    and the ComfyUI sampler node; tensor arguments as in ``generate_latents``. Runs where ``dit`` is."""
+    and the ComfyUI sampler node; tensor arguments (and ``num_audio_tokens``, for a long recording's segments) as
+    in ``generate_latents``. Runs where ``dit`` is."""
     frames, height, width = image_latents.shape[2], image_latents.shape[3] * 8, image_latents.shape[4] * 8
     start, end = settings.audio_guidance_range
     return generate_latents(
@@ -202,6 +273,7 @@ def sample_latents(
         audio_scale=audio_scale_map(settings.motion, settings.audio_scale, frames, height, width, settings.face_box),
         batch_passes=settings.batch_passes,
         progress=progress,
+        num_audio_tokens=num_audio_tokens,
     )
 
 

@@ -84,6 +84,13 @@ def make_tiny_models(folder: str | Path, seed: int = 0) -> ModelFiles:
     save_file({k: v.contiguous() for k, v in vae.items()}, str(paths["vae"]))
     Wav2Vec2Model(Wav2Vec2Config(**cfg["wav2vec2"])).save_pretrained(paths["wav2vec2"])
 
-    configs = {"dit": None, "text_encoder": cfg["text_encoder"], "image_encoder": cfg["image_encoder"],
-               "vae": cfg["vae"], "wav2vec2": Wav2Vec2Config(**cfg["wav2vec2"])}
-    return ModelFiles(**paths, configs=configs)
+    return ModelFiles(**paths, configs=tiny_model_configs())
+
+
+def tiny_model_configs() -> dict:
+    """``ModelFiles.configs`` for the tiny models (so files written earlier can be loaded again)."""
+    from transformers import Wav2Vec2Config
+
+    cfg = tiny_configs()
+    return {"dit": None, "text_encoder": cfg["text_encoder"], "image_encoder": cfg["image_encoder"],
+            "vae": cfg["vae"], "wav2vec2": Wav2Vec2Config(**cfg["wav2vec2"])}

@@ -30,6 +30,8 @@ class AudioWindows:
         expanded_ranges: the same widened by ``expand`` on both sides (inclusive).
         k_lens: per latent frame, the number of valid (non-padded) tokens in its window.
         token_indices: [F, W] source token of every window slot, -1 for zero padding (always at the end).
+        valid_tokens: tokens that exist (= num_tokens for a whole clip; fewer for a segment whose audio slice runs
+            past the end of the recording, see ``audio/timeline.py``); the rest are padding.
     """
 
     num_tokens: int
@@ -40,6 +42,11 @@ class AudioWindows:
     expanded_ranges: tuple[tuple[int, int], ...]
     k_lens: tuple[int, ...]
     token_indices: tuple[tuple[int, ...], ...]
+    valid_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.valid_tokens is None:
+            object.__setattr__(self, "valid_tokens", self.num_tokens)
 
     @property
     def window_len(self) -> int:
@@ -76,14 +83,27 @@ def split_audio_sequence(num_tokens: int, num_frames: int) -> tuple[list[list[in
     return ranges, tokens_per_frame, half_tokens
 
 
-def audio_windows_for_frames(num_tokens: int, num_frames: int, expand: int = DEFAULT_EXPAND) -> AudioWindows:
-    """Windows, valid lengths and slot -> token indices for a clip of ``num_tokens`` and ``num_frames``."""
+def audio_windows_for_frames(num_tokens: int, num_frames: int, expand: int = DEFAULT_EXPAND,
+                             valid_tokens: int | None = None) -> AudioWindows:
+    """Windows, valid lengths and slot -> token indices for a clip of ``num_tokens`` and ``num_frames``.
+
+    ``valid_tokens`` (default ``num_tokens``): only the first ``valid_tokens`` exist; slots past them are end
+    padding, exactly like slots past the end of a whole clip (a segment's slice that outlasts the recording);
+    a window with no existing token keeps the last one.
+    """
     ranges, tokens_per_frame, half_tokens = split_audio_sequence(num_tokens, num_frames)
-    last = num_tokens - 1
+    valid_tokens = num_tokens if valid_tokens is None else valid_tokens
+    if not 1 <= valid_tokens <= num_tokens:
+        raise ValueError(f"valid_tokens must be in [1, {num_tokens}], got {valid_tokens}.")
+    last = valid_tokens - 1
     expanded, k_lens, indices = [], [], []
     for start, end in ranges:
         start, end = start - expand, end + expand
         valid = list(range(max(start, 0), min(end, last) + 1))
+        if not valid and valid_tokens < num_tokens:
+            # a window wholly past the end of a recording (the frame rule's extra frames at low fps) hears the
+            # last token rather than nothing: attention over no key at all is undefined
+            valid = [last]
         expanded.append((start, end))
         k_lens.append(len(valid))
         indices.append(tuple(valid + [-1] * (end - start + 1 - len(valid))))
@@ -96,6 +116,7 @@ def audio_windows_for_frames(num_tokens: int, num_frames: int, expand: int = DEF
         expanded_ranges=tuple(expanded),
         k_lens=tuple(k_lens),
         token_indices=tuple(indices),
+        valid_tokens=valid_tokens,
     )
 
 
@@ -103,14 +124,15 @@ def gather_audio_windows(tokens: torch.Tensor, windows: AudioWindows) -> torch.T
     """Cut the token sequence into per-frame windows, zero-padded at the end.
 
     Args:
-        tokens: [B, L, C] audio tokens (projected or not; windowing commutes with a per-token projection).
+        tokens: [B, L, C] audio tokens, L = ``windows.valid_tokens`` (projected or not; windowing commutes with a
+            per-token projection).
     Returns:
         [B, F, W, C] with F latent frames and W = ``windows.window_len`` slots.
     """
-    if tokens.shape[1] != windows.num_tokens:
+    if tokens.shape[1] != windows.valid_tokens:
         raise ValueError(f"tokens have {tokens.shape[1]} positions but the windows were made for "
-                         f"{windows.num_tokens}.")
+                         f"{windows.valid_tokens}.")
     index = torch.tensor(windows.token_indices, device=tokens.device)  # [F, W]
-    index = torch.where(index < 0, windows.num_tokens, index)  # padding slots read the zero row appended at L
+    index = torch.where(index < 0, windows.valid_tokens, index)  # padding slots read the zero row appended at L
     padded = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], 1, tokens.shape[2])], dim=1)
     return padded[:, index]  # [B, F, W, C]

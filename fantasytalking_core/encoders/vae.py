@@ -193,10 +193,20 @@ def first_frame_mask(num_frames: int, height: int, width: int) -> torch.Tensor:
     frame is repeated four times so that every latent frame covers exactly four mask frames; those four
     become the channels. Latent frame 0 is therefore all ones, every later latent frame all zeros.
     """
+    return known_frames_mask(num_frames, 1, height, width)
+
+
+def known_frames_mask(num_frames: int, num_known: int, height: int, width: int) -> torch.Tensor:
+    """:func:`first_frame_mask` with the first ``num_known`` pixel frames given: [4, T, height/8, width/8].
+
+    ``num_known`` = 4m+1 makes latent frames 0..m all ones and the rest all zeros (a segment's motion frames).
+    """
     t = latent_num_frames(num_frames)
+    if not 1 <= num_known <= num_frames:
+        raise ValueError(f"num_known must be in [1, {num_frames}], got {num_known}.")
     h, w = height // 8, width // 8
     per_frame = torch.zeros(num_frames, h, w)
-    per_frame[0] = 1.0
+    per_frame[:num_known] = 1.0
     padded = torch.cat([per_frame[:1].expand(4, h, w), per_frame[1:]])  # [4T, h, w]
     return padded.view(t, 4, h, w).transpose(0, 1).contiguous()
 
@@ -219,10 +229,29 @@ def image_to_video_condition(
         image = image[0]
     if image.ndim != 3 or image.shape[0] != 3:
         raise ImageInputError(f"Expected an image [3, H, W] in [-1, 1], got shape {list(image.shape)}.")
-    _, height, width = image.shape
+    return known_frames_condition(vae, image[:, None], num_frames, tile_size, tile_stride)
+
+
+@torch.no_grad()
+def known_frames_condition(
+    vae: AutoencoderKLWan,
+    frames: torch.Tensor,
+    num_frames: int,
+    tile_size: tuple[int, int] | None = None,
+    tile_stride: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """:func:`image_to_video_condition` with several known first frames: [1, 4 + z_dim, T, H/8, W/8] float32.
+
+    frames: [3, K, H, W] in [-1, 1], the first K pixel frames of the video (K = 1: the I2V image; K = 4m+1 so
+    that the mask covers whole latent frames). Channels 0..3: :func:`known_frames_mask`; channels 4..: the
+    normalized latent of [frames, num_frames - K black (zero) frames].
+    """
+    if frames.ndim != 4 or frames.shape[0] != 3:
+        raise ImageInputError(f"Expected known frames [3, K, H, W] in [-1, 1], got shape {list(frames.shape)}.")
+    _, known, height, width = frames.shape
     latent_num_frames(num_frames)
     video = torch.zeros(1, 3, num_frames, height, width, dtype=vae.dtype, device=vae.device)
-    video[0, :, 0] = image.to(vae.device, vae.dtype)
+    video[0, :, :known] = frames.to(vae.device, vae.dtype)
     latent = encode_video(vae, video, tile_size, tile_stride)
-    mask = first_frame_mask(num_frames, height, width).to(latent.device)
+    mask = known_frames_mask(num_frames, known, height, width).to(latent.device)
     return torch.cat([mask[None], latent], dim=1)

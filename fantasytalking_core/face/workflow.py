@@ -37,19 +37,31 @@ class FaceCropOptions:
     box: tuple[float, float, float, float] | None = None
 
 
-def generate_talking_video(
-    pipe: FantasyTalkingPipeline,
+@dataclass
+class PreparedJob:
+    """What the pipeline gets for a job, and what to do with its frames.
+
+    image: the picture the model sees (the face square with a face crop, else the portrait); settings: with the
+    face region filled in where motion intensity needs it; finish: frames [F, h, w, 3] -> the video's frames
+    (paste-back into the full-resolution portrait, or the frames unchanged); works chunk by chunk.
+    """
+
+    image: Image.Image
+    settings: GenerationSettings
+    finish: Callable[[torch.Tensor], torch.Tensor]
+
+
+def prepare_job(
     image: str | os.PathLike | Image.Image,
-    audio: str | os.PathLike | Mapping,
     settings: GenerationSettings,
     face_crop: FaceCropOptions | None = None,
-    progress: ProgressFn | None = None,
-) -> GenerationResult:
-    """The whole job: optional face crop and paste-back around the pipeline, and the face region for motion.
+) -> PreparedJob:
+    """The face-crop and motion-region decisions of :func:`generate_talking_video`, before any generation.
 
-    With ``face_crop`` the model generates on a square around the face and the frames are pasted back into the
-    full-resolution reference (the result has the reference's size). Without it, a non-default motion intensity
-    locates the face in the reference to know where the face intensity applies (whole frame if none is found).
+    With ``face_crop`` the model generates on a square around the face and ``finish`` pastes the frames back into
+    the full-resolution reference (the result has the reference's size). Without it, a non-default motion
+    intensity locates the face in the reference to know where the face intensity applies (whole frame if none is
+    found).
     """
     picture = image if isinstance(image, Image.Image) else load_image(image)
     full = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255)  # [H, W, 3] in 0..1
@@ -63,11 +75,26 @@ def generate_talking_video(
         info = square_crop(pick_face(faces, face_crop.index), full.shape[0], full.shape[1], face_crop.margin)
         crop = Image.fromarray((crop_image(full, info).numpy() * 255).round().astype(np.uint8))
         side = frame_size(info.size, info.size, settings.image_size)[0]
-        result = pipe(crop, audio, replace(settings, face_box=info.face_in(side, side)), progress)
-        return replace(result, frames=paste_back(result.frames, full, info, face_crop.feather))
+        return PreparedJob(crop, replace(settings, face_box=info.face_in(side, side)),
+                           lambda frames: paste_back(frames, full, info, face_crop.feather))
     if faces and settings.face_box is None and settings.motion is not None and not settings.motion.is_default:
         width, height = frame_size(picture.width, picture.height, settings.image_size)
         face = pick_face(faces, face_crop.index if face_crop else 0)
         sx, sy = width / picture.width, height / picture.height
         settings = replace(settings, face_box=(face.x0 * sx, face.y0 * sy, face.x1 * sx, face.y1 * sy))
-    return pipe(picture, audio, settings, progress)
+    return PreparedJob(picture, settings, lambda frames: frames)
+
+
+def generate_talking_video(
+    pipe: FantasyTalkingPipeline,
+    image: str | os.PathLike | Image.Image,
+    audio: str | os.PathLike | Mapping,
+    settings: GenerationSettings,
+    face_crop: FaceCropOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> GenerationResult:
+    """The whole job: optional face crop and paste-back around the pipeline, and the face region for motion
+    (see :func:`prepare_job`)."""
+    job = prepare_job(image, settings, face_crop)
+    result = pipe(job.image, audio, job.settings, progress)
+    return replace(result, frames=job.finish(result.frames))

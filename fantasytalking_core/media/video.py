@@ -71,39 +71,9 @@ def write_video(
     Returns:
         The written path; it only appears (or is replaced) once the whole file is written.
     """
-    path = check_output_path(path)
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be [F, H, W, 3], got {tuple(frames.shape)}.")
-    if audio is not None and not sample_rate:
-        raise ValueError("audio needs its sample_rate.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    height, width = pixels.shape[1] + pixels.shape[1] % 2, pixels.shape[2] + pixels.shape[2] % 2
-    rate = Fraction(fps).limit_denominator(1001)
-
-    # same suffix as the target, so the container format is chosen from the name exactly as it would be
-    partial = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial{path.suffix}")
-    try:
-        with av.open(str(partial), mode="w") as container:
-            video = container.add_stream("libx264", rate=rate)
-            video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-            video.options = {"crf": str(crf)}
-            sound = None
-            if audio is not None:
-                sound = container.add_stream("aac", rate=aac_sample_rate(int(sample_rate)))
-                sound.layout = "mono" if audio.ndim == 1 or audio.shape[0] == 1 else "stereo"
-            for frame in pixels:
-                if frame.shape[:2] != (height, width):
-                    frame = np.pad(frame, ((0, height - frame.shape[0]), (0, width - frame.shape[1]), (0, 0)), mode="edge")
-                container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(video.encode())
-            if sound is not None:
-                _mux_audio(container, sound, audio, int(sample_rate), len(pixels) / float(rate))
-        os.replace(partial, path)  # atomic on one file system: readers see the old file or the whole new one
-    except BaseException:  # also Ctrl-C: never leave the partial file behind
-        partial.unlink(missing_ok=True)
-        raise
-    return path
+    with VideoStreamWriter(path, fps, audio, sample_rate, crf) as writer:
+        writer.write(frames)
+    return writer.path
 
 
 def _mux_audio(container, stream, audio: torch.Tensor, sample_rate: int, duration_s: float) -> None:
@@ -125,3 +95,98 @@ def _mux_audio(container, stream, audio: torch.Tensor, sample_rate: int, duratio
         frame.pts = start
         container.mux(stream.encode(frame))
     container.mux(stream.encode())
+
+
+class VideoStreamWriter:
+    """Write an mp4 (H.264 + AAC) chunk by chunk, for videos too long to hold in memory.
+
+    Frames go to a hidden temporary file next to ``path`` (same folder, so the final rename is atomic) that is
+    renamed to ``path`` by :meth:`close`; :meth:`abort`, or an exception inside ``with``, deletes it, so a failed
+    or interrupted run leaves no partial video. The audio is muxed at :meth:`close`, fitted to the frames written
+    (as :func:`write_video` does).
+
+    Args:
+        path: the output file.
+        fps: frames per second.
+        audio: [C, T] or [T] float waveform in -1..1 (the whole recording), or None for a silent video.
+        sample_rate: audio sample rate in Hz (needed with ``audio``); a rate AAC does not take is resampled to
+            :func:`aac_sample_rate`.
+        crf: H.264 quality.
+    """
+
+    def __init__(self, path: str | Path, fps: float, audio: torch.Tensor | None = None,
+                 sample_rate: int | None = None, crf: int = 18):
+        if audio is not None and not sample_rate:
+            raise ValueError("audio needs its sample_rate.")
+        self.path = check_output_path(path)
+        self.rate = Fraction(fps).limit_denominator(1001)
+        self.audio, self.sample_rate, self.crf = audio, sample_rate, crf
+        self.frames_written = 0
+        # same suffix as the target, so the container format is chosen from the name exactly as it would be
+        self.temp = self.path.with_name(f".{self.path.stem}.{uuid.uuid4().hex[:8]}.partial{self.path.suffix}")
+        self._container = self._video = self._sound = None
+        self._size: tuple[int, int] | None = None  # (height, width), padded to even
+
+    def _open(self, height: int, width: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._size = (height + height % 2, width + width % 2)
+        self._container = av.open(str(self.temp), mode="w")
+        self._video = self._container.add_stream("libx264", rate=self.rate)
+        self._video.height, self._video.width = self._size
+        self._video.pix_fmt, self._video.options = "yuv420p", {"crf": str(self.crf)}
+        if self.audio is not None:  # every stream must exist before the first packet
+            self._sound = self._container.add_stream("aac", rate=aac_sample_rate(int(self.sample_rate)))
+            mono = self.audio.ndim == 1 or self.audio.shape[0] == 1
+            self._sound.layout = "mono" if mono else "stereo"
+
+    def write(self, frames: torch.Tensor) -> None:
+        """Encode frames [f, H, W, 3] float in 0..1 (every chunk the same H, W)."""
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be [F, H, W, 3], got {tuple(frames.shape)}.")
+        if self._container is None:
+            self._open(frames.shape[1], frames.shape[2])
+        height, width = self._size
+        if (frames.shape[1] + frames.shape[1] % 2, frames.shape[2] + frames.shape[2] % 2) != self._size:
+            raise ValueError(f"frames are {tuple(frames.shape[1:3])}, the video is {self._size}.")
+        pixels = (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        for frame in pixels:
+            if frame.shape[:2] != (height, width):
+                frame = np.pad(frame, ((0, height - frame.shape[0]), (0, width - frame.shape[1]), (0, 0)), mode="edge")
+            self._container.mux(self._video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        self.frames_written += len(pixels)
+
+    def close(self) -> Path:
+        """Flush the video, mux the audio, and move the file to ``path``."""
+        if self._container is None:
+            raise ValueError("no frames were written.")
+        try:
+            self._container.mux(self._video.encode())
+            if self._sound is not None:
+                _mux_audio(self._container, self._sound, self.audio, int(self.sample_rate),
+                           self.frames_written / float(self.rate))
+            self._container.close()
+            self._container = None
+            os.replace(self.temp, self.path)  # atomic on one file system: readers see the old file or the whole new one
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial file (also on Ctrl-C, through ``__exit__``)."""
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:  # closing a half-written container may fail; the file goes anyway
+                pass
+            self._container = None
+        self.temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "VideoStreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

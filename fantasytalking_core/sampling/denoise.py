@@ -34,6 +34,7 @@ def generate_latents(
     audio_scale: float | torch.Tensor = 1.0,
     batch_passes: bool = False,
     progress: ProgressFn | None = None,
+    num_audio_tokens: int | None = None,
 ) -> torch.Tensor:
     """Denoise from seeded noise to a video latent. Runs where ``dit`` is.
 
@@ -50,6 +51,9 @@ def generate_latents(
             (``face.motion.audio_scale_map``).
         batch_passes: run a step's guidance passes as one batch (faster on a big GPU).
         progress: ``(step, total)`` after every step; it may raise to interrupt.
+        num_audio_tokens: tokens the window rule spans (default: the rows of ``audio_features``); more for a long
+            recording's last segment whose audio slice outlasts the recording (``audio/timeline.py``): the
+            missing rows are end padding.
     Returns:
         [1, 16, T, H/8, W/8] float32 denoised latent.
     """
@@ -59,7 +63,8 @@ def generate_latents(
         raise ValueError(f"image_latents has {frames} latent frames but {num_frames} video frames need "
                          f"{latent_frame_count(num_frames)}.")
     steps = len(sigmas) - 1
-    windows = audio_windows_for_frames(audio_features.shape[0], num_frames)
+    windows = audio_windows_for_frames(num_audio_tokens or audio_features.shape[0], num_frames,
+                                       valid_tokens=audio_features.shape[0])
     audio_tokens = gather_audio_windows(dit.project_audio(audio_features[None].to(device)), windows)
     cond = DiTConditions(text_pos.to(device), None if text_neg is None else text_neg.to(device),
                          clip_tokens.to(device), image_latents.to(device), audio_tokens,

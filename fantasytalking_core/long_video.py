@@ -1,0 +1,69 @@
+"""A recording of any length to an mp4, segment by segment, in memory bounded by one segment.
+
+Used by the command line (and the long-audio benchmark): :meth:`FantasyTalkingPipeline.stream` makes the frames
+one segment at a time, and each segment's final frames go straight into :class:`~.media.video.VideoStreamWriter`,
+which writes a temporary file and renames it at the end, so a failed or interrupted run leaves no partial video.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .audio.timeline import SegmentPlan
+from .face.workflow import PreparedJob
+from .media.video import VideoStreamWriter
+from .pipeline import FantasyTalkingPipeline
+from .sampling.segments import SegmentOptions
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class LongVideoReport:
+    """path: the written mp4; plan: the segments; segment_seconds: wall time of each segment (denoise, decode,
+    write); samples: up to ``sample_frames`` frames spread over the video (for an identity check), [n, H, W, 3]."""
+
+    path: os.PathLike
+    plan: SegmentPlan
+    fps: float
+    segment_seconds: list[float] = field(default_factory=list)
+    samples: torch.Tensor | None = None
+
+
+def write_long_video(
+    pipe: FantasyTalkingPipeline,
+    job: PreparedJob,
+    audio: str | os.PathLike | Mapping,
+    options: SegmentOptions,
+    path: str | os.PathLike,
+    progress: ProgressFn | None = None,
+    sample_frames: int = 0,
+) -> LongVideoReport:
+    """Generate ``job`` (from ``face.workflow.prepare_job``) on ``audio`` in segments and stream it to ``path``.
+
+    ``progress(step, total)`` counts every segment's steps and may raise to interrupt (the file is then not
+    written). Only the current segment's frames (and ``sample_frames`` kept frames) are in memory.
+    """
+    stream = pipe.stream(job.image, audio, job.settings, options, progress)
+    report = LongVideoReport(path, stream.plan, stream.fps)
+    every = -(-stream.plan.num_frames // sample_frames) if sample_frames else 0  # ceil: at most sample_frames
+    kept, shown = [], 0
+    start = time.perf_counter()
+    with VideoStreamWriter(path, stream.fps, stream.audio, stream.sample_rate) as writer:
+        for chunk in stream.frames:
+            frames = job.finish(chunk)
+            writer.write(frames)
+            if every:
+                kept += [frames[i - shown] for i in range(shown, shown + len(frames)) if i % every == 0]
+            shown += len(frames)
+            now = time.perf_counter()
+            report.segment_seconds.append(now - start)
+            start = now
+    report.path = writer.path
+    report.samples = torch.stack(kept) if kept else None
+    return report
