@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import comfy.model_management as mm
 from comfy_api.latest import io, ui
 
 from fantasytalking_core.face.motion import DEFAULT_INTENSITY, MotionIntensity
@@ -21,9 +22,15 @@ class IdentityEncode(io.ComfyNode):
             inputs=[
                 io.Image.Input("image", tooltip="The portrait (first image of the batch), any size."),
                 io.Vae.Input("vae", tooltip="The Wan2.1 VAE (wan_2.1_vae.safetensors) from the core Load VAE node."),
-                io.ClipVisionOutput.Input("clip_vision_output",
-                                          tooltip="The portrait through the core CLIP Vision Encode node with "
-                                                  "crop: none, using clip_vision_h.safetensors."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="clip_vision_h.safetensors from the core Load CLIP Vision node: the "
+                                            "portrait's CLIP tokens are taken the official way (the video frame "
+                                            "squashed to 224 px, bicubic, no antialias). Use this."),
+                io.ClipVisionOutput.Input("clip_vision_output", optional=True,
+                                          tooltip="Alternative to clip_vision: the portrait through the core CLIP "
+                                                  "Vision Encode node (crop: none). Approximate: ComfyUI's resize "
+                                                  "antialiases and rounds to 8 bits, about 3% of the input's std "
+                                                  "away from the official tokens."),
                 io.Int.Input("image_size", default=512, min=64, max=2048, step=16,
                              tooltip="Longest side of the video in pixels; the other side keeps the portrait's "
                                      "aspect, both rounded up to multiples of 16. 512 is the official setting."),
@@ -40,12 +47,14 @@ class IdentityEncode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, vae, clip_vision_output, image_size: int, crop_info=None,
+    def execute(cls, image, vae, image_size: int, clip_vision=None, clip_vision_output=None, crop_info=None,
                 locate_face: bool = True) -> io.NodeOutput:
-        identity = encode_identity(image, vae, clip_vision_output, image_size, crop_info, locate_face)
+        identity = encode_identity(image, vae, clip_vision_output, image_size, crop_info, locate_face,
+                                   clip_vision=clip_vision, load_model=mm.load_model_gpu)
         width, height = identity.frame_size
         face = "no face region" if identity.face_box is None else "face region found"
-        return io.NodeOutput(identity, ui=ui.PreviewText(f"video frames {width}x{height} px, {face}"))
+        clip = "official CLIP tokens" if clip_vision is not None else "approximate CLIP tokens (CLIP Vision Encode)"
+        return io.NodeOutput(identity, ui=ui.PreviewText(f"video frames {width}x{height} px, {face}, {clip}"))
 
 
 class Motion(io.ComfyNode):

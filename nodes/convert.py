@@ -21,6 +21,7 @@ import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from fantasytalking_core.model.adapter import TEXT_LEN
 from fantasytalking_core.face.crop import (CropInfo, box_from_mask, crop_image, detect_faces, paste_back, pick_face,
                                            square_crop)
 from fantasytalking_core.face.identity import identity_report
+from fantasytalking_core.encoders.image import preprocess_clip_image
 from fantasytalking_core.encoders.vae import first_frame_mask, latent_num_frames, vae_config
 from fantasytalking_core.media.image import comfy_image_to_pil, image_to_tensor
 from fantasytalking_core.model.transformer import IMAGE_TOKENS, FantasyTalkingModel
@@ -161,13 +163,41 @@ def check_wan21_vae(vae: Any) -> None:
             "needs the Wan2.1 VAE (wan_2.1_vae.safetensors, 16-channel video latents).")
 
 
+def official_clip_tokens(clip_vision: Any, pixels: torch.Tensor,
+                         load_model: Callable[[Any], None] = lambda patcher: None) -> torch.Tensor:
+    """CLIP tokens the official way with ComfyUI's CLIP_VISION model: [1, 257, C] float32 on the CPU.
+
+    The video-size frame is squashed to 224 x 224 by the library's :func:`preprocess_clip_image` (bicubic, no
+    antialias, no centre crop, as Wan), then runs through the vision model past ComfyUI's own preprocessing, which
+    would antialias the resize and round it to 8 bits (about 3% of the input's std away on a 3:4 portrait).
+
+    Args:
+        clip_vision: ComfyUI's ClipVisionModel (``patcher``, ``model``, ``load_device``, ``image_size``,
+            ``image_mean``, ``image_std``), e.g. clip_vision_h.safetensors from the core Load CLIP Vision node.
+        pixels: [1, H, W, 3] in 0..1, the portrait at the video frame size (:func:`reference_pixels`).
+        load_model: puts ``clip_vision.patcher`` on its device (``comfy.model_management.load_model_gpu``).
+    """
+    load_model(clip_vision.patcher)
+    config = SimpleNamespace(image_size=clip_vision.image_size, image_mean=clip_vision.image_mean,
+                             image_std=clip_vision.image_std)
+    values = preprocess_clip_image(pixels.permute(0, 3, 1, 2) * 2 - 1, config)  # [1, 3, 224, 224]
+    out = clip_vision.model(pixel_values=values.to(clip_vision.load_device), intermediate_output=-2)
+    return clip_vision_tokens({"penultimate_hidden_states": out[1]})
+
+
 def encode_identity(image: torch.Tensor, vae: Any, clip_vision_output: Any, image_size: int,
-                    crop: FaceCrop | None = None, locate_face: bool = False) -> Identity:
+                    crop: FaceCrop | None = None, locate_face: bool = False, clip_vision: Any = None,
+                    load_model: Callable[[Any], None] = lambda patcher: None) -> Identity:
     """The identity node's work: check the VAE, size the portrait, take the CLIP tokens, and find the face region.
 
-    The face box (video-frame pixels, for the motion intensities) comes from the face crop when ``crop`` made the
-    portrait, else from face detection on the portrait when ``locate_face`` is set (None if no face is found).
+    The CLIP tokens come from ``clip_vision`` the official way (:func:`official_clip_tokens`) when it is given, else
+    from a core CLIP Vision Encode output (``clip_vision_output``: approximate, ComfyUI's preprocessing). The face
+    box (video-frame pixels, for the motion intensities) comes from the face crop when ``crop`` made the portrait,
+    else from face detection on the portrait when ``locate_face`` is set (None if no face is found).
     """
+    if clip_vision is None and clip_vision_output is None:
+        raise ValueError("FantasyTalking Identity Encode needs the CLIP vision model: connect Load CLIP Vision "
+                         "(clip_vision_h.safetensors) to its clip_vision input.")
     check_wan21_vae(vae)
     pixels = reference_pixels(image, image_size)
     height, width = pixels.shape[1:3]
@@ -177,7 +207,9 @@ def encode_identity(image: torch.Tensor, vae: Any, clip_vision_output: Any, imag
     elif locate_face:
         faces = detect_faces(pixels[0])
         face_box = faces[0].as_tuple() if faces else None
-    return Identity(pixels, clip_vision_tokens(clip_vision_output), vae, face_box)
+    tokens = (official_clip_tokens(clip_vision, pixels, load_model) if clip_vision is not None
+              else clip_vision_tokens(clip_vision_output))
+    return Identity(pixels, tokens, vae, face_box)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -132,6 +132,42 @@ def test_node_path_makes_the_pipeline_video(models, face, voice):
     torch.testing.assert_close(encoded.features.features, pipe.audio_features(voice, settings).features)
 
 
+class ComfyLikeClipVision:
+    """ComfyUI's ClipVisionModel around the library's CLIP: its model takes pixel values and returns
+    (last, penultimate, pooled, projected) for ``intermediate_output=-2``; its own preprocessing is not used."""
+
+    def __init__(self, model):
+        self.image_size = model.config.image_size
+        self.image_mean, self.image_std = model.config.image_mean, model.config.image_std
+        self.load_device, self.patcher, self.loaded = torch.device("cpu"), object(), []
+
+        def forward(pixel_values, intermediate_output):
+            assert intermediate_output == -2 and pixel_values.shape[-2:] == (self.image_size, self.image_size)
+            hidden = model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+            return hidden[-1], hidden[-2], None, None
+
+        self.model = forward
+
+
+def test_identity_encode_takes_the_official_clip_tokens_from_clip_vision(models, face):
+    """The CLIP_VISION route gives exactly the library's (official) tokens of the video-size frame; the core CLIP
+    Vision Encode route (ComfyUI resizes with antialias and rounds to 8 bits) is only an approximation."""
+    pixels = image_to_tensor(face, 48)  # a non-square frame: squashed, not cropped
+    expected = encode_image_clip(models.image_encoder, pixels[None])
+    clip_vision = ComfyLikeClipVision(models.image_encoder)
+    identity = encode_identity(comfy_image(face), ComfyLikeVAE(models.vae), None, 48, clip_vision=clip_vision,
+                               load_model=clip_vision.loaded.append)
+    assert clip_vision.loaded == [clip_vision.patcher]  # the model was put on its device first
+    assert torch.equal(identity.clip_tokens, expected.float())
+    # what ComfyUI's own preprocessing would feed: antialiased, 8-bit rounded -> different tokens
+    comfy_pixels = torch.nn.functional.interpolate((pixels[None] + 1) / 2, size=(224, 224), mode="bicubic",
+                                                   antialias=True)
+    comfy_pixels = (comfy_pixels.clamp(0, 1) * 255).round() / 255 * 2 - 1
+    assert not torch.equal(encode_image_clip(models.image_encoder, comfy_pixels), expected)
+    with pytest.raises(ValueError, match="Load CLIP Vision"):
+        encode_identity(comfy_image(face), ComfyLikeVAE(models.vae), None, 48)
+
+
 def test_sampler_reports_every_step_and_stops_when_progress_raises(models, face, voice):
     settings = GenerationSettings(steps=3, image_size=32, seed=5)
     clip = CLIPVisionOutput(penultimate_hidden_states=torch.randn(1, 257, 16))
