@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 from fantasytalking_core.face.motion import DEFAULT_INTENSITY, MotionIntensity
 
 from . import io_types
-from .convert import encode_identity
+from .convert import encode_identity, encode_text_official
 
 
 class IdentityEncode(io.ComfyNode):
@@ -57,6 +57,31 @@ class IdentityEncode(io.ComfyNode):
         return io.NodeOutput(identity, ui=ui.PreviewText(f"video frames {width}x{height} px, {face}, {clip}"))
 
 
+class TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io_types.schema(
+            node_id="FantasyTalkingTextEncode",
+            display_name="FantasyTalking Text Encode",
+            description="CLIP Text Encode for Wan's umT5 the official way: the prompt cleaned as Wan cleans it, no "
+                        "(word:1.2) weighting, and cut at 512 tokens before encoding (core CLIP Text Encode "
+                        "encodes a longer prompt whole, which changes every row).",
+            inputs=[
+                io.Clip.Input("clip", tooltip="umt5_xxl_fp16.safetensors (or _fp8_e4m3fn_scaled) from the core Load "
+                                              "CLIP node, type wan."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True,
+                                tooltip="The prompt (or the negative prompt). Past 512 umT5 tokens the rest is "
+                                        "dropped, as the official pipeline does."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="conditioning",
+                                            tooltip="For the FantasyTalking Sampler's positive or negative input.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, text: str) -> io.NodeOutput:
+        return io.NodeOutput(encode_text_official(clip, text))
+
+
 class Motion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -86,4 +111,4 @@ class Motion(io.ComfyNode):
         return io.NodeOutput(MotionIntensity(face_intensity, body_intensity, affect_audio_cfg))
 
 
-NODES = [IdentityEncode, Motion]
+NODES = [IdentityEncode, TextEncode, Motion]

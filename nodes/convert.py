@@ -34,6 +34,7 @@ from fantasytalking_core.face.crop import (CropInfo, box_from_mask, crop_image, 
                                            square_crop)
 from fantasytalking_core.face.identity import identity_report
 from fantasytalking_core.encoders.image import preprocess_clip_image
+from fantasytalking_core.encoders.text import clean_prompt
 from fantasytalking_core.encoders.vae import first_frame_mask, latent_num_frames, vae_config
 from fantasytalking_core.media.image import comfy_image_to_pil, image_to_tensor
 from fantasytalking_core.model.transformer import IMAGE_TOKENS, FantasyTalkingModel
@@ -85,6 +86,47 @@ class Identity:
 # --------------------------------------------------------------------------------------------------------------------
 # Text and image conditioning
 # --------------------------------------------------------------------------------------------------------------------
+
+
+UMT5_END_TOKEN = 1  # umT5's </s>; 0 pads
+
+
+def truncate_umt5_tokens(tokens: Mapping[str, list], max_tokens: int = TEXT_LEN) -> dict[str, list]:
+    """ComfyUI umT5 tokens cut the way the official tokenizer cuts (``truncation=True, max_length=512``): the
+    first ``max_tokens - 1`` prompt tokens, then ``</s>``.
+
+    Args:
+        tokens: ``clip.tokenize`` output, ``{"umt5xxl": [batch]}`` where the batch is a list of ``(token, weight)``
+            (or ``(token, weight, word_id)``) tuples: the prompt, ``</s>``, then padding up to 512 (ComfyUI's umT5
+            tokenizer puts a whole prompt in one batch).
+    Returns:
+        The same layout with at most ``max_tokens`` entries in the batch (a short prompt is returned unchanged).
+    """
+    out = {}
+    for key, batches in tokens.items():
+        if len(batches) != 1:
+            raise ValueError(f"expected ComfyUI's umT5 tokens in one batch, got {len(batches)}: is this a Wan "
+                             "text encoder (Load CLIP, type wan)?")
+        batch = list(batches[0])
+        ids = [entry[0] for entry in batch]
+        end = ids.index(UMT5_END_TOKEN) if UMT5_END_TOKEN in ids else len(ids)
+        if end >= max_tokens:  # too long: the prompt's first max_tokens - 1 tokens, then its own </s> entry
+            end_entry = batch[end] if end < len(batch) else (UMT5_END_TOKEN, 1.0)
+            batch = batch[: max_tokens - 1] + [end_entry]
+        out[key] = [batch]
+    return out
+
+
+def encode_text_official(clip: Any, text: str) -> list:
+    """The FantasyTalking Text Encode node's work: CONDITIONING of ``text`` as the official pipeline encodes it.
+
+    The prompt is cleaned as Wan cleans it (:func:`clean_prompt`: ftfy, HTML unescape, whitespace), tokenized
+    without ComfyUI's ``(word:1.2)`` weighting (the model never saw it), cut at 512 tokens *before* encoding
+    (:func:`truncate_umt5_tokens`; core CLIP Text Encode encodes a longer prompt whole, so even its first 512 rows
+    differ), then encoded by ComfyUI's text encoder.
+    """
+    tokens = clip.tokenize(clean_prompt(text), disable_weights=True)
+    return clip.encode_from_tokens_scheduled(truncate_umt5_tokens(tokens))
 
 
 def conditioning_to_text(conditioning: Sequence, which: str, text_dim: int) -> torch.Tensor:

@@ -53,7 +53,7 @@ WORKFLOWS = PACK_ROOT / "example_workflows"
 PACK_LINK = "ComfyUI-FantasyTalking"
 NODE_IDS = ("FantasyTalkingModelLoader", "FantasyTalkingWav2Vec2Loader", "FantasyTalkingAudioEncode",
             "FantasyTalkingIdentityEncode", "FantasyTalkingMotion", "FantasyTalkingSampler", "FantasyTalkingFaceCrop",
-            "FantasyTalkingFacePasteBack", "FantasyTalkingIdentityCheck")
+            "FantasyTalkingFacePasteBack", "FantasyTalkingIdentityCheck", "FantasyTalkingTextEncode")
 # Widget values changed for speed on a CPU; everything else runs as the example workflow says.
 SPEED_OVERRIDES = {"FantasyTalkingIdentityEncode": {"image_size": 64}, "FantasyTalkingSampler": {"steps": 3}}
 MODELS_VERSION = "4"

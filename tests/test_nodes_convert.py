@@ -34,6 +34,8 @@ from nodes.convert import (
     describe_audio,
     encode_audio,
     encode_identity,
+    encode_text_official,
+    truncate_umt5_tokens,
     image_condition,
     normalize_latents,
     reference_pixels,
@@ -166,6 +168,44 @@ def test_identity_encode_takes_the_official_clip_tokens_from_clip_vision(models,
     assert not torch.equal(encode_image_clip(models.image_encoder, comfy_pixels), expected)
     with pytest.raises(ValueError, match="Load CLIP Vision"):
         encode_identity(comfy_image(face), ComfyLikeVAE(models.vae), None, 48)
+
+
+def umt5_batch(num_tokens: int, word_ids: bool = False) -> list:
+    """A ComfyUI umT5 batch: prompt tokens 100.., </s>, padding to 512 (ComfyUI's tokenizer layout)."""
+    batch = [(100 + i, 1.0, i + 1) if word_ids else (100 + i, 1.0) for i in range(num_tokens)]
+    batch.append((1, 1.0, 0) if word_ids else (1, 1.0))
+    return batch + [(0, 1.0, 0) if word_ids else (0, 1.0)] * max(0, 512 - len(batch))
+
+
+def test_long_prompts_are_cut_at_512_tokens_before_encoding_as_the_official_tokenizer_does():
+    long = truncate_umt5_tokens({"umt5xxl": [umt5_batch(700, word_ids=True)]})["umt5xxl"]
+    assert len(long) == 1 and len(long[0]) == 512
+    assert [t for t, *_ in long[0][:511]] == list(range(100, 611)) and long[0][511] == (1, 1.0, 0)
+    exact = truncate_umt5_tokens({"umt5xxl": [umt5_batch(511)]})["umt5xxl"][0]  # 511 + </s> = 512: untouched
+    assert exact == umt5_batch(511)
+    one_more = truncate_umt5_tokens({"umt5xxl": [umt5_batch(512)]})["umt5xxl"][0]
+    assert len(one_more) == 512 and one_more[-1] == (1, 1.0) and one_more[-2] == (100 + 510, 1.0)
+    short = umt5_batch(7)
+    assert truncate_umt5_tokens({"umt5xxl": [short]})["umt5xxl"][0] == short
+    with pytest.raises(ValueError, match="one batch"):
+        truncate_umt5_tokens({"l": [umt5_batch(3), umt5_batch(3)]})
+
+
+def test_text_encode_cleans_the_prompt_and_encodes_the_cut_tokens():
+    class FakeClip:
+        def tokenize(self, text, **kwargs):
+            self.text, self.kwargs = text, kwargs
+            return {"umt5xxl": [umt5_batch(600)]}
+
+        def encode_from_tokens_scheduled(self, tokens):
+            self.tokens = tokens
+            return [[torch.zeros(1, 512, 8), {}]]
+
+    clip = FakeClip()
+    encode_text_official(clip, "  a  \u201cquoted\u201d   prompt\uff0c ")
+    assert clip.text == 'a "quoted" prompt,'  # Wan's cleaning: ftfy, whitespace collapsed
+    assert clip.kwargs == {"disable_weights": True}  # the official model never saw (word:1.2) weighting
+    assert len(clip.tokens["umt5xxl"][0]) == 512 and clip.tokens["umt5xxl"][0][-1] == (1, 1.0)
 
 
 def test_sampler_reports_every_step_and_stops_when_progress_raises(models, face, voice):
