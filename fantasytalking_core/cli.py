@@ -85,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
                 print(f"note: {files.dit.name} is Wan2.1-I2V-14B-480P; the released FantasyTalking adapter was trained "
                       "on 720P (it runs on 480P, not the released pairing).", file=sys.stderr)
         models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8)
-    pipe = FantasyTalkingPipeline(models, args.device)
+    pipe = FantasyTalkingPipeline(models, args.device, "streamed" if args.offload_blocks else "resident")
     if segmented:
         from .long_video import write_long_video
 
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                      help="compute precision of the DiT and umT5 whatever the files store (bf16: the official setting)")
     gen.add_argument("--fp8", action="store_true", help="keep the DiT's block weights in fp8 (half the memory)")
+    gen.add_argument("--offload-blocks", action="store_true",
+                     help="stream the DiT's blocks to the GPU one at a time (the 14B model in about 5 GB of GPU "
+                          "memory, slower; needs the DiT's size in CPU memory)")
     gen.add_argument("--batch-passes", action="store_true", help="run the guidance passes as one batch")
     gen.add_argument("--vae-tile", type=int, default=None, help="decode in tiles of this many pixels")
     from .audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES

@@ -31,7 +31,7 @@ from .media.image import comfy_image_to_pil, image_to_tensor, load_image
 from .media.video import write_video
 from .model.limits import check_image_size, check_max_frames
 from .model.transformer import FantasyTalkingModel
-from .runtime.placement import on_device
+from .runtime.placement import PLACEMENTS, dit_on_device, on_device
 from .sampling.denoise import generate_latents
 from .sampling.guidance import GuidanceConfig
 from .sampling.schedule import flow_match_sigmas
@@ -138,11 +138,17 @@ class FantasyTalkingPipeline:
     Args:
         models: the loaded parts (see :func:`fantasytalking_core.loaders.model_paths.load_models`).
         device: where the models compute; they wait on their own device (usually the CPU) in between.
+        dit_placement: ``"resident"`` (the whole DiT on ``device`` while it samples) or ``"streamed"`` (its blocks
+            stream from the CPU one at a time: a 14B DiT on a card that cannot hold it, at some speed cost).
     """
 
-    def __init__(self, models: FantasyTalkingModels, device: str | torch.device = "cpu"):
+    def __init__(self, models: FantasyTalkingModels, device: str | torch.device = "cpu",
+                 dit_placement: str = "resident"):
+        if dit_placement not in PLACEMENTS:
+            raise SettingsError(f"dit_placement must be one of {PLACEMENTS}, got {dit_placement!r}.")
         self.models = models
         self.device = torch.device(device)
+        self.dit_placement = dit_placement
 
     def reference_image(self, image: str | os.PathLike | Image.Image | torch.Tensor, image_size: int) -> torch.Tensor:
         """A file path, PIL image or ComfyUI IMAGE -> [3, H, W] in -1..1 at the video size."""
@@ -177,7 +183,7 @@ class FantasyTalkingPipeline:
         with on_device(m.vae, self.device):
             y = image_to_video_condition(m.vae, pixels, voice.num_frames, tile_size=tile)
 
-        with on_device(m.dit, self.device):
+        with dit_on_device(m.dit, self.device, self.dit_placement):
             latents = sample_latents(m.dit, text_pos, text_neg, clip_tokens, y, voice.features, voice.num_frames,
                                      settings, progress)
 
@@ -219,7 +225,7 @@ class FantasyTalkingPipeline:
 
         def sample(index: int, y: torch.Tensor, features: torch.Tensor, num_frames: int, num_tokens: int,
                    report: ProgressFn | None) -> torch.Tensor:
-            with on_device(m.dit, self.device):
+            with dit_on_device(m.dit, self.device, self.dit_placement):
                 return sample_latents(m.dit, text_pos, text_neg, clip_tokens, y, features, num_frames,
                                       replace(settings, seed=settings.seed + index), report, num_tokens)
 

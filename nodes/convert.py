@@ -39,7 +39,7 @@ from fantasytalking_core.encoders.vae import first_frame_mask, latent_num_frames
 from fantasytalking_core.media.image import comfy_image_to_pil, image_to_tensor
 from fantasytalking_core.model.transformer import IMAGE_TOKENS, FantasyTalkingModel
 from fantasytalking_core.pipeline import GenerationSettings, sample_latents
-from fantasytalking_core.runtime.placement import on_device
+from fantasytalking_core.runtime.placement import dit_on_device, on_device
 
 logger = logging.getLogger(__name__)
 
@@ -418,6 +418,7 @@ def sample_video(
     device: torch.device,
     progress: ProgressFn | None = None,
     make_room: Callable[[], None] | None = None,
+    dit_placement: str = "resident",
 ) -> torch.Tensor:
     """The sampler node's work: conditioning video through the VAE, the denoising run on ``device``, decoding.
 
@@ -425,6 +426,7 @@ def sample_video(
         text_pos, text_neg: [1, L, text_dim] from :func:`conditioning_to_text` (``text_neg`` None when cfg is 1).
         progress: ``(step, total)`` after every denoising step; it may raise to interrupt.
         make_room: called just before the DiT moves to ``device`` (ComfyUI unloads its own models there).
+        dit_placement: ``"resident"`` or ``"streamed"`` (blocks one at a time from the CPU, for small cards).
     Returns:
         IMAGE frames [F, H, W, 3] float32 in 0..1, F = ``voice.features.num_frames``. The DiT is back where it was
         (the CPU) when this returns or raises.
@@ -435,7 +437,7 @@ def sample_video(
     y = image_condition(identity.vae, identity.pixels, num_frames)
     if make_room is not None:
         make_room()
-    with on_device(model, device):
+    with dit_on_device(model, device, dit_placement):
         latents = sample_latents(model, text_pos, text_neg, identity.clip_tokens, y, voice.features.features,
                                  num_frames, settings, progress)
     return decode_frames(identity.vae, latents)

@@ -153,3 +153,14 @@ def test_bad_settings_fail_at_once_with_a_clear_error():
             GenerationSettings(**bad)
     with pytest.raises(SettingsError, match="face intensity"):
         MotionIntensity(face=2.0)
+
+
+def test_streamed_dit_makes_the_same_video(pipe, face, voice):
+    """--offload-blocks: the DiT's blocks stream in one at a time; the frames are those of the resident DiT."""
+    settings = GenerationSettings(steps=2, image_size=32, seed=5)
+    streamed = FantasyTalkingPipeline(pipe.models, pipe.device, dit_placement="streamed")
+    assert torch.equal(streamed(face, voice, settings).frames, pipe(face, voice, settings).frames)
+    from fantasytalking_core.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="dit_placement"):
+        FantasyTalkingPipeline(pipe.models, pipe.device, dit_placement="gpu")

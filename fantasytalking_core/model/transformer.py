@@ -122,6 +122,8 @@ class FantasyTalkingModel(nn.Module):
         self.precision = check_policy(precision)
         audio_processors(transformer)  # refuse a transformer without the adapter now, not at the first forward
         use_float32_islands(transformer)  # either policy: the policy is passed per call
+        # set while the weights wait elsewhere and stream to a device (runtime.placement.streamed_blocks)
+        self.execution_device: torch.device | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -129,7 +131,8 @@ class FantasyTalkingModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.patch_embedding.weight.device
+        """Where the model computes (and its inputs go): the streaming device, else where its weights are."""
+        return self.execution_device or self.transformer.patch_embedding.weight.device
 
     def project_audio(self, audio_features: torch.Tensor) -> torch.Tensor:
         """wav2vec2 last hidden state [B, L, 768] -> adapter tokens [B, L, P], float32 whatever the compute dtype

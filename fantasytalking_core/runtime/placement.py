@@ -1,15 +1,26 @@
 """Where a model computes: each one sits on the compute device only while it works (offloading).
 
 The pipeline and the ComfyUI nodes move a model to the compute device for one stage and back to where it waits
-(usually the CPU) afterwards, so at most one large model occupies the device at a time.
+(usually the CPU) afterwards, so at most one large model occupies the device at a time (:func:`on_device`). For a
+DiT too large for the device, :func:`streamed_blocks` keeps its weights on the CPU and brings one block at a time,
+prefetched on a side CUDA stream (diffusers' block-level group offloading): on an H100 the 14B model then peaks at
+4.5 GiB for 27% more time per pass (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..model.transformer import FantasyTalkingModel
+
+PLACEMENTS = ("resident", "streamed")
+"""How the DiT computes: ``resident`` (all on the device while sampling), ``streamed`` (block by block)."""
+_OFFLOAD_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker")
 
 
 @contextmanager
@@ -23,3 +34,46 @@ def on_device(module: torch.nn.Module, device: torch.device) -> Iterator[torch.n
         module.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@contextmanager
+def streamed_blocks(model: FantasyTalkingModel, device: torch.device) -> Iterator[FantasyTalkingModel]:
+    """Run ``model`` on ``device`` with its DiT weights left on the CPU, one block onloaded at a time.
+
+    Inside the block the transformer carries diffusers' block-level group offloading hooks (one block per group;
+    on CUDA the next block is copied on a side stream while the current one computes, from pinned CPU memory);
+    the audio projection, a few MB, sits on ``device``; ``model.execution_device`` says where inputs go. On exit,
+    also on error, the hooks are removed, everything is back on the CPU and the model is as it was.
+    """
+    from diffusers.hooks import HookRegistry, apply_group_offloading
+
+    cpu = torch.device("cpu")
+    device = torch.device(device)
+    model.to(cpu)
+    registry = None
+    try:
+        apply_group_offloading(model.transformer, onload_device=device, offload_device=cpu,
+                               offload_type="block_level", num_blocks_per_group=1, use_stream=device.type == "cuda")
+        registry = HookRegistry.check_if_exists_or_initialize(model.transformer)
+        model.audio_proj.to(device)
+        model.execution_device = device
+        yield model
+    finally:
+        model.execution_device = None
+        if registry is not None:
+            for name in _OFFLOAD_HOOKS:
+                registry.remove_hook(name, recurse=True)
+        model.to(cpu)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@contextmanager
+def dit_on_device(model: FantasyTalkingModel, device: torch.device, placement: str = "resident"
+                  ) -> Iterator[FantasyTalkingModel]:
+    """The DiT ready to sample on ``device``: moved there whole (``resident``) or streamed block by block."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    with (streamed_blocks(model, device) if placement == "streamed" else on_device(model, device)) as placed:
+        yield placed
+
