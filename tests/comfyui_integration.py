@@ -56,7 +56,7 @@ NODE_IDS = ("FantasyTalkingModelLoader", "FantasyTalkingWav2Vec2Loader", "Fantas
             "FantasyTalkingFacePasteBack", "FantasyTalkingIdentityCheck", "FantasyTalkingTextEncode")
 # Widget values changed for speed on a CPU; everything else runs as the example workflow says.
 SPEED_OVERRIDES = {"FantasyTalkingIdentityEncode": {"image_size": 64}, "FantasyTalkingSampler": {"steps": 3}}
-MODELS_VERSION = "4"
+MODELS_VERSION = "5"
 INTERRUPT_STEPS = 200  # the sampler's largest step count  # bump when the test models change, so stale ones are rewritten
 TEXT_WIDTH, IMAGE_WIDTH = 768, 1024  # T5-base, CLIP ViT-L/14 penultimate
 
@@ -94,8 +94,8 @@ def write_models(models: Path) -> list[str]:
 
     marker = models / ".fantasytalking-test-models"
     files = {
-        "dit_fp16": models / "diffusion_models" / "wan2.1_i2v_480p_14B_fp16.safetensors",
-        "dit_fp8": models / "diffusion_models" / "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors",
+        "dit_fp16": models / "diffusion_models" / "wan2.1_i2v_720p_14B_fp16.safetensors",
+        "dit_fp8": models / "diffusion_models" / "wan2.1_i2v_720p_14B_fp8_e4m3fn.safetensors",
         "dit_config": models / "diffusion_models" / "config.json",
         "adapter_st": models / "diffusion_models" / "fantasytalking_fp16.safetensors",
         "adapter_ckpt": models / "fantasytalking" / "fantasytalking_model.ckpt",
@@ -397,7 +397,7 @@ def check_object_info(comfy: ComfyUI, report: Report, model_files: list[str]) ->
     loader = info["FantasyTalkingModelLoader"]["input"]["required"]
     dits, adapters = loader["model_name"][1]["options"], loader["adapter_name"][1]["options"]
     wav2vec2 = info["FantasyTalkingWav2Vec2Loader"]["input"]["required"]["model_name"][1]["options"]
-    report.check(sorted(dits) == ["wan2.1_i2v_480p_14B_fp16.safetensors", "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors"],
+    report.check(sorted(dits) == ["wan2.1_i2v_720p_14B_fp16.safetensors", "wan2.1_i2v_720p_14B_fp8_e4m3fn.safetensors"],
                  f"DiT dropdown lists both DiT files and no adapter/config ({dits})")
     report.check(adapters == ["fantasytalking_model.ckpt", "fantasytalking_fp16.safetensors"],
                  f"adapter dropdown lists models/fantasytalking then diffusion_models ({adapters})")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fantasytalking_core.encoders.text import DEFAULT_NEGATIVE_PROMPT, clean_prompt
+from fantasytalking_core.encoders.text import DEFAULT_NEGATIVE_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "example_workflows"
@@ -65,17 +65,22 @@ def test_workflow_uses_our_nodes_and_saves_the_sampler_output_as_video(ui_file):
         assert api[paste]["inputs"]["crop_info"] == [crop, 1]
     frames = [paste, 0] if paste is not None else [sampler, 0]
     assert (create["images"], create["audio"], create["fps"]) == (frames, [sampler, 1], [sampler, 2])
-    clip_encode = next(v for v in api.values() if v["class_type"] == "CLIPVisionEncode")["inputs"]
-    assert clip_encode["crop"] == "none"
+    # official CLIP tokens: Identity Encode gets the CLIP vision model itself, not a CLIP Vision Encode output
+    identity = next(v for v in api.values() if v["class_type"] == "FantasyTalkingIdentityEncode")["inputs"]
+    loader = next(k for k, v in api.items() if v["class_type"] == "CLIPVisionLoader")
+    assert identity["clip_vision"] == [loader, 0] and "clip_vision_output" not in identity
+    assert not any(v["class_type"] == "CLIPVisionEncode" for v in api.values())
+    dit = next(v for v in api.values() if v["class_type"] == "FantasyTalkingModelLoader")["inputs"]["model_name"]
+    assert "720p" in dit  # the released adapter's pairing
     save = next(v for v in api.values() if v["class_type"] == "SaveVideo")["inputs"]
     assert save["format"] == "mp4" and save["filename_prefix"].startswith("FantasyTalking/")
 
 
 @pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
-def test_prompts_are_the_text_wan_tokenizes(ui_file):
-    """Wan cleans prompts (ftfy turns the negative prompt's full-width commas into ASCII) before the tokenizer;
-    the core CLIP Text Encode does not, so the workflows must hold the cleaned text."""
+def test_prompts_go_through_the_official_text_encode(ui_file):
+    """FantasyTalking Text Encode cleans prompts as Wan does and cuts them at 512 tokens; the core CLIP Text
+    Encode does neither, so the workflows use ours, with the official negative prompt as the official code has it."""
     api = json.loads((WORKFLOWS / "api" / ui_file.name).read_text(encoding="utf-8"))
-    texts = [v["inputs"]["text"] for v in api.values() if v["class_type"] == "CLIPTextEncode"]
-    assert len(texts) == 2 and all(t == clean_prompt(t) for t in texts)
-    assert clean_prompt(DEFAULT_NEGATIVE_PROMPT) in texts and DEFAULT_NEGATIVE_PROMPT not in texts
+    assert not any(v["class_type"] == "CLIPTextEncode" for v in api.values())
+    texts = [v["inputs"]["text"] for v in api.values() if v["class_type"] == "FantasyTalkingTextEncode"]
+    assert len(texts) == 2 and DEFAULT_NEGATIVE_PROMPT in texts

@@ -44,7 +44,7 @@ from comfyui_integration import (
     write_models,
 )
 
-from fantasytalking_core.encoders.text import DEFAULT_NEGATIVE_PROMPT, clean_prompt
+from fantasytalking_core.encoders.text import DEFAULT_NEGATIVE_PROMPT
 
 OUT = ROOT / "example_workflows"
 DOCS = ROOT / "docs"
@@ -54,7 +54,8 @@ DOCS_PICTURE = "talking_portrait"
 
 MODEL_NOTE = """\
 Model files (ComfyUI/models/...):
-- diffusion_models: {dit}
+- diffusion_models: {dit}; Wan2.1-I2V-14B-720P is what the released adapter was trained on (480P runs, not the
+  released pairing)
 - {adapter_folder}: {adapter}
 - {wav2vec2_folder}: {wav2vec2}
 - text_encoders: umt5_xxl_fp8_e4m3fn_scaled.safetensors
@@ -72,17 +73,17 @@ def common_nodes(audio: str, max_frames: int, wav2vec2: str) -> dict:
               "inputs": {"wav2vec2": ["2", 0], "audio": ["3", 0], "fps": 23.0, "max_frames": max_frames}},
         "5": {"class_type": "LoadImage", "inputs": {"image": "portrait.png"}},
         "6": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "clip_vision_h.safetensors"}},
-        "7": {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["6", 0], "image": ["5", 0], "crop": "none"}},
         "8": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},
+        # the CLIP vision model itself: Identity Encode takes the official CLIP tokens (no CLIP Vision Encode)
         "9": {"class_type": "FantasyTalkingIdentityEncode",
-              "inputs": {"image": ["5", 0], "vae": ["8", 0], "clip_vision_output": ["7", 0], "image_size": 512}},
+              "inputs": {"image": ["5", 0], "vae": ["8", 0], "clip_vision": ["6", 0], "image_size": 512}},
         "10": {"class_type": "CLIPLoader",
                "inputs": {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan", "device": "default"}},
-        # Wan cleans prompts before tokenizing (ftfy: full-width punctuation -> ASCII); CLIP Text Encode does not,
-        # so the workflows carry the text the official pipeline tokenizes
-        "11": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["10", 0], "text": clean_prompt(
-            "A woman is talking to the camera with natural expressions and slight head movements.")}},
-        "12": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["10", 0], "text": clean_prompt(DEFAULT_NEGATIVE_PROMPT)}},
+        # FantasyTalking Text Encode cleans prompts as Wan does and cuts them at 512 tokens, so the workflows
+        # carry the official prompts as the official code has them
+        "11": {"class_type": "FantasyTalkingTextEncode", "inputs": {"clip": ["10", 0], "text":
+            "A woman is talking to the camera with natural expressions and slight head movements."}},
+        "12": {"class_type": "FantasyTalkingTextEncode", "inputs": {"clip": ["10", 0], "text": DEFAULT_NEGATIVE_PROMPT}},
         "14": {"class_type": "FantasyTalkingSampler", "inputs": {
             "model": ["1", 0], "positive": ["11", 0], "negative": ["12", 0], "identity": ["9", 0],
             "audio_features": ["4", 0], "steps": 30, "cfg": 5.0, "audio_cfg": 5.0, "audio_guidance_start": 0.0,
@@ -95,7 +96,7 @@ def common_nodes(audio: str, max_frames: int, wav2vec2: str) -> dict:
 def talking_portrait() -> dict:
     nodes = common_nodes("voice.wav", 81, "transformers/facebook/wav2vec2-base-960h")
     nodes["1"] = {"class_type": "FantasyTalkingModelLoader", "inputs": {
-        "model_name": "wan2.1_i2v_480p_14B_fp16.safetensors", "adapter_name": "fantasytalking_fp16.safetensors",
+        "model_name": "wan2.1_i2v_720p_14B_fp16.safetensors", "adapter_name": "fantasytalking_fp16.safetensors",
         "weight_dtype": "default", "compute_dtype": "bf16"}}
     nodes["13"] = {"class_type": "FantasyTalkingMotion",
                    "inputs": {"face_intensity": 0.5, "body_intensity": 0.5, "affect_audio_cfg": False}}
@@ -103,7 +104,7 @@ def talking_portrait() -> dict:
     nodes["16"]["inputs"]["filename_prefix"] = "FantasyTalking/talking_portrait"
     note = ("# FantasyTalking: talking portrait\n\nChoose a portrait in Load Image and a voice recording in Load Audio, "
             "then Run. The video is as long as the recording, up to max_frames (81 frames = 3.5 s at 23 fps).\n\n"
-            + MODEL_NOTE.format(dit="wan2.1_i2v_480p_14B_fp16.safetensors (bf16, fp8, GGUF also work)",
+            + MODEL_NOTE.format(dit="wan2.1_i2v_720p_14B_fp16.safetensors (bf16, fp8, GGUF also work)",
                                 adapter_folder="diffusion_models or fantasytalking",
                                 adapter="fantasytalking_fp16.safetensors",
                                 wav2vec2_folder="transformers/facebook/wav2vec2-base-960h",
@@ -115,14 +116,14 @@ def talking_portrait() -> dict:
 def long_recording() -> dict:
     nodes = common_nodes("long_recording.wav", 241, "wav2vec2-base-960h.safetensors")
     nodes["1"] = {"class_type": "FantasyTalkingModelLoader", "inputs": {
-        "model_name": "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors", "adapter_name": "fantasytalking_model.ckpt",
+        "model_name": "wan2.1_i2v_720p_14B_fp8_e4m3fn.safetensors", "adapter_name": "fantasytalking_model.ckpt",
         "weight_dtype": "fp8_e4m3fn", "compute_dtype": "bf16"}}
     nodes["16"]["inputs"]["filename_prefix"] = "FantasyTalking/long_recording"
     note = ("# FantasyTalking: long recording\n\nOne video of up to max_frames frames (241 = 10.5 s at 23 fps); "
             "Audio Encode shows the frame count and cuts the recording there, and the saved video carries the "
             "same part of the voice. Time and GPU memory grow with the frame count, so the DiT is kept in 8 bits "
             "(weight_dtype fp8_e4m3fn: half the memory of bf16).\n\n"
-            + MODEL_NOTE.format(dit="wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors (or any other format)",
+            + MODEL_NOTE.format(dit="wan2.1_i2v_720p_14B_fp8_e4m3fn.safetensors (or any other format)",
                                 adapter_folder="fantasytalking", adapter="fantasytalking_model.ckpt",
                                 wav2vec2_folder="audio_encoders", wav2vec2="wav2vec2-base-960h.safetensors"))
     return {"api": nodes, "note": note}
@@ -132,11 +133,10 @@ def face_crop_paste_back() -> dict:
     nodes = common_nodes("voice.wav", 81, "transformers/facebook/wav2vec2-base-960h")
     nodes["5"]["inputs"]["image"] = "group_photo.png"
     nodes["1"] = {"class_type": "FantasyTalkingModelLoader", "inputs": {
-        "model_name": "wan2.1_i2v_480p_14B_fp16.safetensors", "adapter_name": "fantasytalking_fp16.safetensors",
+        "model_name": "wan2.1_i2v_720p_14B_fp16.safetensors", "adapter_name": "fantasytalking_fp16.safetensors",
         "weight_dtype": "default", "compute_dtype": "bf16"}}
     nodes["17"] = {"class_type": "FantasyTalkingFaceCrop", "inputs": {
         "image": ["5", 0], "face_index": 0, "margin": 0.6, "fallback_whole_image": False}}
-    nodes["7"]["inputs"]["image"] = ["17", 0]
     nodes["9"]["inputs"].update(image=["17", 0], crop_info=["17", 1])
     nodes["13"] = {"class_type": "FantasyTalkingMotion",
                    "inputs": {"face_intensity": 0.7, "body_intensity": 0.4, "affect_audio_cfg": False}}
@@ -151,7 +151,7 @@ def face_crop_paste_back() -> dict:
             "sit between the sampler and the paste-back. Motion Intensity here livens the lips (0.7) and calms the "
             "head (0.4); the face region comes from the crop. Training-free: the paper's face modules were never "
             "released.\n\n"
-            + MODEL_NOTE.format(dit="wan2.1_i2v_480p_14B_fp16.safetensors (bf16, fp8, GGUF also work)",
+            + MODEL_NOTE.format(dit="wan2.1_i2v_720p_14B_fp16.safetensors (bf16, fp8, GGUF also work)",
                                 adapter_folder="diffusion_models or fantasytalking",
                                 adapter="fantasytalking_fp16.safetensors",
                                 wav2vec2_folder="transformers/facebook/wav2vec2-base-960h",
@@ -165,12 +165,12 @@ WORKFLOWS = {"talking_portrait": talking_portrait, "long_recording": long_record
 # Canvas layout shared by the workflows: node id -> position; groups: title, node ids. Sizes are the front end's.
 POSITIONS = {"1": (20, 60), "2": (20, 250), "10": (20, 360), "6": (20, 520), "8": (20, 620),
              "5": (480, 60), "3": (480, 470),
-             "11": (860, 60), "12": (860, 270), "7": (860, 480), "9": (860, 610), "4": (860, 830), "13": (860, 990),
+             "11": (860, 60), "12": (860, 270), "9": (860, 560), "4": (860, 830), "13": (860, 990),
              "14": (1360, 60), "18": (1360, 560), "15": (1360, 700), "16": (1360, 840), "17": (480, 700)}
 SIZES = {"1": (400, 150), "2": (400, 60), "10": (400, 110), "6": (400, 60), "8": (400, 60),
          "11": (440, 160), "12": (440, 160)}
 GROUPS = [("Models", ["1", "2", "10", "6", "8"]), ("Portrait and voice", ["5", "3", "17"]),
-          ("Encode", ["11", "12", "7", "9", "4", "13"]), ("Generate and save", ["14", "18", "15", "16"])]
+          ("Encode", ["11", "12", "9", "4", "13"]), ("Generate and save", ["14", "18", "15", "16"])]
 NOTE_POS, NOTE_SIZE = (8, 750), (424, 300)
 
 
@@ -265,6 +265,14 @@ FIT_VIEW = """((width, height) => {
 })"""
 
 
+CLOSE_DIALOGS = """(() => {
+  const dialog = app.extensionManager.dialog;
+  for (let i = 0; i < 5 && dialog.closeDialog; i++) dialog.closeDialog();
+  document.dispatchEvent(new KeyboardEvent("keydown", {key: "Escape", bubbles: true}));
+  return document.querySelectorAll(".p-dialog").length;
+})()"""
+
+
 def build(browser: Browser, name: str, spec: dict) -> tuple[dict, dict, bytes]:
     """(UI workflow, API prompt, PNG screenshot) of one workflow, made by the front end."""
     args = [spec["api"], name, POSITIONS, SIZES, GROUPS, spec["note"], NOTE_POS, NOTE_SIZE]
@@ -276,6 +284,9 @@ def build(browser: Browser, name: str, spec: dict) -> tuple[dict, dict, bytes]:
     if scale < 0.6:
         raise RuntimeError(f"{name}: the graph needs zoom {scale:.2f} to fit; below 0.6 the canvas drops the text")
     time.sleep(1.0)
+    # the front end may open its templates browser once a graph is loaded: close every dialog before the picture
+    browser.js(CLOSE_DIALOGS)
+    time.sleep(0.5)
     return ui, prompt, browser.screenshot()
 
 
@@ -302,7 +313,7 @@ def main() -> int:
     try:
         browser = Browser(comfy.url, VIEW)
         try:
-            browser.js("app.extensionManager.dialog.closeDialog && app.extensionManager.dialog.closeDialog()")
+            browser.js(CLOSE_DIALOGS)
             browser.js("app.extensionManager.focusMode = true")
             for setting, value in (("Comfy.Minimap.Visible", False), ("Comfy.Graph.CanvasInfo", False)):
                 browser.js(f"app.extensionManager.setting.set({json.dumps(setting)}, {json.dumps(value)})")
