@@ -56,7 +56,7 @@ NODE_IDS = ("FantasyTalkingModelLoader", "FantasyTalkingWav2Vec2Loader", "Fantas
             "FantasyTalkingFacePasteBack", "FantasyTalkingIdentityCheck", "FantasyTalkingTextEncode")
 # Widget values changed for speed on a CPU; everything else runs as the example workflow says.
 SPEED_OVERRIDES = {"FantasyTalkingIdentityEncode": {"image_size": 64}, "FantasyTalkingSampler": {"steps": 3}}
-MODELS_VERSION = "5"
+MODELS_VERSION = "6"
 INTERRUPT_STEPS = 200  # the sampler's largest step count  # bump when the test models change, so stale ones are rewritten
 TEXT_WIDTH, IMAGE_WIDTH = 768, 1024  # T5-base, CLIP ViT-L/14 penultimate
 
@@ -108,6 +108,8 @@ def write_models(models: Path) -> list[str]:
     listing = sorted(str(p.relative_to(models)) for p in files.values())
     if marker.is_file() and marker.read_text() == MODELS_VERSION and all(p.is_file() for p in files.values()):
         return listing
+    if models.is_dir():  # another version's files (e.g. older names) would show up in the dropdowns: start empty
+        shutil.rmtree(models)
     for p in files.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
