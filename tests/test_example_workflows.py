@@ -1,7 +1,7 @@
 """example_workflows/: every UI workflow has its thumbnail and an API copy that says the same thing.
 
 The files are written by tools/build_example_workflows.py through the real front end; these checks catch a hand
-edit of one file that the other does not follow. Running them in ComfyUI is tests/test_nodes_comfyui.py.
+edit of one file that the other does not follow. Running them in ComfyUI is tests/comfyui_integration.py.
 """
 
 from __future__ import annotations
