@@ -59,7 +59,7 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
     portrait = load_image(args.image)
-    recording = load_audio(args.audio)
+    recording = load_audio(args.audio)  # decoded once, for these checks and for the run
     muxed_rate = aac_sample_rate(recording.sample_rate)
     if muxed_rate != recording.sample_rate:
         print(f"note: the {recording.sample_rate} Hz recording goes into the mp4 at {muxed_rate} Hz (AAC's rates).",
@@ -94,13 +94,13 @@ def _generate(args: argparse.Namespace) -> int:
                 bar.total = total
                 bar.update(1)
 
-            report = write_long_video(pipe, prepare_job(args.image, settings, crop), args.audio, options, args.out,
+            report = write_long_video(pipe, prepare_job(args.image, settings, crop), recording, options, args.out,
                                       tick, sample_frames=64 if args.identity_check else 0)
         out, shown = report.path, report.samples
         print(f"wrote {out} ({report.plan.num_frames} frames at {report.fps:g} fps, {len(report.plan)} segment(s))")
     else:
         with tqdm(total=settings.steps, desc="denoising", unit="step") as bar:
-            result = generate_talking_video(pipe, args.image, args.audio, settings, crop,
+            result = generate_talking_video(pipe, args.image, recording, settings, crop,
                                             progress=lambda i, n: bar.update(1))
         out = save_result(result, args.out)
         print(f"wrote {out} ({len(result.frames)} frames at {result.fps:g} fps)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .audio.io import DecodedAudio
 from .audio.timeline import SegmentPlan
 from .face.workflow import PreparedJob
 from .media.video import VideoStreamWriter
@@ -38,7 +39,7 @@ class LongVideoReport:
 def write_long_video(
     pipe: FantasyTalkingPipeline,
     job: PreparedJob,
-    audio: str | os.PathLike | Mapping,
+    audio: str | os.PathLike | Mapping | DecodedAudio,
     options: SegmentOptions,
     path: str | os.PathLike,
     progress: ProgressFn | None = None,

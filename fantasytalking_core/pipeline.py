@@ -168,7 +168,7 @@ class FantasyTalkingPipeline:
     def __call__(
         self,
         image: str | os.PathLike | Image.Image | torch.Tensor,
-        audio: str | os.PathLike | Mapping,
+        audio: str | os.PathLike | Mapping | DecodedAudio,
         settings: GenerationSettings | None = None,
         progress: ProgressFn | None = None,
     ) -> GenerationResult:
@@ -196,7 +196,7 @@ class FantasyTalkingPipeline:
     def stream(
         self,
         image: str | os.PathLike | Image.Image | torch.Tensor,
-        audio: str | os.PathLike | Mapping,
+        audio: str | os.PathLike | Mapping | DecodedAudio,
         settings: GenerationSettings | None = None,
         options: SegmentOptions | None = None,
         progress: ProgressFn | None = None,

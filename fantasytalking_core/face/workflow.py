@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..audio.io import DecodedAudio
 from ..media.image import frame_size, load_image
 from .crop import FaceBox, crop_image, detect_faces, paste_back, pick_face, square_crop
 
@@ -88,7 +89,7 @@ def prepare_job(
 def generate_talking_video(
     pipe: FantasyTalkingPipeline,
     image: str | os.PathLike | Image.Image,
-    audio: str | os.PathLike | Mapping,
+    audio: str | os.PathLike | Mapping | DecodedAudio,
     settings: GenerationSettings,
     face_crop: FaceCropOptions | None = None,
     progress: ProgressFn | None = None,
