@@ -77,6 +77,7 @@ from fantasytalking_core.model.adapter import (
     TEXT_LEN,
     WAV2VEC2_DIM,
     AudioConditioning,
+    AudioAdapter,
     attach_audio_adapter,
 )
 from fantasytalking_core.model.precision import OFFICIAL, PRECISION_POLICIES
@@ -218,8 +219,10 @@ def build_random_model(scale: Scale, device: torch.device, dtype: torch.dtype = 
     """The DiT with the audio adapter attached, random weights allocated directly on ``device``."""
     transformer = build_transformer(scale.dit_config, empty=True)  # parameters on meta, RoPE tables real
     with torch.device("meta"):
-        audio_proj = attach_audio_adapter(transformer, scale.proj_dim, scale.audio_dim)
-    model = FantasyTalkingModel(transformer, audio_proj, precision)
+        adapter = AudioAdapter(len(transformer.blocks), transformer.config.num_attention_heads
+                               * transformer.config.attention_head_dim, scale.proj_dim, scale.audio_dim)
+    attach_audio_adapter(transformer, adapter)
+    model = FantasyTalkingModel(transformer, adapter.proj, precision)
     set_param_dtypes_(model, dtype)
     materialize_(model, device)
     init_random_(model)

@@ -83,7 +83,7 @@ def test_bf16_islands_are_float32_and_the_weights_stay_as_stored(bf16_model, inp
     assert model.dtype == torch.bfloat16 and model.precision == "official"
     assert model.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     assert model.transformer.proj_out.weight.dtype == torch.bfloat16  # upcast per call, not stored twice
-    assert audio_processors(model.transformer)[0].k_proj.weight.dtype == torch.bfloat16
+    assert audio_processors(model.transformer)[0].audio.k_proj.weight.dtype == torch.bfloat16
     assert model.audio_proj.proj.weight.dtype == torch.float32  # official proj_model: float32
     assert model.project_audio(inputs["audio_features"]).dtype == torch.float32
 

@@ -1,6 +1,6 @@
 import torch
 
-from fantasytalking_core.model.adapter import AudioConditioning, AudioProjModel, _scale_for, audio_cross_attention
+from fantasytalking_core.model.adapter import AudioBlockKV, AudioConditioning, AudioProjModel, _scale_for, audio_cross_attention
 
 
 def qkv(batch=1, frames=3, per_frame=4, width=5, heads=2, dim=8, seed=0):
@@ -54,3 +54,27 @@ def test_projection_is_linear_without_bias_then_layernorm():
     assert proj.proj.bias is None and proj.norm.normalized_shape == (32,)
     x = torch.randn(1, 7, 768)
     torch.testing.assert_close(proj(x), torch.nn.functional.layer_norm(x @ proj.proj.weight.T, (32,), proj.norm.weight, proj.norm.bias))
+
+
+def test_block_kv_term_is_scaled_and_casts_stored_weights_to_the_query():
+    """ComfyUI may keep the adapter in its stored dtype beside a DiT computing in another: the k/v weights follow
+    the query's dtype, and the term is the per-frame attention times the scale (None when silent)."""
+    g = torch.Generator().manual_seed(3)
+    kv = AudioBlockKV(8, 12)
+    query = torch.randn(2, 2 * 5, 3, 4, generator=g)
+    windows = torch.randn(1, 2, 6, 8, generator=g)
+    k_lens = torch.tensor([4, 6])
+    with torch.no_grad():
+        full = kv(query, AudioConditioning(windows, k_lens, 1.0))
+        keys = kv.k_proj(windows).unflatten(-1, (3, 4)).expand(2, -1, -1, -1, -1)
+        values = kv.v_proj(windows).unflatten(-1, (3, 4)).expand(2, -1, -1, -1, -1)
+        assert torch.equal(full, audio_cross_attention(query, keys, values, k_lens))
+        half = kv(query, AudioConditioning(windows, k_lens, torch.tensor([0.5, 0.0])))
+        assert torch.equal(half[0], full[0] * 0.5) and not half[1].any()
+        assert kv(query, AudioConditioning(windows, k_lens, 0.0)) is None and kv(query, None) is None
+        stored_bf16 = AudioBlockKV(8, 12).to(torch.bfloat16)
+        stored_bf16.load_state_dict(kv.to(torch.bfloat16).state_dict())
+        as_fp32 = AudioBlockKV(8, 12)
+        as_fp32.load_state_dict({k: v.float() for k, v in stored_bf16.state_dict().items()})
+        cond = AudioConditioning(windows, k_lens, 1.0)
+        assert torch.equal(stored_bf16(query, cond), as_fp32(query, cond))

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fantasytalking_core.model.adapter import AudioConditioning, FantasyTalkingAttnProcessor, audio_processors
+from fantasytalking_core.model.adapter import AudioBlockKV, AudioConditioning, FantasyTalkingAttnProcessor, audio_processors
 from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows
 from fantasytalking_core.model.transformer import pad_text, resolve_config, wan_config_to_diffusers
 from fantasytalking_core.errors import ModelFileError
@@ -84,7 +84,7 @@ def test_a_processor_swapped_in_later_still_gets_the_audio(tiny_model, official_
     original = attn2.processor
     with torch.no_grad():
         before = tiny_model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"], cond)
-        swapped = FantasyTalkingAttnProcessor(original.k_proj.in_features, original.k_proj.out_features)
+        swapped = FantasyTalkingAttnProcessor(AudioBlockKV(original.audio.k_proj.in_features, original.audio.k_proj.out_features))
         swapped.load_state_dict(original.state_dict())
         attn2.set_processor(swapped)
         try:

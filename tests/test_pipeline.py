@@ -140,7 +140,7 @@ def test_defaults_compute_in_bf16_whatever_the_files_store(tmp_path):
         models = load_models(files)
         block = models.dit.transformer.blocks[0]
         assert models.dit.dtype == torch.bfloat16, stored
-        assert block.attn1.to_q.weight.dtype == block.attn2.processor.k_proj.weight.dtype == torch.bfloat16
+        assert block.attn1.to_q.weight.dtype == block.attn2.processor.audio.k_proj.weight.dtype == torch.bfloat16
         assert models.text_encoder.dtype == torch.bfloat16
         assert models.image_encoder.dtype == torch.float32 and models.wav2vec2.dtype == torch.float32
 

@@ -16,7 +16,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from ..errors import ModelFileError
-from ..model.adapter import attach_audio_adapter
+from ..model.adapter import AudioAdapter, attach_audio_adapter
 from ..model.transformer import FantasyTalkingModel, compute_dtype
 from .common import assign_tensor, identify_checkpoint, key_mismatch_error
 from .state_dict import open_checkpoint
@@ -27,14 +27,20 @@ PROJ_KEYS = ("proj_model.proj.weight", "proj_model.norm.weight", "proj_model.nor
 NEEDED = "FantasyTalking audio adapter (fantasytalking_model.ckpt or its .safetensors repack)"
 
 
-def load_audio_adapter(
-    path: str | Path, transformer: WanTransformer3DModel, dtype: torch.dtype | None = None
-) -> FantasyTalkingModel:
-    """Attach the adapter in ``path`` to ``transformer`` and return the combined model.
+def read_audio_adapter(
+    path: str | Path,
+    num_layers: int | None = None,
+    dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> AudioAdapter:
+    """The adapter in ``path`` as an :class:`AudioAdapter`, checked strictly against the DiT it is for.
 
     Args:
-        dtype: dtype of the per-block k/v weights; default: the DiT's compute dtype. The audio projection is
-            always kept in float32 (small; the official code computes it in float32).
+        num_layers, dim: the DiT's block count and width; ``None``: taken from the file (then the caller checks).
+        dtype: dtype of the per-block k/v weights (default: as stored). The projection is always float32 (small;
+            the official code computes it in float32).
+        device: where the weights go.
     """
     ckpt = open_checkpoint(path)
     keys = ckpt.keys
@@ -43,8 +49,6 @@ def load_audio_adapter(
         what = f"{found[1]}, not an audio adapter" if found else "not an audio adapter"
         raise ModelFileError(f"{path} is {what}: no 'proj_model.*' / 'audio_processor.*' keys. Needed: the {NEEDED}.")
 
-    num_layers = len(transformer.blocks)
-    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     missing = [k for k in PROJ_KEYS if k not in ckpt.shapes]
     if missing:
         raise ModelFileError(f"{path}: adapter projection incomplete, missing {', '.join(missing)}.")
@@ -58,10 +62,12 @@ def load_audio_adapter(
             blocks[(int(match.group(1)), match.group(2))] = key
         elif key not in PROJ_KEYS:
             unexpected.append(key)
+    if num_layers is None:
+        num_layers = 1 + max((i for i, _ in blocks), default=-1)
     want = {(i, kv) for i in range(num_layers) for kv in "kv"}
     absent = sorted(want - set(blocks))
     extra = sorted(set(blocks) - want)
-    if unexpected or absent or extra:
+    if unexpected or absent or extra or not want:
         hint = f"The adapter needs k/v for each of the DiT's blocks (DiT has {num_layers})"
         if absent:
             hint += f"; no k/v for blocks {sorted({i for i, _ in absent})[:8]}"
@@ -70,6 +76,8 @@ def load_audio_adapter(
         missing = [(name, name) for name in (_PROC_KEY.format(i=i, kv=kv) for i, kv in absent)]
         raise key_mismatch_error(path, "audio adapter", hint + f". Needed: the {NEEDED} for this DiT.", missing,
                                  unexpected + [blocks[b] for b in extra], {})
+    if dim is None:
+        dim = ckpt.shapes[blocks[(0, "k")]][0]
     for key in blocks.values():
         if ckpt.shapes[key] != (dim, proj_dim):
             raise ModelFileError(
@@ -80,13 +88,27 @@ def load_audio_adapter(
         if ckpt.shapes[key] != shape:
             raise ModelFileError(f"{path}: {key} has shape {ckpt.shapes[key]}, expected {shape}.")
 
-    device = transformer.patch_embedding.weight.device
-    dtype = dtype or compute_dtype(transformer)
-    audio_proj = attach_audio_adapter(transformer, proj_dim, audio_dim)
+    with torch.device("meta"):  # every parameter is assigned below: no random init of ~3 GB for the 14B adapter
+        adapter = AudioAdapter(num_layers, dim, proj_dim, audio_dim)
     for key in PROJ_KEYS:
-        assign_tensor(audio_proj, key[len("proj_model."):], ckpt.tensor(key).to(device=device, dtype=torch.float32))
+        assign_tensor(adapter.proj, key[len("proj_model."):], ckpt.tensor(key).to(device=device, dtype=torch.float32))
     for (i, kv), key in blocks.items():
-        processor = transformer.blocks[i].attn2.processor
-        assign_tensor(processor, f"{kv}_proj.weight", ckpt.tensor(key).to(device=device, dtype=dtype))
-    audio_proj.requires_grad_(False)
-    return FantasyTalkingModel(transformer, audio_proj)
+        tensor = ckpt.tensor(key)
+        assign_tensor(adapter.blocks[i], f"{kv}_proj.weight", tensor.to(device=device, dtype=dtype or tensor.dtype))
+    return adapter.requires_grad_(False)
+
+
+def load_audio_adapter(
+    path: str | Path, transformer: WanTransformer3DModel, dtype: torch.dtype | None = None
+) -> FantasyTalkingModel:
+    """Attach the adapter in ``path`` to ``transformer`` and return the combined model.
+
+    Args:
+        dtype: dtype of the per-block k/v weights; default: the DiT's compute dtype. The audio projection is
+            always kept in float32 (small; the official code computes it in float32).
+    """
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    adapter = read_audio_adapter(path, len(transformer.blocks), dim, dtype or compute_dtype(transformer),
+                                 transformer.patch_embedding.weight.device)
+    attach_audio_adapter(transformer, adapter)
+    return FantasyTalkingModel(transformer, adapter.proj)

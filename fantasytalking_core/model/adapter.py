@@ -1,16 +1,22 @@
-"""The FantasyTalking audio adapter on diffusers' ``WanTransformer3DModel``.
+"""The FantasyTalking audio adapter: its weights as one small module, and the maths both model routes share.
 
 Two parts, as in the official release:
 
 1. :class:`AudioProjModel`: wav2vec2 tokens [B, L, 768] -> Linear(768 -> P, no bias) -> LayerNorm -> [B, L, P]
    (P = 2048 for the released 14B adapter).
-2. In every DiT block, the cross-attention gets an extra key/value pair ``k_proj``/``v_proj`` (P -> dim, no bias).
-   The cross-attention's own normed query attends, frame by frame, to that frame's window of projected audio
-   tokens; the result times ``audio_scale`` is added to the text and image attention outputs before the
-   output projection.
+2. In every DiT block, the cross-attention gets an extra key/value pair ``k_proj``/``v_proj`` (P -> dim, no bias),
+   :class:`AudioBlockKV`. The cross-attention's own normed query attends, frame by frame, to that frame's window of
+   projected audio tokens; the result times ``audio_scale`` is added to the text and image attention outputs before
+   the output projection.
 
-The audio branch is :func:`audio_cross_attention`, a plain function, so a ComfyUI model patch can call it too;
-:class:`FantasyTalkingAttnProcessor` is the diffusers attention processor that uses it.
+:class:`AudioAdapter` holds both parts, as loaded from the adapter file (``loaders/adapter.py``). Two routes use
+it, through the same :meth:`AudioBlockKV.forward` and :func:`audio_cross_attention`:
+
+- the pack's engine: :func:`attach_audio_adapter` gives each diffusers cross-attention a
+  :class:`FantasyTalkingAttnProcessor` that owns its block's :class:`AudioBlockKV` (so block offloading moves the
+  k/v with the block);
+- ComfyUI's own Wan model: ``model/wan_native.py`` (the original Wan layout ComfyUI uses) calls the block's
+  :class:`AudioBlockKV` from a patched cross-attention forward.
 """
 
 from __future__ import annotations
@@ -111,20 +117,68 @@ def _scale_for(scale: float | torch.Tensor, like: torch.Tensor) -> float | torch
     raise ValueError(f"audio scale must be a float, [B] or [B, S]; got shape {tuple(scale.shape)}.")
 
 
-class FantasyTalkingAttnProcessor(nn.Module):
-    """Cross-attention processor for ``WanAttention``: text + image attention (as diffusers' ``WanAttnProcessor``)
-    plus the FantasyTalking audio branch.
+class AudioBlockKV(nn.Module):
+    """One block's audio key/value projections, P -> dim, no bias (official ``blocks.{i}.cross_attn.processor``)."""
 
-    It owns the per-block adapter weights ``k_proj``/``v_proj`` (P -> dim, no bias), so in the model's state dict
-    they sit at ``blocks.{i}.attn2.processor.{k,v}_proj.weight``, mirroring the official
-    ``blocks.{i}.cross_attn.processor.{k,v}_proj.weight``. ``conditioning`` is set for the duration of one forward
-    by :meth:`FantasyTalkingModel.conditioned_on` and is ``None`` otherwise (the audio branch is then off).
-    """
-
-    def __init__(self, audio_proj_dim: int, dim: int, text_len: int = TEXT_LEN):
+    def __init__(self, audio_proj_dim: int, dim: int):
         super().__init__()
         self.k_proj = nn.Linear(audio_proj_dim, dim, bias=False)
         self.v_proj = nn.Linear(audio_proj_dim, dim, bias=False)
+
+    def forward(self, query: torch.Tensor, cond: AudioConditioning | None) -> torch.Tensor | None:
+        """The scaled audio term to add to a cross-attention's output before its output projection.
+
+        Args:
+            query: [B, S, H, D] the cross-attention's normed query (the text attention's own).
+            cond: the windows, valid lengths and scale for this forward; ``None`` or a zero scale: no audio.
+        Returns:
+            [B, S, H, D] in the query's dtype, or ``None`` when the branch contributes nothing.
+        """
+        if cond is None or cond.is_silent():
+            return None
+        heads = query.shape[2]
+        windows = cond.windows.to(device=query.device, dtype=query.dtype)
+        keys = F.linear(windows, _weight_like(self.k_proj, query)).unflatten(-1, (heads, -1))  # [B, F, W, H, D]
+        values = F.linear(windows, _weight_like(self.v_proj, query)).unflatten(-1, (heads, -1))
+        if keys.shape[0] != query.shape[0]:
+            keys = keys.expand(query.shape[0], *keys.shape[1:])
+            values = values.expand(query.shape[0], *values.shape[1:])
+        audio = audio_cross_attention(query, keys, values, cond.k_lens)
+        return audio * _scale_for(cond.scale, audio)
+
+
+def _weight_like(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear``'s weight on ``x``'s device and dtype (a no-op when it is there already: the engine's case; ComfyUI
+    may keep the adapter in its stored dtype beside an fp8 or GGUF DiT that computes in bf16)."""
+    return linear.weight.to(device=x.device, dtype=x.dtype)
+
+
+class AudioAdapter(nn.Module):
+    """The FantasyTalking adapter's weights: ``proj`` (wav2vec2 -> P) and one :class:`AudioBlockKV` per DiT block."""
+
+    def __init__(self, num_layers: int, dim: int, audio_proj_dim: int, audio_dim: int = WAV2VEC2_DIM):
+        super().__init__()
+        self.proj = AudioProjModel(audio_dim, audio_proj_dim)
+        self.blocks = nn.ModuleList(AudioBlockKV(audio_proj_dim, dim) for _ in range(num_layers))
+
+    @property
+    def dim(self) -> int:
+        """Width of the DiT it fits (the k/v output width)."""
+        return self.blocks[0].k_proj.out_features
+
+
+class FantasyTalkingAttnProcessor(nn.Module):
+    """Cross-attention processor for diffusers' ``WanAttention``: text + image attention (as diffusers'
+    ``WanAttnProcessor``) plus the FantasyTalking audio branch of its block (``audio``, an :class:`AudioBlockKV`).
+
+    In the model's state dict the block's k/v sit at ``blocks.{i}.attn2.processor.audio.{k,v}_proj.weight``.
+    ``conditioning`` is set for the duration of one forward by :meth:`FantasyTalkingModel.conditioned_on` and is
+    ``None`` otherwise (the audio branch is then off).
+    """
+
+    def __init__(self, audio: AudioBlockKV, text_len: int = TEXT_LEN):
+        super().__init__()
+        self.audio = audio
         self.text_len = text_len
         self.conditioning: AudioConditioning | None = None
 
@@ -154,28 +208,22 @@ class FantasyTalkingAttnProcessor(nn.Module):
             out = out + dispatch_attention_fn(query, key_img, value_img)
 
         # 4. Audio attention, per latent frame, scaled.
-        cond = self.conditioning
-        if cond is not None and not cond.is_silent():
-            windows = cond.windows.to(query.dtype)
-            audio_keys = self.k_proj(windows).unflatten(-1, (attn.heads, -1))  # [B, F, W, H, D]
-            audio_values = self.v_proj(windows).unflatten(-1, (attn.heads, -1))
-            if audio_keys.shape[0] != query.shape[0]:
-                audio_keys = audio_keys.expand(query.shape[0], *audio_keys.shape[1:])
-                audio_values = audio_values.expand(query.shape[0], *audio_values.shape[1:])
-            audio = audio_cross_attention(query, audio_keys, audio_values, cond.k_lens)
-            out = out + audio * _scale_for(cond.scale, audio)
+        audio = self.audio(query, self.conditioning)
+        if audio is not None:
+            out = out + audio
 
         out = out.flatten(2).type_as(hidden_states)
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def attach_audio_adapter(transformer: nn.Module, audio_proj_dim: int, audio_dim: int = WAV2VEC2_DIM) -> AudioProjModel:
-    """Give every block's cross-attention a :class:`FantasyTalkingAttnProcessor` and return a new
-    :class:`AudioProjModel`. Weights are freshly initialised; load them with ``load_audio_adapter``."""
+def attach_audio_adapter(transformer: nn.Module, adapter: AudioAdapter) -> None:
+    """Give every block's cross-attention a :class:`FantasyTalkingAttnProcessor` owning that block's adapter k/v."""
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    for block in transformer.blocks:
-        block.attn2.set_processor(FantasyTalkingAttnProcessor(audio_proj_dim, dim))
-    return AudioProjModel(audio_dim, audio_proj_dim)
+    if len(adapter.blocks) != len(transformer.blocks) or adapter.dim != dim:
+        raise ValueError(f"the adapter has {len(adapter.blocks)} blocks of width {adapter.dim}; this DiT has "
+                         f"{len(transformer.blocks)} of width {dim}.")
+    for block, kv in zip(transformer.blocks, adapter.blocks):
+        block.attn2.set_processor(FantasyTalkingAttnProcessor(kv))
 
 
 def audio_processors(transformer: nn.Module) -> list[FantasyTalkingAttnProcessor]:
