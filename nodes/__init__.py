@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-NODE_MODULES = ("loaders", "audio", "face", "conditioning", "sampler")
+NODE_MODULES = ("loaders", "audio", "face", "conditioning", "sampler", "native")
 
 
 def node_list() -> list[type]:

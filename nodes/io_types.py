@@ -12,6 +12,8 @@ AudioFeatures = io.Custom("FANTASYTALKING_AUDIO_FEATURES")  # convert.EncodedAud
 Identity = io.Custom("FANTASYTALKING_IDENTITY")  # convert.Identity
 Motion = io.Custom("FANTASYTALKING_MOTION")  # fantasytalking_core.face.motion.MotionIntensity
 FaceCrop = io.Custom("FANTASYTALKING_FACE_CROP")  # convert.FaceCrop
+# a ComfyUI model patcher over fantasytalking_core.model.adapter.AudioAdapter (the native route)
+AudioAdapter = io.Custom("FANTASYTALKING_ADAPTER")
 
 
 def schema(node_id: str, display_name: str, **fields) -> io.Schema:

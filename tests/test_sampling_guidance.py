@@ -36,3 +36,15 @@ def test_default_range_is_every_step():
 def test_bad_range_is_refused():
     with pytest.raises(ValueError, match="audio guidance range"):
         GuidanceConfig(audio_start=0.8, audio_end=0.2)
+
+
+def test_step_of_sigma_finds_the_step_a_sampler_is_at():
+    """ComfyUI's guiders only see the current sigma; the audio-guidance range needs the step index."""
+    from fantasytalking_core.sampling.guidance import step_of_sigma
+    from fantasytalking_core.sampling.schedule import flow_match_sigmas
+
+    sigmas = flow_match_sigmas(6, 5.0)
+    assert [step_of_sigma(sigmas, s) for s in sigmas[:-1]] == list(range(6))
+    assert step_of_sigma(sigmas, torch.tensor([float(sigmas[3]) + 1e-7])) == 3  # a sampler's rounding
+    config = GuidanceConfig(audio_start=0.0, audio_end=0.5)
+    assert [POS in passes_for_step(step_of_sigma(sigmas, s), 6, config) for s in sigmas[:-1]] == [True] * 3 + [False] * 3

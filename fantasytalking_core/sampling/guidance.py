@@ -71,3 +71,11 @@ def combine_guidance(preds: dict[tuple[str, bool], torch.Tensor], config: Guidan
         neg = preds[NEG]
         return neg + config.cfg * (pos_audio - neg)
     return pos_audio
+
+
+def step_of_sigma(sample_sigmas: torch.Tensor, sigma: torch.Tensor | float) -> int:
+    """0-based index of the step evaluated at noise level ``sigma`` in a run over ``sample_sigmas`` [steps + 1]
+    (a sampler calls its model at ``sample_sigmas[i]``, i < steps; the nearest level counts, for rounding)."""
+    sigma = float(torch.as_tensor(sigma).reshape(-1)[0])
+    levels = torch.as_tensor(sample_sigmas, dtype=torch.float64).reshape(-1)[:-1]
+    return int((levels - sigma).abs().argmin())

@@ -1,0 +1,264 @@
+"""The native route proven inside a real ComfyUI: FantasyTalking Apply Audio on ComfyUI's own Wan model gives the
+numbers of the pack's engine.
+
+Run with ComfyUI's Python (it imports ComfyUI in-process on the CPU, no server):
+
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python tests/comfyui_native_check.py
+
+It writes a tiny Wan2.1-I2V file with 128-wide heads (ComfyUI infers the head count as width / 128) in ComfyUI's
+key layout, the official bf16 fixture's adapter and a LoRA in ComfyUI's format, loads the DiT through ComfyUI's
+``load_diffusion_model`` (what Load Diffusion Model calls) and the same files through the engine's loaders, and
+checks, all in float32:
+
+1. each guidance pass of the patched model's denoiser equals the engine's FantasyTalking model, within 1e-4 relative;
+2. audio scale 0 equals the unpatched model exactly, and the unpatched model after a patched run is bit-identical
+   to before (the input MODEL is untouched);
+3. a LoRA changes the patched model as it changes the unpatched one (exactly, at audio scale 0) and still acts
+   with the audio on;
+4. FantasyTalking Guider + ComfyUI's Euler sampler reach the engine sampler's final latent within 1e-4 relative
+   (with an audio-guidance step range), and so does core DualCFGGuider (regular) set up as docs/comfyui.md says;
+5. a T2V model and a frame-count mismatch are refused with one line naming the fix.
+
+Exit status 0 when every check passes; each check prints one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = PACK_ROOT / "tests" / "fixtures" / "official_bf16"
+TEXT_DIM = 4096  # ComfyUI builds Wan with umT5-XXL's width
+REL_TOL = 1e-4  # the issue's bound; float32 on both sides, only summation order differs
+SEED, STEPS, SHIFT = 7, 4, 5.0
+
+
+def boot_comfy(tree: Path, models: Path):
+    """Import ComfyUI on the CPU with ``models`` as its models folder; return the pack's native node module."""
+    sys.argv = [sys.argv[0], "--cpu"]
+    sys.path.insert(0, str(tree))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import folder_paths
+
+    folder_paths.folder_names_and_paths["fantasytalking"] = ([str(models / "fantasytalking")], {".ckpt", ".safetensors"})
+    spec = importlib.util.spec_from_file_location("fantasytalking_pack", PACK_ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(PACK_ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["fantasytalking_pack"] = pack
+    spec.loader.exec_module(pack)
+    return importlib.import_module("fantasytalking_pack.nodes.native")
+
+
+def write_models(models: Path) -> dict:
+    """The tiny DiT (float32, ``model.diffusion_model.`` keys as ComfyUI's repackaged files), its config for the
+    engine, the adapter, a LoRA and a T2V variant."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(5)
+    dit = {k: v.float() for k, v in load_file(FIXTURE / "dit" / "dit_bf16.safetensors").items()}
+    dim = dit["patch_embedding.weight"].shape[0]
+    dit["text_embedding.0.weight"] = torch.randn(dim, TEXT_DIM, generator=g) / TEXT_DIM**0.5
+    paths = {"dit": models / "diffusion_models" / "wan_i2v_tiny.safetensors",
+             "t2v": models / "diffusion_models" / "wan_t2v_tiny.safetensors",
+             "adapter": models / "fantasytalking" / "fantasytalking_model.ckpt"}
+    for p in paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in dit.items()}, paths["dit"])
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in dit.items()
+               if not k.startswith("img_emb.") and "_img" not in k}, paths["t2v"])
+    shutil.copyfile(FIXTURE / "dit" / "fantasytalking.ckpt", paths["adapter"])
+    config = json.loads((FIXTURE / "dit" / "config.json").read_text()) | {"text_dim": TEXT_DIM}
+    rank = 4
+    lora = {}
+    for name in ("blocks.0.self_attn.q", "blocks.1.cross_attn.o", "blocks.2.ffn.0"):
+        out_f, in_f = dit[name + ".weight"].shape
+        lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(rank, in_f, generator=g) / in_f**0.5
+        lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_f, rank, generator=g) * 0.5
+    return {"paths": paths, "config": config, "lora": lora, "num_layers": config["num_layers"]}
+
+
+class Report:
+    def __init__(self):
+        self.failed = 0
+
+    def check(self, name: str, ok: bool, detail: str = "") -> None:
+        self.failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}", flush=True)
+
+
+def rel_err(a, b) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def main() -> int:
+    tree = Path(os.environ["COMFYUI_PATH"]).resolve()
+    work = Path(tempfile.mkdtemp(prefix="ft-native-"))
+    try:
+        return run(tree, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(tree: Path, work: Path) -> int:
+    native = boot_comfy(tree, work / "models")
+    import comfy.clip_vision
+    import comfy.model_management as mm
+    import comfy.samplers
+    import comfy.sd
+    import torch
+    from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+    from safetensors.torch import load_file
+
+    from fantasytalking_core.audio.encode import AudioFeatures
+    from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows
+    from fantasytalking_core.loaders.adapter import load_audio_adapter
+    from fantasytalking_core.loaders.wan_dit import load_wan_dit
+    from fantasytalking_core.model.adapter import AudioConditioning
+    from fantasytalking_core.sampling.denoise import generate_latents
+    from fantasytalking_core.sampling.euler import initial_noise
+    from fantasytalking_core.sampling.guidance import GuidanceConfig
+    from fantasytalking_core.sampling.schedule import flow_match_sigmas
+
+    convert = importlib.import_module("fantasytalking_pack.nodes.convert")
+    report = Report()
+    files = write_models(work / "models")
+    paths = files["paths"]
+    dual = next(k for k, v in native.AUDIO_ON.items() if v == "dual_cfg")
+
+    # the engine on the same files, float32
+    engine = load_audio_adapter(paths["adapter"], load_wan_dit(paths["dit"], config=files["config"],
+                                                               dtype=torch.float32, compute_dtype=torch.float32))
+    unpatched = comfy.sd.load_diffusion_model(str(paths["dit"]), model_options={"dtype": torch.float32})
+    adapter = native.AdapterLoader.execute("fantasytalking_model.ckpt", "default").args[0]
+
+    inputs = load_file(FIXTURE / "inputs.safetensors")
+    x, y = inputs["x"], inputs["y"]
+    frames, num_frames = x.shape[2], 4 * x.shape[2] - 3
+    features = inputs["audio_features"][0]
+    encoded = convert.EncodedAudio(AudioFeatures(features, num_frames, 23.0, 1.0, torch.zeros(16000)), {})
+    g = torch.Generator().manual_seed(9)
+
+    def text(rows):  # umT5-like context, zero rows past the prompt as ComfyUI's padded output
+        t = torch.zeros(1, 512, TEXT_DIM)
+        t[:, :rows] = torch.randn(1, rows, TEXT_DIM, generator=g)
+        return t
+
+    text_pos, text_neg = text(11), text(20)
+    clip = inputs["clip_feature"]
+
+    def patch(scale: float, model=unpatched, audio_on=dual):
+        return native.ApplyAudio.execute(model, adapter, encoded, scale, audio_on).args[0]
+
+    def denoiser(patcher, chunks=(0, 1, 2)):
+        """The patched DiT as ComfyUI calls it: one batch, a chunk per entry of cond_or_uncond."""
+        mm.load_models_gpu([patcher])
+        n = len(chunks)
+        context = torch.cat([text_neg if c == 0 else text_pos for c in chunks])
+        t = inputs["timestep"].expand(n).float()
+        with torch.no_grad():
+            return patcher.model.diffusion_model(torch.cat([x, y], 1).expand(n, -1, -1, -1, -1), t, context,
+                                                 clip_fea=clip.expand(n, -1, -1),
+                                                 transformer_options={"cond_or_uncond": list(chunks)}).float()
+
+    # 1. each pass equals the engine
+    windows = audio_windows_for_frames(features.shape[0], num_frames)
+    with torch.no_grad():
+        tokens = gather_audio_windows(engine.project_audio(features[None]), windows)
+        reference = engine(x.expand(3, -1, -1, -1, -1), inputs["timestep"].expand(3), torch.cat([text_neg, text_pos, text_pos]),
+                           clip.expand(3, -1, -1), y.expand(3, -1, -1, -1, -1),
+                           AudioConditioning(tokens, windows.k_lens_tensor(), torch.tensor([0.0, 0.0, 1.0])))
+    before = denoiser(unpatched)
+    patched = patch(1.0)
+    out = denoiser(patched)
+    for i, name in enumerate(("negative", "positive", "positive + audio")):
+        err = rel_err(out[i], reference[i])
+        report.check(f"native denoiser = engine, {name} pass", err <= REL_TOL, f"relative error {err:.2e}")
+    report.check("the audio pass differs from the pass without it", rel_err(out[2], out[1]) > 100 * REL_TOL)
+
+    # 2. scale 0 exact; the input model untouched
+    report.check("audio scale 0 = unpatched model, bit for bit", torch.equal(denoiser(patch(0.0)), before))
+    report.check("unpatched model after a patched run = before, bit for bit", torch.equal(denoiser(unpatched), before))
+
+    # 3. LoRA
+    lora_unpatched, _ = comfy.sd.load_lora_for_models(unpatched, None, files["lora"], 1.0, 0)
+    lora_zero, _ = comfy.sd.load_lora_for_models(patch(0.0), None, files["lora"], 1.0, 0)
+    lora_audio, _ = comfy.sd.load_lora_for_models(patched, None, files["lora"], 1.0, 0)
+    with_lora = denoiser(lora_unpatched)
+    report.check("the LoRA changes the unpatched model", rel_err(with_lora, before) > 100 * REL_TOL)
+    report.check("LoRA on the patched model (scale 0) = LoRA on the unpatched, bit for bit",
+                 torch.equal(denoiser(lora_zero), with_lora))
+    lora_out = denoiser(lora_audio)
+    report.check("the LoRA changes the patched model's audio pass",
+                 rel_err(lora_out[2], out[2]) > 100 * REL_TOL and torch.equal(lora_out[:2], with_lora[:2]))
+
+    # 4. samplers: the guider and DualCFGGuider against the engine's sampler
+    sigmas = flow_match_sigmas(STEPS, SHIFT)
+    noise = initial_noise(tuple(x.shape), SEED)
+    raw_image = torch.randn(1, 16, frames, x.shape[3], x.shape[4], generator=g)
+    mask = torch.ones(1, 1, frames, x.shape[3], x.shape[4])
+    mask[:, :, :1] = 0.0  # WanImageToVideo: the first latent frame is known
+    vision = comfy.clip_vision.Output()
+    vision.penultimate_hidden_states = clip
+    extras = {"concat_latent_image": raw_image, "concat_mask": mask, "clip_vision_output": vision}
+    positive, negative = [[text_pos, dict(extras)]], [[text_neg, dict(extras)]]
+    image_latents = patched.model.concat_cond(noise=noise, concat_latent_image=raw_image, concat_mask=mask,
+                                              device=torch.device("cpu"))  # y exactly as the native model sees it
+    sampler = comfy.samplers.sampler_object("euler")
+
+    def engine_latents(guidance):
+        return generate_latents(engine, text_pos, text_neg, clip, image_latents, features, num_frames,
+                                guidance=guidance, sigmas=sigmas, seed=SEED)
+
+    guidance = GuidanceConfig(cfg=5.0, audio_cfg=4.0, audio_start=0.0, audio_end=0.5)
+    guider = native.AudioGuider(patched)
+    guider.set_conds(positive, negative)
+    guider.set_guidance(guidance)
+    latent = patched.model.process_latent_in(guider.sample(noise, torch.zeros_like(noise), sampler, sigmas, seed=SEED))
+    err = rel_err(latent, engine_latents(guidance))
+    report.check("FantasyTalking Guider + Euler = engine sampler (audio guidance on half the steps)", err <= REL_TOL,
+                 f"relative error {err:.2e}")
+    dual_guider = Guider_DualCFG(patched)
+    dual_guider.set_conds(positive, positive, negative)
+    dual_guider.set_cfg(4.0, 5.0)  # cfg_conds = audio cfg, cfg_cond2_negative = text cfg
+    latent = patched.model.process_latent_in(dual_guider.sample(noise, torch.zeros_like(noise), sampler, sigmas,
+                                                                seed=SEED))
+    err = rel_err(latent, engine_latents(GuidanceConfig(cfg=5.0, audio_cfg=4.0)))
+    report.check("DualCFGGuider (cond1 = cond2 = positive) + Euler = engine sampler", err <= REL_TOL,
+                 f"relative error {err:.2e}")
+
+    # 5. refusals
+    def denoiser_with_frames(patcher, n_frames):
+        mm.load_models_gpu([patcher])
+        with torch.no_grad():
+            patcher.model.diffusion_model(torch.cat([x, y], 1)[:, :, :n_frames], inputs["timestep"], text_pos,
+                                          clip_fea=clip, transformer_options={"cond_or_uncond": [2]})
+
+    t2v = comfy.sd.load_diffusion_model(str(paths["t2v"]), model_options={"dtype": torch.float32})
+    for name, call, expect in (
+        ("a T2V model is refused", lambda: patch(1.0, model=t2v), "no CLIP image branch"),
+        ("a frame-count mismatch is refused", lambda: denoiser_with_frames(patched, frames - 1), "latent frames"),
+        ("the guider refuses an unpatched model",
+         lambda: native.Guider.execute(unpatched, positive, negative, 5.0, 4.0, 0.0, 1.0), "Apply Audio"),
+    ):
+        try:
+            call()
+            report.check(name, False, "no error")
+        except ValueError as exc:
+            report.check(name, expect in str(exc) and "\n" not in str(exc), str(exc))
+
+    print(f"{'all checks passed' if not report.failed else f'{report.failed} check(s) failed'}")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
