@@ -38,7 +38,10 @@ class AudioEncode(io.ComfyNode):
             outputs=[
                 io_types.AudioFeatures.Output(display_name="audio_features",
                                               tooltip="wav2vec2 features and the recording cut to the video."),
-                io.Int.Output(display_name="num_frames", tooltip="Number of video frames the sampler will make."),
+                io.Int.Output(display_name="num_frames", tooltip="Number of video frames the sampler will make (the "
+                                                                 "length for WanImageToVideo on the native route)."),
+                io.Audio.Output(display_name="audio", tooltip="The recording cut to the video, for Create Video."),
+                io.Float.Output(display_name="fps", tooltip="The frame rate, for Create Video."),
             ],
         )
 
@@ -47,7 +50,9 @@ class AudioEncode(io.ComfyNode):
         bar = comfy.utils.ProgressBar(1)
         encoded = encode_audio(wav2vec2, audio, fps, max_frames, mm.get_torch_device(),
                                lambda done, total: bar.update_absolute(done, total))
-        return io.NodeOutput(encoded, encoded.features.num_frames, ui=ui.PreviewText(describe_audio(encoded)))
+        features = encoded.features
+        return io.NodeOutput(encoded, features.num_frames, encoded.audio, features.fps,
+                             ui=ui.PreviewText(describe_audio(encoded)))
 
 
 NODES = [AudioEncode]

@@ -2,7 +2,8 @@
 
 Load Diffusion Model (or a GGUF loader, LoRAs, attention and caching patches) gives the MODEL; FantasyTalking Apply
 Audio returns a clone whose cross-attentions carry the audio branch (``fantasytalking_core.model.wan_native``);
-FantasyTalking Guider runs the three guidance passes for SamplerCustomAdvanced. The adapter weights are an
+FantasyTalking Guider runs the three guidance passes for SamplerCustomAdvanced, FantasyTalking Sigmas gives it
+the official schedule. The adapter weights are an
 additional model of the patched MODEL, so ComfyUI loads and offloads them with the DiT.
 """
 
@@ -28,6 +29,7 @@ from fantasytalking_core.sampling.guidance import (
     passes_for_step,
     step_of_sigma,
 )
+from fantasytalking_core.sampling.schedule import DEFAULT_SHIFT, DEFAULT_STEPS, flow_match_sigmas
 
 from . import io_types
 from .loaders import WEIGHT_DTYPES, adapter_path
@@ -224,4 +226,25 @@ class Guider(io.ComfyNode):
         return io.NodeOutput(guider)
 
 
-NODES = [AdapterLoader, ApplyAudio, Guider]
+class Sigmas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io_types.schema(
+            node_id="FantasyTalkingSigmas",
+            display_name="FantasyTalking Sigmas",
+            description="The official noise schedule (evenly spaced, then time-shifted) for SamplerCustomAdvanced, so "
+                        "the native route samples at the pack sampler's noise levels.",
+            inputs=[
+                io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=200, tooltip="Denoising steps (30 official)."),
+                io.Float.Input("shift", default=DEFAULT_SHIFT, min=0.1, max=20.0, step=0.1,
+                               tooltip="Flow-matching sigma shift (5 official)."),
+            ],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, steps: int, shift: float) -> io.NodeOutput:
+        return io.NodeOutput(flow_match_sigmas(steps, shift))
+
+
+NODES = [AdapterLoader, ApplyAudio, Guider, Sigmas]

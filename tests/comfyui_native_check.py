@@ -17,7 +17,11 @@ checks, all in float32:
    with the audio on;
 4. FantasyTalking Guider + ComfyUI's Euler sampler reach the engine sampler's final latent within 1e-4 relative
    (with an audio-guidance step range), and so does core DualCFGGuider (regular) set up as docs/comfyui.md says;
-5. a T2V model and a frame-count mismatch are refused with one line naming the fix.
+5. a T2V model and a frame-count mismatch are refused with one line naming the fix;
+6. the same DiT as a Q8_0 GGUF file, loaded by city96's ComfyUI-GGUF (``custom_nodes/ComfyUI-GGUF`` of the tree,
+   fetched there for the test: ``git clone https://github.com/city96/ComfyUI-GGUF``; never part of this repository),
+   patched, equals the engine on the same GGUF file within 1e-4 per pass, and exactly the unpatched GGUF model at
+   audio scale 0.
 
 Exit status 0 when every check passes; each check prints one line.
 """
@@ -56,6 +60,20 @@ def boot_comfy(tree: Path, models: Path):
     sys.modules["fantasytalking_pack"] = pack
     spec.loader.exec_module(pack)
     return importlib.import_module("fantasytalking_pack.nodes.native")
+
+
+def load_comfyui_gguf(tree: Path):
+    """city96's ComfyUI-GGUF from the tree's custom_nodes, imported as ComfyUI imports a custom node."""
+    folder = tree / "custom_nodes" / "ComfyUI-GGUF"
+    if not (folder / "__init__.py").is_file():
+        raise SystemExit(f"{folder} is missing: git clone https://github.com/city96/ComfyUI-GGUF there (the native "
+                         "route's GGUF check loads a GGUF file through it).")
+    spec = importlib.util.spec_from_file_location("ComfyUI_GGUF", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ComfyUI_GGUF"] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("ComfyUI_GGUF.nodes")
 
 
 def write_models(models: Path) -> dict:
@@ -113,6 +131,7 @@ def run(tree: Path, work: Path) -> int:
     native = boot_comfy(tree, work / "models")
     import comfy.clip_vision
     import comfy.model_management as mm
+    import comfy.sample
     import comfy.samplers
     import comfy.sd
     import torch
@@ -202,8 +221,11 @@ def run(tree: Path, work: Path) -> int:
                  rel_err(lora_out[2], out[2]) > 100 * REL_TOL and torch.equal(lora_out[:2], with_lora[:2]))
 
     # 4. samplers: the guider and DualCFGGuider against the engine's sampler
-    sigmas = flow_match_sigmas(STEPS, SHIFT)
+    sigmas = native.Sigmas.execute(STEPS, SHIFT).args[0]
+    report.check("FantasyTalking Sigmas = the engine's schedule", torch.equal(sigmas, flow_match_sigmas(STEPS, SHIFT)))
     noise = initial_noise(tuple(x.shape), SEED)
+    report.check("RandomNoise with the same seed = the engine's noise",
+                 torch.equal(comfy.sample.prepare_noise(torch.zeros(x.shape), SEED), noise))
     raw_image = torch.randn(1, 16, frames, x.shape[3], x.shape[4], generator=g)
     mask = torch.ones(1, 1, frames, x.shape[3], x.shape[4])
     mask[:, :, :1] = 0.0  # WanImageToVideo: the first latent frame is known
@@ -255,6 +277,33 @@ def run(tree: Path, work: Path) -> int:
             report.check(name, False, "no error")
         except ValueError as exc:
             report.check(name, expect in str(exc) and "\n" not in str(exc), str(exc))
+
+    # 6. GGUF through ComfyUI-GGUF
+    gguf_nodes = load_comfyui_gguf(tree)
+    sys.path.insert(0, str(PACK_ROOT / "tests"))
+    from model_files import write_gguf
+
+    gguf_path = paths["dit"].with_suffix(".gguf")
+    write_gguf({k[len("model.diffusion_model."):]: v for k, v in load_file(paths["dit"]).items()}, gguf_path)
+    folder_paths = importlib.import_module("folder_paths")
+    folder_paths.add_model_folder_path("diffusion_models", str(gguf_path.parent))
+    gguf_model = gguf_nodes.UnetLoaderGGUF().load_unet(gguf_path.name)[0]
+    gguf_engine = load_audio_adapter(paths["adapter"], load_wan_dit(gguf_path, config=files["config"],
+                                                                    compute_dtype=torch.float32))
+    with torch.no_grad():
+        gguf_reference = gguf_engine(x.expand(3, -1, -1, -1, -1), inputs["timestep"].expand(3),
+                                     torch.cat([text_neg, text_pos, text_pos]), clip.expand(3, -1, -1),
+                                     y.expand(3, -1, -1, -1, -1),
+                                     AudioConditioning(tokens, windows.k_lens_tensor(), torch.tensor([0.0, 0.0, 1.0])))
+    gguf_before = denoiser(gguf_model)
+    gguf_out = denoiser(patch(1.0, model=gguf_model))
+    for i, name in enumerate(("negative", "positive", "positive + audio")):
+        err = rel_err(gguf_out[i], gguf_reference[i])
+        report.check(f"GGUF (ComfyUI-GGUF) native denoiser = engine on the same file, {name} pass", err <= REL_TOL,
+                     f"relative error {err:.2e}")
+    report.check("GGUF: audio scale 0 = unpatched GGUF model, bit for bit",
+                 torch.equal(denoiser(patch(0.0, model=gguf_model)), gguf_before))
+    report.check("GGUF: quantized weights really differ from float32", rel_err(gguf_before, before) > 10 * REL_TOL)
 
     print(f"{'all checks passed' if not report.failed else f'{report.failed} check(s) failed'}")
     return 1 if report.failed else 0

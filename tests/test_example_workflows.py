@@ -18,12 +18,18 @@ from fantasytalking_core.encoders.text import DEFAULT_NEGATIVE_PROMPT
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "example_workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
+# the pack route (FantasyTalking Sampler) and the native route (ComfyUI's Wan model, Apply Audio, Guider)
+PACK_FILES = [p for p in UI_FILES if "FantasyTalkingSampler" in (WORKFLOWS / "api" / p.name).read_text()]
+NATIVE_FILES = [p for p in UI_FILES if p not in PACK_FILES]
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # not sent to the server
+BYPASSED = 4  # LiteGraph node mode of a bypassed node
 OUR_NODE_IDS = set(re.findall(r'node_id="(FantasyTalking\w+)"', "".join(p.read_text() for p in (ROOT / "nodes").glob("*.py"))))
 
 
 def test_the_example_workflows_are_there():
-    assert [p.stem for p in UI_FILES] == ["face_crop_paste_back", "long_recording", "talking_portrait"]
+    assert [p.stem for p in UI_FILES] == ["face_crop_paste_back", "long_recording", "native_wan_route",
+                                          "talking_portrait"]
+    assert [p.stem for p in NATIVE_FILES] == ["native_wan_route"]
 
 
 @pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
@@ -37,25 +43,35 @@ def test_thumbnail_and_api_copy(ui_file):
 def test_ui_and_api_formats_agree(ui_file):
     ui = json.loads(ui_file.read_text(encoding="utf-8"))
     api = json.loads((WORKFLOWS / "api" / ui_file.name).read_text(encoding="utf-8"))
-    nodes = {str(n["id"]): n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY}
+    every = {str(n["id"]): n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY}
+    nodes = {k: n for k, n in every.items() if n.get("mode", 0) != BYPASSED}  # the front end leaves bypassed out
     assert {k: n["type"] for k, n in nodes.items()} == {k: v["class_type"] for k, v in api.items()}
     links = {link[0]: link for link in ui["links"]}  # id -> [id, from node, from slot, to node, to slot, type]
+
+    def source_of(link_id):
+        """[node, slot] feeding a link, through bypassed nodes (they pass their input of the same type on)."""
+        _, source, slot, _, _, kind = links[link_id]
+        while every[str(source)].get("mode", 0) == BYPASSED:
+            passed = next(i for i in every[str(source)]["inputs"] if i["type"] == kind)
+            _, source, slot, _, _, kind = links[passed["link"]]
+        return [str(source), slot]
+
     for node_id, node in api.items():
         ui_node = nodes[node_id]
         for name, value in node["inputs"].items():
             if isinstance(value, list):  # a link: [from node, from slot]
                 ui_input = next(i for i in ui_node["inputs"] if i["name"] == name)
-                _, source, slot, target, _, _ = links[ui_input["link"]]
-                assert [str(source), slot] == value and str(target) == node_id, f"{node_id}.{name}"
+                assert links[ui_input["link"]][3] == int(node_id), f"{node_id}.{name}"
+                assert source_of(ui_input["link"]) == value, f"{node_id}.{name}"
             else:
                 assert ui_node["widgets_values_named"][name] == value, f"{node_id}.{name}"
 
 
-@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("ui_file", PACK_FILES, ids=lambda p: p.stem)
 def test_workflow_uses_our_nodes_and_saves_the_sampler_output_as_video(ui_file):
     api = json.loads((WORKFLOWS / "api" / ui_file.name).read_text(encoding="utf-8"))
     ours = {v["class_type"] for v in api.values() if v["class_type"].startswith("FantasyTalking")}
-    assert ours <= OUR_NODE_IDS and len(OUR_NODE_IDS) == 10
+    assert ours <= OUR_NODE_IDS and len(OUR_NODE_IDS) == 14
     sampler = next(k for k, v in api.items() if v["class_type"] == "FantasyTalkingSampler")
     create = next(v for v in api.values() if v["class_type"] == "CreateVideo")["inputs"]
     paste = next((k for k, v in api.items() if v["class_type"] == "FantasyTalkingFacePasteBack"), None)
@@ -84,3 +100,45 @@ def test_prompts_go_through_the_official_text_encode(ui_file):
     assert not any(v["class_type"] == "CLIPTextEncode" for v in api.values())
     texts = [v["inputs"]["text"] for v in api.values() if v["class_type"] == "FantasyTalkingTextEncode"]
     assert len(texts) == 2 and DEFAULT_NEGATIVE_PROMPT in texts
+
+
+def test_native_route_workflow_is_wired_as_documented():
+    """docs/comfyui.md's native route: Load Diffusion Model -> (bypassed LoRA) -> Apply Audio -> Guider ->
+    SamplerCustomAdvanced with the official sigmas; the length and the video's audio and fps come from Audio Encode."""
+    ui = json.loads((WORKFLOWS / "native_wan_route.json").read_text(encoding="utf-8"))
+    api = json.loads((WORKFLOWS / "api" / "native_wan_route.json").read_text(encoding="utf-8"))
+
+    def one(class_type):
+        (node_id,) = [k for k, v in api.items() if v["class_type"] == class_type]
+        return node_id, api[node_id]["inputs"]
+
+    lora = [n for n in ui["nodes"] if n["type"] == "LoraLoaderModelOnly"]
+    assert len(lora) == 1 and lora[0]["mode"] == 4  # optional: bypassed until the user enables it
+    assert not any(v["class_type"] == "LoraLoaderModelOnly" for v in api.values())  # the front end drops it
+    unet, unet_in = one("UNETLoader")
+    assert "720p" in unet_in["unet_name"]
+    adapter, _ = one("FantasyTalkingAdapterLoader")
+    encode, _ = one("FantasyTalkingAudioEncode")
+    patch, patch_in = one("FantasyTalkingApplyAudio")
+    assert (patch_in["model"], patch_in["adapter"], patch_in["audio_features"]) == ([unet, 0], [adapter, 0], [encode, 0])
+    assert patch_in["audio_on"].startswith("FantasyTalking Guider")
+    wan, wan_in = one("WanImageToVideo")
+    assert wan_in["length"] == [encode, 1]
+    vision, vision_in = one("CLIPVisionEncode")
+    assert wan_in["clip_vision_output"] == [vision, 0]
+    guider, guider_in = one("FantasyTalkingGuider")
+    assert (guider_in["model"], guider_in["positive"], guider_in["negative"]) == ([patch, 0], [wan, 0], [wan, 1])
+    assert (guider_in["cfg"], guider_in["audio_cfg"]) == (5.0, 5.0)
+    sigmas, sigmas_in = one("FantasyTalkingSigmas")
+    assert (sigmas_in["steps"], sigmas_in["shift"]) == (30, 5.0)
+    select, select_in = one("KSamplerSelect")
+    assert select_in["sampler_name"] == "euler"
+    sampler, sampler_in = one("SamplerCustomAdvanced")
+    assert (sampler_in["guider"], sampler_in["sigmas"], sampler_in["sampler"], sampler_in["latent_image"]) == (
+        [guider, 0], [sigmas, 0], [select, 0], [wan, 2])
+    decode, decode_in = one("VAEDecode")
+    assert decode_in["samples"] == [sampler, 0]
+    _, create = one("CreateVideo")
+    assert (create["images"], create["audio"], create["fps"]) == ([decode, 0], [encode, 2], [encode, 3])
+    _, save = one("SaveVideo")
+    assert save["format"] == "mp4" and save["filename_prefix"] == "FantasyTalking/native_wan_route"

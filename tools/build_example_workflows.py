@@ -159,8 +159,71 @@ def face_crop_paste_back() -> dict:
     return {"api": nodes, "note": note}
 
 
+NATIVE_NOTE = """\
+# FantasyTalking on ComfyUI's own Wan model (native route)
+
+The Wan model loads through Load Diffusion Model (or a GGUF loader), so ComfyUI's memory management, LoRAs,
+attention and caching patches and samplers all apply. FantasyTalking Apply Audio adds the voice to every block;
+FantasyTalking Guider runs the official three guidance passes; FantasyTalking Sigmas is the official schedule.
+Same numbers as the FantasyTalking Sampler on the same weights (docs/comfyui.md says when to use which).
+
+- Audio Encode's num_frames sets WanImageToVideo's length; its audio and fps go to Create Video.
+- A LoRA: enable the bypassed LoraLoaderModelOnly (Ctrl+B). Step-distilled LoRAs: cfg 1 in the guider.
+- CLIP Vision Encode + WanImageToVideo approximate the official image preprocessing (the pack route's Identity
+  Encode is exact).
+
+Model files (ComfyUI/models/...): diffusion_models: wan2.1_i2v_720p_14B_fp16.safetensors (or fp8 / GGUF);
+fantasytalking: fantasytalking_model.ckpt; transformers/facebook/wav2vec2-base-960h; text_encoders:
+umt5_xxl_fp8_e4m3fn_scaled.safetensors; clip_vision: clip_vision_h.safetensors; vae: wan_2.1_vae.safetensors
+"""
+
+
+def native_wan_route() -> dict:
+    """The native route: ComfyUI's Wan model, patched, sampled with SamplerCustomAdvanced."""
+    nodes = common_nodes("voice.wav", 81, "transformers/facebook/wav2vec2-base-960h")
+    for unused in ("9", "14"):  # the pack's Identity Encode and sampler
+        nodes.pop(unused)
+    dual = "FantasyTalking Guider / Dual CFG Guider (cond1)"
+    nodes.update({
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "wan2.1_i2v_720p_14B_fp16.safetensors",
+                                                     "weight_dtype": "default"}},
+        "19": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "wan_lora.safetensors",
+                                                               "strength_model": 1.0}},
+        "21": {"class_type": "FantasyTalkingAdapterLoader", "inputs": {"adapter_name": "fantasytalking_model.ckpt",
+                                                                       "weight_dtype": "default"}},
+        "22": {"class_type": "FantasyTalkingApplyAudio", "inputs": {
+            "model": ["19", 0], "adapter": ["21", 0], "audio_features": ["4", 0], "audio_scale": 1.0, "audio_on": dual}},
+        "7": {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["6", 0], "image": ["5", 0], "crop": "center"}},
+        "20": {"class_type": "WanImageToVideo", "inputs": {
+            "positive": ["11", 0], "negative": ["12", 0], "vae": ["8", 0], "width": 512, "height": 512,
+            "length": ["4", 1], "batch_size": 1, "clip_vision_output": ["7", 0], "start_image": ["5", 0]}},
+        "23": {"class_type": "FantasyTalkingGuider", "inputs": {
+            "model": ["22", 0], "positive": ["20", 0], "negative": ["20", 1], "cfg": 5.0, "audio_cfg": 5.0,
+            "audio_guidance_start": 0.0, "audio_guidance_end": 1.0}},
+        "24": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "25": {"class_type": "FantasyTalkingSigmas", "inputs": {"steps": 30, "shift": 5.0}},
+        "14": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1111}},
+        "26": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["14", 0], "guider": ["23", 0], "sampler": ["24", 0], "sigmas": ["25", 0],
+            "latent_image": ["20", 2]}},
+        "27": {"class_type": "VAEDecode", "inputs": {"samples": ["26", 0], "vae": ["8", 0]}},
+    })
+    nodes["15"]["inputs"] = {"images": ["27", 0], "audio": ["4", 2], "fps": ["4", 3]}
+    nodes["16"]["inputs"]["filename_prefix"] = "FantasyTalking/native_wan_route"
+    positions = {"1": (20, 60), "19": (20, 200), "21": (20, 330), "2": (20, 440), "10": (20, 550), "6": (20, 700),
+                 "8": (20, 800), "5": (480, 60), "3": (480, 470),
+                 "11": (860, 60), "12": (860, 270), "4": (860, 560), "7": (860, 760), "22": (860, 880),
+                 "20": (1340, 60), "23": (1340, 360), "24": (1340, 620), "25": (1340, 720), "14": (1340, 860),
+                 "26": (1760, 60), "27": (1760, 320), "15": (1760, 440), "16": (1760, 580)}
+    groups = [("Models", ["1", "19", "21", "2", "10", "6", "8"]), ("Portrait and voice", ["5", "3"]),
+              ("Encode and patch", ["11", "12", "4", "7", "22"]), ("Guide and sample", ["20", "23", "24", "25", "14"]),
+              ("Decode and save", ["26", "27", "15", "16"])]
+    return {"api": nodes, "note": NATIVE_NOTE, "positions": positions, "groups": groups, "bypass": ["19"],
+            "note_pos": (8, 930), "note_size": (440, 420)}
+
+
 WORKFLOWS = {"talking_portrait": talking_portrait, "long_recording": long_recording,
-             "face_crop_paste_back": face_crop_paste_back}
+             "face_crop_paste_back": face_crop_paste_back, "native_wan_route": native_wan_route}
 
 # Canvas layout shared by the workflows: node id -> position; groups: title, node ids. Sizes are the front end's.
 POSITIONS = {"1": (20, 60), "2": (20, 250), "10": (20, 360), "6": (20, 520), "8": (20, 620),
@@ -226,14 +289,17 @@ class Browser:
         self.process.wait()
 
 
-BUILD_GRAPH = """(async (api, name, positions, sizes, groups, note, notePos, noteSize) => {
+BUILD_GRAPH = """(async (api, name, positions, sizes, groups, note, notePos, noteSize, bypass) => {
   app.graph.clear();
   await app.loadApiJson(api, name);
   const g = app.graph;
   for (const [id, pos] of Object.entries(positions)) { const n = g.getNodeById(Number(id)); if (n) n.pos = pos; }
   for (const [id, size] of Object.entries(sizes)) { const n = g.getNodeById(Number(id)); if (n) n.size = size; }
-  const seed = g.getNodeById(14).widgets.find(w => w.name === 'control_after_generate');
-  if (seed) seed.value = 'fixed';
+  for (const n of g._nodes) {  // seeds stay as written: the example reproduces
+    const seed = (n.widgets || []).find(w => w.name === 'control_after_generate');
+    if (seed) seed.value = 'fixed';
+  }
+  for (const id of bypass) g.getNodeById(Number(id)).mode = 4;  // optional nodes: bypassed until enabled
   const memo = LiteGraph.createNode('MarkdownNote');
   memo.pos = notePos; memo.size = noteSize; memo.widgets[0].value = note; memo.title = 'Read me';
   g.add(memo);
@@ -275,7 +341,8 @@ CLOSE_DIALOGS = """(() => {
 
 def build(browser: Browser, name: str, spec: dict) -> tuple[dict, dict, bytes]:
     """(UI workflow, API prompt, PNG screenshot) of one workflow, made by the front end."""
-    args = [spec["api"], name, POSITIONS, SIZES, GROUPS, spec["note"], NOTE_POS, NOTE_SIZE]
+    args = [spec["api"], name, spec.get("positions", POSITIONS), SIZES, spec.get("groups", GROUPS), spec["note"],
+            spec.get("note_pos", NOTE_POS), spec.get("note_size", NOTE_SIZE), spec.get("bypass", [])]
     browser.js(f"{BUILD_GRAPH}(...{json.dumps(args, ensure_ascii=False)})")
     time.sleep(1.0)  # widgets settle (image preview, dynamic combos)
     ui = json.loads(browser.js("JSON.stringify(app.graph.serialize())"))
