@@ -283,6 +283,35 @@ def test_load_folder_with_pytorch_bin(tmp_path, ctc, model):
     assert_same_outputs(load_wav2vec2(folder, config=tiny_config()), model)
 
 
+def test_load_sharded_folders_and_wrapped_pickles(tmp_path, ctc, model):
+    """The shared checkpoint reader: a safetensors shard set (read as one checkpoint through its index), the shards
+    of a pytorch_model.bin index, and a pickle that wraps its state dict (``{"state_dict": ...}``)."""
+    state = {k: v.clone() for k, v in ctc.state_dict().items()}
+    keys = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    folder = tmp_path / "sharded"
+    ctc.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    for name, part in halves.items():
+        save_file({k: state[k] for k in part}, folder / name)
+    index = {"metadata": {}, "weight_map": {k: name for name, part in halves.items() for k in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_same_outputs(load_wav2vec2(folder, config=tiny_config()), model)
+
+    for name in halves:
+        (folder / name).unlink()
+        torch.save({k: state[k] for k in halves[name]}, folder / name.replace("model", "pytorch_model").replace(".safetensors", ".bin"))
+    (folder / "model.safetensors.index.json").unlink()
+    bin_index = {"weight_map": {k: name.replace("model", "pytorch_model").replace(".safetensors", ".bin")
+                                for name, part in halves.items() for k in part}}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(bin_index))
+    assert_same_outputs(load_wav2vec2(folder, config=tiny_config()), model)
+
+    wrapped = tmp_path / "wrapped.ckpt"
+    torch.save({"state_dict": base_state(ctc)}, wrapped)
+    assert_same_outputs(load_wav2vec2(wrapped, config=tiny_config()), model)
+
+
 def test_load_single_safetensors_comfy_layout(tmp_path, ctc, model):
     path = tmp_path / "wav2vec2-base-960h.safetensors"
     save_file(base_state(ctc), path)
@@ -454,7 +483,7 @@ def test_missing_and_unreadable_files(tmp_path, ctc):
         load_wav2vec2(no_weights, config=tiny_config())
     corrupt = tmp_path / "truncated.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
-    with pytest.raises(ModelFileError, match="not a valid safetensors"):
+    with pytest.raises(ModelFileError, match="not a readable safetensors"):
         load_wav2vec2(corrupt)
     text = tmp_path / "readme.bin"
     text.write_text("hello")

@@ -19,7 +19,7 @@ from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from ..errors import ModelFileError, ModelNotFoundError
 from ..loaders.common import check_keys
-from ..loaders.state_dict import load_pickle
+from ..loaders.state_dict import Checkpoint, open_checkpoint, strip_prefix
 from .rules import SAMPLE_RATE
 
 RIGHT_MODEL = "facebook/wav2vec2-base-960h"
@@ -142,20 +142,22 @@ def _check_preprocessor(folder: Path, where: str) -> None:
 
 
 def _folder_weight_files(folder: Path, where: str) -> list[Path]:
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    """The weights of a Hugging Face folder: one file, a safetensors shard index (opened as one checkpoint) or the
+    shards of a pytorch_model.bin index."""
+    for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"):
         if (folder / name).is_file():
             return [folder / name]
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index).is_file():
-            try:
-                weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ModelFileError(f"{where}: {index} is not a valid shard index ({e}).") from None
-            shards = [folder / s for s in sorted(set(weight_map.values()))]
-            missing = [s.name for s in shards if not s.is_file()]
-            if missing:
-                raise ModelNotFoundError(f"{where}: shard files listed in {index} are missing: {', '.join(missing)}.")
-            return shards
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelFileError(f"{where}: {index.name} is not a valid shard index ({e}).") from None
+        shards = [folder / s for s in sorted(set(weight_map.values()))]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise ModelNotFoundError(f"{where}: shard files listed in {index.name} are missing: {', '.join(missing)}.")
+        return shards
     present = sorted(f.name for f in folder.iterdir() if f.is_file())
     raise ModelNotFoundError(
         f"{where} has a config.json but no PyTorch weights (model.safetensors or pytorch_model.bin); it contains "
@@ -163,54 +165,27 @@ def _folder_weight_files(folder: Path, where: str) -> list[Path]:
     )
 
 
-def _read_torch_file(file: Path, mmap: bool = False) -> Mapping[str, Any]:
-    """The state dict in a torch pickle (the shared reader: weights_only, no code runs), unwrapped if wrapped.
-    ``mmap`` reads lazily (for inspection)."""
-    obj = load_pickle(file, mmap)
-    if isinstance(obj, Mapping):
-        for wrapper in ("state_dict", "model", "module"):  # checkpoints that wrap the state dict
-            inner = obj.get(wrapper)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                return inner
-        if all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-    raise ModelFileError(f"{file.name} holds a {type(obj).__name__} that is not a state dict of tensors.")
+def _open_weights(file: Path) -> tuple[Checkpoint, dict[str, str], dict[str, Any] | None]:
+    """The shared checkpoint reader on one weights file (or shard index), without reading tensor data.
 
-
-def _inspect_weights(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Any] | None]:
-    """(tensor name -> shape, config JSON from safetensors metadata or None), without reading tensor data."""
-    suffix = file.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-                meta = f.metadata() or {}
-        except Exception as e:  # noqa: BLE001 - SafetensorError and OS errors alike
-            raise ModelFileError(
-                f"{file.name} is not a valid safetensors file ({e}); the download may be incomplete."
-            ) from None
-        config = None
-        if "config" in meta:
-            try:
-                config = json.loads(meta["config"])
-            except ValueError:
-                config = None
-        return shapes, config if isinstance(config, dict) else None
-    if suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        return {k: tuple(v.shape) for k, v in _read_torch_file(file, mmap=True).items()}, None
-    if suffix == ".gguf":
+    Returns the checkpoint, a map from state-dict key to checkpoint key (a pickle's ``state_dict``/``model``/
+    ``module`` wrapper removed) and the config JSON of the safetensors metadata, if any.
+    """
+    name = file.name.lower()
+    if name.endswith(".gguf"):
         raise ModelFileError(f"{file.name}: GGUF is not supported for the audio encoder (it is small; use .safetensors).")
-    raise ModelFileError(f"{file.name}: unknown weights format {suffix!r}; expected one of {', '.join(_WEIGHT_SUFFIXES)}.")
-
-
-def _read_weights(file: Path) -> Mapping[str, torch.Tensor]:
-    if file.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(file), device="cpu")
-    return _read_torch_file(file)
+    if not name.endswith(_WEIGHT_SUFFIXES + (".safetensors.index.json",)):
+        raise ModelFileError(f"{file.name}: unknown weights format {file.suffix!r}; expected one of "
+                             f"{', '.join(_WEIGHT_SUFFIXES)}.")
+    ckpt = open_checkpoint(file)
+    _, keys = strip_prefix(ckpt.keys, ("state_dict.", "model.", "module."))
+    config = None
+    if "config" in ckpt.metadata:
+        try:
+            config = json.loads(ckpt.metadata["config"])
+        except ValueError:
+            config = None
+    return ckpt, keys, config if isinstance(config, dict) else None
 
 
 _POS_CONV = "encoder.pos_conv_embed.conv."
@@ -359,11 +334,13 @@ def load_wav2vec2(
     else:
         files = [p]
     raw_shapes: dict[str, tuple[int, ...]] = {}
+    opened = []
     for f in files:
-        shapes, meta_config = _inspect_weights(f)
+        ckpt, keys, meta_config = _open_weights(f)
         if meta_config is not None and not p.is_dir():
             _check_config_dict(meta_config, reference, where)
-        raw_shapes.update(shapes)
+        raw_shapes.update({key: ckpt.shapes[stored] for key, stored in keys.items()})
+        opened.append((ckpt, keys))
 
     # Build on the meta device: no time or memory spent on a random init that the checkpoint overwrites.
     with torch.device("meta"):
@@ -372,11 +349,11 @@ def load_wav2vec2(
     _check_weights(raw_shapes, expected, reference, where)
 
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        for k, v in _read_weights(f).items():
+    for ckpt, keys in opened:
+        for k, stored in keys.items():
             canonical = _canonical_key(k)
             if canonical is not None:
-                state[canonical] = v
+                state[canonical] = ckpt.tensor(stored)
     _fit_pos_conv(state, expected)
     if "masked_spec_embed" in expected and "masked_spec_embed" not in state:
         state["masked_spec_embed"] = torch.zeros(expected["masked_spec_embed"])

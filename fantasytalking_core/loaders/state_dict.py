@@ -38,13 +38,15 @@ class Checkpoint:
     """A model file opened lazily.
 
     ``shapes`` maps every weight key (scale tensors of fp8-scaled files excluded) to its shape, and ``dtypes``
-    to its stored dtype; :meth:`tensor` reads one tensor, dequantizing fp8-scaled weights.
+    to its stored dtype; ``metadata`` is the safetensors header metadata (of the first file; empty for pickles);
+    :meth:`tensor` reads one tensor, dequantizing fp8-scaled weights.
     """
 
     path: Path
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
     _locations: dict[str, Path] = field(repr=False)
+    metadata: dict[str, str] = field(default_factory=dict)
     _pickle: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
     _scales: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -136,9 +138,11 @@ def _open_safetensors(shard_map: dict[str, Path] | None, path: Path) -> Checkpoi
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, torch.dtype] = {}
     locations: dict[str, Path] = {}
+    metadata: dict[str, str] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
+                metadata = metadata or dict(f.metadata() or {})
                 for key in f.keys():
                     sl = f.get_slice(key)
                     shapes[key] = tuple(sl.get_shape())
@@ -146,7 +150,7 @@ def _open_safetensors(shard_map: dict[str, Path] | None, path: Path) -> Checkpoi
                     locations[key] = file
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise ModelFileError(f"{file} is not a readable safetensors file: {exc}") from None
-    return _with_fp8_scales(Checkpoint(path, shapes, dtypes, locations))
+    return _with_fp8_scales(Checkpoint(path, shapes, dtypes, locations, metadata))
 
 
 def load_pickle(path: Path, mmap: bool = True) -> object:
