@@ -49,6 +49,15 @@ def dit_path(name: str) -> str | None:
     return folder_paths.get_full_path(DIT_FOLDER, name)
 
 
+def adapter_input() -> io.Combo.Input:
+    """The adapter dropdown both loaders show: models/fantasytalking, then fantasytalking* files in diffusion_models."""
+    adapters = adapter_choices(folder_paths.get_filename_list(ADAPTER_FOLDER),
+                               folder_paths.get_filename_list("diffusion_models"))
+    return io.Combo.Input("adapter_name", options=adapters,
+                          tooltip="FantasyTalking audio adapter from models/fantasytalking (or a fantasytalking* file in "
+                                  "models/diffusion_models): fantasytalking_model.ckpt or fantasytalking_fp16.safetensors.")
+
+
 def adapter_path(name: str) -> str | None:
     return folder_paths.get_full_path(ADAPTER_FOLDER, name) or folder_paths.get_full_path("diffusion_models", name)
 
@@ -61,8 +70,6 @@ def wav2vec2_path(name: str) -> Path | None:
 class ModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        adapters = adapter_choices(folder_paths.get_filename_list(ADAPTER_FOLDER),
-                                   folder_paths.get_filename_list("diffusion_models"))
         return io_types.schema(
             node_id="FantasyTalkingModelLoader",
             display_name="FantasyTalking Model Loader",
@@ -74,10 +81,7 @@ class ModelLoader(io.ComfyNode):
                                tooltip="Wan2.1-I2V-14B diffusion model from models/diffusion_models: a single "
                                        ".safetensors (bf16/fp16/fp8/fp8 scaled), a .gguf, or the .index.json of a "
                                        "shard set."),
-                io.Combo.Input("adapter_name", options=adapters,
-                               tooltip="FantasyTalking audio adapter from models/fantasytalking (or a fantasytalking* "
-                                       "file in models/diffusion_models): fantasytalking_model.ckpt or "
-                                       "fantasytalking_fp16.safetensors."),
+                adapter_input(),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Precision the DiT weights are kept in. default: compute_dtype, whatever the "
                                        "file stores (GGUF stays quantized). fp8_e4m3fn: 8-bit storage, about 14 GB "

@@ -14,7 +14,6 @@ import inspect
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.samplers
-import folder_paths
 from comfy_api.latest import io
 
 from fantasytalking_core.loaders.adapter import read_audio_adapter
@@ -32,8 +31,7 @@ from fantasytalking_core.sampling.guidance import (
 from fantasytalking_core.sampling.schedule import DEFAULT_SHIFT, DEFAULT_STEPS, flow_match_sigmas
 
 from . import io_types
-from .loaders import WEIGHT_DTYPES, adapter_path
-from .model_files import ADAPTER_FOLDER, adapter_choices
+from .loaders import WEIGHT_DTYPES, adapter_input, adapter_path
 
 ADDITIONAL_MODELS_KEY = "fantasytalking_audio_adapter"
 AUDIO_ON = {"FantasyTalking Guider / Dual CFG Guider (cond1)": "dual_cfg", "KSampler / CFG Guider (positive)": "cfg"}
@@ -88,8 +86,6 @@ def has_audio_patch(model) -> bool:
 class AdapterLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        adapters = adapter_choices(folder_paths.get_filename_list(ADAPTER_FOLDER),
-                                   folder_paths.get_filename_list("diffusion_models"))
         return io_types.schema(
             node_id="FantasyTalkingAdapterLoader",
             display_name="FantasyTalking Adapter Loader",
@@ -97,9 +93,7 @@ class AdapterLoader(io.ComfyNode):
                         "Apply Audio on a model from Load Diffusion Model). ComfyUI loads and offloads it with the "
                         "model it is applied to.",
             inputs=[
-                io.Combo.Input("adapter_name", options=adapters,
-                               tooltip="fantasytalking_model.ckpt (or its .safetensors repack) from "
-                                       "models/fantasytalking."),
+                adapter_input(),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default", advanced=True,
                                tooltip="Storage of the per-block weights (about 1.7 GB in bf16); default: as stored. "
                                        "They compute in the model's dtype."),

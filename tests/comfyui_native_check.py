@@ -54,12 +54,16 @@ def boot_comfy(tree: Path, models: Path):
     import folder_paths
 
     folder_paths.folder_names_and_paths["fantasytalking"] = ([str(models / "fantasytalking")], {".ckpt", ".safetensors"})
-    spec = importlib.util.spec_from_file_location("fantasytalking_pack", PACK_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(PACK_ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["fantasytalking_pack"] = pack
-    spec.loader.exec_module(pack)
+    import_custom_node("fantasytalking_pack", PACK_ROOT)
     return importlib.import_module("fantasytalking_pack.nodes.native")
+
+
+def import_custom_node(name: str, folder: Path) -> None:
+    """Import a custom-node folder as a package, as ComfyUI does (its relative imports work)."""
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
 
 
 def load_comfyui_gguf(tree: Path):
@@ -68,11 +72,7 @@ def load_comfyui_gguf(tree: Path):
     if not (folder / "__init__.py").is_file():
         raise SystemExit(f"{folder} is missing: git clone https://github.com/city96/ComfyUI-GGUF there (the native "
                          "route's GGUF check loads a GGUF file through it).")
-    spec = importlib.util.spec_from_file_location("ComfyUI_GGUF", folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ComfyUI_GGUF"] = module
-    spec.loader.exec_module(module)
+    import_custom_node("ComfyUI_GGUF", folder)
     return importlib.import_module("ComfyUI_GGUF.nodes")
 
 
@@ -204,6 +204,24 @@ def run(tree: Path, work: Path) -> int:
         report.check(f"native denoiser = engine, {name} pass", err <= REL_TOL, f"relative error {err:.2e}")
     report.check("the audio pass differs from the pass without it", rel_err(out[2], out[1]) > 100 * REL_TOL)
 
+    # 1b. under ComfyUI's context windows: one call holds the window's frames (and the causal anchor before them)
+    from comfy.context_windows import IndexListContextWindow
+    from comfy_extras.nodes_context_windows import WanContextWindowsManualNode
+
+    window = IndexListContextWindow([2, 3, 4], dim=2, total_frames=frames)
+    window.causal_anchor_index = 1
+    held = [1, 2, 3, 4]
+    mm.load_models_gpu([patched])
+    with torch.no_grad():
+        windowed = patched.model.diffusion_model(torch.cat([x, y], 1)[:, :, held], inputs["timestep"].float(), text_pos,
+                                                 clip_fea=clip, transformer_options={"cond_or_uncond": [2],
+                                                                                     "context_window": window})
+        expected = engine(x[:, :, held], inputs["timestep"], text_pos, clip, y[:, :, held],
+                          AudioConditioning(tokens[:, held], windows.k_lens_tensor()[held], 1.0))
+    err = rel_err(windowed, expected)
+    report.check("context window: a call on frames 1 (causal anchor), 2-4 hears windows 1-4, as the engine",
+                 err <= REL_TOL, f"relative error {err:.2e}")
+
     # 2. scale 0 exact; the input model untouched
     report.check("audio scale 0 = unpatched model, bit for bit", torch.equal(denoiser(patch(0.0)), before))
     report.check("unpatched model after a patched run = before, bit for bit", torch.equal(denoiser(unpatched), before))
@@ -245,10 +263,30 @@ def run(tree: Path, work: Path) -> int:
     guider = native.AudioGuider(patched)
     guider.set_conds(positive, negative)
     guider.set_guidance(guidance)
-    latent = patched.model.process_latent_in(guider.sample(noise, torch.zeros_like(noise), sampler, sigmas, seed=SEED))
+    loaded_while_sampling = []
+    latent = patched.model.process_latent_in(guider.sample(
+        noise, torch.zeros_like(noise), sampler, sigmas, seed=SEED,
+        callback=lambda *_: loaded_while_sampling.append([m.model for m in mm.current_loaded_models])))
+    report.check("while sampling, ComfyUI's memory management holds the adapter with the patched model",
+                 bool(loaded_while_sampling) and all(adapter in models and any(m.model is patched.model for m in models)
+                                                     for models in loaded_while_sampling))
     err = rel_err(latent, engine_latents(guidance))
     report.check("FantasyTalking Guider + Euler = engine sampler (audio guidance on half the steps)", err <= REL_TOL,
                  f"relative error {err:.2e}")
+    windowed_model = WanContextWindowsManualNode.execute(patched, 9, 4, "standard_static", 1, False, "pyramid",
+                                                         False).args[0]  # 3 latent frames, 1 shared
+    guider = native.AudioGuider(windowed_model)
+    guider.set_conds(positive, negative)
+    guider.set_guidance(guidance)
+    latent_windows = guider.sample(noise, torch.zeros_like(noise), sampler, sigmas, seed=SEED)
+    silent = native.AudioGuider(WanContextWindowsManualNode.execute(patch(0.0), 9, 4, "standard_static", 1, False,
+                                                                    "pyramid", False).args[0])
+    silent.set_conds(positive, negative)
+    silent.set_guidance(guidance)
+    report.check("a run under WanContextWindowsManual completes and the audio acts in every window",
+                 bool(torch.isfinite(latent_windows).all())
+                 and rel_err(latent_windows, silent.sample(noise, torch.zeros_like(noise), sampler, sigmas,
+                                                           seed=SEED)) > 100 * REL_TOL)
     dual_guider = Guider_DualCFG(patched)
     dual_guider.set_conds(positive, positive, negative)
     dual_guider.set_cfg(4.0, 5.0)  # cfg_conds = audio cfg, cfg_cond2_negative = text cfg

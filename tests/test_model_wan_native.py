@@ -124,6 +124,21 @@ def test_context_window_slices_the_audio_windows_by_its_frame_indices(setup):
     torch.testing.assert_close(windowed, full[:, keep], rtol=0, atol=rounding_tol(full, setup["x"].shape[-1] + TEXT_LEN))
 
 
+def test_a_causal_anchor_frame_gets_its_own_window(setup):
+    """ComfyUI's causal_window_fix prepends the frame before the window (latent index_list[0] - 1)."""
+
+    class Window:
+        index_list = [2]
+        causal_anchor_index = 1
+
+    keep = torch.arange(TOKENS_PER_FRAME, 3 * TOKENS_PER_FRAME)
+    with torch.no_grad():
+        full = native_call(setup, {"cond_or_uncond": [2, 2, 2], "grid_sizes": (FRAMES, 3, 3)})
+        windowed = native_call(setup, {"cond_or_uncond": [2, 2, 2], "grid_sizes": (2, 3, 3), "context_window": Window()},
+                               x=setup["x"][:, keep])
+    torch.testing.assert_close(windowed, full[:, keep], rtol=0, atol=rounding_tol(full, setup["x"].shape[-1] + TEXT_LEN))
+
+
 def test_frame_count_mismatch_names_the_fix(setup):
     with pytest.raises(ValueError, match=r"latent has 2 latent frames .* made for 3 \(9 video frames\)"):
         native_call(setup, {"cond_or_uncond": [0], "grid_sizes": (2, 3, 3)}, x=setup["x"][:1, :18])

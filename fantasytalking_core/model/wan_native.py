@@ -80,6 +80,13 @@ def chunk_scales(cond_or_uncond: Sequence[int], audio_chunks: Collection[int], b
     return torch.tensor(per_chunk, dtype=torch.float32).repeat_interleave(rows)
 
 
+def window_frames(window) -> list[int]:
+    """The latent frames a ComfyUI context-window call holds, in order: the window's ``index_list``, after the
+    frame before it when ComfyUI's causal fix prepends that one (``causal_anchor_index``, stripped afterwards)."""
+    anchor = getattr(window, "causal_anchor_index", None)
+    return ([anchor] if anchor is not None and anchor >= 0 else []) + list(window.index_list)
+
+
 def conditioning_for_call(audio: NativeAudio, transformer_options: dict, batch: int,
                           latent_frames: int) -> AudioConditioning:
     """The audio conditioning of one ComfyUI model call.
@@ -92,7 +99,7 @@ def conditioning_for_call(audio: NativeAudio, transformer_options: dict, batch: 
     windows, k_lens = audio.windows, audio.k_lens
     window = transformer_options.get("context_window")
     if window is not None:  # ComfyUI's context windows: this call sees only the window's latent frames
-        index = torch.as_tensor(list(window.index_list), dtype=torch.long)
+        index = torch.as_tensor(window_frames(window), dtype=torch.long)
         if int(index.max()) >= windows.shape[1]:
             raise ValueError(f"context window frame {int(index.max())} is past the {windows.shape[1]} latent frames "
                              "the audio features were made for.")
