@@ -28,6 +28,9 @@ def _bind_engine() -> None:
     spec.loader.exec_module(module)
 
 
+# the front-end extension that shows each node's status text on the node (web/js/node_status.js)
+WEB_DIRECTORY = "./web"
+
 try:
     import comfy_api  # noqa: F401  (present only inside ComfyUI)
 except ImportError:  # plain Python: nothing to register

@@ -399,8 +399,9 @@ def describe_audio(encoded: EncodedAudio) -> str:
     """One line for the node's display: the frame count the video will have and what it covers."""
     f = encoded.features
     capped = " (capped by max_frames)" if f.video_duration_s < f.duration_s else ""
+    warnings = "".join(f"\nWarning: {w}." for w in f.warnings())
     return (f"{f.num_frames} frames = {f.video_duration_s:.2f} s at {f.fps:g} fps{capped}; "
-            f"recording {f.duration_s:.2f} s")
+            f"recording {f.duration_s:.2f} s{warnings}")
 
 
 # --------------------------------------------------------------------------------------------------------------------

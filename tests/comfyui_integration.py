@@ -27,6 +27,7 @@ passed; the summary goes to stdout.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import math
 import os
@@ -341,6 +342,58 @@ class WebSocket:
         self.sock.close()
 
 
+class Browser:
+    """Headless Chromium driven over the DevTools protocol."""
+
+    def __init__(self, url: str, size: tuple[int, int]):
+        port = free_port()
+        self.process = subprocess.Popen(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--remote-debugging-port={port}",
+             f"--user-data-dir={tempfile.mkdtemp()}", f"--window-size={size[0]},{size[1]}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(150):
+            try:
+                targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list"))
+                break
+            except OSError:
+                time.sleep(0.2)
+        page = next(t for t in targets if t["type"] == "page")
+        self.ws = WebSocket(port, page["webSocketDebuggerUrl"].split(str(port), 1)[1])
+        self.ids = itertools.count(1)
+        self.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
+        self.call("Page.navigate", url=url)
+        for _ in range(120):
+            time.sleep(0.5)
+            if self.js("!!(window.app && window.app.graph && window.app.vueAppReady)"):
+                return
+        raise RuntimeError("the ComfyUI front end did not start")
+
+    def call(self, method: str, **params) -> dict:
+        i = next(self.ids)
+        self.ws.send(json.dumps({"id": i, "method": method, "params": params}).encode())
+        while True:
+            opcode, payload = self.ws.recv()
+            message = json.loads(payload) if opcode == 1 else {}
+            if message.get("id") == i:
+                if "error" in message:
+                    raise RuntimeError(message["error"])
+                return message["result"]
+
+    def js(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(json.dumps(result["exceptionDetails"])[:2000])
+        return result["result"].get("value")
+
+    def screenshot(self) -> bytes:
+        return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
 class Events:
     """ComfyUI's websocket messages (the JSON ones), collected by a thread."""
 
@@ -576,6 +629,65 @@ def check_interrupt(comfy: ComfyUI, path: Path, report: Report) -> None:
                f"(execution_interrupted: {interrupted}); server still answers")
 
 
+STATUS_RUN = """(async (api) => {
+  app.graph.clear();
+  await app.loadApiJson(api, "status-check");
+  await app.queuePrompt(0, 1);
+  return true;
+})"""
+STATUS_READ = """((ids) => Object.fromEntries(ids.map(id => {
+  const node = app.graph.getNodeById(Number(id));
+  const w = node && (node.widgets || []).find(w => w.name === "fantasytalking_status");
+  return [id, w ? String(w.value) : null];
+})))"""
+STATUS_SHOWN = """((ids) => ids.every(id => {
+  const node = app.graph.getNodeById(Number(id));
+  const w = node && (node.widgets || []).find(w => w.name === "fantasytalking_status");
+  const el = w && w.inputEl;  // the DOM text box the user sees
+  if (!el) return false;
+  const box = el.getBoundingClientRect();
+  return el.value.length > 0 && box.width > 20 && box.height > 10 && getComputedStyle(el).display !== "none";
+}))"""
+
+
+def check_status_on_nodes(comfy: ComfyUI, path: Path, workdir: Path, report: Report) -> None:
+    """Run a workflow from the real front end (headless Chromium) and check that each node's status text (the
+    frame count, the face status) is drawn on the node, then keep a screenshot."""
+    prompt = load_api_workflow(path)
+    watched = {node_id: node["class_type"] for node_id, node in prompt.items()
+               if node["class_type"] in ("FantasyTalkingAudioEncode", "FantasyTalkingIdentityEncode")}
+    for node in prompt.values():  # inputs no earlier run used, so these nodes run (a cached node sends no text)
+        if node["class_type"] == "FantasyTalkingAudioEncode":
+            node["inputs"]["max_frames"] = 77
+        if node["class_type"] == "FantasyTalkingIdentityEncode":
+            node["inputs"]["image_size"] = 80
+    browser = Browser(comfy.url, (1600, 1000))
+    try:
+        browser.js(f"{STATUS_RUN}({json.dumps(prompt)})")
+        started, values = time.monotonic(), {}
+        while time.monotonic() - started < 600:
+            values = browser.js(f"{STATUS_READ}({json.dumps(list(watched))})")
+            if all(values.values()):
+                break
+            time.sleep(1)
+        time.sleep(1)  # let the canvas draw
+        shown = browser.js(f"{STATUS_SHOWN}({json.dumps(list(watched))})")
+        browser.js("app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [0, 0]; app.canvas.setDirty(true, true)")
+        time.sleep(0.5)
+        picture = workdir / "node_status.png"
+        picture.write_bytes(browser.screenshot())
+    finally:
+        browser.close()
+    audio_id = next(k for k, v in watched.items() if v == "FantasyTalkingAudioEncode")
+    identity_id = next(k for k, v in watched.items() if v == "FantasyTalkingIdentityEncode")
+    report.check("frames = " in (values.get(audio_id) or ""),
+                 f"{path.stem} from the front end: Audio Encode shows its frame count on the node ({values.get(audio_id)!r})")
+    report.check("video frames" in (values.get(identity_id) or ""),
+                 f"{path.stem} from the front end: Identity Encode shows its face status ({values.get(identity_id)!r})")
+    report.check(bool(shown), "the status text boxes are visible in the page (in the DOM, with a size)")
+    report.say(f"node status in the front end: {values}; screenshot {picture}")
+
+
 def check_native_workflow_validates(comfy: ComfyUI, path: Path, report: Report) -> None:
     """The native route's workflow passes the server's validation (every node type, input and link). It is not run
     to the end: ComfyUI's Wan model needs umT5-XXL's 4096-wide text features, and a test text encoder that wide is
@@ -655,6 +767,7 @@ def main() -> int:
                 check_native_workflow_validates(comfy, path, report)
         if workflows:
             check_interrupt(comfy, workflows[0], report)
+        check_status_on_nodes(comfy, WORKFLOWS / "api" / "talking_portrait.json", workdir, report)
     finally:
         comfy.stop()
     check_native_route(tree, python, report)

@@ -371,6 +371,25 @@ def test_encode_audio_reports_the_frame_count(models, voice):
     assert capped.audio["waveform"].shape[-1] == crop_samples_for_frames(5, 23.0, 44100)
 
 
+@pytest.mark.parametrize("scale, seconds, expected", [
+    (0.0, 0.4, ["digital silence"]),
+    (0.004, 0.4, ["nearly silent (peak -"]),  # -48 dBFS in the stereo original; the mono mix is quieter
+    (1.0, 0.1, ["shorter than one latent frame (0.17 s at 23 fps)"]),
+    (0.004, 0.1, ["nearly silent", "shorter than one latent frame"]),
+    (1.0, 0.4, []),
+])
+def test_encode_audio_warns_on_the_node_about_silent_and_very_short_recordings(models, voice, scale, seconds, expected):
+    peak = voice["waveform"].abs().max()
+    samples = int(seconds * voice["sample_rate"])
+    quiet = {"waveform": voice["waveform"][..., :samples] / peak * scale, "sample_rate": voice["sample_rate"]}
+    shown = describe_audio(encode_audio(models.wav2vec2, quiet, 23.0, 81, CPU))
+    warnings = shown.split("\n")[1:]
+    assert len(warnings) == len(expected) and all(w.startswith("Warning: ") for w in warnings)
+    assert all(e in w for e, w in zip(expected, warnings)), shown
+    if "peak -" in shown:  # the mono mix of the stereo voice peaks within 6 dB below the original's -48 dBFS
+        assert -54 <= int(shown.split("peak ")[1].split(" dBFS")[0]) <= -48
+
+
 def test_identity_carries_the_frame_size_and_no_face_box(face):
     clip = CLIPVisionOutput(penultimate_hidden_states=torch.randn(1, 257, 8))
     identity = encode_identity(comfy_image(face), ComfyLikeVAE(None), clip, 64)

@@ -18,26 +18,20 @@ package. Nothing is fetched from the network.
 
 from __future__ import annotations
 
-import base64
 import io
-import itertools
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from comfyui_integration import (
+    Browser,
     ComfyUI,
-    WebSocket,
     find_python,
-    free_port,
     make_base,
     work_dir,
     write_inputs,
@@ -235,58 +229,6 @@ SIZES = {"1": (400, 150), "2": (400, 60), "10": (400, 110), "6": (400, 60), "8":
 GROUPS = [("Models", ["1", "2", "10", "6", "8"]), ("Portrait and voice", ["5", "3", "17"]),
           ("Encode", ["11", "12", "9", "4", "13"]), ("Generate and save", ["14", "18", "15", "16"])]
 NOTE_POS, NOTE_SIZE = (8, 750), (424, 300)
-
-
-class Browser:
-    """Headless Chromium driven over the DevTools protocol."""
-
-    def __init__(self, url: str, size: tuple[int, int]):
-        port = free_port()
-        self.process = subprocess.Popen(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--remote-debugging-port={port}",
-             f"--user-data-dir={tempfile.mkdtemp()}", f"--window-size={size[0]},{size[1]}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(150):
-            try:
-                targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list"))
-                break
-            except OSError:
-                time.sleep(0.2)
-        page = next(t for t in targets if t["type"] == "page")
-        self.ws = WebSocket(port, page["webSocketDebuggerUrl"].split(str(port), 1)[1])
-        self.ids = itertools.count(1)
-        self.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
-        self.call("Page.navigate", url=url)
-        for _ in range(120):
-            time.sleep(0.5)
-            if self.js("!!(window.app && window.app.graph && window.app.vueAppReady)"):
-                return
-        raise RuntimeError("the ComfyUI front end did not start")
-
-    def call(self, method: str, **params) -> dict:
-        i = next(self.ids)
-        self.ws.send(json.dumps({"id": i, "method": method, "params": params}).encode())
-        while True:
-            opcode, payload = self.ws.recv()
-            message = json.loads(payload) if opcode == 1 else {}
-            if message.get("id") == i:
-                if "error" in message:
-                    raise RuntimeError(message["error"])
-                return message["result"]
-
-    def js(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(json.dumps(result["exceptionDetails"])[:2000])
-        return result["result"].get("value")
-
-    def screenshot(self) -> bytes:
-        return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait()
 
 
 BUILD_GRAPH = """(async (api, name, positions, sizes, groups, note, notePos, noteSize, bypass) => {

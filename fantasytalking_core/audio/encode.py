@@ -47,6 +47,7 @@ NORM_EPS = 1e-7
 # memory stays ~1.1 GB for a base model on CPU (SDPA attention does not materialise the 3000x3000 score matrix)
 # and the attention cost is still small next to the linear layers. 10 s of overlap gives every kept token >= 5 s
 # of context on each side of a seam, at 1.2x the cost of no overlap.
+QUIET_PEAK = 0.01  # -40 dBFS: a speech recording peaks far above; below, wav2vec2 mostly hears the noise floor
 DEFAULT_CHUNK_SECONDS = 60.0
 DEFAULT_OVERLAP_SECONDS = 10.0
 # The exact convolutional front end runs on blocks of this many seconds of output; it only bounds memory
@@ -312,6 +313,21 @@ class AudioFeatures:
     def video_duration_s(self) -> float:
         return self.num_frames / self.fps
 
+    def warnings(self) -> list[str]:
+        """What the user should know before a long run: a (near-)silent recording, one shorter than a latent frame."""
+        found = []
+        peak = float(self.waveform_16k.abs().max()) if self.waveform_16k.numel() else 0.0
+        if peak == 0.0:
+            found.append("the recording is digital silence: the face will not speak")
+        elif peak < QUIET_PEAK:
+            found.append(f"the recording is nearly silent (peak {20 * math.log10(peak):.0f} dBFS): wav2vec2 hears "
+                         "mostly noise, so the lips will move at random; use a louder recording")
+        latent_frame_s = 4 / self.fps  # Wan's VAE packs 4 video frames into one latent frame
+        if self.duration_s < latent_frame_s:
+            found.append(f"the recording ({self.duration_s:.2f} s) is shorter than one latent frame ({latent_frame_s:.2f} s "
+                         f"at {self.fps:g} fps): the {self.num_frames}-frame video is mostly padding")
+        return found
+
 
 def extract_audio_features(
     model: Wav2Vec2Model,
@@ -348,7 +364,8 @@ def extract_audio_features(
     wave_16k = audio_io.resample(mono, sample_rate, SAMPLE_RATE, resample_backend)
     del mono
     wave_16k = crop_for_frames(wave_16k, num_frames, fps).clone()  # clone: do not pin the uncropped buffer
-    if not bool(wave_16k.any()):
-        logger.warning("The audio is digital silence: the features are valid, but the face will not speak.")
-    features = encode_audio(model, wave_16k, chunk_seconds, overlap_seconds, progress)
-    return AudioFeatures(features, num_frames, float(fps), duration_s, wave_16k)
+    features = AudioFeatures(encode_audio(model, wave_16k, chunk_seconds, overlap_seconds, progress), num_frames,
+                             float(fps), duration_s, wave_16k)
+    for warning in features.warnings():
+        logger.warning("Audio: %s.", warning)
+    return features
