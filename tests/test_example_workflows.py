@@ -142,3 +142,26 @@ def test_native_route_workflow_is_wired_as_documented():
     assert (create["images"], create["audio"], create["fps"]) == ([decode, 0], [encode, 2], [encode, 3])
     _, save = one("SaveVideo")
     assert save["format"] == "mp4" and save["filename_prefix"] == "FantasyTalking/native_wan_route"
+
+
+MODEL_WIDGETS = {"FantasyTalkingModelLoader": ("model_name", "adapter_name"), "UNETLoader": ("unet_name",),
+                 "FantasyTalkingAdapterLoader": ("adapter_name",), "FantasyTalkingWav2Vec2Loader": ("model_name",),
+                 "CLIPLoader": ("clip_name",), "CLIPVisionLoader": ("clip_name",), "VAELoader": ("vae_name",)}
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
+def test_every_model_file_says_where_to_download_it(ui_file):
+    """The front end's missing-models dialog reads properties.models of the loader nodes."""
+    ui = json.loads(ui_file.read_text(encoding="utf-8"))
+    checked = 0
+    for node in ui["nodes"]:
+        if node["type"] not in MODEL_WIDGETS or node.get("mode", 0) == BYPASSED:
+            continue
+        listed = {m["name"]: m for m in node["properties"].get("models", [])}
+        for widget in MODEL_WIDGETS[node["type"]]:
+            name = node["widgets_values_named"][widget]
+            entry = listed.get(name)
+            assert entry, f"{ui_file.stem}: {node['type']} {name} has no download entry"
+            assert entry["url"].startswith("https://huggingface.co/") and entry["directory"], entry
+            checked += 1
+    assert checked >= 5

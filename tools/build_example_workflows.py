@@ -88,7 +88,7 @@ def common_nodes(audio: str, max_frames: int, wav2vec2: str) -> dict:
 
 
 def talking_portrait() -> dict:
-    nodes = common_nodes("voice.wav", 81, "transformers/facebook/wav2vec2-base-960h")
+    nodes = common_nodes("voice.wav", 81, "wav2vec2-base-960h.safetensors")
     nodes["1"] = {"class_type": "FantasyTalkingModelLoader", "inputs": {
         "model_name": "wan2.1_i2v_720p_14B_fp16.safetensors", "adapter_name": "fantasytalking_fp16.safetensors",
         "weight_dtype": "default", "compute_dtype": "bf16"}}
@@ -101,8 +101,8 @@ def talking_portrait() -> dict:
             + MODEL_NOTE.format(dit="wan2.1_i2v_720p_14B_fp16.safetensors (bf16, fp8, GGUF also work)",
                                 adapter_folder="diffusion_models or fantasytalking",
                                 adapter="fantasytalking_fp16.safetensors",
-                                wav2vec2_folder="transformers/facebook/wav2vec2-base-960h",
-                                wav2vec2="config.json + model.safetensors")
+                                wav2vec2_folder="audio_encoders",
+                                wav2vec2="wav2vec2-base-960h.safetensors (facebook/wav2vec2-base-960h's model.safetensors, renamed)")
             + "\nMotion Intensity at 0.5 / 0.5 is the released model's behaviour.")
     return {"api": nodes, "note": note}
 
@@ -124,7 +124,7 @@ def long_recording() -> dict:
 
 
 def face_crop_paste_back() -> dict:
-    nodes = common_nodes("voice.wav", 81, "transformers/facebook/wav2vec2-base-960h")
+    nodes = common_nodes("voice.wav", 81, "wav2vec2-base-960h.safetensors")
     nodes["5"]["inputs"]["image"] = "group_photo.png"
     nodes["1"] = {"class_type": "FantasyTalkingModelLoader", "inputs": {
         "model_name": "wan2.1_i2v_720p_14B_fp16.safetensors", "adapter_name": "fantasytalking_fp16.safetensors",
@@ -148,10 +148,30 @@ def face_crop_paste_back() -> dict:
             + MODEL_NOTE.format(dit="wan2.1_i2v_720p_14B_fp16.safetensors (bf16, fp8, GGUF also work)",
                                 adapter_folder="diffusion_models or fantasytalking",
                                 adapter="fantasytalking_fp16.safetensors",
-                                wav2vec2_folder="transformers/facebook/wav2vec2-base-960h",
-                                wav2vec2="config.json + model.safetensors"))
+                                wav2vec2_folder="audio_encoders",
+                                wav2vec2="wav2vec2-base-960h.safetensors (facebook/wav2vec2-base-960h's model.safetensors, renamed)"))
     return {"api": nodes, "note": note}
 
+
+# Where each model file of the examples comes from: ComfyUI's front end reads these from a loader node's
+# properties.models and offers the download in its missing-models dialog.
+_REPACKAGED = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+MODEL_SOURCES = {
+    "wan2.1_i2v_720p_14B_fp16.safetensors": ("diffusion_models", f"{_REPACKAGED}/diffusion_models/"
+                                             "wan2.1_i2v_720p_14B_fp16.safetensors"),
+    "wan2.1_i2v_720p_14B_fp8_e4m3fn.safetensors": ("diffusion_models", f"{_REPACKAGED}/diffusion_models/"
+                                                   "wan2.1_i2v_720p_14B_fp8_e4m3fn.safetensors"),
+    "fantasytalking_fp16.safetensors": ("diffusion_models",
+                                        "https://huggingface.co/Kijai/WanVideo_comfy/resolve/main/fantasytalking_fp16.safetensors"),
+    "fantasytalking_model.ckpt": ("fantasytalking",
+                                  "https://huggingface.co/acvlab/FantasyTalking/resolve/main/fantasytalking_model.ckpt"),
+    "wav2vec2-base-960h.safetensors": ("audio_encoders",
+                                       "https://huggingface.co/facebook/wav2vec2-base-960h/resolve/main/model.safetensors"),
+    "umt5_xxl_fp8_e4m3fn_scaled.safetensors": ("text_encoders", f"{_REPACKAGED}/text_encoders/"
+                                               "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+    "clip_vision_h.safetensors": ("clip_vision", f"{_REPACKAGED}/clip_vision/clip_vision_h.safetensors"),
+    "wan_2.1_vae.safetensors": ("vae", f"{_REPACKAGED}/vae/wan_2.1_vae.safetensors"),
+}
 
 NATIVE_NOTE = """\
 # FantasyTalking on ComfyUI's own Wan model (native route)
@@ -167,14 +187,14 @@ Same numbers as the FantasyTalking Sampler on the same weights (docs/comfyui.md 
   Encode is exact).
 
 Model files (ComfyUI/models/...): diffusion_models: wan2.1_i2v_720p_14B_fp16.safetensors (or fp8 / GGUF);
-fantasytalking: fantasytalking_model.ckpt; transformers/facebook/wav2vec2-base-960h; text_encoders:
+fantasytalking: fantasytalking_model.ckpt; audio_encoders: wav2vec2-base-960h.safetensors; text_encoders:
 umt5_xxl_fp8_e4m3fn_scaled.safetensors; clip_vision: clip_vision_h.safetensors; vae: wan_2.1_vae.safetensors
 """
 
 
 def native_wan_route() -> dict:
     """The native route: ComfyUI's Wan model, patched, sampled with SamplerCustomAdvanced."""
-    nodes = common_nodes("voice.wav", 81, "transformers/facebook/wav2vec2-base-960h")
+    nodes = common_nodes("voice.wav", 81, "wav2vec2-base-960h.safetensors")
     for unused in ("9", "14"):  # the pack's Identity Encode and sampler
         nodes.pop(unused)
     dual = "FantasyTalking Guider / Dual CFG Guider (cond1)"
@@ -231,7 +251,7 @@ GROUPS = [("Models", ["1", "2", "10", "6", "8"]), ("Portrait and voice", ["5", "
 NOTE_POS, NOTE_SIZE = (8, 750), (424, 300)
 
 
-BUILD_GRAPH = """(async (api, name, positions, sizes, groups, note, notePos, noteSize, bypass) => {
+BUILD_GRAPH = """(async (api, name, positions, sizes, groups, note, notePos, noteSize, bypass, sources) => {
   app.graph.clear();
   await app.loadApiJson(api, name);
   const g = app.graph;
@@ -242,6 +262,11 @@ BUILD_GRAPH = """(async (api, name, positions, sizes, groups, note, notePos, not
     if (seed) seed.value = 'fixed';
   }
   for (const id of bypass) g.getNodeById(Number(id)).mode = 4;  // optional nodes: bypassed until enabled
+  for (const n of g._nodes) {  // where to download each model file: the front end's missing-models dialog
+    const models = (n.widgets || []).filter(w => w.value in sources)
+      .map(w => ({name: w.value, url: sources[w.value][1], directory: sources[w.value][0]}));
+    if (models.length) n.properties.models = models;
+  }
   const memo = LiteGraph.createNode('MarkdownNote');
   memo.pos = notePos; memo.size = noteSize; memo.widgets[0].value = note; memo.title = 'Read me';
   g.add(memo);
@@ -284,7 +309,7 @@ CLOSE_DIALOGS = """(() => {
 def build(browser: Browser, name: str, spec: dict) -> tuple[dict, dict, bytes]:
     """(UI workflow, API prompt, PNG screenshot) of one workflow, made by the front end."""
     args = [spec["api"], name, spec.get("positions", POSITIONS), SIZES, spec.get("groups", GROUPS), spec["note"],
-            spec.get("note_pos", NOTE_POS), spec.get("note_size", NOTE_SIZE), spec.get("bypass", [])]
+            spec.get("note_pos", NOTE_POS), spec.get("note_size", NOTE_SIZE), spec.get("bypass", []), MODEL_SOURCES]
     browser.js(f"{BUILD_GRAPH}(...{json.dumps(args, ensure_ascii=False)})")
     time.sleep(1.0)  # widgets settle (image preview, dynamic combos)
     ui = json.loads(browser.js("JSON.stringify(app.graph.serialize())"))
