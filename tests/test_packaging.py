@@ -43,3 +43,50 @@ def test_a_wheel_ships_every_subpackage_and_config():
     shipped = {p for g in globs for p in engine.glob(g)}
     configs = set((engine / "configs").rglob("*.json"))
     assert configs and configs <= shipped, sorted(str(p) for p in configs - shipped)
+
+
+def test_the_built_wheel_runs_generate_tiny(tmp_path):
+    """What `pip install` puts on disk: the wheel built from this tree, unpacked away from the checkout, runs the
+    installation check (`generate --tiny`); a config or subpackage missing from the wheel fails it."""
+    import subprocess
+    import sys
+    import zipfile
+
+    # build from a copy of the source files: a build/ folder left in a checkout would leak stale files into the wheel
+    source = tmp_path / "source"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    for name in listed:
+        if not name.startswith("tests/") and (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).write_bytes((ROOT / name).read_bytes())
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("fantasytalking-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import fantasytalking_core; print(fantasytalking_core.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    assert Path(where.strip()).is_relative_to(site)  # the wheel's copy, not the checkout
+    image, audio, out = tmp_path / "portrait.png", tmp_path / "voice.wav", tmp_path / "out.mp4"
+    _write_inputs(image, audio)
+    run = subprocess.run([sys.executable, "-m", "fantasytalking_core", "generate", "--tiny", "--image", str(image),
+                          "--audio", str(audio), "--out", str(out), "--steps", "1"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and out.stat().st_size > 0, run.stderr[-2000:]
+
+
+def _write_inputs(image: Path, audio: Path) -> None:
+    import wave
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((64, 48, 3)) * 255).astype("uint8")).save(image)
+    t = np.arange(8000) / 16000
+    with wave.open(str(audio), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2").tobytes())
