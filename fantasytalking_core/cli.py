@@ -33,7 +33,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .audio.io import load_audio
     from .errors import SettingsError
     from .face.motion import MotionIntensity
-    from .face.workflow import FaceCropOptions, generate_talking_video, prepare_job
+    from .face.workflow import FaceCropOptions, prepare_job, run_job
     from .loaders.model_paths import find_model_files, is_480p, load_models
     from .media.image import load_image
     from .media.video import aac_sample_rate, check_output_path
@@ -68,6 +68,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.face_crop or args.face_box:
         box = _parse_box(args.face_box, portrait.width, portrait.height) if args.face_box else None
         crop = FaceCropOptions(args.face_index, args.face_margin, args.face_feather, args.face_fallback, box)
+    job = prepare_job(portrait, settings, crop)  # the face is found (or not) before any model loads
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     with tempfile.TemporaryDirectory() as scratch:
         if args.tiny:
@@ -94,14 +95,13 @@ def _generate(args: argparse.Namespace) -> int:
                 bar.total = total
                 bar.update(1)
 
-            report = write_long_video(pipe, prepare_job(args.image, settings, crop), recording, options, args.out,
+            report = write_long_video(pipe, job, recording, options, args.out,
                                       tick, sample_frames=64 if args.identity_check else 0)
         out, shown = report.path, report.samples
         print(f"wrote {out} ({report.plan.num_frames} frames at {report.fps:g} fps, {len(report.plan)} segment(s))")
     else:
         with tqdm(total=settings.steps, desc="denoising", unit="step") as bar:
-            result = generate_talking_video(pipe, args.image, recording, settings, crop,
-                                            progress=lambda i, n: bar.update(1))
+            result = run_job(pipe, job, recording, progress=lambda i, n: bar.update(1))
         out = save_result(result, args.out)
         print(f"wrote {out} ({len(result.frames)} frames at {result.fps:g} fps)")
         shown = result.frames

@@ -272,6 +272,11 @@ class FaceCrop:
     reference: torch.Tensor
 
 
+# what Face Crop offers when detection finds no face (its own inputs)
+FACE_CROP_REMEDY = ("FantasyTalking Face Crop: paint the face in a mask (right-click the image, Open in MaskEditor) "
+                    "and connect it to mask, or switch on fallback_whole_image.")
+
+
 def crop_face(image: torch.Tensor, face_index: int = 0, margin: float = 0.6, mask: torch.Tensor | None = None,
               fallback_whole_image: bool = False) -> tuple[torch.Tensor, FaceCrop]:
     """IMAGE [B, H, W, 3] (first image used) -> (the square face crop [1, S, S, 3], the crop record).
@@ -286,7 +291,7 @@ def crop_face(image: torch.Tensor, face_index: int = 0, margin: float = 0.6, mas
                               f"{tuple(reference.shape[:2])}; paint the mask on this image.")
     try:
         face = box_from_mask(mask[0] if mask.ndim == 3 else mask) if mask is not None else pick_face(
-            detect_faces(reference), face_index)
+            detect_faces(reference), face_index, FACE_CROP_REMEDY)
     except FaceNotFoundError:
         if not fallback_whole_image:
             raise

@@ -23,8 +23,10 @@ def test_detects_the_face_in_a_real_photo(astronaut):
 
 
 def test_no_face_and_bad_index_are_clear_errors(astronaut):
-    with pytest.raises(FaceNotFoundError, match="fallback to use the whole image"):
+    with pytest.raises(FaceNotFoundError, match="No face was found in the reference image. Use a clear, frontal"):
         pick_face(detect_faces(torch.full((200, 200, 3), 0.5)))
+    with pytest.raises(FaceNotFoundError, match="No face was found in the reference image. Paint it"):
+        pick_face([], remedy="Paint it.")  # each caller names its own options
     with pytest.raises(FaceNotFoundError, match="only 1 face"):
         pick_face([FaceBox(0, 0, 10, 10)], index=1)
 

@@ -39,8 +39,11 @@ def test_mask_replaces_detection(photo):
 
 def test_no_face_stops_or_falls_back_to_the_whole_image():
     grey = torch.full((1, 64, 96, 3), 0.5)
-    with pytest.raises(FaceNotFoundError, match="No face was found"):
+    with pytest.raises(FaceNotFoundError, match="No face was found") as refused:
         crop_face(grey)
+    # what this node offers (its mask input, its fallback switch), not the command line's face box
+    assert "mask" in str(refused.value) and "fallback_whole_image" in str(refused.value)
+    assert "face box" not in str(refused.value) and "--face" not in str(refused.value)
     image, crop = crop_face(grey, fallback_whole_image=True)
     assert torch.equal(image, grey) and crop.info is None
     frames = torch.rand(2, 32, 48, 3)

@@ -81,13 +81,13 @@ def detect_faces(image: torch.Tensor | np.ndarray, upsample: int = 1,
     return sorted(faces, key=lambda f: (f.area, f.score), reverse=True)
 
 
-def pick_face(faces: list[FaceBox], index: int = 0) -> FaceBox:
-    """The ``index``-th face (0 = largest); a clear error when there is none or too few."""
+def pick_face(faces: list[FaceBox], index: int = 0, remedy: str = "Use a clear, frontal portrait.") -> FaceBox:
+    """The ``index``-th face (0 = largest); a clear error when there is none or too few.
+
+    ``remedy``: what the caller offers when detection finds nothing (its own options, named as its user sees them).
+    """
     if not faces:
-        raise FaceNotFoundError(
-            "No face was found in the reference image. Use a clear, frontal portrait, give the face box or a mask, "
-            "or switch on the fallback to use the whole image."
-        )
+        raise FaceNotFoundError(f"No face was found in the reference image. {remedy}")
     if not 0 <= index < len(faces):
         raise FaceNotFoundError(f"Face index {index} asked for, but only {len(faces)} face(s) were found (0 = largest).")
     return faces[index]

@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 ProgressFn = Callable[[int, int], None]
 
 
+# what the command line offers when detection finds no face (its flags)
+NO_FACE_REMEDY = ("Use a clear, frontal portrait, give the face with --face-box x0,y0,x1,y1, or add --face-fallback "
+                  "to use the whole image.")
+
+
 @dataclass
 class FaceCropOptions:
     """Crop -> generate -> paste back. index: which face (0 = largest); margin: see ``crop.square_crop``;
@@ -73,7 +78,8 @@ def prepare_job(
     else:
         faces = detect_faces(full) if needs_face else []
     if face_crop is not None and (faces or not face_crop.fallback_whole_image):
-        info = square_crop(pick_face(faces, face_crop.index), full.shape[0], full.shape[1], face_crop.margin)
+        info = square_crop(pick_face(faces, face_crop.index, NO_FACE_REMEDY), full.shape[0], full.shape[1],
+                           face_crop.margin)
         crop = Image.fromarray((crop_image(full, info).numpy() * 255).round().astype(np.uint8))
         side = frame_size(info.size, info.size, settings.image_size)[0]
         return PreparedJob(crop, replace(settings, face_box=info.face_in(side, side)),
@@ -96,6 +102,11 @@ def generate_talking_video(
 ) -> GenerationResult:
     """The whole job: optional face crop and paste-back around the pipeline, and the face region for motion
     (see :func:`prepare_job`)."""
-    job = prepare_job(image, settings, face_crop)
+    return run_job(pipe, prepare_job(image, settings, face_crop), audio, progress)
+
+
+def run_job(pipe: FantasyTalkingPipeline, job: PreparedJob, audio: str | os.PathLike | Mapping | DecodedAudio,
+            progress: ProgressFn | None = None) -> GenerationResult:
+    """Generate a prepared job (:func:`prepare_job`, which can run before any model loads) as one clip."""
     result = pipe(job.image, audio, job.settings, progress)
     return replace(result, frames=job.finish(result.frames))
