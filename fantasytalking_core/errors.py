@@ -27,3 +27,7 @@ class FaceNotFoundError(FantasyTalkingError, ValueError):
 
 class SettingsError(FantasyTalkingError, ValueError):
     """A generation setting out of its range (steps, guidance range, intensities, sizes)."""
+
+
+class MissingDependencyError(FantasyTalkingError, ImportError):
+    """An optional package a feature needs is not installed (e.g. no wheel for this platform); says how to get it."""

@@ -406,3 +406,14 @@ def test_load_mono_16k_matches_manual_steps(tmp_path, sr):
 
 def test_module_constants():
     assert audio_io.TARGET_SAMPLE_RATE == 16000
+
+
+def test_without_soxr_resampling_says_what_to_install_and_16k_needs_none(monkeypatch):
+    """soxr has no wheel for Windows on ARM: left out there; a 16 kHz recording needs no resampling at all."""
+    from fantasytalking_core.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "soxr", None)  # import soxr -> ImportError
+    with pytest.raises(MissingDependencyError, match="needs soxr.*pip install soxr.*or give a 16 kHz recording"):
+        audio_io.resample(torch.zeros(4410), 44100, 16000)
+    wave = torch.linspace(-0.5, 0.5, 1600)
+    assert torch.equal(audio_io.resample(wave, 16000, 16000), wave)

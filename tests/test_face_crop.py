@@ -86,3 +86,12 @@ def test_paste_back_round_trip_and_blend(astronaut):
     assert torch.equal(out[outside], astronaut[outside])
     edge = out[info.y + info.size // 2, info.x + 3]  # inside the feather: a blend of both
     assert 0 < edge[1] < 1 and edge[0] > astronaut[info.y + info.size // 2, info.x + 3, 0] - 1e-6
+
+
+def test_without_dlib_face_detection_says_what_to_install(monkeypatch):
+    """dlib-bin has no wheel for Windows on ARM: the requirement is left out there and the feature says so."""
+    from fantasytalking_core.errors import MissingDependencyError
+
+    monkeypatch.setitem(__import__("sys").modules, "dlib", None)  # import dlib -> ImportError
+    with pytest.raises(MissingDependencyError, match="pip install dlib-bin.*Everything else works without it"):
+        detect_faces(torch.full((64, 64, 3), 0.5))

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..errors import AudioInputError
+from ..errors import AudioInputError, MissingDependencyError
 
 TARGET_SAMPLE_RATE = 16000
 """Sample rate wav2vec2-base-960h was trained on, in Hz."""
@@ -357,8 +357,12 @@ def resample(
 
         y = taf.resample(x[None], orig_sr, target_sr)[0]
     else:
-        import soxr
-
+        try:
+            import soxr
+        except ImportError:  # no wheel for Windows on ARM
+            raise MissingDependencyError(f"resampling {orig_sr} Hz audio to {target_sr} Hz needs soxr, which is not "
+                                  "installed (it has no wheel for Windows on ARM): pip install soxr (builds with a C "
+                                  "compiler), or give a 16 kHz recording.") from None
         y = torch.from_numpy(soxr.resample(x.numpy(), orig_sr, target_sr, quality="HQ"))
     # Same length fix as librosa (zero-pad or trim to ceil(T * ratio)).
     if y.shape[0] < n_out:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import FaceNotFoundError, ImageInputError
+from ..errors import MissingDependencyError, FaceNotFoundError, ImageInputError
 
 DEFAULT_MARGIN = 0.6  # extra side length around the face box, as a fraction of the face size on each side
 DETECTION_THRESHOLD = 0.5  # dlib HOG score below which a detection is ignored (weak, often not a face)
@@ -68,14 +68,25 @@ def _as_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.uint8)
 
 
+def import_dlib():
+    """dlib, or a clear error where it is not installed (dlib-bin has no wheel for Windows on ARM)."""
+    try:
+        import dlib
+    except ImportError:
+        raise MissingDependencyError(
+            "Face detection needs dlib, which is not installed (dlib-bin has no wheel for Windows on ARM): "
+            "pip install dlib-bin, or build dlib from source; or give the face yourself (a mask, a face box), "
+            "or leave face crop and motion intensity off. Everything else works without it.") from None
+    return dlib
+
+
 def detect_faces(image: torch.Tensor | np.ndarray, upsample: int = 1,
                  threshold: float = DETECTION_THRESHOLD) -> list[FaceBox]:
     """Frontal faces in ``image`` ([H, W, 3], float 0..1 or uint8), largest first.
 
     ``upsample`` doubles the image that many times first, to find faces smaller than ~80 pixels.
     """
-    import dlib
-
+    dlib = import_dlib()
     boxes, scores, _ = dlib.get_frontal_face_detector().run(_as_uint8(image), upsample, threshold)
     faces = [FaceBox(b.left(), b.top(), b.right() + 1, b.bottom() + 1, s) for b, s in zip(boxes, scores)]
     return sorted(faces, key=lambda f: (f.area, f.score), reverse=True)

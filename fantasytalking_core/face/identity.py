@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import FaceNotFoundError, ModelNotFoundError
-from .crop import _as_uint8, detect_faces, pick_face
+from .crop import _as_uint8, detect_faces, import_dlib, pick_face
 
 INSTALL_HINT = "pip install face-recognition-models dlib-bin"
 
@@ -33,8 +33,7 @@ class FaceEmbedder:
     """dlib face detector + 5-point aligner + 128-d face-recognition ResNet, loaded once."""
 
     def __init__(self) -> None:
-        import dlib
-
+        dlib = import_dlib()
         folder = _model_dir()
         self._dlib = dlib
         self._landmarks = dlib.shape_predictor(str(folder / "shape_predictor_5_face_landmarks.dat"))
