@@ -31,6 +31,7 @@ from .media.image import comfy_image_to_pil, image_to_tensor, load_image
 from .media.video import write_video
 from .model.limits import check_image_size, check_max_frames
 from .model.transformer import FantasyTalkingModel
+from .runtime.memory import check_gpu_memory, estimate_dit_memory
 from .runtime.placement import PLACEMENTS, dit_on_device, on_device
 from .sampling.denoise import generate_latents
 from .sampling.guidance import GuidanceConfig
@@ -178,6 +179,8 @@ class FantasyTalkingPipeline:
         pixels = self.reference_image(image, settings.image_size)  # validate the cheap input first
         recording = load_audio(audio)  # decoded once: the features and the muxed sound come from it
         voice = self.audio_features(recording, settings)
+        check_dit_fits(m.dit, self.device, voice.num_frames, pixels.shape[1], pixels.shape[2], settings,
+                       self.dit_placement)  # before the encoders run
         text_pos, text_neg, clip_tokens = self._prompt_and_identity(pixels, settings)
         tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
         with on_device(m.vae, self.device):
@@ -216,6 +219,8 @@ class FantasyTalkingPipeline:
         with on_device(m.wav2vec2, self.device):
             voice = extract_audio_features(m.wav2vec2, recording, settings.fps, None)  # bounded chunks
         plan = plan_segments(voice.num_frames, voice.fps, voice.num_tokens, options.segment_frames, options.overlap)
+        longest = max(segment.num_frames for segment in plan.segments)
+        check_dit_fits(m.dit, self.device, longest, pixels.shape[1], pixels.shape[2], settings, self.dit_placement)
         text_pos, text_neg, clip_tokens = self._prompt_and_identity(pixels, settings)  # identity: the portrait
         tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
 
@@ -251,6 +256,15 @@ class FantasyTalkingPipeline:
         with on_device(self.models.vae, self.device):
             video = decode_latents(self.models.vae, latents, tile_size=tile)  # [1, 3, F, H, W] in -1..1
         return ((video[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def check_dit_fits(dit: FantasyTalkingModel, device: torch.device, num_frames: int, height: int, width: int,
+                   settings: GenerationSettings, placement: str = "resident") -> None:
+    """Refuse, before any model moves, a run whose DiT cannot fit in the free memory of a CUDA ``device``
+    (``runtime/memory.py``); ``height`` x ``width`` are the video's pixels."""
+    rows = 3 if settings.batch_passes else 1
+    estimate = estimate_dit_memory(dit.transformer, num_frames, height, width, rows, placement, dit.dtype.itemsize)
+    check_gpu_memory(estimate, device, f"{num_frames} frames at {width}x{height}")
 
 
 def sample_latents(

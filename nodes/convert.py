@@ -38,7 +38,7 @@ from fantasytalking_core.encoders.text import clean_prompt
 from fantasytalking_core.encoders.vae import first_frame_mask, latent_num_frames, vae_config
 from fantasytalking_core.media.image import comfy_image_to_pil, image_to_tensor
 from fantasytalking_core.model.transformer import IMAGE_TOKENS, FantasyTalkingModel
-from fantasytalking_core.pipeline import GenerationSettings, sample_latents
+from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits, sample_latents
 from fantasytalking_core.runtime.placement import dit_on_device, on_device
 
 logger = logging.getLogger(__name__)
@@ -443,6 +443,8 @@ def sample_video(
     y = image_condition(identity.vae, identity.pixels, num_frames)
     if make_room is not None:
         make_room()
+    height, width = identity.pixels.shape[1:3]
+    check_dit_fits(model, device, num_frames, height, width, settings, dit_placement)  # not a CUDA OOM mid-run
     with dit_on_device(model, device, dit_placement):
         latents = sample_latents(model, text_pos, text_neg, identity.clip_tokens, y, voice.features.features,
                                  num_frames, settings, progress)

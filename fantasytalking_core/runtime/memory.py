@@ -1,0 +1,92 @@
+"""Will the DiT fit? An estimate of its GPU memory for one run, checked before any model moves to the GPU.
+
+Weights: the bytes of the parameters that sit on the device (all of them when resident; two blocks plus the
+embeddings and head when streamed, one block computing while the next is prefetched). Activations: per video token
+and batch row, the FFN's hidden activation in the compute dtype twice (input and output of the GELU) and three
+float32 model-width tensors (residual stream, its normed and modulated copy, the block output):
+``2 * ffn_dim * e + 3 * dim * 4`` bytes. For the 14B model that is 114 KiB per token; on an H100 the measured
+activations were 2.3 GiB for 21,504 tokens and 8.0 GiB for 75,600 (109-111 KiB per token, ``docs/benchmarks.md``).
+Attention runs through fused kernels whose memory grows with the tokens, not their square.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import FantasyTalkingError
+
+GIB = 1024**3
+MARGIN = 1.02  # allocator fragmentation and the small tensors the model above does not count
+RESERVE = GIB // 2  # CUDA context, cuBLAS/cuDNN workspaces
+
+
+class InsufficientMemoryError(FantasyTalkingError, MemoryError):
+    """The run needs more GPU memory than is free; the message names the options."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one run needs on the device."""
+
+    weights: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return int((self.weights + self.activations) * MARGIN) + RESERVE
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers as stored (fp8 and GGUF weights count their real storage)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)  # GGUF weights are uint8 blocks: their bytes
+
+
+def video_tokens(num_frames: int, height: int, width: int) -> int:
+    """DiT tokens of a video: latent frames x (height / 16) x (width / 16) (VAE 4x8x8, patch 1x2x2)."""
+    return ((num_frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+
+
+def estimate_dit_memory(transformer: torch.nn.Module, num_frames: int, height: int, width: int, batch_rows: int = 1,
+                        placement: str = "resident", compute_bytes: int = 2) -> MemoryEstimate:
+    """What sampling ``num_frames`` frames of ``height`` x ``width`` needs on the device.
+
+    Args:
+        transformer: the DiT (``WanTransformer3DModel``), weights as stored.
+        batch_rows: guidance passes run as one batch (1 when they run one after another).
+        placement: ``"resident"`` or ``"streamed"`` (see ``runtime/placement.py``).
+        compute_bytes: bytes per element of the compute dtype (2 for bf16/fp16).
+    """
+    blocks = list(transformer.blocks)
+    whole = parameter_bytes(transformer)
+    if placement == "streamed":
+        block = max(parameter_bytes(b) for b in blocks)
+        weights = whole - sum(parameter_bytes(b) for b in blocks) + 2 * block
+    else:
+        weights = whole
+    config = transformer.config
+    dim = config.num_attention_heads * config.attention_head_dim
+    per_token = 2 * config.ffn_dim * compute_bytes + 3 * dim * 4
+    return MemoryEstimate(weights, per_token * video_tokens(num_frames, height, width) * batch_rows)
+
+
+def check_gpu_memory(estimate: MemoryEstimate, device: torch.device, what: str) -> None:
+    """Refuse a run that cannot fit in the free memory of a CUDA ``device`` (other devices are not checked).
+
+    Args:
+        what: the run, as the message should name it (e.g. "81 frames at 512x512").
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if estimate.total <= free:
+        return
+    name = torch.cuda.get_device_name(device)
+    raise InsufficientMemoryError(
+        f"This run needs about {estimate.total / GIB:.1f} GiB of GPU memory (DiT weights {estimate.weights / GIB:.1f} "
+        f"GiB + {estimate.activations / GIB:.1f} GiB for {what}) but {name} has {free / GIB:.1f} GiB free. Options: "
+        "fp8 weights (--fp8 / weight_dtype fp8_e4m3fn: about half the weights), a GGUF file, streaming the blocks "
+        "(--offload-blocks / offload_blocks: about 5 GiB for the 14B model), a smaller image size, or fewer frames.")

@@ -1,0 +1,45 @@
+"""The GPU memory estimate: calibrated on the H100 figures, and a run that cannot fit is refused before it starts."""
+
+import pytest
+import torch
+
+from fantasytalking_core.model.transformer import build_transformer, resolve_config
+from fantasytalking_core.runtime import memory
+from fantasytalking_core.runtime.memory import (GIB, InsufficientMemoryError, MemoryEstimate, check_gpu_memory,
+                                                estimate_dit_memory, video_tokens)
+
+
+@pytest.fixture(scope="module")
+def dit_14b():
+    """The real 14B architecture on the meta device (no memory), weights counted in bf16."""
+    return build_transformer(resolve_config("wan2.1_i2v_14b_720p"), empty=True).to(torch.bfloat16)
+
+
+def test_video_tokens_of_the_benchmark_sizes():
+    assert video_tokens(81, 512, 512) == 21 * 32 * 32 == 21504
+    assert video_tokens(81, 720, 1280) == 21 * 45 * 80 == 75600
+
+
+def test_the_14b_estimate_matches_the_h100_measurements(dit_14b):
+    """docs/benchmarks.md, H100: weights 32.2 GiB (DiT + adapter, the adapter ~1.6 of it); peak 34.6 GiB for one
+    pass at 512x512x81, 39.2 with the 3 passes batched, 40.3 at 720x1280x81; streamed 4.4 GiB."""
+    one = estimate_dit_memory(dit_14b, 81, 512, 512)
+    assert 30.0 < one.weights / GIB < 31.5  # without the adapter's k/v
+    assert 2.0 < one.activations / GIB < 2.6  # measured 2.3
+    assert 6.5 < estimate_dit_memory(dit_14b, 81, 512, 512, batch_rows=3).activations / GIB < 7.5  # measured 6.9
+    assert 7.5 < estimate_dit_memory(dit_14b, 81, 720, 1280).activations / GIB < 8.6  # measured 8.0
+    streamed = estimate_dit_memory(dit_14b, 81, 512, 512, placement="streamed")
+    assert 1.0 < streamed.weights / GIB < 2.5 and streamed.total / GIB < 5.5  # measured peak 4.4
+
+
+def test_a_run_that_cannot_fit_is_refused_with_the_options(monkeypatch):
+    monkeypatch.setattr(memory.torch.cuda, "mem_get_info", lambda device: (22 * GIB, 24 * GIB))
+    monkeypatch.setattr(memory.torch.cuda, "get_device_name", lambda device: "NVIDIA GeForce RTX 4090")
+    big = MemoryEstimate(weights=int(32.3 * GIB), activations=int(2.3 * GIB))
+    with pytest.raises(InsufficientMemoryError) as refused:
+        check_gpu_memory(big, torch.device("cuda", 0), "81 frames at 512x512")
+    text = str(refused.value)
+    assert "RTX 4090 has 22.0 GiB free" in text and "81 frames at 512x512" in text and "\n" not in text
+    assert all(option in text for option in ("--fp8", "GGUF", "--offload-blocks", "smaller image size", "fewer frames"))
+    check_gpu_memory(MemoryEstimate(weights=int(17 * GIB), activations=int(2.3 * GIB)), torch.device("cuda", 0), "x")
+    check_gpu_memory(big, torch.device("cpu"), "x")  # only CUDA devices are checked
