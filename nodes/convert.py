@@ -246,9 +246,10 @@ def encode_identity(image: torch.Tensor, vae: Any, clip_vision_output: Any, imag
     face_box = None
     if crop is not None and crop.info is not None:
         face_box = crop.info.face_in(width, height)
-    elif locate_face:
-        faces = detect_faces(pixels[0])
-        face_box = faces[0].as_tuple() if faces else None
+    elif locate_face:  # on the full-resolution portrait: a face too small at the video size is still found
+        faces = detect_faces(image[0].float().cpu())
+        scale = (width / image.shape[2], height / image.shape[1])
+        face_box = faces[0].scaled(*scale).as_tuple() if faces else None
     tokens = (official_clip_tokens(clip_vision, pixels, load_model) if clip_vision is not None
               else clip_vision_tokens(clip_vision_output))
     return Identity(pixels, tokens, vae, face_box)

@@ -95,3 +95,26 @@ def test_without_dlib_face_detection_says_what_to_install(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "dlib", None)  # import dlib -> ImportError
     with pytest.raises(MissingDependencyError, match="pip install dlib-bin.*Everything else works without it"):
         detect_faces(torch.full((64, 64, 3), 0.5))
+
+
+def _resized(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    from PIL import Image as PILImage
+
+    pil = PILImage.fromarray((image.numpy() * 255).round().astype("uint8")).resize((width, height), PILImage.BILINEAR)
+    return torch.from_numpy(__import__("numpy").asarray(pil)).float() / 255
+
+
+@pytest.mark.parametrize("width, height", [(1024, 512), (512, 1024)])
+def test_a_face_in_a_photo_stretched_by_a_non_uniform_resize_is_found(astronaut, width, height):
+    """HOG alone finds nothing in the astronaut stretched 2:1 either way; the box comes back in the stretched image."""
+    face = pick_face(detect_faces(_resized(astronaut, width, height)))
+    sx, sy = width / 512, height / 512
+    assert face.x0 < 220 * sx < face.x1 and face.y0 < 123 * sy < face.y1
+
+
+def test_a_small_face_in_a_large_photo_is_found(astronaut):
+    """The astronaut at 128 px inside a 1536 px canvas: a face of ~25 px, below HOG's size at one doubling."""
+    canvas = torch.full((1536, 1536, 3), 0.5)
+    canvas[600:728, 700:828] = _resized(astronaut, 128, 128)
+    face = pick_face(detect_faces(canvas))
+    assert face.x0 < 700 + 220 / 4 < face.x1 and face.y0 < 600 + 123 / 4 < face.y1

@@ -406,3 +406,16 @@ def test_module_imports_no_comfy():
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert names and not [m for m in names if m == "comfy" or m.startswith(("comfy.", "comfy_api"))]
+
+
+def test_identity_locates_the_face_on_the_full_resolution_portrait():
+    """At a 64 px video size the astronaut's face is ~12 px (no detector finds it there); it is found on the 512 px
+    portrait and its box scaled to the video frame."""
+    from skimage import data
+
+    portrait = torch.from_numpy(data.astronaut()).float()[None] / 255  # [1, 512, 512, 3], face around (220, 123)
+    clip = CLIPVisionOutput(penultimate_hidden_states=torch.randn(1, 257, 8))
+    identity = encode_identity(portrait, ComfyLikeVAE(None), clip, 64, locate_face=True)
+    assert identity.frame_size == (64, 64)
+    x0, y0, x1, y1 = identity.face_box
+    assert x0 < 220 / 8 < x1 and y0 < 123 / 8 < y1 and 6 < x1 - x0 < 18

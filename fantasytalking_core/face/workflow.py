@@ -87,8 +87,7 @@ def prepare_job(
     if faces and settings.face_box is None and settings.motion is not None and not settings.motion.is_default:
         width, height = frame_size(picture.width, picture.height, settings.image_size)
         face = pick_face(faces, face_crop.index if face_crop else 0)
-        sx, sy = width / picture.width, height / picture.height
-        settings = replace(settings, face_box=(face.x0 * sx, face.y0 * sy, face.x1 * sx, face.y1 * sy))
+        settings = replace(settings, face_box=face.scaled(width / picture.width, height / picture.height).as_tuple())
     return PreparedJob(picture, settings, lambda frames: frames)
 
 
