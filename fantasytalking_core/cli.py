@@ -51,6 +51,7 @@ def _generate(args: argparse.Namespace) -> int:
         image_size=args.image_size, shift=args.shift, batch_passes=args.batch_passes, vae_tile=args.vae_tile,
         audio_guidance_range=(args.audio_guidance_start, args.audio_guidance_end),
         motion=MotionIntensity(args.face_intensity, args.body_intensity, args.motion_audio_cfg),
+        attention=args.attention,
     )
     segmented = args.max_frames is None  # --max-frames asks for the official single clip
     try:
@@ -174,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", default=d.prompt)
     gen.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT)
     gen.add_argument("--seed", type=int, default=d.seed)
+    gen.add_argument("--attention", default=d.attention,
+                     help="the DiT's attention kernels: sdpa (default), flash, sage or xformers (when installed)")
     gen.add_argument("--steps", type=int, default=d.steps)
     gen.add_argument("--shift", type=float, default=d.shift)
     gen.add_argument("--cfg", type=float, default=d.cfg, help="text guidance scale")

@@ -31,6 +31,7 @@ from .media.image import comfy_image_to_pil, image_to_tensor, load_image
 from .media.video import write_video
 from .model.limits import check_image_size, check_max_frames
 from .model.transformer import FantasyTalkingModel
+from .runtime.attention import check_attention, using_attention
 from .runtime.memory import check_gpu_memory, estimate_dit_memory
 from .runtime.placement import PLACEMENTS, dit_on_device, on_device
 from .sampling.denoise import generate_latents
@@ -55,6 +56,8 @@ class GenerationSettings:
         vae_tile: decode in spatial tiles of this many pixels (bounded memory), or None.
         motion: face/body motion intensity (training-free, see ``face/motion.py``); None = official behaviour.
         face_box: (x0, y0, x1, y1) of the face in video-frame pixels, where the face intensity applies.
+        attention: the DiT's attention kernels: sdpa (default), flash, sage or xformers when installed
+            (``runtime/attention.py``).
     """
 
     prompt: str = "A person is talking."
@@ -73,6 +76,7 @@ class GenerationSettings:
     vae_tile: int | None = None
     motion: MotionIntensity | None = None
     face_box: tuple[float, float, float, float] | None = None
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         """Check every setting before any work, so a bad value fails in a second, not after the models load."""
@@ -92,6 +96,7 @@ class GenerationSettings:
                 raise SettingsError(message + ".")
         check_max_frames(self.max_frames)  # the DiT's reach in time and space (model/limits.py)
         check_image_size(self.image_size)
+        check_attention(self.attention)  # an uninstalled kernel library fails here, not after the models load
 
 
 @dataclass
@@ -285,16 +290,18 @@ def sample_latents(
     in ``generate_latents``. Runs where ``dit`` is."""
     frames, height, width = image_latents.shape[2], image_latents.shape[3] * 8, image_latents.shape[4] * 8
     start, end = settings.audio_guidance_range
-    return generate_latents(
-        dit, text_pos, text_neg, clip_tokens, image_latents, audio_features, num_frames,
-        guidance=GuidanceConfig(settings.cfg, audio_cfg_for(settings.motion, settings.audio_cfg), start, end),
-        sigmas=flow_match_sigmas(settings.steps, settings.shift),
-        seed=settings.seed,
-        audio_scale=audio_scale_map(settings.motion, settings.audio_scale, frames, height, width, settings.face_box),
-        batch_passes=settings.batch_passes,
-        progress=progress,
-        num_audio_tokens=num_audio_tokens,
-    )
+    with using_attention(settings.attention):
+        return generate_latents(
+            dit, text_pos, text_neg, clip_tokens, image_latents, audio_features, num_frames,
+            guidance=GuidanceConfig(settings.cfg, audio_cfg_for(settings.motion, settings.audio_cfg), start, end),
+            sigmas=flow_match_sigmas(settings.steps, settings.shift),
+            seed=settings.seed,
+            audio_scale=audio_scale_map(settings.motion, settings.audio_scale, frames, height, width,
+                                        settings.face_box),
+            batch_passes=settings.batch_passes,
+            progress=progress,
+            num_audio_tokens=num_audio_tokens,
+        )
 
 
 def save_result(result: GenerationResult, path: str | Path) -> Path:

@@ -7,6 +7,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from fantasytalking_core.pipeline import GenerationSettings
+from fantasytalking_core.runtime.attention import ATTENTION_BACKENDS
 
 from . import io_types
 from .convert import conditioning_to_text, sample_video
@@ -57,6 +58,10 @@ class Sampler(io.ComfyNode):
                 io.Boolean.Input("batch_passes", default=DEFAULTS.batch_passes, advanced=True,
                                  tooltip="Run the 2-3 model passes of a step as one batch: faster on a GPU with "
                                          "memory to spare, more peak memory."),
+                io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="sdpa", optional=True,
+                               advanced=True, tooltip="The model's attention kernels: sdpa (PyTorch, default), or "
+                                                      "flash / sage / xformers when that package is installed "
+                                                      "(faster on some GPUs)."),
                 io.Boolean.Input("offload_blocks", default=False, optional=True, advanced=True,
                                  tooltip="Stream the model's blocks to the GPU one at a time instead of moving it "
                                          "whole: the 14B model in about 5 GB of GPU memory (a 24 GB card, even "
@@ -72,11 +77,12 @@ class Sampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, identity, audio_features, steps: int, cfg: float, audio_cfg: float,
                 audio_guidance_start: float, audio_guidance_end: float, audio_scale: float, shift: float, seed: int,
-                motion=None, batch_passes: bool = False, offload_blocks: bool = False) -> io.NodeOutput:
+                motion=None, batch_passes: bool = False, offload_blocks: bool = False,
+                attention: str = "sdpa") -> io.NodeOutput:
         settings = GenerationSettings(
             seed=seed, steps=steps, shift=shift, cfg=cfg, audio_cfg=audio_cfg, audio_scale=audio_scale,
             audio_guidance_range=(audio_guidance_start, audio_guidance_end), fps=audio_features.features.fps,
-            batch_passes=batch_passes, motion=motion, face_box=identity.face_box)
+            batch_passes=batch_passes, motion=motion, face_box=identity.face_box, attention=attention)
         text_dim = model.transformer.config.text_dim
         text_pos = conditioning_to_text(positive, "positive", text_dim)
         text_neg = None if cfg == 1.0 else conditioning_to_text(negative, "negative", text_dim)

@@ -1,0 +1,47 @@
+"""The attention-kernel option: refused up front when unknown or not installed, active during every DiT forward."""
+
+import pytest
+import torch
+
+from fantasytalking_core.errors import SettingsError
+from fantasytalking_core.model import adapter
+from fantasytalking_core.pipeline import GenerationSettings, sample_latents
+from fantasytalking_core.runtime import attention
+from fantasytalking_core.runtime.attention import ATTENTION_BACKENDS, check_attention
+
+
+def test_unknown_or_uninstalled_kernels_are_refused_before_any_work(monkeypatch):
+    with pytest.raises(SettingsError, match="attention must be one of sdpa, flash, sage, xformers"):
+        GenerationSettings(attention="fastest")
+
+    def missing(name):
+        raise RuntimeError(f"backend {name} is not usable")
+
+    monkeypatch.setattr(attention, "attention_backend", missing)  # as diffusers reports a missing package
+    with pytest.raises(SettingsError, match="needs the flash-attn package .* or use sdpa"):
+        check_attention("flash")
+
+
+def test_the_chosen_kernels_run_every_dit_forward(tiny_model, official_inputs, monkeypatch):
+    """A second backend usable on a CPU (diffusers' math SDPA) stands in for flash/sage: the text and image
+    attention of every forward run on it, and the result stays the same maths."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    monkeypatch.setitem(ATTENTION_BACKENDS, "math", ("_native_math", "nothing"))
+    seen = []
+    dispatch = adapter.dispatch_attention_fn
+
+    def spy(*args, **kwargs):
+        seen.append(_AttentionBackendRegistry._active_backend.value)
+        return dispatch(*args, **kwargs)
+
+    monkeypatch.setattr(adapter, "dispatch_attention_fn", spy)
+    x = official_inputs
+    frames = x["x"].shape[2]
+    run = lambda name: sample_latents(tiny_model, x["context_pos"], x["context_neg"], x["clip_feature"], x["y"],
+                                      x["audio_features"][0], 4 * frames - 3, GenerationSettings(steps=2, attention=name))
+    with torch.no_grad():
+        math, sdpa = run("math"), run("sdpa")
+    calls = len(seen) // 2
+    assert calls > 0 and set(seen[:calls]) == {"_native_math"} and set(seen[calls:]) == {"native"}
+    torch.testing.assert_close(math, sdpa, rtol=1e-4, atol=1e-4 * float(sdpa.abs().max()))
