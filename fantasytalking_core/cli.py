@@ -53,6 +53,8 @@ def _generate(args: argparse.Namespace) -> int:
         motion=MotionIntensity(args.face_intensity, args.body_intensity, args.motion_audio_cfg),
         attention=args.attention,
     )
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        raise SettingsError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory:g}.")
     segmented = args.max_frames is None  # --max-frames asks for the official single clip
     try:
         options = SegmentOptions(args.segment_frames, args.motion_frames, args.chaining, args.color_match,
@@ -87,7 +89,8 @@ def _generate(args: argparse.Namespace) -> int:
                 print(f"note: {files.dit.name} is Wan2.1-I2V-14B-480P; the released FantasyTalking adapter was trained "
                       "on 720P (it runs on 480P, not the released pairing).", file=sys.stderr)
         models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8)
-    pipe = FantasyTalkingPipeline(models, args.device, "streamed" if args.offload_blocks else "resident")
+    pipe = FantasyTalkingPipeline(models, args.device, "streamed" if args.offload_blocks else "resident",
+                                  args.gpu_memory)
     if segmented:
         from .long_video import write_long_video
 
@@ -193,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                      help="compute precision of the DiT and umT5 whatever the files store (bf16: the official setting)")
     gen.add_argument("--fp8", action="store_true", help="keep the DiT's block weights in fp8 (half the memory)")
+    gen.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                     help="GPU memory budget in GiB: the DiT stays whole on the GPU when the run fits, else its "
+                          "blocks stream (overrides --offload-blocks)")
     gen.add_argument("--offload-blocks", action="store_true",
                      help="stream the DiT's blocks to the GPU one at a time (the 14B model in about 5 GB of GPU "
                           "memory, slower; needs the DiT's size in CPU memory)")

@@ -32,7 +32,7 @@ from .media.video import write_video
 from .model.limits import check_image_size, check_max_frames
 from .model.transformer import FantasyTalkingModel
 from .runtime.attention import check_attention, using_attention
-from .runtime.memory import check_gpu_memory, estimate_dit_memory
+from .runtime.memory import check_gpu_memory, choose_placement, estimate_dit_memory
 from .runtime.placement import PLACEMENTS, dit_on_device, on_device
 from .sampling.denoise import generate_latents
 from .sampling.guidance import GuidanceConfig
@@ -146,15 +146,20 @@ class FantasyTalkingPipeline:
         device: where the models compute; they wait on their own device (usually the CPU) in between.
         dit_placement: ``"resident"`` (the whole DiT on ``device`` while it samples) or ``"streamed"`` (its blocks
             stream from the CPU one at a time: a 14B DiT on a card that cannot hold it, at some speed cost).
+        gpu_memory: a budget in GiB: each run picks resident or streamed to fit it (``dit_placement`` is then
+            ignored); None: ``dit_placement`` as given.
     """
 
     def __init__(self, models: FantasyTalkingModels, device: str | torch.device = "cpu",
-                 dit_placement: str = "resident"):
+                 dit_placement: str = "resident", gpu_memory: float | None = None):
         if dit_placement not in PLACEMENTS:
             raise SettingsError(f"dit_placement must be one of {PLACEMENTS}, got {dit_placement!r}.")
         self.models = models
         self.device = torch.device(device)
         self.dit_placement = dit_placement
+        if gpu_memory is not None and gpu_memory <= 0:
+            raise SettingsError(f"gpu_memory must be a positive number of GiB, got {gpu_memory}.")
+        self.gpu_memory = gpu_memory
 
     def reference_image(self, image: str | os.PathLike | Image.Image | torch.Tensor, image_size: int) -> torch.Tensor:
         """A file path, PIL image or ComfyUI IMAGE -> [3, H, W] in -1..1 at the video size."""
@@ -184,14 +189,14 @@ class FantasyTalkingPipeline:
         pixels = self.reference_image(image, settings.image_size)  # validate the cheap input first
         recording = load_audio(audio)  # decoded once: the features and the muxed sound come from it
         voice = self.audio_features(recording, settings)
-        check_dit_fits(m.dit, self.device, voice.num_frames, pixels.shape[1], pixels.shape[2], settings,
-                       self.dit_placement)  # before the encoders run
+        placement = check_dit_fits(m.dit, self.device, voice.num_frames, pixels.shape[1], pixels.shape[2], settings,
+                                   self.dit_placement, self.gpu_memory)  # before the encoders run
         text_pos, text_neg, clip_tokens = self._prompt_and_identity(pixels, settings)
         tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
         with on_device(m.vae, self.device):
             y = image_to_video_condition(m.vae, pixels, voice.num_frames, tile_size=tile)
 
-        with dit_on_device(m.dit, self.device, self.dit_placement):
+        with dit_on_device(m.dit, self.device, placement):
             latents = sample_latents(m.dit, text_pos, text_neg, clip_tokens, y, voice.features, voice.num_frames,
                                      settings, progress)
 
@@ -225,7 +230,8 @@ class FantasyTalkingPipeline:
             voice = extract_audio_features(m.wav2vec2, recording, settings.fps, None)  # bounded chunks
         plan = plan_segments(voice.num_frames, voice.fps, voice.num_tokens, options.segment_frames, options.overlap)
         longest = max(segment.num_frames for segment in plan.segments)
-        check_dit_fits(m.dit, self.device, longest, pixels.shape[1], pixels.shape[2], settings, self.dit_placement)
+        placement = check_dit_fits(m.dit, self.device, longest, pixels.shape[1], pixels.shape[2], settings,
+                                   self.dit_placement, self.gpu_memory)
         text_pos, text_neg, clip_tokens = self._prompt_and_identity(pixels, settings)  # identity: the portrait
         tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
 
@@ -235,7 +241,7 @@ class FantasyTalkingPipeline:
 
         def sample(index: int, y: torch.Tensor, features: torch.Tensor, num_frames: int, num_tokens: int,
                    report: ProgressFn | None) -> torch.Tensor:
-            with dit_on_device(m.dit, self.device, self.dit_placement):
+            with dit_on_device(m.dit, self.device, placement):
                 return sample_latents(m.dit, text_pos, text_neg, clip_tokens, y, features, num_frames,
                                       replace(settings, seed=settings.seed + index), report, num_tokens)
 
@@ -264,12 +270,20 @@ class FantasyTalkingPipeline:
 
 
 def check_dit_fits(dit: FantasyTalkingModel, device: torch.device, num_frames: int, height: int, width: int,
-                   settings: GenerationSettings, placement: str = "resident") -> None:
-    """Refuse, before any model moves, a run whose DiT cannot fit in the free memory of a CUDA ``device``
-    (``runtime/memory.py``); ``height`` x ``width`` are the video's pixels."""
+                   settings: GenerationSettings, placement: str = "resident", gpu_memory: float | None = None) -> str:
+    """Where the DiT will compute for this run, checked before any model moves (``runtime/memory.py``).
+
+    With a ``gpu_memory`` budget (GiB): resident when it fits, else streamed, else an error. Without: ``placement``
+    as given, refused when it cannot fit in the free memory of a CUDA ``device``. ``height`` x ``width`` are the
+    video's pixels.
+    """
     rows = 3 if settings.batch_passes else 1
+    if gpu_memory is not None:
+        placement = choose_placement(dit.transformer, num_frames, height, width, gpu_memory, rows,
+                                     dit.dtype.itemsize)
     estimate = estimate_dit_memory(dit.transformer, num_frames, height, width, rows, placement, dit.dtype.itemsize)
     check_gpu_memory(estimate, device, f"{num_frames} frames at {width}x{height}")
+    return placement
 
 
 def sample_latents(

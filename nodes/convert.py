@@ -426,6 +426,7 @@ def sample_video(
     progress: ProgressFn | None = None,
     make_room: Callable[[], None] | None = None,
     dit_placement: str = "resident",
+    gpu_memory: float | None = None,
 ) -> torch.Tensor:
     """The sampler node's work: conditioning video through the VAE, the denoising run on ``device``, decoding.
 
@@ -434,6 +435,7 @@ def sample_video(
         progress: ``(step, total)`` after every denoising step; it may raise to interrupt.
         make_room: called just before the DiT moves to ``device`` (ComfyUI unloads its own models there).
         dit_placement: ``"resident"`` or ``"streamed"`` (blocks one at a time from the CPU, for small cards).
+        gpu_memory: a budget in GiB that picks the placement instead (see ``pipeline.check_dit_fits``).
     Returns:
         IMAGE frames [F, H, W, 3] float32 in 0..1, F = ``voice.features.num_frames``. The DiT is back where it was
         (the CPU) when this returns or raises.
@@ -445,8 +447,8 @@ def sample_video(
     if make_room is not None:
         make_room()
     height, width = identity.pixels.shape[1:3]
-    check_dit_fits(model, device, num_frames, height, width, settings, dit_placement)  # not a CUDA OOM mid-run
-    with dit_on_device(model, device, dit_placement):
+    placement = check_dit_fits(model, device, num_frames, height, width, settings, dit_placement, gpu_memory)
+    with dit_on_device(model, device, placement):
         latents = sample_latents(model, text_pos, text_neg, identity.clip_tokens, y, voice.features.features,
                                  num_frames, settings, progress)
     return decode_frames(identity.vae, latents)

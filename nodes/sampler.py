@@ -62,6 +62,10 @@ class Sampler(io.ComfyNode):
                                advanced=True, tooltip="The model's attention kernels: sdpa (PyTorch, default), or "
                                                       "flash / sage / xformers when that package is installed "
                                                       "(faster on some GPUs)."),
+                io.Float.Input("gpu_memory_gb", default=0.0, min=0.0, max=1024.0, step=0.5, optional=True,
+                               advanced=True, tooltip="GPU memory budget in GB: the model stays whole on the GPU "
+                                                      "when the run fits, else its blocks stream (overrides "
+                                                      "offload_blocks). 0: off."),
                 io.Boolean.Input("offload_blocks", default=False, optional=True, advanced=True,
                                  tooltip="Stream the model's blocks to the GPU one at a time instead of moving it "
                                          "whole: the 14B model in about 5 GB of GPU memory (a 24 GB card, even "
@@ -78,7 +82,7 @@ class Sampler(io.ComfyNode):
     def execute(cls, model, positive, negative, identity, audio_features, steps: int, cfg: float, audio_cfg: float,
                 audio_guidance_start: float, audio_guidance_end: float, audio_scale: float, shift: float, seed: int,
                 motion=None, batch_passes: bool = False, offload_blocks: bool = False,
-                attention: str = "sdpa") -> io.NodeOutput:
+                attention: str = "sdpa", gpu_memory_gb: float = 0.0) -> io.NodeOutput:
         settings = GenerationSettings(
             seed=seed, steps=steps, shift=shift, cfg=cfg, audio_cfg=audio_cfg, audio_scale=audio_scale,
             audio_guidance_range=(audio_guidance_start, audio_guidance_end), fps=audio_features.features.fps,
@@ -94,7 +98,8 @@ class Sampler(io.ComfyNode):
 
         frames = sample_video(model, text_pos, text_neg, identity, audio_features, settings, mm.get_torch_device(),
                               progress, make_room=mm.unload_all_models,
-                              dit_placement="streamed" if offload_blocks else "resident")
+                              dit_placement="streamed" if offload_blocks else "resident",
+                              gpu_memory=gpu_memory_gb or None)
         return io.NodeOutput(frames.to(mm.intermediate_device()), audio_features.audio, audio_features.features.fps)
 
 

@@ -93,6 +93,7 @@ COMMAND_LINE_CASES = {
     "face box not numbers": (["--face-box", "1,2,3"], {}, "x0,y0,x1,y1"),
     "face box infinite": (["--face-box", "0,0,inf,10"], {}, "x0,y0,x1,y1"),
     "dtype not offered": (["--dtype", "fp64"], {}, "invalid choice: 'fp64'"),
+    "gpu memory budget not positive": (["--gpu-memory", "0"], {}, "--gpu-memory must be a positive number of GiB"),
     "attention not offered": (["--attention", "fastest"], {}, "attention must be one of sdpa, flash, sage, xformers"),
     "no face to crop": (["--face-crop"], {}, "--face-box x0,y0,x1,y1, or add --face-fallback"),
 }

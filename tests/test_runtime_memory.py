@@ -43,3 +43,28 @@ def test_a_run_that_cannot_fit_is_refused_with_the_options(monkeypatch):
     assert all(option in text for option in ("--fp8", "GGUF", "--offload-blocks", "smaller image size", "fewer frames"))
     check_gpu_memory(MemoryEstimate(weights=int(17 * GIB), activations=int(2.3 * GIB)), torch.device("cuda", 0), "x")
     check_gpu_memory(big, torch.device("cpu"), "x")  # only CUDA devices are checked
+
+
+def test_a_memory_budget_picks_resident_streamed_or_refuses(dit_14b):
+    """The 14B DiT at 512x512x81 needs ~33 GiB resident (without the adapter) and ~5 GiB streamed."""
+    from fantasytalking_core.runtime.memory import choose_placement
+
+    assert choose_placement(dit_14b, 81, 512, 512, budget_gib=48) == "resident"
+    assert choose_placement(dit_14b, 81, 512, 512, budget_gib=24) == "streamed"  # a 24 GB card
+    assert choose_placement(dit_14b, 81, 512, 512, budget_gib=24, batch_rows=3) == "streamed"
+    with pytest.raises(InsufficientMemoryError, match="more than the 3 GiB budget: a smaller image size"):
+        choose_placement(dit_14b, 81, 512, 512, budget_gib=3)
+
+
+def test_the_pipeline_runs_where_the_budget_says(monkeypatch):
+    """check_dit_fits returns the placement the run will use: the budget overrides the one asked for."""
+    from types import SimpleNamespace
+
+    from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits
+
+    dit = SimpleNamespace(transformer=build_transformer(resolve_config("wan2.1_i2v_14b_720p"), empty=True),
+                          dtype=torch.bfloat16)
+    settings = GenerationSettings()
+    assert check_dit_fits(dit, torch.device("cpu"), 81, 512, 512, settings, "streamed", gpu_memory=200) == "resident"
+    assert check_dit_fits(dit, torch.device("cpu"), 81, 512, 512, settings, "resident", gpu_memory=24) == "streamed"
+    assert check_dit_fits(dit, torch.device("cpu"), 81, 512, 512, settings, "streamed") == "streamed"

@@ -90,3 +90,16 @@ def check_gpu_memory(estimate: MemoryEstimate, device: torch.device, what: str) 
         f"GiB + {estimate.activations / GIB:.1f} GiB for {what}) but {name} has {free / GIB:.1f} GiB free. Options: "
         "fp8 weights (--fp8 / weight_dtype fp8_e4m3fn: about half the weights), a GGUF file, streaming the blocks "
         "(--offload-blocks / offload_blocks: about 5 GiB for the 14B model), a smaller image size, or fewer frames.")
+
+
+def choose_placement(transformer: torch.nn.Module, num_frames: int, height: int, width: int, budget_gib: float,
+                     batch_rows: int = 1, compute_bytes: int = 2) -> str:
+    """``"resident"`` when the whole run fits in ``budget_gib`` GiB, else ``"streamed"`` (blocks one at a time)
+    when that fits, else InsufficientMemoryError naming the options."""
+    for placement in ("resident", "streamed"):
+        estimate = estimate_dit_memory(transformer, num_frames, height, width, batch_rows, placement, compute_bytes)
+        if estimate.total <= budget_gib * GIB:
+            return placement
+    raise InsufficientMemoryError(
+        f"Even streaming the DiT's blocks this run needs about {estimate.total / GIB:.1f} GiB of GPU memory, more "
+        f"than the {budget_gib:g} GiB budget: a smaller image size or fewer frames (or segments) fit.")
