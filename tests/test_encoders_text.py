@@ -228,3 +228,55 @@ def test_bundled_config_is_umt5_xxl():
     assert cfg.is_gated_act and cfg.dense_act_fn == "gelu_new" and cfg.layer_norm_epsilon == 1e-6
     tiny = t5_config(CONFIG)  # Wan's names: dim_attn 32 / 4 heads -> d_kv 8
     assert (tiny.vocab_size, tiny.d_model, tiny.d_kv, tiny.d_ff, tiny.num_layers) == (384, 32, 8, 64, 2)
+
+
+def _sentencepiece_model() -> bytes:
+    """A small real SentencePiece (unigram, NFKC) model, trained here: the format ComfyUI embeds in umT5 files."""
+    import io as bytes_io
+
+    import sentencepiece as spm
+
+    corpus = ["a woman is talking to the camera with natural expressions", "slight head movements and a calm voice",
+              "the quick brown fox jumps over the lazy dog"] * 50
+    model = bytes_io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=40,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   normalization_rule_name="nmt_nfkc", minloglevel=2)
+    return model.getvalue()
+
+
+def test_the_tokenizer_embedded_in_a_comfyui_umt5_file_tokenizes_as_sentencepiece(tmp_path):
+    """ComfyUI's umT5 files carry the tokenizer (``spiece_model``): read from the file it gives SentencePiece's own
+    ids plus </s>, full-width letters normalised (NFKC) as the umT5 tokenizer does."""
+    import numpy as np
+    import sentencepiece as spm
+
+    model = _sentencepiece_model()
+    path = tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file({"spiece_model": torch.from_numpy(np.frombuffer(model, dtype=np.uint8).copy()),
+               "shared.weight": torch.zeros(40, 8)}, str(path))
+    tokenizer = load_tokenizer(path)
+    text = "a woman talking to the camera ＡＢ"
+    expected = spm.SentencePieceProcessor(model_proto=model).encode(text) + [1]
+    assert tokenizer([text])["input_ids"][0] == expected
+
+
+def test_a_comfyui_models_folder_needs_no_tokenizer_folder_when_the_umt5_file_carries_it(tmp_path):
+    import numpy as np
+
+    from fantasytalking_core.loaders.model_paths import MissingModelsError, find_model_files
+
+    for rel in ("diffusion_models/wan2.1_i2v_720p_14B_fp16.safetensors", "fantasytalking/fantasytalking_model.ckpt",
+                "clip_vision/clip_vision_h.safetensors", "vae/wan_2.1_vae.safetensors",
+                "audio_encoders/wav2vec2-base-960h.safetensors"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    text_encoder = tmp_path / "text_encoders" / "umt5_xxl_fp16.safetensors"
+    text_encoder.parent.mkdir()
+    save_file({"shared.weight": torch.zeros(4, 2)}, str(text_encoder))
+    with pytest.raises(MissingModelsError, match="umT5 tokenizer folder"):
+        find_model_files(tmp_path)  # a file without the tokenizer: still needs the folder
+    save_file({"shared.weight": torch.zeros(4, 2),
+               "spiece_model": torch.from_numpy(np.frombuffer(_sentencepiece_model(), dtype=np.uint8).copy())},
+              str(text_encoder))
+    assert find_model_files(tmp_path).tokenizer == text_encoder

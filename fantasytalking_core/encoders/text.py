@@ -15,6 +15,7 @@ mask, encoded, and trimmed to the real length (tokens + EOS), as Wan's prompter 
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -148,15 +149,37 @@ def load_text_encoder(
     return model
 
 
-def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
-    """The umT5 tokenizer from a local folder in the ``google/umt5-xxl`` layout (never downloads).
+EMBEDDED_TOKENIZER = "spiece_model"  # ComfyUI's umT5 files carry the SentencePiece model as a uint8 tensor
 
-    ``folder`` holds ``tokenizer.json`` (or ``spiece.model``, which needs the ``sentencepiece`` package) and
-    ``tokenizer_config.json``; a Wan model folder containing ``google/umt5-xxl/`` is accepted too.
+
+def embedded_tokenizer(path: str | Path) -> bytes | None:
+    """The SentencePiece model stored inside a text-encoder safetensors file (ComfyUI's umT5 files), or None."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if EMBEDDED_TOKENIZER not in f.keys():
+                return None
+            return f.get_tensor(EMBEDDED_TOKENIZER).numpy().tobytes()
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: the text-encoder loader says so
+        return None
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The umT5 tokenizer, read locally (never downloads).
+
+    ``path`` is a folder in the ``google/umt5-xxl`` layout (``tokenizer.json``, or ``spiece.model``, with
+    ``tokenizer_config.json``; a Wan model folder containing ``google/umt5-xxl/`` is accepted too), or a umT5
+    ``.safetensors`` file from ComfyUI that carries its SentencePiece model (``spiece_model``).
     """
-    folder = Path(folder)
-    if folder.is_file():
-        folder = folder.parent
+    path = Path(path)
+    model = embedded_tokenizer(path)
+    if model is not None:
+        return _tokenizer_from_sentencepiece(model, path)
+    folder = path.parent if path.is_file() else path
     if not folder.is_dir():
         raise ModelNotFoundError(f"Tokenizer folder not found: {folder}")
     if (folder / "google" / "umt5-xxl").is_dir():
@@ -164,11 +187,27 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     if not any((folder / name).is_file() for name in ("tokenizer.json", "spiece.model")):
         raise ModelFileError(
             f"{folder} holds no umT5 tokenizer (tokenizer.json or spiece.model). Use the google/umt5-xxl folder "
-            "of the Wan2.1 model download (tokenizer.json, tokenizer_config.json, special_tokens_map.json).")
+            "of the Wan2.1 model download (tokenizer.json, tokenizer_config.json, special_tokens_map.json), or a "
+            "ComfyUI umT5 file that carries its tokenizer.")
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelFileError(f"Could not load the tokenizer in {folder}: {exc}") from None
+
+
+def _tokenizer_from_sentencepiece(model: bytes, source: Path) -> PreTrainedTokenizerBase:
+    """transformers' T5 tokenizer built from a SentencePiece model (needs the sentencepiece and protobuf packages,
+    as converting ``spiece.model`` always does); it tokenizes exactly as the SentencePiece model, with ``</s>``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "spiece.model").write_bytes(model)
+        (Path(folder) / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer",
+                                                                         "extra_ids": 0}))
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, ImportError) as exc:
+            raise ModelFileError(f"Could not build the tokenizer embedded in {source.name}: {exc}") from None
 
 
 def clean_prompt(text: str) -> str:

@@ -37,7 +37,8 @@ PARTS: dict[str, dict[str, Any]] = {
         "globs": ("umt5*xxl*.safetensors", "models_t5_umt5-xxl-enc-bf16.pth"),
     },
     "tokenizer": {
-        "what": "umT5 tokenizer folder (tokenizer.json / spiece.model)",
+        "what": "umT5 tokenizer folder (tokenizer.json / spiece.model; not needed with a ComfyUI umT5 file, which "
+                "carries it)",
         "folder": "text_encoders/umt5-xxl",
         "source": "google/umt5-xxl (the tokenizer files), also inside the Wan release as google/umt5-xxl/",
         "globs": ("umt5-xxl/tokenizer_config.json", "umt5-xxl/tokenizer.json", "umt5-xxl/spiece.model"),
@@ -117,6 +118,8 @@ def find_model_files(models_dir: str | Path | None, **explicit: str | Path | Non
     When both a 720P and a 480P DiT are present, 720P is picked. Raises :class:`MissingModelsError` listing each
     missing part, the folder it belongs in and where to download it.
     """
+    from ..encoders.text import embedded_tokenizer
+
     root = Path(models_dir) if models_dir is not None else None
     if root is not None and not root.is_dir():
         raise MissingModelsError(f"Models folder not found: {root}. Pass --models with your ComfyUI/models folder.")
@@ -128,6 +131,8 @@ def find_model_files(models_dir: str | Path | None, **explicit: str | Path | Non
             missing.append(f"  - {spec['what']}: {given} does not exist")
             continue
         path = Path(given) if given is not None else (_find(root, spec) if root is not None else None)
+        if path is None and name == "tokenizer" and embedded_tokenizer(found.get("text_encoder", "")) is not None:
+            path = found["text_encoder"]  # ComfyUI's umT5 file carries its tokenizer
         if path is None:
             where = root / spec["folder"] if root is not None else f"<models>/{spec['folder']}"
             missing.append(f"  - {spec['what']}: put it in {where}/  (from {spec['source']})")
