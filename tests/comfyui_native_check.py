@@ -296,6 +296,26 @@ def run(tree: Path, work: Path) -> int:
     report.check("DualCFGGuider (cond1 = cond2 = positive) + Euler = engine sampler", err <= REL_TOL,
                  f"relative error {err:.2e}")
 
+    # two passes at text cfg 1 (step-distilled LoRAs): positive, positive with audio
+    two_pass = native.AudioGuider(patched)
+    two_pass.set_conds(positive, negative)
+    two_pass.set_guidance(GuidanceConfig(cfg=1.0, audio_cfg=4.0))
+    latent = patched.model.process_latent_in(two_pass.sample(noise, torch.zeros_like(noise), sampler, sigmas,
+                                                             seed=SEED))
+    err = rel_err(latent, engine_latents(GuidanceConfig(cfg=1.0, audio_cfg=4.0)))
+    report.check("FantasyTalking Guider at cfg 1 (two passes) = engine sampler", err <= REL_TOL,
+                 f"relative error {err:.2e}")
+    # KSampler / CFG Guider with audio on the positive pass = the engine outside the audio-guidance range
+    cfg_model = patch(1.0, audio_on=next(k for k, v in native.AUDIO_ON.items() if v == "cfg"))
+    plain = comfy.samplers.CFGGuider(cfg_model)
+    plain.set_conds(positive, negative)
+    plain.set_cfg(5.0)
+    latent = cfg_model.model.process_latent_in(plain.sample(noise, torch.zeros_like(noise), sampler, sigmas,
+                                                           seed=SEED))
+    err = rel_err(latent, engine_latents(GuidanceConfig(cfg=5.0, audio_cfg=4.0, audio_start=0.0, audio_end=0.0)))
+    report.check("CFGGuider with audio on the positive (audio_on: KSampler) = engine without audio guidance",
+                 err <= REL_TOL, f"relative error {err:.2e}")
+
     # 5. refusals
     def denoiser_with_frames(patcher, n_frames):
         mm.load_models_gpu([patcher])
