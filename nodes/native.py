@@ -54,7 +54,7 @@ def native_wan_blocks(model, adapter: AudioAdapter) -> list:
                          "(its cross-attention takes no transformer_options); update ComfyUI (0.33.0 is tested).")
     diffusion = model.get_model_object("diffusion_model")
     blocks = getattr(diffusion, "blocks", None)
-    if not isinstance(diffusion, wan.WanModel) or not blocks:
+    if type(diffusion) is not wan.WanModel or not blocks:  # VACE, camera, S2V, ... subclass it: other models
         raise ValueError(f"FantasyTalking Apply Audio: the model is {type(diffusion).__name__}, not Wan2.1 I2V; "
                          "load Wan2.1-I2V-14B-720P with Load Diffusion Model.")
     if not all(type(b.cross_attn) is wan.WanI2VCrossAttention for b in blocks):
