@@ -38,6 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .media.image import load_image
     from .media.video import aac_sample_rate, check_output_path
     from .pipeline import FantasyTalkingPipeline, GenerationSettings, save_result
+    from .runtime.memory import check_budget
     from .sampling.segments import SegmentOptions
 
     # cheap checks first: bad settings, a bad image or audio path fail before any model is loaded
@@ -53,8 +54,7 @@ def _generate(args: argparse.Namespace) -> int:
         motion=MotionIntensity(args.face_intensity, args.body_intensity, args.motion_audio_cfg),
         attention=args.attention,
     )
-    if args.gpu_memory is not None and args.gpu_memory <= 0:
-        raise SettingsError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory:g}.")
+    check_budget(args.gpu_memory, "--gpu-memory")  # here, before any model loads (the pipeline checks it again when built)
     segmented = args.max_frames is None  # --max-frames asks for the official single clip
     try:
         options = SegmentOptions(args.segment_frames, args.motion_frames, args.chaining, args.color_match,

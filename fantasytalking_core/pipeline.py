@@ -32,7 +32,7 @@ from .media.video import write_video
 from .model.limits import check_image_size, check_max_frames
 from .model.transformer import FantasyTalkingModel
 from .runtime.attention import check_attention, using_attention
-from .runtime.memory import check_gpu_memory, choose_placement, estimate_dit_memory
+from .runtime.memory import check_budget, check_gpu_memory, choose_placement, estimate_dit_memory
 from .runtime.placement import PLACEMENTS, dit_on_device, on_device
 from .sampling.denoise import generate_latents
 from .sampling.guidance import GuidanceConfig
@@ -157,9 +157,7 @@ class FantasyTalkingPipeline:
         self.models = models
         self.device = torch.device(device)
         self.dit_placement = dit_placement
-        if gpu_memory is not None and gpu_memory <= 0:
-            raise SettingsError(f"gpu_memory must be a positive number of GiB, got {gpu_memory}.")
-        self.gpu_memory = gpu_memory
+        self.gpu_memory = check_budget(gpu_memory)
 
     def reference_image(self, image: str | os.PathLike | Image.Image | torch.Tensor, image_size: int) -> torch.Tensor:
         """A file path, PIL image or ComfyUI IMAGE -> [3, H, W] in -1..1 at the video size."""
@@ -279,9 +277,11 @@ def check_dit_fits(dit: FantasyTalkingModel, device: torch.device, num_frames: i
     """
     rows = 3 if settings.batch_passes else 1
     if gpu_memory is not None:
-        placement = choose_placement(dit.transformer, num_frames, height, width, gpu_memory, rows,
-                                     dit.dtype.itemsize)
-    estimate = estimate_dit_memory(dit.transformer, num_frames, height, width, rows, placement, dit.dtype.itemsize)
+        placement, estimate = choose_placement(dit.transformer, num_frames, height, width, gpu_memory, rows,
+                                               dit.dtype.itemsize)
+    else:
+        estimate = estimate_dit_memory(dit.transformer, num_frames, height, width, rows, placement,
+                                       dit.dtype.itemsize)
     check_gpu_memory(estimate, device, f"{num_frames} frames at {width}x{height}")
     return placement
 

@@ -259,14 +259,24 @@ def run(tree: Path, work: Path) -> int:
         return generate_latents(engine, text_pos, text_neg, clip, image_latents, features, num_frames,
                                 guidance=guidance, sigmas=sigmas, seed=SEED)
 
+    def audio_guider(model, guidance):
+        guider = native.AudioGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_guidance(guidance)
+        return guider
+
+    def run(guider, **kwargs):
+        """A whole Euler run from the engine's noise, ComfyUI's output as it is."""
+        return guider.sample(noise, torch.zeros_like(noise), sampler, sigmas, seed=SEED, **kwargs)
+
+    def final_latent(guider, **kwargs):
+        """The run's latent in the normalised space the engine samples in."""
+        return guider.model_patcher.model.process_latent_in(run(guider, **kwargs))
+
     guidance = GuidanceConfig(cfg=5.0, audio_cfg=4.0, audio_start=0.0, audio_end=0.5)
-    guider = native.AudioGuider(patched)
-    guider.set_conds(positive, negative)
-    guider.set_guidance(guidance)
     loaded_while_sampling = []
-    latent = patched.model.process_latent_in(guider.sample(
-        noise, torch.zeros_like(noise), sampler, sigmas, seed=SEED,
-        callback=lambda *_: loaded_while_sampling.append([m.model for m in mm.current_loaded_models])))
+    latent = final_latent(audio_guider(patched, guidance), callback=lambda *_: loaded_while_sampling.append(
+        [m.model for m in mm.current_loaded_models]))
     report.check("while sampling, ComfyUI's memory management holds the adapter with the patched model",
                  bool(loaded_while_sampling) and all(adapter in models and any(m.model is patched.model for m in models)
                                                      for models in loaded_while_sampling))
@@ -275,34 +285,21 @@ def run(tree: Path, work: Path) -> int:
                  f"relative error {err:.2e}")
     windowed_model = WanContextWindowsManualNode.execute(patched, 9, 4, "standard_static", 1, False, "pyramid",
                                                          False).args[0]  # 3 latent frames, 1 shared
-    guider = native.AudioGuider(windowed_model)
-    guider.set_conds(positive, negative)
-    guider.set_guidance(guidance)
-    latent_windows = guider.sample(noise, torch.zeros_like(noise), sampler, sigmas, seed=SEED)
-    silent = native.AudioGuider(WanContextWindowsManualNode.execute(patch(0.0), 9, 4, "standard_static", 1, False,
-                                                                    "pyramid", False).args[0])
-    silent.set_conds(positive, negative)
-    silent.set_guidance(guidance)
+    latent_windows = run(audio_guider(windowed_model, guidance))
+    silent = audio_guider(WanContextWindowsManualNode.execute(patch(0.0), 9, 4, "standard_static", 1, False,
+                                                              "pyramid", False).args[0], guidance)
     report.check("a run under WanContextWindowsManual completes and the audio acts in every window",
-                 bool(torch.isfinite(latent_windows).all())
-                 and rel_err(latent_windows, silent.sample(noise, torch.zeros_like(noise), sampler, sigmas,
-                                                           seed=SEED)) > 100 * REL_TOL)
+                 bool(torch.isfinite(latent_windows).all()) and rel_err(latent_windows, run(silent)) > 100 * REL_TOL)
     dual_guider = Guider_DualCFG(patched)
     dual_guider.set_conds(positive, positive, negative)
     dual_guider.set_cfg(4.0, 5.0)  # cfg_conds = audio cfg, cfg_cond2_negative = text cfg
-    latent = patched.model.process_latent_in(dual_guider.sample(noise, torch.zeros_like(noise), sampler, sigmas,
-                                                                seed=SEED))
-    err = rel_err(latent, engine_latents(GuidanceConfig(cfg=5.0, audio_cfg=4.0)))
+    err = rel_err(final_latent(dual_guider), engine_latents(GuidanceConfig(cfg=5.0, audio_cfg=4.0)))
     report.check("DualCFGGuider (cond1 = cond2 = positive) + Euler = engine sampler", err <= REL_TOL,
                  f"relative error {err:.2e}")
 
     # two passes at text cfg 1 (step-distilled LoRAs): positive, positive with audio
-    two_pass = native.AudioGuider(patched)
-    two_pass.set_conds(positive, negative)
-    two_pass.set_guidance(GuidanceConfig(cfg=1.0, audio_cfg=4.0))
-    latent = patched.model.process_latent_in(two_pass.sample(noise, torch.zeros_like(noise), sampler, sigmas,
-                                                             seed=SEED))
-    err = rel_err(latent, engine_latents(GuidanceConfig(cfg=1.0, audio_cfg=4.0)))
+    two_pass = GuidanceConfig(cfg=1.0, audio_cfg=4.0)
+    err = rel_err(final_latent(audio_guider(patched, two_pass)), engine_latents(two_pass))
     report.check("FantasyTalking Guider at cfg 1 (two passes) = engine sampler", err <= REL_TOL,
                  f"relative error {err:.2e}")
     # KSampler / CFG Guider with audio on the positive pass = the engine outside the audio-guidance range
@@ -310,9 +307,8 @@ def run(tree: Path, work: Path) -> int:
     plain = comfy.samplers.CFGGuider(cfg_model)
     plain.set_conds(positive, negative)
     plain.set_cfg(5.0)
-    latent = cfg_model.model.process_latent_in(plain.sample(noise, torch.zeros_like(noise), sampler, sigmas,
-                                                           seed=SEED))
-    err = rel_err(latent, engine_latents(GuidanceConfig(cfg=5.0, audio_cfg=4.0, audio_start=0.0, audio_end=0.0)))
+    err = rel_err(final_latent(plain), engine_latents(GuidanceConfig(cfg=5.0, audio_cfg=4.0, audio_start=0.0,
+                                                                     audio_end=0.0)))
     report.check("CFGGuider with audio on the positive (audio_on: KSampler) = engine without audio guidance",
                  err <= REL_TOL, f"relative error {err:.2e}")
 

@@ -49,9 +49,9 @@ def test_a_memory_budget_picks_resident_streamed_or_refuses(dit_14b):
     """The 14B DiT at 512x512x81 needs ~33 GiB resident (without the adapter) and ~5 GiB streamed."""
     from fantasytalking_core.runtime.memory import choose_placement
 
-    assert choose_placement(dit_14b, 81, 512, 512, budget_gib=48) == "resident"
-    assert choose_placement(dit_14b, 81, 512, 512, budget_gib=24) == "streamed"  # a 24 GB card
-    assert choose_placement(dit_14b, 81, 512, 512, budget_gib=24, batch_rows=3) == "streamed"
+    assert choose_placement(dit_14b, 81, 512, 512, budget_gib=48)[0] == "resident"
+    assert choose_placement(dit_14b, 81, 512, 512, budget_gib=24)[0] == "streamed"  # a 24 GB card
+    assert choose_placement(dit_14b, 81, 512, 512, budget_gib=24, batch_rows=3)[0] == "streamed"
     with pytest.raises(InsufficientMemoryError, match="more than the 3 GiB budget: a smaller image size"):
         choose_placement(dit_14b, 81, 512, 512, budget_gib=3)
 

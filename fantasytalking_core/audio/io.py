@@ -360,9 +360,9 @@ def resample(
         try:
             import soxr
         except ImportError:  # no wheel for Windows on ARM
-            raise MissingDependencyError(f"resampling {orig_sr} Hz audio to {target_sr} Hz needs soxr, which is not "
-                                  "installed (it has no wheel for Windows on ARM): pip install soxr (builds with a C "
-                                  "compiler), or give a 16 kHz recording.") from None
+            raise MissingDependencyError(f"resampling {orig_sr} Hz audio to {target_sr} Hz needs soxr, which is "
+                                         "not installed (it has no wheel for Windows on ARM): pip install soxr "
+                                         "(builds with a C compiler), or give a 16 kHz recording.") from None
         y = torch.from_numpy(soxr.resample(x.numpy(), orig_sr, target_sr, quality="HQ"))
     # Same length fix as librosa (zero-pad or trim to ceil(T * ratio)).
     if y.shape[0] < n_out:

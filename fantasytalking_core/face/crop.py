@@ -101,16 +101,14 @@ def detect_faces(image: torch.Tensor | np.ndarray, upsample: int = 1,
     detector = import_dlib().get_frontal_face_detector()
     pixels = _as_uint8(image)
     faces = _detect(detector, pixels, upsample, threshold, 1.0)
-    for width_scale in UNSTRETCH if not faces else ():
-        height, width = pixels.shape[:2]
+    height, width = pixels.shape[:2]
+    for width_scale in UNSTRETCH:
+        if faces:
+            return faces
         unstretched = np.asarray(Image.fromarray(pixels).resize((max(1, round(width * width_scale)), height),
                                                                 Image.BILINEAR))
         faces = _detect(detector, unstretched, upsample, threshold, width_scale)
-        if faces:
-            break
-    if not faces:
-        faces = _detect(detector, pixels, upsample + 1, threshold, 1.0)
-    return faces
+    return faces or _detect(detector, pixels, upsample + 1, threshold, 1.0)
 
 
 def _detect(detector, pixels: np.ndarray, upsample: int, threshold: float, width_scale: float) -> list[FaceBox]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import FantasyTalkingError
+from ..errors import FantasyTalkingError, SettingsError
 
 GIB = 1024**3
 MARGIN = 1.02  # allocator fragmentation and the small tensors the model above does not count
@@ -92,14 +92,22 @@ def check_gpu_memory(estimate: MemoryEstimate, device: torch.device, what: str) 
         "(--offload-blocks / offload_blocks: about 5 GiB for the 14B model), a smaller image size, or fewer frames.")
 
 
+def check_budget(budget_gib: float | None, name: str = "gpu_memory") -> float | None:
+    """A GPU memory budget in GiB as given (None: no budget), or a SettingsError naming ``name`` (the option as the
+    user typed it) when it is not positive."""
+    if budget_gib is not None and budget_gib <= 0:
+        raise SettingsError(f"{name} must be a positive number of GiB, got {budget_gib:g}.")
+    return budget_gib
+
+
 def choose_placement(transformer: torch.nn.Module, num_frames: int, height: int, width: int, budget_gib: float,
-                     batch_rows: int = 1, compute_bytes: int = 2) -> str:
+                     batch_rows: int = 1, compute_bytes: int = 2) -> tuple[str, MemoryEstimate]:
     """``"resident"`` when the whole run fits in ``budget_gib`` GiB, else ``"streamed"`` (blocks one at a time)
-    when that fits, else InsufficientMemoryError naming the options."""
+    when that fits, with the estimate of the placement chosen; else InsufficientMemoryError naming the options."""
     for placement in ("resident", "streamed"):
         estimate = estimate_dit_memory(transformer, num_frames, height, width, batch_rows, placement, compute_bytes)
         if estimate.total <= budget_gib * GIB:
-            return placement
+            return placement, estimate
     raise InsufficientMemoryError(
         f"Even streaming the DiT's blocks this run needs about {estimate.total / GIB:.1f} GiB of GPU memory, more "
         f"than the {budget_gib:g} GiB budget: a smaller image size or fewer frames (or segments) fit.")
