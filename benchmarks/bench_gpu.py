@@ -12,15 +12,18 @@ tokens cut into per-frame windows by the library's own helpers, so the real code
   c. fp8_matmul                  14B-shaped linears: bf16 vs ``torch._scaled_mm`` fp8 (per-tensor scales) vs the
                                  loader's ``FP8Linear`` (fp8 storage, bf16 compute): TFLOP/s and error
      dit_pass_fp8_storage        the pass with the block Linear weights stored in fp8 (``enable_fp8_storage``)
+     dit_pass_fp8_matmul         the same weights computed with real fp8 matmuls (``runtime.fp8.fp8_matmuls``)
   f. dit_pass_720p               a 720x1280x81 pass (latent 90x160) with the fastest backend of (b)
-  d. compiled_blocks             regional ``torch.compile`` of every transformer block (in place): compile time, s per pass
+  d. compiled_blocks             regional ``torch.compile`` of every block (``runtime.compile.compiled_blocks``):
+                                 compile time, s per pass
+     compiled_step               one sampling step (3 passes) with compiled blocks
+     fast_step                   one step with fp8 weights, fp8 matmuls and compiled blocks, and its error
   e. group_offload               diffusers' block-level group offloading (weights on the CPU, streamed): last,
                                  since it moves the model
 
 ``--precision`` picks how bf16 rounds (``fantasytalking_core.model.precision``): ``official`` (default, what the library
 runs: float32 residual stream, modulation and head) or ``diffusers`` (``WanTransformer3DModel.forward`` as it is).
-Sections d and e act on each block's ``forward``, which only the diffusers policy calls (the official policy runs
-the blocks' submodules itself), so they are skipped under the official policy.
+Under either policy the blocks are called as modules, so compiled blocks and offloading hooks apply to both.
 
 Each timing is 1 warm-up + N timed runs (CUDA events), with the peak of ``torch.cuda.max_memory_allocated`` reset
 per section. Every section is isolated (an error is recorded and the next one runs), results are printed as they
@@ -48,7 +51,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,8 @@ from fantasytalking_core.model.transformer import (
     build_transformer,
     resolve_config,
 )
+from fantasytalking_core.runtime.compile import compiled_blocks
+from fantasytalking_core.runtime.fp8 import fp8_matmuls
 from fantasytalking_core.sampling.euler import DiTConditions, guided_velocity
 from fantasytalking_core.sampling.guidance import GuidanceConfig, passes_for_step
 from fantasytalking_core.sampling.schedule import flow_match_sigmas, sigmas_to_timesteps
@@ -757,8 +762,10 @@ def restore_linears_(transformer: nn.Module, scales: dict[str, torch.Tensor], dt
     return restored
 
 
-def section_dit_pass_fp8_storage(ctx: Context) -> dict[str, Any]:
-    model, inputs = ctx.need_model()
+def fp8_storage_(ctx: Context) -> tuple[int, float | None]:
+    """Store the block Linear weights in per-tensor-scaled fp8 (as an fp8-scaled file loads with ``fp8_storage``),
+    restored to bf16 after the section. Returns (fp8 layers, GiB allocated before)."""
+    model, _ = ctx.need_model()
     transformer = model.transformer
     names = fp8_weight_names(transformer)
     scales: dict[str, torch.Tensor] = {}
@@ -767,8 +774,33 @@ def section_dit_pass_fp8_storage(ctx: Context) -> dict[str, Any]:
     scales.update(store_linears_fp8_(transformer, names))
     enable_fp8_storage(transformer, scales)
     free_memory(ctx.device)
+    return len(names), before
+
+
+def section_dit_pass_fp8_storage(ctx: Context) -> dict[str, Any]:
+    model, inputs = ctx.need_model()
+    layers, before = fp8_storage_(ctx)
     result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx))
-    return {**result, "fp8_linears": len(names), "resident_gib_bf16": before}
+    return {**result, "fp8_linears": layers, "resident_gib_bf16": before}
+
+
+def enter_(ctx: Context, manager: AbstractContextManager[Any]) -> Any:
+    """Enter ``manager`` for the rest of the section (left by the deferred restore, also on error)."""
+    stack = ExitStack()
+    ctx.defer(stack.close)
+    return stack.enter_context(manager)
+
+
+def section_dit_pass_fp8_matmul(ctx: Context) -> dict[str, Any]:
+    """fp8 storage computed with real fp8 matmuls (``runtime.fp8.fp8_matmuls``: row-wise activation scales on
+    Hopper), and the pass's relative error against the same fp8 weights upcast to bf16."""
+    model, inputs = ctx.need_model()
+    layers, _ = fp8_storage_(ctx)
+    upcast = dit_pass(model, inputs).float()
+    scaling = enter_(ctx, fp8_matmuls(model, ctx.device))
+    result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx))
+    error = relative_error(dit_pass(model, inputs).float(), upcast)
+    return {**result, "fp8_linears": layers, "scaling": scaling, "rel_error_vs_upcast": error}
 
 
 def dynamo_stats() -> dict[str, Any]:
@@ -780,27 +812,44 @@ def dynamo_stats() -> dict[str, Any]:
 
 
 def section_compiled_blocks(ctx: Context) -> dict[str, Any]:
-    """Regional compilation: each transformer block compiled in place (``block.compile(dynamic=False)``, which keeps
-    the module and its class, so the float32-island forward still recognises it); the first (warm-up) pass
+    """Regional compilation through the library (``runtime.compile.compiled_blocks``); the first (warm-up) pass
     compiles, so ``warmup_s`` is compile time plus one pass."""
     model, inputs = ctx.need_model()
-    blocks = list(model.transformer.blocks)
-
-    def restore() -> None:
-        for block in blocks:
-            block._compiled_call_impl = None  # what nn.Module.compile set: back to the eager call
-        torch._dynamo.reset()
-
-    ctx.defer(restore)
     torch._dynamo.reset()
-    for block in blocks:
-        block.compile(dynamic=False)
+    counters.clear()
+    ctx.defer(torch._dynamo.reset)
+    enter_(ctx, compiled_blocks(model.transformer))
     result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx))
     return {
         **result,
         "compile_s_est": result["warmup_s"] - ctx.args.warmup * result["median_s"],
         "dynamo": dynamo_stats(),
     }
+
+
+def section_compiled_step(ctx: Context) -> dict[str, Any]:
+    """One sampling step (three passes, one after another) with the blocks compiled: the engine's fastest bf16."""
+    model, _ = ctx.need_model()
+    counters.clear()
+    enter_(ctx, compiled_blocks(model.transformer))
+    return {**guidance_step(ctx, batch_passes=False), "dynamo": dynamo_stats()}
+
+
+def section_fast_step(ctx: Context) -> dict[str, Any]:
+    """One sampling step with fp8 weights, real fp8 matmuls and compiled blocks (``--fp8-matmul --compile``), and
+    its guided velocity's relative error against the bf16 step on the same (bf16) weights."""
+    model, inputs = ctx.need_model()
+    velocity = guided_velocity(model, inputs.conditions, GuidanceConfig(), STEPS)
+    sigma = flow_match_sigmas(STEPS)[0]
+    reference = velocity(inputs.latents, 0, sigma).float()
+    layers, _ = fp8_storage_(ctx)
+    counters.clear()
+    scaling = enter_(ctx, fp8_matmuls(model, ctx.device))
+    enter_(ctx, compiled_blocks(model.transformer))
+    result = guidance_step(ctx, batch_passes=False)
+    error = relative_error(velocity(inputs.latents, 0, sigma).float(), reference)
+    return {**result, "fp8_linears": layers, "scaling": scaling, "rel_error_vs_bf16": error,
+            "dynamo": dynamo_stats()}
 
 
 def section_dit_pass_720p(ctx: Context) -> dict[str, Any]:
@@ -862,7 +911,10 @@ def sections(args: argparse.Namespace) -> list[Section]:
         Section("fp8_matmul", section_fp8_matmul, 10, 90),
         Section("dit_pass_fp8_storage", section_dit_pass_fp8_storage, 20, 120),
         Section("dit_pass_720p", section_dit_pass_720p, 45, 150),
+        Section("dit_pass_fp8_matmul", section_dit_pass_fp8_matmul, 20, 120),
         Section("compiled_blocks", section_compiled_blocks, 120, args.compile_cap_s),
+        Section("compiled_step", section_compiled_step, 60, args.compile_cap_s),
+        Section("fast_step", section_fast_step, 120, args.compile_cap_s),
         Section("group_offload", section_group_offload, 60, 180, reserved=True),
     ]
 

@@ -52,7 +52,7 @@ def _generate(args: argparse.Namespace) -> int:
         image_size=args.image_size, shift=args.shift, batch_passes=args.batch_passes, vae_tile=args.vae_tile,
         audio_guidance_range=(args.audio_guidance_start, args.audio_guidance_end),
         motion=MotionIntensity(args.face_intensity, args.body_intensity, args.motion_audio_cfg),
-        attention=args.attention,
+        attention=args.attention, compile=args.compile, fp8_matmul=args.fp8_matmul,
     )
     check_budget(args.gpu_memory, "--gpu-memory")  # here, before any model loads (the pipeline checks it again when built)
     segmented = args.max_frames is None  # --max-frames asks for the official single clip
@@ -88,7 +88,7 @@ def _generate(args: argparse.Namespace) -> int:
             if is_480p(files.dit):
                 print(f"note: {files.dit.name} is Wan2.1-I2V-14B-480P; the released FantasyTalking adapter was trained "
                       "on 720P (it runs on 480P, not the released pairing).", file=sys.stderr)
-        models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8)
+        models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8 or args.fp8_matmul)
     pipe = FantasyTalkingPipeline(models, args.device, "streamed" if args.offload_blocks else "resident",
                                   args.gpu_memory)
     if segmented:
@@ -196,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                      help="compute precision of the DiT and umT5 whatever the files store (bf16: the official setting)")
     gen.add_argument("--fp8", action="store_true", help="keep the DiT's block weights in fp8 (half the memory)")
+    gen.add_argument("--fp8-matmul", action="store_true",
+                     help="fp8 weights (implies --fp8) computed with real fp8 matrix multiplies on GPUs of compute "
+                          "capability 8.9+ (RTX 40xx, H100): faster, a little less exact; elsewhere as --fp8")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the DiT blocks for this run: faster steps after a one-off compile")
     gen.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
                      help="GPU memory budget in GiB: the DiT stays whole on the GPU when the run fits, else its "
                           "blocks stream (overrides --offload-blocks)")

@@ -32,6 +32,8 @@ from .media.video import write_video
 from .model.limits import check_image_size, check_max_frames
 from .model.transformer import FantasyTalkingModel
 from .runtime.attention import check_attention, using_attention
+from .runtime.compile import compiled_blocks
+from .runtime.fp8 import check_fp8_matmul_model, fp8_matmuls
 from .runtime.memory import check_budget, check_gpu_memory, choose_placement, estimate_dit_memory
 from .runtime.placement import PLACEMENTS, dit_on_device, on_device
 from .sampling.denoise import generate_latents
@@ -58,6 +60,10 @@ class GenerationSettings:
         face_box: (x0, y0, x1, y1) of the face in video-frame pixels, where the face intensity applies.
         attention: the DiT's attention kernels: sdpa (default), flash, sage or xformers when installed
             (``runtime/attention.py``).
+        compile: regional ``torch.compile`` of the DiT blocks for this run (``runtime/compile.py``): faster steps
+            after a one-off compile; results equal eager ones to float rounding.
+        fp8_matmul: real fp8 matrix multiplies for fp8-stored weights on GPUs that have them (compute capability
+            8.9+; ``runtime/fp8.py``); elsewhere the weights upcast as without it.
     """
 
     prompt: str = "A person is talking."
@@ -77,6 +83,8 @@ class GenerationSettings:
     motion: MotionIntensity | None = None
     face_box: tuple[float, float, float, float] | None = None
     attention: str = "sdpa"
+    compile: bool = False
+    fp8_matmul: bool = False
 
     def __post_init__(self) -> None:
         """Check every setting before any work, so a bad value fails in a second, not after the models load."""
@@ -275,6 +283,7 @@ def check_dit_fits(dit: FantasyTalkingModel, device: torch.device, num_frames: i
     as given, refused when it cannot fit in the free memory of a CUDA ``device``. ``height`` x ``width`` are the
     video's pixels.
     """
+    check_fp8_matmul_model(dit, settings.fp8_matmul)
     rows = 3 if settings.batch_passes else 1
     if gpu_memory is not None:
         placement, estimate = choose_placement(dit.transformer, num_frames, height, width, gpu_memory, rows,
@@ -304,7 +313,8 @@ def sample_latents(
     in ``generate_latents``. Runs where ``dit`` is."""
     frames, height, width = image_latents.shape[2], image_latents.shape[3] * 8, image_latents.shape[4] * 8
     start, end = settings.audio_guidance_range
-    with using_attention(settings.attention):
+    with (using_attention(settings.attention), compiled_blocks(dit.transformer, settings.compile),
+          fp8_matmuls(dit, dit.device, settings.fp8_matmul)):
         return generate_latents(
             dit, text_pos, text_neg, clip_tokens, image_latents, audio_features, num_frames,
             guidance=GuidanceConfig(settings.cfg, audio_cfg_for(settings.motion, settings.audio_cfg), start, end),

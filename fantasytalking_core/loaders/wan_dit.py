@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ModelFileError, ModelNotFoundError
 from ..model.transformer import build_transformer, resolve_config
+from ..runtime.fp8 import SCALED, UPCAST, fits_scaled_mm, scaled_fp8_linear
 from .common import assign_tensor
 from .gguf import load_gguf_dit
 from .keys import NEEDED, check_dit_keys, check_matches_config, fp32_names, inspect_wan_checkpoint, model_names
@@ -128,13 +129,19 @@ def load_wan_dit(
 class FP8Linear(nn.Linear):
     """A Linear whose weight is stored in fp8 and upcast to the input's dtype for each call.
 
-    ``scale_weight`` (a float32 scalar, 1 for plain fp8 files) is the per-tensor scale of ComfyUI fp8-scaled files:
-    the real weight is ``weight * scale_weight``. The bias keeps its own precision.
+    ``scale_weight`` (a float32 scalar, 1 for plain fp8 files) is the per-tensor scale of ComfyUI fp8-scaled files.
+    The real weight is ``weight * scale_weight``. The bias keeps its own precision. ``matmul`` says how a call
+    computes: ``"upcast"`` (default: the weight upcast to the input's dtype, a bf16 matmul) or ``"scaled"`` (a real
+    fp8 matmul, set for one run by :func:`fantasytalking_core.runtime.fp8.fp8_matmuls` where the GPU has them).
     """
 
     scale_weight: torch.Tensor
+    matmul: str = UPCAST
+    rowwise: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matmul == SCALED and fits_scaled_mm(x, self.weight):
+            return scaled_fp8_linear(x, self.weight, self.scale_weight, self.bias, self.rowwise)
         weight = self.weight.to(x.dtype) * self.scale_weight.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, weight, bias)

@@ -102,8 +102,8 @@ def guided_velocity(
                 scale = torch.tensor([scale if on else 0.0 for _, on in passes], dtype=torch.float32, device=device)
             return AudioConditioning(cond.audio_windows, cond.k_lens, scale)
         on = passes[0][1]
-        if isinstance(scale, torch.Tensor):
-            scale = scale.unsqueeze(0)
+        # a tensor, not a float: a compiled block sees the strength as data and never recompiles for its value
+        scale = scale.unsqueeze(0) if isinstance(scale, torch.Tensor) else torch.tensor([scale], device=device)
         return AudioConditioning(cond.audio_windows, cond.k_lens, scale if on else 0.0)
 
     def run(x: torch.Tensor, t: torch.Tensor, passes: tuple[tuple[str, bool], ...]) -> list[torch.Tensor]:

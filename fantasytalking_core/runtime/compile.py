@@ -1,0 +1,64 @@
+"""Regional ``torch.compile``: each DiT block compiled in place for one run, the rest of the model eager.
+
+All 40 blocks share one class and one forward, so with ``torch.compile``'s default handling of built-in modules
+(parameters are graph inputs, not constants) they share one compiled graph per input shape: the first pass pays
+the compile (about 20 s for the 14B model on an H100), every later block, pass and step reuses it. What changes
+between guidance passes reaches the block as tensors (the modulation, the audio windows and a per-pass audio
+scale) or as the one branch switch ``AudioConditioning.is_silent`` (audio on / off: two graphs), so the passes of
+a step never recompile. The batched mode's 3-row batch is another shape: one more graph.
+
+Compilation is scoped to a run (:func:`compiled_blocks`): afterwards the blocks are eager again, so a later run
+without it computes exactly as before. The compiled function itself is made once per backend and mode and kept
+(:func:`_compiled_call`), so a later run, or the next segment of a long recording, reuses the graphs instead of
+compiling again, whatever the torch version's rules for matching a new ``torch.compile`` to old graphs. Results of a compiled run differ from eager ones by float rounding only
+(inductor fuses elementwise work and may reorder reductions); ``docs/benchmarks.md`` records the difference.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # eager / aot_eager: capture without code generation (tests)
+
+
+@contextmanager
+def compiled_blocks(transformer: nn.Module, enabled: bool = True, backend: str = "inductor",
+                    mode: str | None = None) -> Iterator[nn.Module]:
+    """Inside the ``with``, every block of ``transformer`` runs through ``torch.compile`` (``nn.Module.compile``,
+    in place: parameters, buffers, state-dict keys and hooks such as diffusers' group offloading stay as they are).
+
+    Args:
+        transformer: a model with a ``blocks`` ModuleList (the DiT).
+        enabled: False: a no-op, so callers need no branch.
+        backend: ``torch.compile`` backend (:data:`COMPILE_BACKENDS`); mode: its ``mode`` (e.g. ``"max-autotune"``).
+    """
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"compile backend must be one of {COMPILE_BACKENDS}, got {backend!r}.")
+    if not enabled:
+        yield transformer
+        return
+    blocks = list(transformer.blocks)
+    compiled = _compiled_call(backend, mode)
+    # Module.__call__ runs _compiled_call_impl when set (what nn.Module.compile sets); restoring the previous value
+    # (None for an eager block) is the way back, as no public "uncompile" exists
+    previous = [block._compiled_call_impl for block in blocks]
+    try:
+        for block in blocks:
+            block._compiled_call_impl = functools.partial(compiled, block)
+        yield transformer
+    finally:
+        for block, impl in zip(blocks, previous):
+            block._compiled_call_impl = impl
+
+
+@functools.cache
+def _compiled_call(backend: str, mode: str | None) -> Callable:
+    """``nn.Module``'s call compiled once per backend and mode: ``(module, *args) -> output``, static shapes (one
+    graph per input shape, no symbolic shapes). The module is an argument, so every block and every run share
+    its graphs."""
+    return torch.compile(nn.Module._call_impl, backend=backend, mode=mode, dynamic=False)
