@@ -100,17 +100,25 @@ def test_where_there_are_no_fp8_matmuls_nothing_changes(fp8_dit):
         assert scaling is None and all(m.matmul == UPCAST for m in layers)
 
 
-def test_shapes_scaled_mm_cannot_take_upcast(monkeypatch, fp8_dit):
-    layer = next(m for m in fp8_dit.modules() if isinstance(m, FP8Linear))
+@pytest.mark.parametrize("rowwise", [True, False])
+def test_any_token_count_is_padded_for_the_kernel(layer, rowwise):
+    x, w_fp8, scale, bias, _ = layer
+    odd = x[:27]  # e.g. the 257 CLIP tokens, or a frame grid that is no multiple of 16
+    padded = torch.cat([odd, torch.zeros(5, odd.shape[1], dtype=odd.dtype)])  # 32 rows: no padding needed
+    out = scaled_fp8_linear(odd, w_fp8, scale, bias, rowwise)
+    assert out.shape == (27, 48)
+    assert torch.equal(out, scaled_fp8_linear(padded, w_fp8, scale, bias, rowwise)[:27])  # zero rows change nothing
+
+
+def test_weights_scaled_mm_cannot_take_upcast(monkeypatch):
+    layer = FP8Linear(24, 48, device="meta")  # 24 inputs: no multiple of 16
+    layer.weight = torch.nn.Parameter(torch.randn(48, 24).to(FP8), requires_grad=False)
+    layer.bias = None
+    layer.register_buffer("scale_weight", torch.tensor(0.5), persistent=False)
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: pytest.fail("_scaled_mm called"))
     layer.matmul = SCALED
-    try:
-        x = torch.randn(257, layer.in_features, dtype=torch.bfloat16)  # the CLIP tokens: 257 rows
-        assert torch.equal(layer(x), torch.nn.functional.linear(
-            x, layer.weight.to(torch.bfloat16) * layer.scale_weight.to(torch.bfloat16),
-            None if layer.bias is None else layer.bias.to(torch.bfloat16)))
-    finally:
-        layer.matmul = UPCAST
+    x = torch.randn(32, 24, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight.to(torch.bfloat16) * 0.5))
 
 
 def test_fp8_matmuls_need_fp8_weights():

@@ -140,7 +140,7 @@ class FP8Linear(nn.Linear):
     rowwise: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.matmul == SCALED and fits_scaled_mm(x, self.weight):
+        if self.matmul == SCALED and fits_scaled_mm(self.weight):
             return scaled_fp8_linear(x, self.weight, self.scale_weight, self.bias, self.rowwise)
         weight = self.weight.to(x.dtype) * self.scale_weight.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)

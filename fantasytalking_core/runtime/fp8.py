@@ -45,13 +45,17 @@ def scaled_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     """``x @ (weight * weight_scale).T + bias`` with ``x`` quantized to e4m3 and one fp8 ``torch._scaled_mm``.
 
     Args:
-        x: [..., K] activations in bf16/fp16 (the result's dtype); rows * K and N must be multiples of 16.
+        x: [..., K] activations in bf16/fp16 (the result's dtype); K and N must be multiples of 16 (any number of
+            rows: they are padded with zero rows to a multiple of 16 for the kernel, and the padding dropped).
         weight: [N, K] e4m3 values; weight_scale: their float32 per-tensor scale (a scalar).
         bias: [N] or None. rowwise: one activation scale per row (accurate; Hopper and newer), else one per tensor.
     Returns:
         [..., N] in ``x.dtype``.
     """
     rows = x.reshape(-1, x.shape[-1])
+    count = rows.shape[0]
+    if count % _ALIGN:  # zero rows change no scale (row-wise: their own; per tensor: not the maximum)
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, -count % _ALIGN))
     amax = rows.abs().amax(dim=1, keepdim=True) if rowwise else rows.abs().amax()
     x_scale = (amax.float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)  # an all-zero row stays zero
     x_fp8 = (rows.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
@@ -60,13 +64,13 @@ def scaled_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         w_scale = w_scale.expand(1, weight.shape[0]).contiguous()
     out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=w_scale,
                            bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return out[:count].reshape(*x.shape[:-1], weight.shape[0])
 
 
-def fits_scaled_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``_scaled_mm`` takes these shapes (every dimension a multiple of 16); others upcast."""
-    rows = x.numel() // x.shape[-1]
-    return rows % _ALIGN == 0 and weight.shape[0] % _ALIGN == 0 and weight.shape[1] % _ALIGN == 0
+def fits_scaled_mm(weight: torch.Tensor) -> bool:
+    """Whether ``_scaled_mm`` takes this weight (both dimensions multiples of 16, as in every Wan model); a layer
+    whose weight it cannot take upcasts."""
+    return weight.shape[0] % _ALIGN == 0 and weight.shape[1] % _ALIGN == 0
 
 
 def check_fp8_matmul_model(model: nn.Module, enabled: bool = True) -> list[nn.Module]:
