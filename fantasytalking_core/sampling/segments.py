@@ -45,6 +45,7 @@ import torch
 from ..audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES, SegmentPlan
 from ..encoders.vae import known_latents
 from ..media.color import match_color
+from ..model.limits import MAX_FRAMES
 
 Chaining = Literal["last_frame", "motion_frames", "pinned_latents"]
 CHAININGS: tuple[str, ...] = ("last_frame", "motion_frames", "pinned_latents")
@@ -75,6 +76,9 @@ class SegmentOptions:
             raise ValueError(f"chaining must be one of {', '.join(CHAININGS)}, got {self.chaining!r}.")
         if self.segment_frames < 5 or (self.segment_frames - 1) % 4:
             raise ValueError(f"segment_frames must be 4n+1 and at least 5 (e.g. 81), got {self.segment_frames}.")
+        if self.segment_frames > MAX_FRAMES:
+            raise ValueError(f"segment_frames {self.segment_frames} is above {MAX_FRAMES}, the longest clip the Wan2.1 "
+                             f"DiT can place in time; use at most {MAX_FRAMES} (81 is the length it was trained on).")
         if self.motion_frames < 1 or (self.motion_frames - 1) % 4 or self.motion_frames >= self.segment_frames:
             raise ValueError(f"motion_frames must be 4m+1 (1, 5, 9, ...) and less than segment_frames "
                              f"({self.segment_frames}), got {self.motion_frames}.")
