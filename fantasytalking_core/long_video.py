@@ -3,6 +3,7 @@
 Used by the command line (and the long-audio benchmark): :meth:`FantasyTalkingPipeline.stream` makes the frames
 one segment at a time, and each segment's final frames go straight into :class:`~.media.video.VideoStreamWriter`,
 which writes a temporary file and renames it at the end, so a failed or interrupted run leaves no partial video.
+:func:`stream_to_file` is that writing loop on its own; the ComfyUI sampler node streams its segments through it.
 """
 
 from __future__ import annotations
