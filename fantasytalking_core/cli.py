@@ -217,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="frames per segment (4n+1; 81 = the trained clip length)")
     long.add_argument("--chaining", choices=CHAININGS, default="last_frame",
                       help="last_frame: the previous segment's last frame starts the next (as trained); "
-                           "motion_frames: its last --motion-frames frames are given as known frames")
+                           "motion_frames: its last --motion-frames frames are given as known frames; "
+                           "pinned_latents: those frames' latents are also held at each step's noise level "
+                           "(InfiniteTalk's way). No quality comparison on the real weights exists yet")
     long.add_argument("--motion-frames", type=int, default=DEFAULT_MOTION_FRAMES,
-                      help="frames given to the next segment with --chaining motion_frames (4m+1)")
+                      help="frames given to the next segment with --chaining motion_frames or pinned_latents (4m+1)")
     long.add_argument("--color-match", type=float, default=0.0,
                       help="pull each segment's Lab colour statistics toward the portrait's, 0 (off) .. 1")
     long.add_argument("--crossfade", action="store_true", help="blend the frames two segments share")

@@ -3,13 +3,14 @@
 Used by the command line (and the long-audio benchmark): :meth:`FantasyTalkingPipeline.stream` makes the frames
 one segment at a time, and each segment's final frames go straight into :class:`~.media.video.VideoStreamWriter`,
 which writes a temporary file and renames it at the end, so a failed or interrupted run leaves no partial video.
+:func:`stream_to_file` is that writing loop on its own; the ComfyUI sampler node streams its segments through it.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -51,13 +52,34 @@ def write_long_video(
     written). Only the current segment's frames (and ``sample_frames`` kept frames) are in memory.
     """
     stream = pipe.stream(job.image, audio, job.settings, options, progress)
-    report = LongVideoReport(path, stream.plan, stream.fps)
-    every = -(-stream.plan.num_frames // sample_frames) if sample_frames else 0  # ceil: at most sample_frames
+    return stream_to_file((job.finish(chunk) for chunk in stream.frames), stream.plan, path, stream.audio,
+                          stream.sample_rate, sample_frames)
+
+
+def stream_to_file(
+    chunks: Iterable[torch.Tensor],
+    plan: SegmentPlan,
+    path: str | os.PathLike,
+    audio: torch.Tensor | None,
+    sample_rate: int | None,
+    sample_frames: int = 0,
+) -> LongVideoReport:
+    """Write a segmented video's frame chunks (``pipeline.stream`` or ``sampling.segments.generate_segments``) to
+    an mp4 with the voice as they come, through :class:`~.media.video.VideoStreamWriter`.
+
+    Args:
+        chunks: float32 [f, H, W, 3] in 0..1, ``plan.num_frames`` frames in all; the work happens as they are
+            consumed, and an exception from them (an interrupt) leaves no file.
+        plan: the segments (its fps is the video's).
+        audio: [C, T] float waveform in -1..1, or None for a silent video; sample_rate: its rate in Hz.
+        sample_frames: keep up to this many frames spread evenly over the video (every ceil(F / n)-th, from 0).
+    """
+    report = LongVideoReport(path, plan, plan.fps)
+    every = -(-plan.num_frames // sample_frames) if sample_frames else 0  # ceil: at most sample_frames
     kept, shown = [], 0
     start = time.perf_counter()
-    with VideoStreamWriter(path, stream.fps, stream.audio, stream.sample_rate) as writer:
-        for chunk in stream.frames:
-            frames = job.finish(chunk)
+    with VideoStreamWriter(path, plan.fps, audio, sample_rate) as writer:
+        for frames in chunks:
             writer.write(frames)
             if every:
                 kept += [frames[i - shown] for i in range(shown, shown + len(frames)) if i % every == 0]

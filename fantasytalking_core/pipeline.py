@@ -246,10 +246,10 @@ class FantasyTalkingPipeline:
                 return known_frames_condition(m.vae, known, num_frames, tile_size=tile)
 
         def sample(index: int, y: torch.Tensor, features: torch.Tensor, num_frames: int, num_tokens: int,
-                   report: ProgressFn | None) -> torch.Tensor:
+                   report: ProgressFn | None, pinned: torch.Tensor | None) -> torch.Tensor:
             with dit_on_device(m.dit, self.device, placement):
                 return sample_latents(m.dit, text_pos, text_neg, clip_tokens, y, features, num_frames,
-                                      replace(settings, seed=settings.seed + index), report, num_tokens)
+                                      replace(settings, seed=settings.seed + index), report, num_tokens, pinned)
 
         frames = generate_segments(plan, voice.features, pixels, options, condition=condition, sample=sample,
                                    decode=lambda latents: self._decode(latents, tile), steps=settings.steps,
@@ -306,11 +306,12 @@ def sample_latents(
     settings: GenerationSettings,
     progress: ProgressFn | None = None,
     num_audio_tokens: int | None = None,
+    pinned_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`~.sampling.denoise.generate_latents` with a user's settings: the one place where settings become the
     guidance config, the sigma schedule, the seed and the (motion-shaped) audio strength. Shared by the pipeline
-    and the ComfyUI sampler node; tensor arguments (and ``num_audio_tokens``, for a long recording's segments) as
-    in ``generate_latents``. Runs where ``dit`` is."""
+    and the ComfyUI sampler node; tensor arguments (and ``num_audio_tokens`` and ``pinned_latents``, for a long
+    recording's segments) as in ``generate_latents``. Runs where ``dit`` is."""
     frames, height, width = image_latents.shape[2], image_latents.shape[3] * 8, image_latents.shape[4] * 8
     start, end = settings.audio_guidance_range
     with (using_attention(settings.attention), compiled_blocks(dit.transformer, settings.compile),
@@ -325,6 +326,7 @@ def sample_latents(
             batch_passes=settings.batch_passes,
             progress=progress,
             num_audio_tokens=num_audio_tokens,
+            pinned_latents=pinned_latents,
         )
 
 

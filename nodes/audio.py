@@ -7,7 +7,7 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from fantasytalking_core.audio.rules import DEFAULT_FPS, DEFAULT_MAX_FRAMES
-from fantasytalking_core.model.limits import MAX_FRAMES
+from fantasytalking_core.model.limits import MAX_VIDEO_FRAMES
 
 from . import io_types
 from .convert import describe_audio, encode_audio
@@ -20,7 +20,8 @@ class AudioEncode(io.ComfyNode):
             node_id="FantasyTalkingAudioEncode",
             display_name="FantasyTalking Audio Encode",
             description="Turns the voice recording into the features that drive the lips, and fixes the video length: "
-                        "4*floor(fps*seconds/4)+5 frames, at most max_frames.",
+                        "4*floor(fps*seconds/4)+5 frames, at most max_frames (longer than the sampler's "
+                        "segment_frames: made in segments).",
             inputs=[
                 io_types.Wav2Vec2.Input("wav2vec2", tooltip="wav2vec2-base-960h from the FantasyTalking wav2vec2 Loader."),
                 io.Audio.Input("audio", tooltip="The voice recording (any sample rate, mono or stereo), e.g. from Load "
@@ -30,10 +31,11 @@ class AudioEncode(io.ComfyNode):
                 io.Float.Input("fps", default=float(DEFAULT_FPS), min=1.0, max=120.0, step=0.001, round=0.001,
                                tooltip="Video frame rate in frames per second, fractions allowed (12.5, 23.976); "
                                        "FantasyTalking was trained at 23."),
-                io.Int.Input("max_frames", default=DEFAULT_MAX_FRAMES, min=5, max=MAX_FRAMES, step=4,
-                             tooltip=f"Longest video in frames (4n+1); a longer recording is cut there. 81 frames = "
-                                     f"3.5 s at 23 fps; more frames need more GPU memory and time. At most "
-                                     f"{MAX_FRAMES}: the model cannot place more frames in time."),
+                io.Int.Input("max_frames", default=DEFAULT_MAX_FRAMES, min=5, max=MAX_VIDEO_FRAMES, step=4,
+                             tooltip="Longest video in frames (4n+1); a longer recording is cut there. 81 frames = "
+                                     "3.5 s at 23 fps, one clip. Longer videos are made by the sampler in segments "
+                                     "of its segment_frames (13805 frames = 10 minutes at 23 fps); time grows with "
+                                     "the frame count."),
             ],
             outputs=[
                 io_types.AudioFeatures.Output(display_name="audio_features",

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -35,10 +37,14 @@ from fantasytalking_core.face.crop import (CropInfo, box_from_mask, crop_image, 
 from fantasytalking_core.face.identity import identity_report
 from fantasytalking_core.encoders.image import preprocess_clip_image
 from fantasytalking_core.encoders.text import clean_prompt
-from fantasytalking_core.encoders.vae import first_frame_mask, latent_num_frames, vae_config
+from fantasytalking_core.encoders.vae import known_frames_mask, latent_num_frames, vae_config
 from fantasytalking_core.media.image import comfy_image_to_pil, image_to_tensor
 from fantasytalking_core.model.transformer import IMAGE_TOKENS, FantasyTalkingModel
+from fantasytalking_core.audio.timeline import SegmentPlan, plan_segments
+from fantasytalking_core.errors import SettingsError
+from fantasytalking_core.long_video import stream_to_file
 from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits, sample_latents
+from fantasytalking_core.sampling.segments import SegmentOptions, generate_segments
 from fantasytalking_core.runtime.placement import dit_on_device, on_device
 
 logger = logging.getLogger(__name__)
@@ -347,18 +353,21 @@ def denormalize_latents(latents: torch.Tensor) -> torch.Tensor:
 
 
 def conditioning_video(pixels: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """[num_frames, H, W, 3] in 0..1: the portrait, then mid-grey frames (0 in the model's -1..1 range).
+    """[num_frames, H, W, 3] in 0..1: the K known frames ``pixels`` [K, H, W, 3] (the portrait, K = 1; a long
+    video's motion frames), then mid-grey frames (0 in the model's -1..1 range).
 
-    Encoded, this is Wan I2V's conditioning video ``[image, num_frames - 1 zero frames]``.
+    Encoded, this is Wan I2V's conditioning video ``[known frames, num_frames - K zero frames]``.
     """
     latent_num_frames(num_frames)  # refuses counts that are not 4k+1
     video = torch.full((num_frames, *pixels.shape[1:]), 0.5, dtype=torch.float32)
-    video[0] = pixels[0]
+    video[: len(pixels)] = pixels
     return video
 
 
 def image_condition(vae: Any, pixels: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """The I2V conditioning ``y`` [1, 20, T, H/8, W/8] float32 from ComfyUI's VAE (see the module docstring)."""
+    """The I2V conditioning ``y`` [1, 20, T, H/8, W/8] float32 from ComfyUI's VAE (see the module docstring), for
+    K known first frames ``pixels`` [K, H, W, 3] in 0..1 (K = 1: the portrait; K = 4m+1: latent frames 0..m known,
+    ``encoders.vae.known_frames_mask``)."""
     height, width = pixels.shape[1:3]
     raw = vae.encode(conditioning_video(pixels, num_frames))
     want = (1, WAN21_LATENT_CHANNELS, latent_num_frames(num_frames), height // VAE_STRIDE, width // VAE_STRIDE)
@@ -366,7 +375,7 @@ def image_condition(vae: Any, pixels: torch.Tensor, num_frames: int) -> torch.Te
         raise ModelFileError(f"FantasyTalking Sampler: the VAE encoded {num_frames} frames of {width}x{height} to "
                              f"{list(raw.shape)}, a Wan2.1 VAE gives {list(want)}. Use wan_2.1_vae.safetensors.")
     latent = normalize_latents(raw.cpu())
-    mask = first_frame_mask(num_frames, height, width)
+    mask = known_frames_mask(num_frames, len(pixels), height, width)
     return torch.cat([mask[None], latent], dim=1)
 
 
@@ -452,3 +461,122 @@ def sample_video(
         latents = sample_latents(model, text_pos, text_neg, identity.clip_tokens, y, voice.features.features,
                                  num_frames, settings, progress)
     return decode_frames(identity.vae, latents)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Long recordings: segments, frames in memory or streamed to an mp4
+# --------------------------------------------------------------------------------------------------------------------
+
+PREVIEW_FRAMES = 16
+"""Frames, spread over the video, that the sampler's ``images`` output holds when the video went to a file."""
+IMAGE_BYTES_PER_PIXEL = 12  # an IMAGE frame: 3 float32 channels per pixel
+
+
+def image_gigabytes(num_frames: int, width: int, height: int) -> float:
+    """Memory of ``num_frames`` IMAGE frames of ``width`` x ``height`` pixels (float32 RGB), in GB (10^9 bytes)."""
+    return num_frames * width * height * IMAGE_BYTES_PER_PIXEL / 1e9
+
+
+def segment_options(segment_frames: int, motion_frames: int, chaining: str, color_match: float = 0.0,
+                    crossfade: bool = False) -> SegmentOptions:
+    """The sampler's segment inputs as library options; a bad value is one line naming the node, the input and
+    the rule (SettingsError)."""
+    try:
+        return SegmentOptions(segment_frames, motion_frames, chaining, color_match, crossfade)
+    except ValueError as error:
+        raise SettingsError(f"FantasyTalking Sampler: {error}") from None
+
+
+def check_segment_inputs(segment_frames: int, motion_frames: int, chaining: str, color_match: float,
+                         max_image_frames: int) -> bool | str:
+    """The sampler's ``validate_inputs``: True, or the one-line message (ComfyUI shows it before the run)."""
+    if max_image_frames < 0:
+        return f"FantasyTalking Sampler: max_image_frames must be 0 or more, got {max_image_frames}."
+    try:
+        segment_options(segment_frames, motion_frames, chaining, color_match)
+    except SettingsError as error:
+        return str(error)
+    return True
+
+
+@dataclass
+class SampledVideo:
+    """The sampler node's result.
+
+    Attributes:
+        images: every frame [F, H, W, 3] float32 in 0..1 when the video is kept in memory; when it was written to
+            ``path``, up to :data:`PREVIEW_FRAMES` frames spread evenly over it (every ceil(F / 16)-th from 0).
+        path: the mp4 with the voice, or None when the frames are in ``images``.
+        plan: the segments (one for a video of at most ``segment_frames``).
+    """
+
+    images: torch.Tensor
+    path: Path | None
+    plan: SegmentPlan
+
+
+def sample_segments(
+    model: FantasyTalkingModel,
+    text_pos: torch.Tensor,
+    text_neg: torch.Tensor | None,
+    identity: Identity,
+    voice: EncodedAudio,
+    settings: GenerationSettings,
+    options: SegmentOptions,
+    device: torch.device,
+    progress: ProgressFn | None = None,
+    make_room: Callable[[], None] | None = None,
+    dit_placement: str = "resident",
+    gpu_memory: float | None = None,
+) -> tuple[SegmentPlan, Iterator[torch.Tensor]]:
+    """The whole recording ``voice`` in segments on one frame grid (``sampling.segments.generate_segments``, the
+    library's segment loop) with ComfyUI's VAE: (the plan, an iterator of frame chunks [f, H, W, 3] in 0..1).
+
+    Arguments as in :func:`sample_video`; ``progress(step, total)`` counts the steps of all segments. The memory
+    check runs here, before anything is sampled; the work happens as the chunks are consumed, the DiT on
+    ``device`` for each segment's denoising only (``make_room`` before each move: ComfyUI's VAE ran in between).
+    A video of at most ``options.segment_frames`` frames is one segment: :func:`sample_video`'s frames, bit for bit.
+    """
+    check_image_tokens(identity.clip_tokens, model.transformer.config.image_dim)
+    features = voice.features
+    plan = plan_segments(features.num_frames, features.fps, features.num_tokens, options.segment_frames,
+                         options.overlap)
+    height, width = identity.pixels.shape[1:3]
+    if make_room is not None:
+        make_room()
+    placement = check_dit_fits(model, device, max(s.num_frames for s in plan.segments), height, width, settings,
+                               dit_placement, gpu_memory)
+    reference = identity.pixels[0].permute(2, 0, 1) * 2 - 1  # [3, H, W] in -1..1
+
+    def condition(known: torch.Tensor, num_frames: int) -> torch.Tensor:
+        # the portrait is encoded from the node's own pixels (as the single clip is), not from a -1..1 round trip
+        first = known.shape[1] == 1 and torch.equal(known[:, 0], reference)
+        pixels = identity.pixels if first else (known.permute(1, 2, 3, 0) + 1) / 2  # [K, H, W, 3] in 0..1
+        return image_condition(identity.vae, pixels, num_frames)
+
+    def sample(index: int, y: torch.Tensor, audio: torch.Tensor, num_frames: int, num_tokens: int,
+               report: ProgressFn | None, pinned: torch.Tensor | None) -> torch.Tensor:
+        if make_room is not None:
+            make_room()
+        with dit_on_device(model, device, placement):
+            return sample_latents(model, text_pos, text_neg, identity.clip_tokens, y, audio, num_frames,
+                                  replace(settings, seed=settings.seed + index), report, num_tokens, pinned)
+
+    chunks = generate_segments(plan, features.features, reference, options, condition=condition, sample=sample,
+                               decode=lambda latents: decode_frames(identity.vae, latents).cpu(),
+                               steps=settings.steps, progress=progress)
+    return plan, chunks
+
+
+def render_video(plan: SegmentPlan, chunks: Iterator[torch.Tensor], voice: EncodedAudio, max_image_frames: int,
+                 output_path: Callable[[], str | Path]) -> SampledVideo:
+    """Consume the chunks of :func:`sample_segments`: a video of at most ``max_image_frames`` frames is kept as
+    IMAGE frames; a longer one streams into the mp4 at ``output_path()`` with the voice muxed (library
+    ``long_video.stream_to_file``: memory bounded by one segment, a temporary file renamed at the end, so an
+    interrupted or failed run leaves no file), keeping :data:`PREVIEW_FRAMES` frames."""
+    if plan.num_frames <= max_image_frames:
+        return SampledVideo(torch.cat(list(chunks)), None, plan)
+    audio = voice.audio
+    report = stream_to_file(chunks, plan, output_path(), audio["waveform"][0], int(audio["sample_rate"]),
+                            PREVIEW_FRAMES)
+    return SampledVideo(report.samples, Path(report.path), plan)

@@ -1,18 +1,31 @@
-"""Sampler node: text, identity, voice and motion -> video frames, the matching audio and the frame rate."""
+"""Sampler node: text, identity, voice and motion -> video frames (or, for a long video, an mp4 it writes), the
+matching audio and the frame rate."""
 
 from __future__ import annotations
 
+import logging
+from fractions import Fraction
+from pathlib import Path
+
 import comfy.model_management as mm
 import comfy.utils
-from comfy_api.latest import io
+import folder_paths
+from comfy_api.latest import InputImpl, Types, io, ui
 
+from fantasytalking_core.audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES
+from fantasytalking_core.model.limits import MAX_FRAMES, MAX_VIDEO_FRAMES
 from fantasytalking_core.pipeline import GenerationSettings
 from fantasytalking_core.runtime.attention import ATTENTION_BACKENDS
+from fantasytalking_core.sampling.segments import CHAININGS
 
 from . import io_types
-from .convert import conditioning_to_text, sample_video
+from .convert import (PREVIEW_FRAMES, check_segment_inputs, conditioning_to_text, image_gigabytes, render_video,
+                      sample_segments, segment_options)
 
+logger = logging.getLogger(__name__)
 DEFAULTS = GenerationSettings()
+MAX_IMAGE_FRAMES = 1500
+"""Default of ``max_image_frames``: 65 s at 23 fps, 4.7 GB of IMAGE frames at 512x512 (16.6 GB at 1280x720)."""
 
 
 class Sampler(io.ComfyNode):
@@ -21,9 +34,13 @@ class Sampler(io.ComfyNode):
         return io_types.schema(
             node_id="FantasyTalkingSampler",
             display_name="FantasyTalking Sampler",
-            description="Generates the talking video. The frames, the audio cut to the video and the fps go straight "
-                        "into Create Video, upscalers or frame interpolators. The model is on the GPU only while "
-                        "this node runs; Cancel stops it after the current step.",
+            description="Generates the talking video, as long as Audio Encode's frame count: up to segment_frames in "
+                        "one clip, longer in segments chained on one timeline. Up to max_image_frames the frames, "
+                        "the audio cut to the video and the fps go into Create Video, upscalers or frame "
+                        "interpolators; a longer video is written to an mp4 with the voice in the output folder as "
+                        "it is made, and comes out as video (connect it to Save Video or leave it: the file is "
+                        "there). The model is on the GPU only while it denoises; Cancel stops it after the current "
+                        "step and leaves no partial file.",
             inputs=[
                 io_types.FantasyTalkingModel.Input("model", tooltip="From the FantasyTalking Model Loader."),
                 io.Conditioning.Input("positive", tooltip="What happens in the video, from the core CLIP Text Encode "
@@ -70,6 +87,35 @@ class Sampler(io.ComfyNode):
                                  tooltip="Stream the model's blocks to the GPU one at a time instead of moving it "
                                          "whole: the 14B model in about 5 GB of GPU memory (a 24 GB card, even "
                                          "8-12 GB), about 30% slower. Needs the model's size in system RAM."),
+                io.Int.Input("segment_frames", default=DEFAULT_SEGMENT_FRAMES, min=5, max=MAX_FRAMES, step=4,
+                             tooltip="Frames per segment (4n+1) when the video is longer: 81 (3.5 s at 23 fps) is "
+                                     "the length the model was trained on. A video up to this long is one clip."),
+                io.Combo.Input("chaining", options=list(CHAININGS), default="last_frame",
+                               tooltip="How a segment continues the previous one. last_frame: its last frame is "
+                                       "the next one's start image (as trained; no motion carried across). "
+                                       "motion_frames: its last motion_frames frames are given as known frames. "
+                                       "pinned_latents: as motion_frames, and their latents are held at each "
+                                       "step's noise level (InfiniteTalk's way). Not compared on the real "
+                                       "weights yet."),
+                io.Int.Input("motion_frames", default=DEFAULT_MOTION_FRAMES, min=1, max=MAX_FRAMES - 4, step=4,
+                             tooltip="Frames (4m+1, fewer than segment_frames) each segment shares with the "
+                                     "previous one in motion_frames and pinned_latents chaining (9 = 3 latent "
+                                     "frames); last_frame shares 1."),
+                io.Float.Input("color_match", default=0.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Pull each segment's colours (Lab mean and spread) toward the portrait's, "
+                                       "against slow drift over a long video: 0 off, 1 full."),
+                io.Boolean.Input("crossfade", default=False,
+                                 tooltip="Blend the frames two segments share instead of keeping the earlier "
+                                         "segment's."),
+                io.Int.Input("max_image_frames", default=MAX_IMAGE_FRAMES, min=0, max=MAX_VIDEO_FRAMES,
+                             tooltip="Videos up to this many frames come out as IMAGE frames in memory: width x "
+                                     "height x 12 bytes each (3.1 MB at 512x512; 10 minutes at 23 fps, 13805 "
+                                     "frames, would be about 43 GB). Longer videos are written straight to an mp4 "
+                                     "with the voice (memory of one segment) and come out as video; images then "
+                                     f"holds {PREVIEW_FRAMES} frames spread over it. 0: always write the file."),
+                io.String.Input("filename_prefix", default="FantasyTalking/long",
+                                tooltip="Where a video longer than max_image_frames is written, in ComfyUI's "
+                                        "output folder (the number and .mp4 are added)."),
                 io.Boolean.Input("compile", default=False, optional=True, advanced=True,
                                  tooltip="torch.compile the model's blocks for this run: about 20% faster steps on "
                                          "an H100 after a one-off compile of 20-60 s (needs Triton on GPUs). "
@@ -80,18 +126,32 @@ class Sampler(io.ComfyNode):
                                          "Other GPUs compute as without it."),
             ],
             outputs=[
-                io.Image.Output(display_name="images", tooltip="The video frames, [frames, height, width, 3]."),
+                io.Image.Output(display_name="images",
+                                tooltip="The video frames, [frames, height, width, 3]; for a video longer than "
+                                        f"max_image_frames only {PREVIEW_FRAMES} frames spread over it (use video)."),
                 io.Audio.Output(display_name="audio", tooltip="The recording cut to the length of the video."),
                 io.Float.Output(display_name="fps", tooltip="Frame rate of the video in frames per second."),
+                io.Video.Output(display_name="video",
+                                tooltip="The whole video with the voice, for Save Video: the written mp4 for a "
+                                        "long video, else the frames, audio and fps together."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, segment_frames: int, motion_frames: int, chaining: str, color_match: float,
+                        max_image_frames: int) -> bool | str:
+        return check_segment_inputs(segment_frames, motion_frames, chaining, color_match, max_image_frames)
 
     @classmethod
     def execute(cls, model, positive, negative, identity, audio_features, steps: int, cfg: float, audio_cfg: float,
                 audio_guidance_start: float, audio_guidance_end: float, audio_scale: float, shift: float, seed: int,
                 motion=None, batch_passes: bool = False, offload_blocks: bool = False,
-                attention: str = "sdpa", gpu_memory_gb: float = 0.0, compile: bool = False,
+                attention: str = "sdpa", gpu_memory_gb: float = 0.0, segment_frames: int = DEFAULT_SEGMENT_FRAMES,
+                chaining: str = "last_frame", motion_frames: int = DEFAULT_MOTION_FRAMES, color_match: float = 0.0,
+                crossfade: bool = False, max_image_frames: int = MAX_IMAGE_FRAMES,
+                filename_prefix: str = "FantasyTalking/long", compile: bool = False,
                 fp8_matmul: bool = False) -> io.NodeOutput:
+        options = segment_options(segment_frames, motion_frames, chaining, color_match, crossfade)
         settings = GenerationSettings(
             seed=seed, steps=steps, shift=shift, cfg=cfg, audio_cfg=audio_cfg, audio_scale=audio_scale,
             audio_guidance_range=(audio_guidance_start, audio_guidance_end), fps=audio_features.features.fps,
@@ -102,15 +162,35 @@ class Sampler(io.ComfyNode):
         text_neg = None if cfg == 1.0 else conditioning_to_text(negative, "negative", text_dim)
         bar = comfy.utils.ProgressBar(steps)
 
-        def progress(step: int, total: int) -> None:
+        def progress(step: int, total: int) -> None:  # every segment's steps, one bar
             bar.update_absolute(step, total)
             mm.throw_exception_if_processing_interrupted()
 
-        frames = sample_video(model, text_pos, text_neg, identity, audio_features, settings, mm.get_torch_device(),
-                              progress, make_room=mm.unload_all_models,
-                              dit_placement="streamed" if offload_blocks else "resident",
-                              gpu_memory=gpu_memory_gb or None)
-        return io.NodeOutput(frames.to(mm.intermediate_device()), audio_features.audio, audio_features.features.fps)
+        plan, chunks = sample_segments(model, text_pos, text_neg, identity, audio_features, settings, options,
+                                       mm.get_torch_device(), progress, make_room=mm.unload_all_models,
+                                       dit_placement="streamed" if offload_blocks else "resident",
+                                       gpu_memory=gpu_memory_gb or None)
+        width, height = identity.frame_size
+        saved: list[ui.SavedResult] = []
+
+        def output_path() -> Path:
+            folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+                filename_prefix, folder_paths.get_output_directory(), width, height)
+            saved.append(ui.SavedResult(f"{name}_{counter:05}_.mp4", subfolder, io.FolderType.output))
+            return Path(folder) / saved[0].filename
+
+        video = render_video(plan, chunks, audio_features, max_image_frames, output_path)
+        audio, fps = audio_features.audio, audio_features.features.fps
+        images = video.images.to(mm.intermediate_device())
+        if video.path is None:
+            whole = InputImpl.VideoFromComponents(Types.VideoComponents(images=images, audio=audio,
+                                                                        frame_rate=Fraction(fps)))
+            return io.NodeOutput(images, audio, fps, whole)
+        gigabytes = image_gigabytes(plan.num_frames, width, height)
+        logger.info("FantasyTalking Sampler: %d frames (%.1f GB as IMAGE, above max_image_frames %d) in %d segments, "
+                    "written to %s", plan.num_frames, gigabytes, max_image_frames, len(plan), video.path)
+        return io.NodeOutput(images, audio, fps, InputImpl.VideoFromFile(str(video.path)),
+                             ui=ui.PreviewVideo(saved))
 
 
 NODES = [Sampler]

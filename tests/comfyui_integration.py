@@ -541,17 +541,31 @@ def expected_frames(seconds: float, fps: float, max_frames: int) -> int:
     return frames_for_duration(seconds, fps, max_frames)
 
 
-def run_workflow(comfy: ComfyUI, path: Path, output: Path, durations: dict, report: Report) -> None:
-    name = path.stem
+def sampler_segments(sampler: dict, frames: int) -> int:
+    """Segments the sampler node makes of ``frames`` frames (the library's rule, the node's inputs)."""
+    from fantasytalking_core.audio.timeline import segment_spans
+
+    inputs = sampler["inputs"]
+    overlap = 1 if inputs.get("chaining", "last_frame") == "last_frame" else inputs.get("motion_frames", 9)
+    return len(segment_spans(frames, inputs.get("segment_frames", 81), overlap))
+
+
+def run_workflow(comfy: ComfyUI, path: Path, output: Path, durations: dict, report: Report,
+                 overrides: dict | None = None) -> None:
+    """Run one workflow (with ``overrides`` on the sampler's inputs) and check every mp4 it saved: the Save Video
+    file, and the sampler's own file when the video was longer than its max_image_frames."""
     prompt = load_api_workflow(path)
     sampler_id, sampler = node_of(prompt, "FantasyTalkingSampler")
+    sampler["inputs"].update(overrides or {})
+    name = path.stem + "".join(f" {k}={v}" for k, v in (overrides or {}).items())
     audio_id, audio = node_of(prompt, "FantasyTalkingAudioEncode")
     _, loader = node_of(prompt, "LoadAudio")
     frames_wanted = expected_frames(durations[loader["inputs"]["audio"]], audio["inputs"]["fps"],
                                     audio["inputs"]["max_frames"])
-    events = Events(comfy.port, f"fantasytalking-{name}")
+    client = f"fantasytalking-{path.stem}{'-' + str(len(overrides)) if overrides else ''}"
+    events = Events(comfy.port, client)
     started = time.monotonic()
-    status, reply = submit(comfy, prompt, f"fantasytalking-{name}")
+    status, reply = submit(comfy, prompt, client)
     if not report.check(status == 200, f"{name}: /prompt accepted it ({status} {json.dumps(reply)[:600]})"):
         events.close()
         return
@@ -563,16 +577,39 @@ def run_workflow(comfy: ComfyUI, path: Path, output: Path, durations: dict, repo
     if not report.check(ok, f"{name}: ran to success ({json.dumps(entry['status'].get('messages', []))[-1500:]})"):
         return
     videos = [f for f in saved_files(entry["outputs"]) if f["filename"].endswith(".mp4")]
-    if not report.check(len(videos) == 1, f"{name}: one mp4 saved ({videos})"):
+    to_file = frames_wanted > sampler["inputs"].get("max_image_frames", 1500)
+    wanted = 2 if to_file else 1  # the sampler's own mp4 too, past max_image_frames
+    if not report.check(len(videos) == wanted, f"{name}: {wanted} mp4 saved ({videos})"):
         return
+    for video in videos[1:]:
+        check_mp4(name, output / video.get("subfolder", "") / video["filename"], prompt, frames_wanted, durations,
+                  report, to_file)
     mp4 = output / videos[0].get("subfolder", "") / videos[0]["filename"]
-    info = probe_mp4(mp4)
-    fps = float(audio["inputs"]["fps"])
-    recording = durations[loader["inputs"]["audio"]]
-    audio_wanted = min(recording, frames_wanted / fps)
-    steps = sampler["inputs"]["steps"]
+    info = check_mp4(name, mp4, prompt, frames_wanted, durations, report, to_file)
+    steps = sampler["inputs"]["steps"] * sampler_segments(sampler, frames_wanted)
     progress = [(p["value"], p["max"]) for p in events.of("progress", reply["prompt_id"]) if p.get("node") == sampler_id]
     text = entry["outputs"].get(audio_id, {}).get("text", ["?"])[0]
+    report.check(bool(progress) and progress[-1] == (steps, steps) and progress[0][0] >= 1,
+                 f"{name}: sampler progress reaches {steps}/{steps} ({progress[-3:]})")
+    fps, recording = float(audio["inputs"]["fps"]), durations[loader["inputs"]["audio"]]
+    report.say(f"workflow {name}: success in {seconds:.1f} s -> {[v['filename'] for v in videos]}: {info['frames']} "
+               f"frames {info['width']}x{info['height']} @ {info['fps']:g} fps {info['codec']}, audio "
+               f"{info['audio_codec']} {info['audio_rate']} Hz {info['audio_channels']} ch {info.get('audio_s', 0):.2f} s "
+               f"(recording {recording:.2f} s, video {info['frames'] / fps:.2f} s, "
+               f"{sampler_segments(sampler, frames_wanted)} segment(s)); audio encode says \"{text}\"")
+
+
+def check_mp4(name: str, mp4: Path, prompt: dict, frames_wanted: int, durations: dict, report: Report,
+              padded: bool = False) -> dict:
+    """Frame count, rate, AAC audio as long as the video (or the recording, shorter by up to 5 frames, unless the
+    library's writer ``padded`` it with silence to the video), the paste-back size of one mp4."""
+    _, audio = node_of(prompt, "FantasyTalkingAudioEncode")
+    _, loader = node_of(prompt, "LoadAudio")
+    info = probe_mp4(mp4)
+    name = f"{name} ({mp4.name})"
+    fps = float(audio["inputs"]["fps"])
+    recording = durations[loader["inputs"]["audio"]]
+    audio_wanted = frames_wanted / fps if padded else min(recording, frames_wanted / fps)
     report.check(info["frames"] == frames_wanted, f"{name}: {frames_wanted} frames in the mp4 (found {info['frames']})")
     report.check(abs(info["fps"] - fps) < 1e-3, f"{name}: {fps} fps (found {info['fps']})")
     report.check(info["audio_codec"] == "aac", f"{name}: an AAC audio stream (found {info['audio_codec']})")
@@ -581,13 +618,7 @@ def run_workflow(comfy: ComfyUI, path: Path, output: Path, durations: dict, repo
     if any(n["class_type"] == "FantasyTalkingFacePasteBack" for n in prompt.values()):
         report.check((info["width"], info["height"]) == (512, 512),
                      f"{name}: pasted back at the photo's full 512x512 size (found {info['width']}x{info['height']})")
-    report.check(bool(progress) and progress[-1] == (steps, steps) and progress[0][0] >= 1,
-                 f"{name}: sampler progress reaches {steps}/{steps} ({progress})")
-    report.say(f"workflow {name}: success in {seconds:.1f} s -> output/{videos[0].get('subfolder', '')}/"
-               f"{videos[0]['filename']}: {info['frames']} frames {info['width']}x{info['height']} @ {info['fps']:g} "
-               f"fps {info['codec']}, audio {info['audio_codec']} {info['audio_rate']} Hz {info['audio_channels']} ch "
-               f"{info.get('audio_s', 0):.2f} s (recording {recording:.2f} s, video {info['frames'] / fps:.2f} s); "
-               f"audio encode says \"{text}\"; sampler progress {progress}")
+    return info
 
 
 def check_missing_model_refused(comfy: ComfyUI, path: Path, report: Report) -> None:
@@ -763,6 +794,8 @@ def main() -> int:
         for path in workflows:
             if "FantasyTalkingSampler" in path.read_text():
                 run_workflow(comfy, path, base / "output", durations, report)
+                if path.stem == "long_recording":  # the same video written by the sampler itself, streamed
+                    run_workflow(comfy, path, base / "output", durations, report, {"max_image_frames": 0})
             else:
                 check_native_workflow_validates(comfy, path, report)
         if workflows:

@@ -23,7 +23,7 @@ from PIL import Image
 from fantasytalking_core.cli import main
 from fantasytalking_core.errors import FantasyTalkingError
 from nodes.convert import (check_wan21_vae, clip_vision_tokens, conditioning_to_text, crop_face, encode_audio,
-                           reference_pixels)
+                           reference_pixels, segment_options)
 
 CPU = torch.device("cpu")
 
@@ -172,8 +172,17 @@ NODE_CASES = {
                          "transpose the last two dimensions"),
     "audio empty": (lambda: encode_audio(WAV2VEC2_STANDIN, audio_value(torch.zeros(1, 1, 0)), 23, 81, CPU), "empty"),
     "audio not an AUDIO": (lambda: encode_audio(WAV2VEC2_STANDIN, "voice", 23, 81, CPU), "Audio file not found"),
-    "max frames past the RoPE": (lambda: encode_audio(WAV2VEC2_STANDIN, audio_value(voice()), 23, 4097, CPU),
-                                 "above 4093"),
+    "max frames past any video": (lambda: encode_audio(WAV2VEC2_STANDIN, audio_value(voice()), 23, 16777221, CPU),
+                                  "above 16777217"),
+    "segments past the RoPE": (lambda: segment_options(4097, 9, "last_frame"),
+                               "FantasyTalking Sampler: segment_frames 4097 is above 4093"),
+    "segment not 4n+1": (lambda: segment_options(80, 9, "last_frame"),
+                         "FantasyTalking Sampler: segment_frames must be 4n+1 and at least 5 (e.g. 81), got 80"),
+    "overlap not shorter than the segment": (lambda: segment_options(9, 9, "motion_frames"),
+                                             "motion_frames must be 4m+1 (1, 5, 9, ...) and less than segment_frames "
+                                             "(9), got 9"),
+    "unknown chaining": (lambda: segment_options(81, 9, "pinned"),
+                         "FantasyTalking Sampler: chaining must be one of last_frame, motion_frames, pinned_latents"),
     "no face and no fallback": (lambda: crop_face(torch.full((1, 64, 96, 3), 0.5)), "No face was found"),
     "empty face mask": (lambda: crop_face(torch.rand(1, 64, 64, 3), mask=torch.zeros(1, 64, 64)), "mask is empty"),
     "mask of another size": (lambda: crop_face(torch.rand(1, 64, 64, 3), mask=torch.ones(1, 32, 32)),

@@ -10,6 +10,8 @@ from fantasytalking_core.encoders.vae import (
     encode_video,
     first_frame_mask,
     image_to_video_condition,
+    known_frames_condition,
+    known_latents,
     latent_num_frames,
     load_vae,
     vae_config,
@@ -150,6 +152,20 @@ def test_image_to_video_condition(vae, io):
     assert (still[:, :, 1:] - y[:, 4:, 1:]).abs().max() > 0.1
     with pytest.raises(ImageInputError):
         image_to_video_condition(vae, image.permute(1, 2, 0), num_frames=9)
+
+
+def test_known_latents_are_the_known_frames_own_latents(vae, io):
+    """The causal VAE: the latents of 5 known frames inside a 13-frame conditioning equal those frames encoded
+    alone (the black frames after them do not reach back); the next latent frame does see the black frames."""
+    video = torch.rand(1, 3, 9, 16, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    known = video[0, :, :5]  # [3, 5, 16, 32]
+    y = known_frames_condition(vae, known, num_frames=13)
+    alone = encode_video(vae, known[None])  # [1, 16, 2, 2, 4]
+    assert known_latents(y, 5).shape == alone.shape == (1, 16, 2, 2, 4)
+    torch.testing.assert_close(known_latents(y, 5), alone, rtol=0, atol=1e-6)
+    # one latent frame further the conditioning holds black frames, not the video's continuation
+    assert (encode_video(vae, video)[:, :, 2] - y[:, 4:, 2]).abs().max() > 0.1
+    assert torch.equal(known_latents(y, 1), y[:, 4:, :1])
 
 
 def test_encode_rejects_bad_frame_counts_and_sizes(vae):

@@ -7,7 +7,8 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from fantasytalking_core.audio.rules import frames_for_duration
 from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.media.image import frame_size
-from fantasytalking_core.model.limits import MAX_FRAMES, MAX_IMAGE_SIZE, ROPE_MAX_SEQ_LEN
+from fantasytalking_core.model.limits import MAX_FRAMES, MAX_IMAGE_SIZE, MAX_VIDEO_FRAMES, ROPE_MAX_SEQ_LEN
+from fantasytalking_core.sampling.segments import SegmentOptions
 from fantasytalking_core.model.transformer import resolve_config
 from fantasytalking_core.pipeline import GenerationSettings
 
@@ -38,7 +39,13 @@ def test_largest_allowed_settings_pass_and_the_next_are_refused_with_the_reason(
     assert frames_for_duration(1e6, 23, MAX_FRAMES) == MAX_FRAMES == 4093
     with pytest.raises(SettingsError, match=r"max_frames 4097 is above 4093.*position table.*at most 4093"):
         GenerationSettings(max_frames=MAX_FRAMES + 4)
-    with pytest.raises(SettingsError, match="above 4093"):
-        frames_for_duration(1.0, 23, MAX_FRAMES + 4)  # the node path (Audio Encode) refuses it too
+    # a whole video may be longer than a clip (Audio Encode's cap): it is made in segments of at most 4093 frames
+    assert frames_for_duration(1e6, 23, MAX_FRAMES + 4) == MAX_FRAMES + 4
+    assert frames_for_duration(1e7, 23, None) > MAX_VIDEO_FRAMES
+    with pytest.raises(SettingsError, match=r"max_frames 16777221 is above 16777217"):
+        frames_for_duration(1.0, 23, MAX_VIDEO_FRAMES + 4)
+    with pytest.raises(ValueError, match=r"segment_frames 4097 is above 4093.*at most 4093"):
+        SegmentOptions(segment_frames=MAX_FRAMES + 4)
+    SegmentOptions(segment_frames=MAX_FRAMES)
     with pytest.raises(SettingsError, match=r"image_size 16385 is above 16384 pixels.*at most 16384"):
         GenerationSettings(image_size=MAX_IMAGE_SIZE + 1)

@@ -419,3 +419,92 @@ def test_identity_locates_the_face_on_the_full_resolution_portrait():
     assert identity.frame_size == (64, 64)
     x0, y0, x1, y1 = identity.face_box
     assert x0 < 220 / 8 < x1 and y0 < 123 / 8 < y1 and 6 < x1 - x0 < 18
+
+
+# ---- long recordings: segments, IMAGE frames or a streamed mp4 ------------------------------------------------------
+
+
+def long_voice(seconds: float = 1.2) -> dict:
+    """44.1 kHz stereo; 1.2 s = 29 video frames at 23 fps (3 segments of 13 frames)."""
+    t = torch.arange(int(seconds * 44100)) / 44100
+    left = 0.3 * torch.sin(2 * torch.pi * 220 * t) * (0.5 + 0.5 * torch.sin(2 * torch.pi * 3 * t))
+    return {"waveform": torch.stack([left, 0.5 * left]).unsqueeze(0), "sample_rate": 44100}
+
+
+def node_inputs(models, face, audio, steps=2):
+    settings = GenerationSettings(steps=steps, image_size=32, seed=5)
+    clip = CLIPVisionOutput(penultimate_hidden_states=encode_image_clip(models.image_encoder,
+                                                                        image_to_tensor(face, 32)[None]))
+    identity = encode_identity(comfy_image(face), ComfyLikeVAE(models.vae), clip, 32)
+    encoded = encode_audio(models.wav2vec2, audio, settings.fps, 4093, CPU)
+    text = torch.randn(1, 7, models.dit.transformer.config.text_dim, generator=torch.Generator().manual_seed(0))
+    return text, identity, encoded, settings
+
+
+def test_a_video_that_fits_one_segment_is_the_single_clip_bit_for_bit_in_every_mode(models, face, voice):
+    text, identity, encoded, settings = node_inputs(models, face, voice)
+    today = sample_video(models.dit, text, text, identity, encoded, settings, CPU)
+    for chaining in ("last_frame", "motion_frames", "pinned_latents"):
+        options = convert.segment_options(13, 5, chaining)
+        plan, chunks = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU)
+        video = convert.render_video(plan, chunks, encoded, 100, lambda: pytest.fail("no file for 13 frames"))
+        assert len(plan) == 1 and video.path is None
+        assert torch.equal(video.images, today)
+
+
+def test_long_video_as_images_or_as_an_mp4_with_the_voice(models, face, tmp_path):
+    import av
+
+    text, identity, encoded, settings = node_inputs(models, face, long_voice())
+    options = convert.segment_options(13, 5, "pinned_latents")
+    calls = []
+    plan, chunks = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU,
+                                           lambda i, n: calls.append((i, n)))
+    video = convert.render_video(plan, chunks, encoded, 29, lambda: pytest.fail("29 frames fit max_image_frames"))
+    assert len(plan) == 3 and video.path is None and video.images.shape == (29, 32, 32, 3)
+    assert calls == [(i, 6) for i in range(1, 7)]  # one bar over 2 steps x 3 segments
+
+    plan, chunks = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU)
+    written = convert.render_video(plan, chunks, encoded, 28, lambda: tmp_path / "out" / "long_00001_.mp4")
+    assert written.path == tmp_path / "out" / "long_00001_.mp4"
+    assert torch.equal(written.images, video.images[::2])  # 15 preview frames: every ceil(29 / 16) = 2nd
+    with av.open(str(written.path)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 29
+        sound = c.streams.audio[0]
+        assert sound.channels == 2 and abs(float(sound.duration * sound.time_base) - 29 / 23) < 0.07
+
+
+def test_long_video_interrupted_leaves_no_file(models, face, tmp_path):
+    text, identity, encoded, settings = node_inputs(models, face, long_voice(), steps=1)
+    options = convert.segment_options(13, 5, "last_frame")
+
+    class Interrupted(Exception):
+        pass
+
+    def stop(step, total):
+        if step == 2:  # inside the second segment, after the first was written
+            raise Interrupted
+
+    plan, chunks = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU, stop)
+    with pytest.raises(Interrupted):
+        convert.render_video(plan, chunks, encoded, 0, lambda: tmp_path / "long.mp4")
+    assert list(tmp_path.iterdir()) == [] and models.dit.device == CPU
+
+
+def test_segment_inputs_are_checked_before_the_run_with_one_line():
+    assert convert.check_segment_inputs(81, 9, "last_frame", 0.0, 1500) is True
+    assert convert.check_segment_inputs(5, 1, "pinned_latents", 1.0, 0) is True
+    bad = {(80, 9, "last_frame", 0.0, 1500): "segment_frames must be 4n+1",
+           (4097, 9, "last_frame", 0.0, 1500): "segment_frames 4097 is above 4093",
+           (81, 8, "motion_frames", 0.0, 1500): "motion_frames must be 4m+1",
+           (13, 13, "pinned_latents", 0.0, 1500): "less than segment_frames (13)",
+           (81, 9, "overlap", 0.0, 1500): "chaining must be one of last_frame, motion_frames, pinned_latents",
+           (81, 9, "last_frame", 1.5, 1500): "color_match must be in 0..1",
+           (81, 9, "last_frame", 0.0, -1): "max_image_frames must be 0 or more"}
+    for args, words in bad.items():
+        message = convert.check_segment_inputs(*args)
+        assert message.startswith("FantasyTalking Sampler: ") and words in message and "\n" not in message, message
+
+
+def test_image_memory_estimate_of_ten_minutes_at_512():
+    assert round(convert.image_gigabytes(13805, 512, 512), 1) == 43.4  # the max_image_frames tooltip's figure

@@ -62,8 +62,12 @@ def test_fps_inputs_keep_fractional_values():
             assert _front_end_float(value, kw["step"], kw["round"]) == value, (module, kw)
 
 
-def test_audio_encode_offers_no_more_frames_than_the_dit_can_place():
-    from fantasytalking_core.model.limits import MAX_FRAMES
+def test_clips_are_no_longer_than_the_dit_can_place_and_videos_go_on_in_segments():
+    from fantasytalking_core.model.limits import MAX_FRAMES, MAX_VIDEO_FRAMES
 
-    (kw,) = [kw for module, kind, kw in _widget_inputs() if module == "audio" and kw["name"] == "max_frames"]
-    assert kw["max"] == MAX_FRAMES == 4093 and (kw["max"] - kw["min"]) % kw["step"] == 0
+    inputs = {(module, kw["name"]): kw for module, kind, kw in _widget_inputs()}
+    segment, video = inputs["sampler", "segment_frames"], inputs["audio", "max_frames"]
+    assert segment["max"] == MAX_FRAMES == 4093 and (segment["max"] - segment["min"]) % segment["step"] == 0
+    assert video["max"] == MAX_VIDEO_FRAMES > MAX_FRAMES and (video["max"] - video["min"]) % video["step"] == 0
+    motion = inputs["sampler", "motion_frames"]
+    assert (motion["min"], motion["step"]) == (1, 4)  # 4m+1 values only

@@ -40,14 +40,15 @@ def collect(stream):
 def test_a_recording_that_fits_one_segment_is_todays_video_bit_for_bit(pipe, face):
     audio = voice(0.4)  # 13 frames at 23 fps
     today = pipe(face, audio, SETTINGS)
-    for options in (SegmentOptions(), SegmentOptions(segment_frames=13, motion_frames=5, chaining="motion_frames")):
+    for options in (SegmentOptions(), SegmentOptions(segment_frames=13, motion_frames=5, chaining="motion_frames"),
+                    SegmentOptions(segment_frames=13, motion_frames=5, chaining="pinned_latents")):
         stream = pipe.stream(face, audio, SETTINGS, options)
         assert len(stream.plan) == 1
         assert torch.equal(collect(stream), today.frames)
         assert torch.equal(stream.audio, today.audio) and stream.fps == today.fps
 
 
-@pytest.mark.parametrize("chaining", ["last_frame", "motion_frames"])
+@pytest.mark.parametrize("chaining", ["last_frame", "motion_frames", "pinned_latents"])
 def test_long_recording_in_segments_frames_progress_and_chaining(pipe, face, chaining):
     audio = voice(1.2)  # 4*floor(27.6/4)+5 = 29 frames -> 3 segments of 13 frames
     options = SegmentOptions(segment_frames=13, motion_frames=5, chaining=chaining)
@@ -90,6 +91,76 @@ def test_chaining_modes_give_the_next_segment_its_known_frames(pipe, face):
             assert torch.equal(frames[plan.segments[1].start], decoded[0][-1])  # last segment
         seen[chaining] = frames
     assert not torch.equal(seen["last_frame"], seen["motion_frames"])
+
+
+def spy_on_sampler(monkeypatch) -> list[dict]:
+    """Record every denoising run of the pipeline: the starting noise, the pinned latents, the latent each model
+    call sees, the latent after each step (through the sampler's callback) and the result."""
+    from fantasytalking_core.sampling import denoise
+
+    real, runs = denoise.sample_flow_euler, []
+
+    def spy(velocity_fn, x, sigmas, callback=None, pinned=None):
+        run = dict(noise=x.clone(), sigmas=sigmas, pinned=pinned, seen=[], after=[])
+
+        def velocity(x, i, sigma):
+            run["seen"].append(x.clone())
+            return velocity_fn(x, i, sigma)
+
+        def on_step(d):
+            run["after"].append(d["x"].clone())
+            if callback is not None:
+                callback(d)
+
+        run["out"] = real(velocity, x, sigmas, on_step, pinned)
+        runs.append(run)
+        return run["out"]
+
+    monkeypatch.setattr(denoise, "sample_flow_euler", spy)
+    return runs
+
+
+def test_pinned_latents_follow_the_forward_process_and_end_on_the_known_latents(pipe, face, monkeypatch):
+    import fantasytalking_core.pipeline as pipeline_module
+
+    conditions = []
+    real_condition = pipeline_module.known_frames_condition
+    monkeypatch.setattr(pipeline_module, "known_frames_condition",
+                        lambda *a, **k: conditions.append(real_condition(*a, **k)) or conditions[-1])
+    runs = spy_on_sampler(monkeypatch)
+    options = SegmentOptions(segment_frames=13, motion_frames=5, chaining="pinned_latents")
+    collect(pipe.stream(face, voice(1.2), SETTINGS, options))
+    assert len(runs) == len(conditions) == 3
+    assert runs[0]["pinned"] is None  # the first segment is the single clip: nothing to pin
+    for run, y in zip(runs[1:], conditions[1:]):
+        known = y[:, 4:, :2]  # 5 motion frames = latent frames 0 and 1 of the segment's conditioning
+        noise = run["noise"][:, :, :2]  # the segment's own seeded noise
+        assert torch.equal(run["pinned"].latents, known) and torch.equal(run["pinned"].noise, noise)
+        sigmas = run["sigmas"]
+        assert len(run["seen"]) == len(run["after"]) == SETTINGS.steps
+        for i in range(SETTINGS.steps):  # the model sees them at its step's sigma, they leave at the next one's
+            assert torch.equal(run["seen"][i][:, :, :2], sigmas[i] * noise + (1 - sigmas[i]) * known)
+            assert torch.equal(run["after"][i][:, :, :2], sigmas[i + 1] * noise + (1 - sigmas[i + 1]) * known)
+        assert sigmas[0] > 0.9 and sigmas[-1] == 0
+        assert torch.equal(run["out"][:, :, :2], known)  # exactly the known latents at the end
+        assert not torch.equal(run["out"][:, :, 2:3], y[:, 4:, 2:3])  # the rest is sampled, not copied
+
+
+def test_pinned_latents_change_the_sampled_frames_only_after_the_first_segment(pipe, face, monkeypatch):
+    audio = voice(1.2)
+    runs = spy_on_sampler(monkeypatch)
+    frames = {c: collect(pipe.stream(face, audio, SETTINGS, SegmentOptions(13, 5, chaining=c)))
+              for c in ("last_frame", "motion_frames", "pinned_latents")}
+    latents = {c: [runs[i]["out"] for i in range(3 * k, 3 * k + 3)] for k, c in enumerate(frames)}
+    first = plan_segments(29, 23, 60, 13, 5).segments[1].start  # 8: segment 0's own frames
+    for chaining in ("last_frame", "motion_frames"):
+        assert torch.equal(frames["pinned_latents"][:first], frames[chaining][:first])
+        # the frames segments 1 and 2 sample (past the 5 pinned ones) differ
+        assert (frames["pinned_latents"][first + 5:] - frames[chaining][first + 5:]).abs().amax() > 1e-3
+    # same conditioning y as motion_frames: the difference is the pinning, on the non-pinned latent frames too
+    assert torch.equal(latents["pinned_latents"][0], latents["motion_frames"][0])
+    for pinned, free in zip(latents["pinned_latents"][1:], latents["motion_frames"][1:]):
+        assert (pinned[:, :, 2:] - free[:, :, 2:]).abs().amax() > 1e-4
 
 
 @pytest.mark.parametrize("stop_at", [1, 2, 3, 4, 6])

@@ -108,19 +108,28 @@ def talking_portrait() -> dict:
 
 
 def long_recording() -> dict:
-    nodes = common_nodes("long_recording.wav", 241, "wav2vec2-base-960h.safetensors")
+    nodes = common_nodes("long_recording.wav", 13805, "wav2vec2-base-960h.safetensors")
     nodes["1"] = {"class_type": "FantasyTalkingModelLoader", "inputs": {
         "model_name": "wan2.1_i2v_720p_14B_fp8_e4m3fn.safetensors", "adapter_name": "fantasytalking_model.ckpt",
         "weight_dtype": "fp8_e4m3fn", "compute_dtype": "bf16"}}
-    nodes["16"]["inputs"]["filename_prefix"] = "FantasyTalking/long_recording"
-    note = ("# FantasyTalking: long recording\n\nOne video of up to max_frames frames (241 = 10.5 s at 23 fps); "
-            "Audio Encode shows the frame count and cuts the recording there, and the saved video carries the "
-            "same part of the voice. Time and GPU memory grow with the frame count, so the DiT is kept in 8 bits "
-            "(weight_dtype fp8_e4m3fn: half the memory of bf16).\n\n"
+    nodes["14"]["inputs"].update(segment_frames=81, chaining="last_frame", motion_frames=9, color_match=0.0,
+                                 crossfade=False, max_image_frames=1500, filename_prefix="FantasyTalking/long_recording")
+    del nodes["15"]  # the sampler's video output goes to Save Video as it is: frames + voice, or the mp4 it wrote
+    nodes["16"]["inputs"].update(video=["14", 3], filename_prefix="FantasyTalking/long_recording_saved")
+    note = ("# FantasyTalking: long recording\n\nA recording of any length, up to Audio Encode's max_frames (13805 "
+            "= 10 minutes at 23 fps; raise it for longer). The sampler makes it in segments of segment_frames (81, "
+            "the trained clip length) on one timeline, each segment continuing the previous one (chaining: "
+            "last_frame, motion_frames or pinned_latents; no quality comparison of them on the real weights "
+            "yet); color_match and crossfade smooth the seams.\n\nUp to max_image_frames (1500 = 65 s at 23 fps) "
+            "the frames stay in memory (12 bytes per pixel each: 10 minutes at 512x512 would be 43 GB) and Save "
+            "Video encodes them; a longer video is written by the sampler itself, segment by segment, to "
+            "output/FantasyTalking/long_recording_*.mp4 with the voice (shown on the node), and Save Video keeps a "
+            "copy. Cancel leaves no partial file. The DiT is kept in 8 bits (weight_dtype fp8_e4m3fn: half the "
+            "memory of bf16).\n\n"
             + MODEL_NOTE.format(dit="wan2.1_i2v_720p_14B_fp8_e4m3fn.safetensors (or any other format)",
                                 adapter_folder="fantasytalking", adapter="fantasytalking_model.ckpt",
                                 wav2vec2_folder="audio_encoders", wav2vec2="wav2vec2-base-960h.safetensors"))
-    return {"api": nodes, "note": note}
+    return {"api": nodes, "note": note, "note_size": (424, 420)}
 
 
 def face_crop_paste_back() -> dict:

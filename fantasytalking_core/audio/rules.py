@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..model.limits import check_max_frames
+from ..model.limits import check_video_frames
 from .io import TARGET_SAMPLE_RATE
 
 SAMPLE_RATE = TARGET_SAMPLE_RATE
@@ -28,14 +28,15 @@ def frames_for_duration(duration_s: float, fps: float = DEFAULT_FPS, max_frames:
     Args:
         duration_s: length of the recording in seconds (>= 0).
         fps: video frame rate (> 0). The official default is 23.
-        max_frames: cap (4k+1, 5..4093: see ``model/limits.py``), or None for no cap. The official default is 81.
+        max_frames: cap (4k+1, 5..``model.limits.MAX_VIDEO_FRAMES``; one clip holds at most 4093 frames, a longer
+            video is made in segments), or None for no cap. The official default is 81.
     """
     if not math.isfinite(float(fps)) or fps <= 0:
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     if not math.isfinite(float(duration_s)) or duration_s < 0:
         raise ValueError(f"duration_s must be a finite number of seconds >= 0, got {duration_s!r}")
     if max_frames is not None:
-        check_max_frames(max_frames)
+        check_video_frames(max_frames)
     # Same float expression as infer.py, so boundary cases round identically.
     num_frames = int(fps * duration_s // 4) * 4 + 5
     return num_frames if max_frames is None else min(num_frames, int(max_frames))

@@ -186,6 +186,9 @@ def decode_latents(
     return video.float().clamp(-1.0, 1.0)
 
 
+MASK_CHANNELS = 4  # the known-frame mask channels that lead an I2V conditioning y
+
+
 def first_frame_mask(num_frames: int, height: int, width: int) -> torch.Tensor:
     """The 4-channel "known frame" mask of Wan I2V: [4, T, height/8, width/8] float32.
 
@@ -209,6 +212,16 @@ def known_frames_mask(num_frames: int, num_known: int, height: int, width: int) 
     per_frame[:num_known] = 1.0
     padded = torch.cat([per_frame[:1].expand(4, h, w), per_frame[1:]])  # [4T, h, w]
     return padded.view(t, 4, h, w).transpose(0, 1).contiguous()
+
+
+def known_latents(y: torch.Tensor, num_known: int) -> torch.Tensor:
+    """The normalized latents of the first ``num_known`` (4m+1) pixel frames inside an I2V conditioning ``y``
+    [1, 4 + z_dim, T, h, w] (from :func:`known_frames_condition`): [1, z_dim, m + 1, h, w].
+
+    The VAE is causal in time (latent frame j sees pixel frames up to 4j), so these are the known frames' own
+    latents: the zero frames after them do not reach them.
+    """
+    return y[:, MASK_CHANNELS:, :latent_num_frames(num_known)]
 
 
 @torch.no_grad()

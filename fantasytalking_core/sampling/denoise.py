@@ -12,7 +12,7 @@ import torch
 
 from ..audio.windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
 from ..model.transformer import FantasyTalkingModel
-from .euler import DiTConditions, guided_velocity, initial_noise, sample_flow_euler
+from .euler import DiTConditions, PinnedLatents, guided_velocity, initial_noise, sample_flow_euler
 from .guidance import GuidanceConfig
 
 ProgressFn = Callable[[int, int], None]
@@ -35,6 +35,7 @@ def generate_latents(
     batch_passes: bool = False,
     progress: ProgressFn | None = None,
     num_audio_tokens: int | None = None,
+    pinned_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise from seeded noise to a video latent. Runs where ``dit`` is.
 
@@ -54,6 +55,9 @@ def generate_latents(
         num_audio_tokens: tokens the window rule spans (default: the rows of ``audio_features``); more for a long
             recording's last segment whose audio slice outlasts the recording (``audio/timeline.py``): the
             missing rows are end padding.
+        pinned_latents: [1, 16, P, H/8, W/8] clean latents of the first P latent frames (P < T), held on the
+            forward process with the run's own noise at those frames during the whole run
+            (:class:`~.euler.PinnedLatents`); the result's first P latent frames are exactly these.
     Returns:
         [1, 16, T, H/8, W/8] float32 denoised latent.
     """
@@ -73,4 +77,8 @@ def generate_latents(
     noise = initial_noise((1, dit.transformer.config.out_channels, frames, height // 8, width // 8), seed)
     velocity = guided_velocity(dit, cond, guidance, steps, batch_passes=batch_passes)
     on_step = None if progress is None else (lambda d: progress(d["i"] + 1, steps))
-    return sample_flow_euler(velocity, noise.to(device), sigmas, on_step)
+    pinned = None
+    if pinned_latents is not None:
+        count = pinned_latents.shape[2]
+        pinned = PinnedLatents(pinned_latents.float().to(device), noise[:, :, :count].to(device))
+    return sample_flow_euler(velocity, noise.to(device), sigmas, on_step, pinned)

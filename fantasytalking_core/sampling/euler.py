@@ -26,9 +26,42 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class PinnedLatents:
+    """Known first latent frames held on flow matching's forward process while the rest is sampled.
+
+    At noise level sigma (in [0, 1]) the first P latent frames of the sample are replaced by
+    ``sigma * noise + (1 - sigma) * latents`` (the forward process x_sigma of the known clean latents with one fixed
+    noise), so the model always sees them at the step's noise level, and at sigma = 0 they are the known latents
+    exactly. InfiniteTalk chains its clips this way (it draws new noise each step; here the noise is fixed).
+
+    Attributes:
+        latents: [B, C, P, h, w] float32 clean (normalized) latents of the known frames.
+        noise: [B, C, P, h, w] float32 the fixed noise (the run's own seeded noise at those frames).
+    """
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.latents.shape != self.noise.shape:
+            raise ValueError(f"pinned latents {tuple(self.latents.shape)} and their noise "
+                             f"{tuple(self.noise.shape)} differ in shape.")
+
+    def apply(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """x [B, C, T, h, w] with its first P latent frames set to the forward process at ``sigma`` (a copy)."""
+        count = self.latents.shape[2]
+        if x.shape[:2] != self.latents.shape[:2] or x.shape[3:] != self.latents.shape[3:] or x.shape[2] <= count:
+            raise ValueError(f"cannot pin {tuple(self.latents.shape)} latents in a sample of {tuple(x.shape)}.")
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        pinned = sigma * self.noise.to(x.device) + (1 - sigma) * self.latents.to(x.device)
+        return torch.cat([pinned.to(x.dtype), x[:, :, count:]], dim=2)
+
+
 @torch.no_grad()
 def sample_flow_euler(
-    velocity_fn: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None = None
+    velocity_fn: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None = None,
+    pinned: PinnedLatents | None = None,
 ) -> torch.Tensor:
     """Euler integration of dx/dsigma = v from sigmas[0] to sigmas[-1] (rectified flow, Liu et al. 2022).
 
@@ -38,11 +71,17 @@ def sample_flow_euler(
         sigmas: [n + 1] float32 levels in [0, 1], ending at 0.
         callback: called after every step with ``{"i", "x", "sigma", "sigma_next", "velocity"}``; it may raise to
             interrupt the run between steps (ComfyUI's interrupt does).
+        pinned: known first latent frames, set to the forward process at sigmas[0] before the first step and at
+            each step's ``sigma_next`` after it (so ``x`` in the callback has them; the result has them clean).
     """
+    if pinned is not None:
+        x = pinned.apply(x, sigmas[0])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         velocity = velocity_fn(x, i, sigma)
         x = x + velocity * (sigma_next - sigma)
+        if pinned is not None:
+            x = pinned.apply(x, sigma_next)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "velocity": velocity})
     return x
@@ -130,4 +169,4 @@ def guided_velocity(
     return velocity
 
 
-__all__ = ["DiTConditions", "POS_AUDIO", "guided_velocity", "initial_noise", "sample_flow_euler"]
+__all__ = ["DiTConditions", "POS_AUDIO", "PinnedLatents", "guided_velocity", "initial_noise", "sample_flow_euler"]

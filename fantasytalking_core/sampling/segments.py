@@ -15,9 +15,16 @@ is exactly what the model was trained on):
     The previous segment's last M frames (M = 4m+1, default 9 = 3 latent frames) are the next segment's known
     first frames: encoded with the VAE like the I2V image and marked known in the mask ``y`` (latent frames
     0..m all ones, ``encoders.vae.known_frames_mask``). Carries motion across the seam; the mask layout is the
-    trained one, the number of known latent frames is not.
-``pinned_latents`` (not implemented yet)
-    The motion frames' latents re-noised to each step's noise level, as InfiniteTalk does.
+    trained one, the number of known latent frames is not. The sample's own latent frames 0..m are denoised
+    freely, guided by ``y`` only.
+``pinned_latents``
+    ``motion_frames``, and the sample's latent frames 0..m are also held on the forward process of the known
+    frames' latents (the same latents ``y`` carries, ``encoders.vae.known_latents``): before the first step and
+    after every step they are set to ``sigma * noise + (1 - sigma) * known`` with the step's sigma and the
+    segment's own seeded noise (``sampling.euler.PinnedLatents``), so the model sees them at the noise level of
+    the rest of the latent, and the final latent holds them exactly. InfiniteTalk chains its clips this way (with
+    fresh noise each step, and the portrait in ``y``: a model trained for it); FantasyTalking was not trained with
+    pinned frames.
 
 Seams: the overlap frames are the previous segment's (already shown on screen when streaming) unless
 ``crossfade`` blends them with the new segment's versions of the same frames. ``color_match`` moves every
@@ -36,10 +43,12 @@ from typing import Literal
 import torch
 
 from ..audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES, SegmentPlan
+from ..encoders.vae import known_latents
 from ..media.color import match_color
+from ..model.limits import MAX_FRAMES
 
-Chaining = Literal["last_frame", "motion_frames"]
-CHAININGS: tuple[str, ...] = ("last_frame", "motion_frames")
+Chaining = Literal["last_frame", "motion_frames", "pinned_latents"]
+CHAININGS: tuple[str, ...] = ("last_frame", "motion_frames", "pinned_latents")
 ProgressFn = Callable[[int, int], None]
 
 
@@ -49,9 +58,9 @@ class SegmentOptions:
 
     Attributes:
         segment_frames: frames per segment (4n+1; 81 = the trained clip length, 3.5 s at 23 frames/s).
-        motion_frames: M, frames given from one segment to the next in ``motion_frames`` chaining (4m+1, < the
-            segment). ``last_frame`` chaining always gives 1.
-        chaining: ``last_frame`` or ``motion_frames`` (see the module docstring).
+        motion_frames: M, frames given from one segment to the next in ``motion_frames`` and ``pinned_latents``
+            chaining (4m+1, < the segment). ``last_frame`` chaining always gives 1.
+        chaining: ``last_frame``, ``motion_frames`` or ``pinned_latents`` (see the module docstring).
         color_match: Lab statistics transfer to the portrait per segment, 0 (off) .. 1 (full).
         crossfade: blend the frames two segments share instead of keeping the earlier segment's.
     """
@@ -67,6 +76,9 @@ class SegmentOptions:
             raise ValueError(f"chaining must be one of {', '.join(CHAININGS)}, got {self.chaining!r}.")
         if self.segment_frames < 5 or (self.segment_frames - 1) % 4:
             raise ValueError(f"segment_frames must be 4n+1 and at least 5 (e.g. 81), got {self.segment_frames}.")
+        if self.segment_frames > MAX_FRAMES:
+            raise ValueError(f"segment_frames {self.segment_frames} is above {MAX_FRAMES}, the longest clip the Wan2.1 "
+                             f"DiT can place in time; use at most {MAX_FRAMES} (81 is the length it was trained on).")
         if self.motion_frames < 1 or (self.motion_frames - 1) % 4 or self.motion_frames >= self.segment_frames:
             raise ValueError(f"motion_frames must be 4m+1 (1, 5, 9, ...) and less than segment_frames "
                              f"({self.segment_frames}), got {self.motion_frames}.")
@@ -76,7 +88,7 @@ class SegmentOptions:
     @property
     def overlap(self) -> int:
         """K, the frames each segment is given from the previous one (the plan's overlap)."""
-        return self.motion_frames if self.chaining == "motion_frames" else 1
+        return 1 if self.chaining == "last_frame" else self.motion_frames
 
 
 def crossfade(earlier: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
@@ -91,9 +103,11 @@ def crossfade(earlier: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
 
 ConditionFn = Callable[[torch.Tensor, int], torch.Tensor]
 """``condition(known, num_frames)``: known first frames [3, K, H, W] in -1..1 -> the I2V ``y``."""
-SampleFn = Callable[[int, torch.Tensor, torch.Tensor, int, int, ProgressFn], torch.Tensor]
-"""``sample(index, y, features, num_frames, num_tokens, progress)`` -> latents: one single-clip denoising run;
-``features`` [valid_tokens, C] is the segment's slice, ``num_tokens`` the window rule's token count."""
+SampleFn = Callable[[int, torch.Tensor, torch.Tensor, int, int, ProgressFn, "torch.Tensor | None"], torch.Tensor]
+"""``sample(index, y, features, num_frames, num_tokens, progress, pinned)`` -> latents: one single-clip denoising
+run; ``features`` [valid_tokens, C] is the segment's slice, ``num_tokens`` the window rule's token count,
+``pinned`` None or the clean latents [1, 16, P, h, w] of the first P latent frames to hold on the forward process
+(``generate_latents(pinned_latents=...)``)."""
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 """``decode(latents)`` -> frames [F, H, W, 3] float32 in 0..1 on the CPU."""
 
@@ -141,10 +155,11 @@ def generate_segments(
         else:
             known = tail[: plan.overlap].permute(3, 0, 1, 2) * 2 - 1  # [3, K, H, W] in -1..1
         y = condition(known, seg.num_frames)
+        pinned = known_latents(y, known.shape[1]) if tail is not None and options.chaining == "pinned_latents" else None
         audio = features[seg.token_start: seg.token_start + seg.valid_tokens]
         done = seg.index * steps
         report = None if progress is None else (lambda i, n, done=done: progress(done + i, total))
-        frames = decode(sample(seg.index, y, audio, seg.num_frames, seg.num_tokens, report))
+        frames = decode(sample(seg.index, y, audio, seg.num_frames, seg.num_tokens, report, pinned))
         frames = match_color(frames, reference_rgb, options.color_match)
         following = plan.segments[seg.index + 1] if seg.index + 1 < len(plan) else None
         cut = seg.num_frames if following is None else following.start - seg.start
