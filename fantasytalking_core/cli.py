@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from .errors import FantasyTalkingError
@@ -38,6 +39,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .media.image import load_image
     from .media.video import aac_sample_rate, check_output_path
     from .pipeline import FantasyTalkingPipeline, GenerationSettings, save_result
+    from .loaders.lora import check_lora_fits
     from .runtime.memory import check_budget
     from .sampling.segments import SegmentOptions
 
@@ -72,6 +74,7 @@ def _generate(args: argparse.Namespace) -> int:
         box = _parse_box(args.face_box, portrait.width, portrait.height) if args.face_box else None
         crop = FaceCropOptions(args.face_index, args.face_margin, args.face_feather, args.face_fallback, box)
     job = prepare_job(portrait, settings, crop)  # the face is found (or not) before any model loads
+    loras = _read_loras(args.lora)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     with tempfile.TemporaryDirectory() as scratch:
         if args.tiny:
@@ -89,6 +92,10 @@ def _generate(args: argparse.Namespace) -> int:
                 print(f"note: {files.dit.name} is Wan2.1-I2V-14B-480P; the released FantasyTalking adapter was trained "
                       "on 720P (it runs on 480P, not the released pairing).", file=sys.stderr)
         models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8 or args.fp8_matmul)
+    if loras:
+        for lora in loras:
+            check_lora_fits(lora, models.dit.transformer)  # a LoRA for another model fails now, not after the encoders
+        models.dit = models.dit.with_loras(loras)
     pipe = FantasyTalkingPipeline(models, args.device, "streamed" if args.offload_blocks else "resident",
                                   args.gpu_memory)
     if segmented:
@@ -129,6 +136,28 @@ EXPLICIT_FILES = {
     "vae": "the Wan2.1 VAE file",
 }
 FLAG_NAMES = {"image_encoder": "--clip-vision"}
+
+
+def _read_loras(specs: list[str]) -> list:
+    """``--lora FILE[:STRENGTH]`` values -> ``WanLora``s, read (and their format checked) before any model loads;
+    names made unique by position."""
+    from .loaders.lora import read_wan_lora
+
+    loras = []
+    for index, spec in enumerate(specs):
+        path, strength = spec, 1.0
+        head, sep, tail = spec.rpartition(":")
+        if sep and head and not Path(spec).exists():  # FILE:STRENGTH (a file whose name has a colon stays whole)
+            try:
+                path, strength = head, float(tail)
+            except ValueError:
+                raise FantasyTalkingError(f"--lora takes FILE or FILE:STRENGTH (a number), got '{spec}'.") from None
+        if not Path(path).is_file():
+            raise FantasyTalkingError(f"--lora: no file '{path}'.")
+        if not math.isfinite(strength):
+            raise FantasyTalkingError(f"--lora strength must be a finite number, got '{spec}'.")
+        loras.append(read_wan_lora(path, strength, name=f"lora{index}_{Path(path).stem}"))
+    return loras
 
 
 def _parse_box(text: str, width: int, height: int) -> tuple[float, float, float, float]:
@@ -199,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fp8-matmul", action="store_true",
                      help="fp8 weights (implies --fp8) computed with real fp8 matrix multiplies on GPUs of compute "
                           "capability 8.9+ (RTX 40xx, H100): faster, a little less exact; elsewhere as --fp8")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                     help="a Wan 2.1 LoRA (ComfyUI/kijai, musubi or diffusers format) at a strength (default 1); "
+                          "repeat for several")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the DiT blocks for this run: faster steps after a one-off compile")
     gen.add_argument("--gpu-memory", type=float, default=None, metavar="GB",

@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 from fantasytalking_core.audio.wav2vec2 import load_wav2vec2
 from fantasytalking_core.loaders.adapter import load_audio_adapter
+from fantasytalking_core.loaders.lora import check_lora_fits, read_wan_lora
 from fantasytalking_core.loaders.wan_dit import load_wan_dit
 
 from . import io_types
@@ -142,4 +143,39 @@ class Wav2Vec2Loader(io.ComfyNode):
         return io.NodeOutput(load_wav2vec2(wav2vec2_path(model_name)))
 
 
-NODES = [ModelLoader, Wav2Vec2Loader]
+class LoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io_types.schema(
+            node_id="FantasyTalkingLoraLoader",
+            display_name="FantasyTalking LoRA",
+            description="Adds a Wan 2.1 LoRA (ComfyUI/kijai, musubi or diffusers format; lightx2v step-distillation "
+                        "LoRAs included) to the model for the sampler's runs. Chain several for several LoRAs. The "
+                        "loaded model itself is not changed.",
+            inputs=[
+                io_types.FantasyTalkingModel.Input("model"),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A Wan 2.1 I2V-14B LoRA from models/loras. One made for another model (Wan "
+                                       "2.2, the 1.3B) is refused, not ignored."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="Multiplier of the LoRA's update: 1 as trained, 0 no effect."),
+            ],
+            outputs=[io_types.FantasyTalkingModel.Output(display_name="model",
+                                                         tooltip="The same model, sampling with this LoRA.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, lora_name: str) -> bool | str:
+        if folder_paths.get_full_path("loras", lora_name) is None:
+            return f"FantasyTalking LoRA: '{lora_name}' is not in models/loras."
+        return True
+
+    @classmethod
+    def execute(cls, model, lora_name: str, strength: float) -> io.NodeOutput:
+        name = f"{Path(lora_name).stem}_{len(model.loras)}"  # unique along a chain, even for the same file twice
+        lora = read_wan_lora(folder_paths.get_full_path("loras", lora_name), strength, name=name)
+        check_lora_fits(lora, model.transformer)  # refused here, before the sampler moves anything
+        return io.NodeOutput(model.with_loras([lora]))
+
+
+NODES = [ModelLoader, Wav2Vec2Loader, LoraLoader]

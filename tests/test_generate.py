@@ -168,3 +168,31 @@ def test_bad_settings_fail_before_any_model_loads(inputs, tmp_path, args, messag
                     "--tiny", *args)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
     assert "--tiny: random tiny models" not in proc.stderr  # failed before making any model
+
+
+def test_a_lora_changes_the_video_and_a_foreign_one_is_refused_before_the_encoders(inputs, tmp_path):
+    from safetensors.torch import save_file
+    from test_loaders_lora import kijai_lora
+
+    lora, _ = kijai_lora(tmp_path / "style.safetensors")  # made for the tiny DiT's sizes
+    args = ["--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--tiny", "--steps", "1",
+            "--image-size", "32", "--seed", "3", "--max-frames", "5"]
+    videos = []
+    for name, extra in (("plain", []), ("lora", ["--lora", f"{lora}:1.5"])):
+        out = tmp_path / f"{name}.mp4"
+        proc = generate(*args, "--out", str(out), *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        with av.open(str(out)) as c:
+            videos.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]).astype(int))
+    assert np.abs(videos[0] - videos[1]).max() > 8  # the LoRA acted
+
+    import torch
+
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 5120),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(5120, 4)}, tmp_path / "14b.safetensors")
+    out = tmp_path / "foreign.mp4"
+    proc = generate(*args, "--out", str(out), "--lora", str(tmp_path / "14b.safetensors"))
+    assert proc.returncode != 0 and "match no layer" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+    proc = generate(*args, "--out", str(out), "--lora", f"{lora}:strong")
+    assert proc.returncode != 0 and "FILE:STRENGTH" in proc.stderr and "random tiny models" not in proc.stderr

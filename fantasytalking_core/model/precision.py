@@ -82,9 +82,25 @@ def float32_weight(linear: nn.Module) -> torch.Tensor:
 
 
 def linear_fp32(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``linear`` applied in float32: [..., in] (any float dtype) -> [..., out] float32."""
-    bias = None if linear.bias is None else linear.bias.float()
-    return F.linear(x.float(), float32_weight(linear), bias)
+    """``linear`` applied in float32: [..., in] (any float dtype) -> [..., out] float32, with the low-rank update of
+    any LoRA applied to it (a peft layer wrapping the Linear, ``loaders/lora.py``) also in float32."""
+    base = getattr(linear, "base_layer", linear)
+    bias = None if base.bias is None else base.bias.float()
+    out = F.linear(x.float(), float32_weight(base), bias)
+    return out if base is linear else out + _lora_update_fp32(linear, x.float())
+
+
+def _lora_update_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | float:
+    """The active adapters' ``scaling * B(A(x))`` of a peft LoRA Linear (what its forward adds), in float32."""
+    if layer.disable_adapters or layer.merged:
+        return 0.0
+    update: torch.Tensor | float = 0.0
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            down, up = layer.lora_A[name], layer.lora_B[name]
+            bias = None if up.bias is None else up.bias.float()
+            update = update + F.linear(F.linear(x, down.weight.float()), up.weight.float(), bias) * layer.scaling[name]
+    return update
 
 
 def layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:

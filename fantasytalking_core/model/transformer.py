@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -124,6 +124,18 @@ class FantasyTalkingModel(nn.Module):
         use_float32_islands(transformer)  # either policy: the policy is passed per call
         # set while the weights wait elsewhere and stream to a device (runtime.placement.streamed_blocks)
         self.execution_device: torch.device | None = None
+        # LoRAs (loaders.lora.WanLora) applied while the model samples (runtime.placement.dit_on_device)
+        self.loras: tuple = ()
+
+    def with_loras(self, loras: Sequence) -> FantasyTalkingModel:
+        """A model sharing this one's weights that samples with ``loras`` added to this one's (``WanLora``s; names
+        must be unique). This model is unchanged: in ComfyUI the loader's cached model stays LoRA-free."""
+        model = FantasyTalkingModel(self.transformer, self.audio_proj, self.precision)
+        model.loras = (*self.loras, *loras)
+        names = [lora.name for lora in model.loras]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the same LoRA name twice: {names}; give each LoRA once.")
+        return model
 
     @property
     def dtype(self) -> torch.dtype:

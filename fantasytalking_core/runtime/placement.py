@@ -71,9 +71,14 @@ def streamed_blocks(model: FantasyTalkingModel, device: torch.device) -> Iterato
 @contextmanager
 def dit_on_device(model: FantasyTalkingModel, device: torch.device, placement: str = "resident"
                   ) -> Iterator[FantasyTalkingModel]:
-    """The DiT ready to sample on ``device``: moved there whole (``resident``) or streamed block by block."""
+    """The DiT ready to sample on ``device``: its LoRAs (``model.loras``) applied, then moved there whole
+    (``resident``) or streamed block by block; afterwards as it was (no LoRA layers, where it waits)."""
+    from ..loaders.lora import applied_loras
+
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-    with (streamed_blocks(model, device) if placement == "streamed" else on_device(model, device)) as placed:
+    # LoRA layers first, on the device the weights wait on, so that they move (or stream) with their blocks
+    with (applied_loras(model.transformer, model.loras, model.dtype),
+          streamed_blocks(model, device) if placement == "streamed" else on_device(model, device) as placed):
         yield placed
 
