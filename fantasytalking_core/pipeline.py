@@ -38,6 +38,7 @@ from .sampling.denoise import generate_latents
 from .sampling.guidance import GuidanceConfig
 from .sampling.schedule import flow_match_sigmas
 from .sampling.segments import SegmentOptions, generate_segments
+from .sampling.step_cache import check_step_cache
 
 ProgressFn = Callable[[int, int], None]
 
@@ -58,6 +59,9 @@ class GenerationSettings:
         face_box: (x0, y0, x1, y1) of the face in video-frame pixels, where the face intensity applies.
         attention: the DiT's attention kernels: sdpa (default), flash, sage or xformers when installed
             (``runtime/attention.py``).
+        step_cache: first-block-cache threshold, opt-in (``sampling/step_cache.py``): 0 = off (every block runs,
+            the official computation); typical 0.05-0.1. Each guidance pass keeps its own cache; the first
+            ``FIRST_STEPS`` (3) and last ``LAST_STEPS`` (2) steps always run every block.
     """
 
     prompt: str = "A person is talking."
@@ -77,6 +81,7 @@ class GenerationSettings:
     motion: MotionIntensity | None = None
     face_box: tuple[float, float, float, float] | None = None
     attention: str = "sdpa"
+    step_cache: float = 0.0
 
     def __post_init__(self) -> None:
         """Check every setting before any work, so a bad value fails in a second, not after the models load."""
@@ -97,6 +102,7 @@ class GenerationSettings:
         check_max_frames(self.max_frames)  # the DiT's reach in time and space (model/limits.py)
         check_image_size(self.image_size)
         check_attention(self.attention)  # an uninstalled kernel library fails here, not after the models load
+        self.step_cache = check_step_cache(self.step_cache)
 
 
 @dataclass
@@ -276,12 +282,13 @@ def check_dit_fits(dit: FantasyTalkingModel, device: torch.device, num_frames: i
     video's pixels.
     """
     rows = 3 if settings.batch_passes else 1
+    cached = 3 if settings.step_cache > 0 else 0
     if gpu_memory is not None:
         placement, estimate = choose_placement(dit.transformer, num_frames, height, width, gpu_memory, rows,
-                                               dit.dtype.itemsize)
+                                               dit.dtype.itemsize, cached)
     else:
         estimate = estimate_dit_memory(dit.transformer, num_frames, height, width, rows, placement,
-                                       dit.dtype.itemsize)
+                                       dit.dtype.itemsize, cached)
     check_gpu_memory(estimate, device, f"{num_frames} frames at {width}x{height}")
     return placement
 
@@ -315,6 +322,7 @@ def sample_latents(
             batch_passes=settings.batch_passes,
             progress=progress,
             num_audio_tokens=num_audio_tokens,
+            step_cache=settings.step_cache,
         )
 
 
