@@ -54,7 +54,7 @@ def _generate(args: argparse.Namespace) -> int:
         image_size=args.image_size, shift=args.shift, batch_passes=args.batch_passes, vae_tile=args.vae_tile,
         audio_guidance_range=(args.audio_guidance_start, args.audio_guidance_end),
         motion=MotionIntensity(args.face_intensity, args.body_intensity, args.motion_audio_cfg),
-        attention=args.attention, compile=args.compile, fp8_matmul=args.fp8_matmul,
+        attention=args.attention, compile=args.compile, fp8_matmul=args.fp8_matmul, step_cache=args.step_cache,
     )
     check_budget(args.gpu_memory, "--gpu-memory")  # here, before any model loads (the pipeline checks it again when built)
     segmented = args.max_frames is None  # --max-frames asks for the official single clip
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .encoders.text import DEFAULT_NEGATIVE_PROMPT
     from .pipeline import GenerationSettings
+    from .sampling.step_cache import FIRST_STEPS, LAST_STEPS
 
     d = GenerationSettings()
     gen = sub.add_parser("generate", help="portrait + voice -> talking video (mp4 with sound)")
@@ -240,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stream the DiT's blocks to the GPU one at a time (the 14B model in about 5 GB of GPU "
                           "memory, slower; needs the DiT's size in CPU memory)")
     gen.add_argument("--batch-passes", action="store_true", help="run the guidance passes as one batch")
+    gen.add_argument("--step-cache", type=float, default=d.step_cache, metavar="THRESHOLD",
+                     help="opt-in first-block cache: a step skips DiT blocks 1..N-1 of a guidance pass when block 0's "
+                          "residual changed by less than THRESHOLD (relative) since that pass last ran them all; "
+                          f"0 = off (default), typical 0.05-0.1; faster, not the official output; the first "
+                          f"{FIRST_STEPS} and last {LAST_STEPS} steps always run every block")
     gen.add_argument("--vae-tile", type=int, default=None, help="decode in tiles of this many pixels")
     from .audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES
     from .sampling.segments import CHAININGS

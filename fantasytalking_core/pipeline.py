@@ -40,6 +40,7 @@ from .sampling.denoise import generate_latents
 from .sampling.guidance import GuidanceConfig
 from .sampling.schedule import flow_match_sigmas
 from .sampling.segments import SegmentOptions, generate_segments
+from .sampling.step_cache import check_step_cache
 
 ProgressFn = Callable[[int, int], None]
 
@@ -64,6 +65,9 @@ class GenerationSettings:
             after a one-off compile; results equal eager ones to float rounding.
         fp8_matmul: real fp8 matrix multiplies for fp8-stored weights on GPUs that have them (compute capability
             8.9+; ``runtime/fp8.py``); elsewhere the weights upcast as without it.
+        step_cache: first-block-cache threshold, opt-in (``sampling/step_cache.py``): 0 = off (every block runs,
+            the official computation); typical 0.05-0.1. Each guidance pass keeps its own cache; the first
+            ``FIRST_STEPS`` (3) and last ``LAST_STEPS`` (2) steps always run every block.
     """
 
     prompt: str = "A person is talking."
@@ -85,6 +89,7 @@ class GenerationSettings:
     attention: str = "sdpa"
     compile: bool = False
     fp8_matmul: bool = False
+    step_cache: float = 0.0
 
     def __post_init__(self) -> None:
         """Check every setting before any work, so a bad value fails in a second, not after the models load."""
@@ -105,6 +110,7 @@ class GenerationSettings:
         check_max_frames(self.max_frames)  # the DiT's reach in time and space (model/limits.py)
         check_image_size(self.image_size)
         check_attention(self.attention)  # an uninstalled kernel library fails here, not after the models load
+        self.step_cache = check_step_cache(self.step_cache)
 
 
 @dataclass
@@ -285,12 +291,13 @@ def check_dit_fits(dit: FantasyTalkingModel, device: torch.device, num_frames: i
     """
     check_fp8_matmul_model(dit, settings.fp8_matmul)
     rows = 3 if settings.batch_passes else 1
+    cached = 3 if settings.step_cache > 0 else 0
     if gpu_memory is not None:
         placement, estimate = choose_placement(dit.transformer, num_frames, height, width, gpu_memory, rows,
-                                               dit.dtype.itemsize)
+                                               dit.dtype.itemsize, cached)
     else:
         estimate = estimate_dit_memory(dit.transformer, num_frames, height, width, rows, placement,
-                                       dit.dtype.itemsize)
+                                       dit.dtype.itemsize, cached)
     check_gpu_memory(estimate, device, f"{num_frames} frames at {width}x{height}")
     return placement
 
@@ -327,6 +334,7 @@ def sample_latents(
             progress=progress,
             num_audio_tokens=num_audio_tokens,
             pinned_latents=pinned_latents,
+            step_cache=settings.step_cache,
         )
 
 

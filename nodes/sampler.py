@@ -17,6 +17,7 @@ from fantasytalking_core.model.limits import MAX_FRAMES, MAX_VIDEO_FRAMES
 from fantasytalking_core.pipeline import GenerationSettings
 from fantasytalking_core.runtime.attention import ATTENTION_BACKENDS
 from fantasytalking_core.sampling.segments import CHAININGS
+from fantasytalking_core.sampling.step_cache import FIRST_STEPS, LAST_STEPS, MAX_THRESHOLD
 
 from . import io_types
 from .convert import (PREVIEW_FRAMES, check_segment_inputs, conditioning_to_text, image_gigabytes, render_video,
@@ -83,6 +84,13 @@ class Sampler(io.ComfyNode):
                                advanced=True, tooltip="GPU memory budget in GB: the model stays whole on the GPU "
                                                       "when the run fits, else its blocks stream (overrides "
                                                       "offload_blocks). 0: off."),
+                io.Float.Input("step_cache", default=DEFAULTS.step_cache, min=0.0, max=MAX_THRESHOLD, step=0.01,
+                               optional=True, advanced=True,
+                               tooltip="Step caching threshold: a step reuses most of a guidance pass's previous "
+                                       "model computation when its first block changed by less than this fraction "
+                                       "(each pass keeps its own cache). 0 = off (the official output); 0.05-0.1 "
+                                       f"is typical: faster, slightly different video. The first {FIRST_STEPS} "
+                                       f"and last {LAST_STEPS} steps always compute fully."),
                 io.Boolean.Input("offload_blocks", default=False, optional=True, advanced=True,
                                  tooltip="Stream the model's blocks to the GPU one at a time instead of moving it "
                                          "whole: the 14B model in about 5 GB of GPU memory (a 24 GB card, even "
@@ -150,13 +158,13 @@ class Sampler(io.ComfyNode):
                 chaining: str = "last_frame", motion_frames: int = DEFAULT_MOTION_FRAMES, color_match: float = 0.0,
                 crossfade: bool = False, max_image_frames: int = MAX_IMAGE_FRAMES,
                 filename_prefix: str = "FantasyTalking/long", compile: bool = False,
-                fp8_matmul: bool = False) -> io.NodeOutput:
+                fp8_matmul: bool = False, step_cache: float = 0.0) -> io.NodeOutput:
         options = segment_options(segment_frames, motion_frames, chaining, color_match, crossfade)
         settings = GenerationSettings(
             seed=seed, steps=steps, shift=shift, cfg=cfg, audio_cfg=audio_cfg, audio_scale=audio_scale,
             audio_guidance_range=(audio_guidance_start, audio_guidance_end), fps=audio_features.features.fps,
             batch_passes=batch_passes, motion=motion, face_box=identity.face_box, attention=attention,
-            compile=compile, fp8_matmul=fp8_matmul)
+            compile=compile, fp8_matmul=fp8_matmul, step_cache=step_cache)
         text_dim = model.transformer.config.text_dim
         text_pos = conditioning_to_text(positive, "positive", text_dim)
         text_neg = None if cfg == 1.0 else conditioning_to_text(negative, "negative", text_dim)

@@ -96,6 +96,9 @@ COMMAND_LINE_CASES = {
     "gpu memory budget not positive": (["--gpu-memory", "0"], {}, "--gpu-memory must be a positive number of GiB"),
     "attention not offered": (["--attention", "fastest"], {}, "attention must be one of sdpa, flash, sage, xformers"),
     "no face to crop": (["--face-crop"], {}, "--face-box x0,y0,x1,y1, or add --face-fallback"),
+    "step cache negative": (["--step-cache", "-0.1"], {}, "step_cache must be a number from 0 (off) to 1"),
+    "step cache nan": (["--step-cache", "nan"], {}, "step_cache must be a number from 0 (off) to 1"),
+    "step cache above 1": (["--step-cache", "2"], {}, "got 2.0"),
 }
 
 

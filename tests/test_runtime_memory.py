@@ -32,6 +32,14 @@ def test_the_14b_estimate_matches_the_h100_measurements(dit_14b):
     assert 1.0 < streamed.weights / GIB < 2.5 and streamed.total / GIB < 5.5  # measured peak 4.4
 
 
+def test_the_step_cache_counts_its_residuals(dit_14b):
+    # two float32 [21504, 5120] tensors per cached pass (420 MiB each) and two per batch row while storing
+    plain = estimate_dit_memory(dit_14b, 81, 512, 512)
+    cached = estimate_dit_memory(dit_14b, 81, 512, 512, cached_passes=3)
+    assert cached.activations - plain.activations == 21504 * 5120 * 4 * 2 * (3 + 1)
+    assert 3.2 < (cached.activations - plain.activations) / GIB < 3.4
+
+
 def test_a_run_that_cannot_fit_is_refused_with_the_options(monkeypatch):
     monkeypatch.setattr(memory.torch.cuda, "mem_get_info", lambda device: (22 * GIB, 24 * GIB))
     monkeypatch.setattr(memory.torch.cuda, "get_device_name", lambda device: "NVIDIA GeForce RTX 4090")

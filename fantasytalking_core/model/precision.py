@@ -184,10 +184,23 @@ class Float32IslandBlock(WanTransformerBlock):
     precision) takes diffusers' block forward unchanged. :func:`use_float32_island_blocks` gives a loaded model's
     blocks this class (via :func:`use_float32_islands`), so the float32-island forward calls each block as a module and wrappers of
     ``block.forward`` (regional ``torch.compile``, diffusers' block-level group offloading hooks) apply to it.
+    Under either policy a block may also be skipped by the first-block cache (``model/block_cache.py``).
     """
+
+    # (BlockCacheCall, index, is_last) while a first-block-cache forward runs (model.block_cache.skipping_blocks)
+    block_cache = None
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if self.block_cache is None:
+            return self.compute(hidden_states, encoder_hidden_states, temb, rotary_emb)
+        call, index, is_last = self.block_cache
+        return call.run_block(index, is_last,
+                              lambda x: self.compute(x, encoder_hidden_states, temb, rotary_emb), hidden_states)
+
+    def compute(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The block itself: the float32-island forward on a float32 stream, else diffusers' forward."""
         if hidden_states.dtype != torch.float32:
             return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
         return block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)

@@ -17,6 +17,7 @@ from diffusers import WanTransformer3DModel
 from torch import nn
 
 from .adapter import TEXT_LEN, AudioConditioning, AudioProjModel, audio_processors
+from .block_cache import BlockCacheCall, skipping_blocks
 from ..errors import ModelFileError
 from .limits import ROPE_MAX_SEQ_LEN
 from .precision import OFFICIAL, attention_backends, check_policy, use_float32_islands
@@ -176,6 +177,7 @@ class FantasyTalkingModel(nn.Module):
         image_tokens: torch.Tensor,
         image_latents: torch.Tensor,
         audio: AudioConditioning | None = None,
+        cache: BlockCacheCall | None = None,
     ) -> torch.Tensor:
         """Flow-matching velocity.
 
@@ -186,6 +188,8 @@ class FantasyTalkingModel(nn.Module):
             image_tokens: [B, 257, 1280] CLIP ViT-H penultimate tokens of the reference image.
             image_latents: [B, 20, T, H/8, W/8] I2V conditioning y (4 mask channels + first-frame VAE latent).
             audio: windows, valid lengths and scale; ``None`` runs the plain Wan I2V forward.
+            cache: first-block cache of this forward, one pass per batch row (``model/block_cache.py``); ``None``
+                runs every block.
         Returns:
             [B, 16, T, H/8, W/8] predicted velocity: float32 under the official policy, else the compute dtype.
         """
@@ -193,7 +197,8 @@ class FantasyTalkingModel(nn.Module):
         dtype = self.dtype
         timestep = torch.as_tensor(timestep, device=latents.device).float().reshape(-1).expand(batch)
         hidden = torch.cat([latents, image_latents.to(latents.dtype)], dim=1).to(dtype)
-        with self.conditioned_on(audio), attention_backends(self.device, dtype):
+        with self.conditioned_on(audio), skipping_blocks(self.transformer.blocks, cache), \
+                attention_backends(self.device, dtype):
             # called as a module in either policy, so hooks on the transformer (offloading) always apply
             return self.transformer(hidden_states=hidden, timestep=timestep, encoder_hidden_states=pad_text(text),
                                     encoder_hidden_states_image=image_tokens, return_dict=False,

@@ -50,7 +50,7 @@ def video_tokens(num_frames: int, height: int, width: int) -> int:
 
 
 def estimate_dit_memory(transformer: torch.nn.Module, num_frames: int, height: int, width: int, batch_rows: int = 1,
-                        placement: str = "resident", compute_bytes: int = 2) -> MemoryEstimate:
+                        placement: str = "resident", compute_bytes: int = 2, cached_passes: int = 0) -> MemoryEstimate:
     """What sampling ``num_frames`` frames of ``height`` x ``width`` needs on the device.
 
     Args:
@@ -58,6 +58,8 @@ def estimate_dit_memory(transformer: torch.nn.Module, num_frames: int, height: i
         batch_rows: guidance passes run as one batch (1 when they run one after another).
         placement: ``"resident"`` or ``"streamed"`` (see ``runtime/placement.py``).
         compute_bytes: bytes per element of the compute dtype (2 for bf16/fp16).
+        cached_passes: guidance passes whose residuals the step cache keeps (``sampling/step_cache.py``; 0 = off):
+            two float32 model-width tensors per pass, and two more per batch row while a forward stores them.
     """
     blocks = list(transformer.blocks)
     whole = parameter_bytes(transformer)
@@ -69,7 +71,9 @@ def estimate_dit_memory(transformer: torch.nn.Module, num_frames: int, height: i
     config = transformer.config
     dim = config.num_attention_heads * config.attention_head_dim
     per_token = 2 * config.ffn_dim * compute_bytes + 3 * dim * 4
-    return MemoryEstimate(weights, per_token * video_tokens(num_frames, height, width) * batch_rows)
+    cache_per_token = 2 * dim * 4 * (cached_passes + batch_rows) if cached_passes else 0
+    tokens = video_tokens(num_frames, height, width)
+    return MemoryEstimate(weights, per_token * tokens * batch_rows + cache_per_token * tokens)
 
 
 def check_gpu_memory(estimate: MemoryEstimate, device: torch.device, what: str) -> None:
@@ -101,11 +105,12 @@ def check_budget(budget_gib: float | None, name: str = "gpu_memory") -> float | 
 
 
 def choose_placement(transformer: torch.nn.Module, num_frames: int, height: int, width: int, budget_gib: float,
-                     batch_rows: int = 1, compute_bytes: int = 2) -> tuple[str, MemoryEstimate]:
+                     batch_rows: int = 1, compute_bytes: int = 2, cached_passes: int = 0) -> tuple[str, MemoryEstimate]:
     """``"resident"`` when the whole run fits in ``budget_gib`` GiB, else ``"streamed"`` (blocks one at a time)
     when that fits, with the estimate of the placement chosen; else InsufficientMemoryError naming the options."""
     for placement in ("resident", "streamed"):
-        estimate = estimate_dit_memory(transformer, num_frames, height, width, batch_rows, placement, compute_bytes)
+        estimate = estimate_dit_memory(transformer, num_frames, height, width, batch_rows, placement, compute_bytes,
+                                       cached_passes)
         if estimate.total <= budget_gib * GIB:
             return placement, estimate
     raise InsufficientMemoryError(

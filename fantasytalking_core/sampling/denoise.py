@@ -14,6 +14,7 @@ from ..audio.windows import audio_windows_for_frames, gather_audio_windows, late
 from ..model.transformer import FantasyTalkingModel
 from .euler import DiTConditions, PinnedLatents, guided_velocity, initial_noise, sample_flow_euler
 from .guidance import GuidanceConfig
+from .step_cache import StepCache, check_step_cache
 
 ProgressFn = Callable[[int, int], None]
 
@@ -36,6 +37,7 @@ def generate_latents(
     progress: ProgressFn | None = None,
     num_audio_tokens: int | None = None,
     pinned_latents: torch.Tensor | None = None,
+    step_cache: float = 0.0,
 ) -> torch.Tensor:
     """Denoise from seeded noise to a video latent. Runs where ``dit`` is.
 
@@ -58,9 +60,12 @@ def generate_latents(
         pinned_latents: [1, 16, P, H/8, W/8] clean latents of the first P latent frames (P < T), held on the
             forward process with the run's own noise at those frames during the whole run
             (:class:`~.euler.PinnedLatents`); the result's first P latent frames are exactly these.
+        step_cache: first-block-cache threshold (``step_cache.py``): 0 runs every block (the default, bit for bit
+            the uncached run); typical 0.05-0.1. The cache lives for this run only.
     Returns:
         [1, 16, T, H/8, W/8] float32 denoised latent.
     """
+    threshold = check_step_cache(step_cache)
     device = dit.device
     frames, height, width = image_latents.shape[2], image_latents.shape[3] * 8, image_latents.shape[4] * 8
     if frames != latent_frame_count(num_frames):
@@ -75,7 +80,8 @@ def generate_latents(
                          windows.k_lens_tensor().to(device),
                          audio_scale.to(device) if isinstance(audio_scale, torch.Tensor) else audio_scale)
     noise = initial_noise((1, dit.transformer.config.out_channels, frames, height // 8, width // 8), seed)
-    velocity = guided_velocity(dit, cond, guidance, steps, batch_passes=batch_passes)
+    cache = StepCache(threshold, steps) if threshold > 0 else None
+    velocity = guided_velocity(dit, cond, guidance, steps, batch_passes=batch_passes, step_cache=cache)
     on_step = None if progress is None else (lambda d: progress(d["i"] + 1, steps))
     pinned = None
     if pinned_latents is not None:

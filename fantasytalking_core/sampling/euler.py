@@ -15,6 +15,7 @@ from ..model.adapter import AudioConditioning
 from ..model.transformer import FantasyTalkingModel, pad_text
 from .guidance import POS_AUDIO, GuidanceConfig, combine_guidance, passes_for_step
 from .schedule import sigmas_to_timesteps
+from .step_cache import StepCache
 
 VelocityFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[dict], None]
@@ -116,6 +117,7 @@ def guided_velocity(
     num_steps: int,
     batch_passes: bool = False,
     on_passes: Callable[[int, dict], None] | None = None,
+    step_cache: StepCache | None = None,
 ) -> VelocityFn:
     """A velocity function running the passes each step needs and combining them (see ``guidance.py``).
 
@@ -123,6 +125,8 @@ def guided_velocity(
         batch_passes: run a step's passes as one batch (faster on a GPU with memory to spare) instead of one
             after another (lowest peak memory). Results agree to float rounding.
         on_passes: optional ``(step, {pass: velocity})`` hook, for inspection and parity checks.
+        step_cache: this generation's first-block cache (``step_cache.py``), each pass with its own residuals; a
+            batch of passes skips its blocks only when every pass may. None: every block runs.
     """
     if guidance.cfg != 1.0 and cond.text_neg is None:
         raise ValueError("cfg != 1 needs a negative prompt encoding (text_neg).")
@@ -145,12 +149,13 @@ def guided_velocity(
         scale = scale.unsqueeze(0) if isinstance(scale, torch.Tensor) else torch.tensor([scale], device=device)
         return AudioConditioning(cond.audio_windows, cond.k_lens, scale if on else 0.0)
 
-    def run(x: torch.Tensor, t: torch.Tensor, passes: tuple[tuple[str, bool], ...]) -> list[torch.Tensor]:
+    def run(x: torch.Tensor, t: torch.Tensor, step: int, passes: tuple[tuple[str, bool], ...]) -> list[torch.Tensor]:
         b = len(passes)
         text = torch.cat([texts[prompt] for prompt, _ in passes])
         pred = model(
             x.expand(b, *x.shape[1:]), t, text, cond.image_tokens.expand(b, -1, -1),
             cond.image_latents.expand(b, *cond.image_latents.shape[1:]), audio_for(passes),
+            cache=None if step_cache is None else step_cache.call(step, passes),
         )
         return list(pred.float().unbind(0))
 
@@ -158,9 +163,9 @@ def guided_velocity(
         t = sigmas_to_timesteps(sigma).reshape(1)
         passes = passes_for_step(step, num_steps, guidance)
         if batch_passes:
-            outs = run(x, t, passes)
+            outs = run(x, t, step, passes)
         else:
-            outs = [run(x, t, (p,))[0] for p in passes]
+            outs = [run(x, t, step, (p,))[0] for p in passes]
         preds = {p: o.unsqueeze(0) for p, o in zip(passes, outs)}
         if on_passes is not None:
             on_passes(step, preds)
