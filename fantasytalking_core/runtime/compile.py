@@ -9,7 +9,7 @@ a step never recompile. The batched mode's 3-row batch is another shape: one mor
 
 Compilation is scoped to a run (:func:`compiled_blocks`): afterwards the blocks are eager again, so a later run
 without it computes exactly as before. The compiled function itself is made once per backend and mode and kept
-(:func:`_compiled_call`), so a later run, or the next segment of a long recording, reuses the graphs instead of
+(:func:`_compiled_compute`), so a later run, or the next segment of a long recording, reuses the graphs instead of
 compiling again, whatever the torch version's rules for matching a new ``torch.compile`` to old graphs. Results of a compiled run differ from eager ones by float rounding only
 (inductor fuses elementwise work and may reorder reductions); ``docs/benchmarks.md`` records the difference.
 """
@@ -29,8 +29,8 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # eager / aot_eager: capt
 @contextmanager
 def compiled_blocks(transformer: nn.Module, enabled: bool = True, backend: str = "inductor",
                     mode: str | None = None) -> Iterator[nn.Module]:
-    """Inside the ``with``, every block of ``transformer`` runs through ``torch.compile`` (``nn.Module.compile``,
-    in place: parameters, buffers, state-dict keys and hooks such as diffusers' group offloading stay as they are).
+    """Inside the ``with``, every block of ``transformer`` computes through ``torch.compile`` (in place:
+    parameters, buffers, state-dict keys and hooks such as diffusers' group offloading stay as they are).
 
     Args:
         transformer: a model with a ``blocks`` ModuleList (the DiT).
@@ -43,22 +43,23 @@ def compiled_blocks(transformer: nn.Module, enabled: bool = True, backend: str =
         yield transformer
         return
     blocks = list(transformer.blocks)
-    compiled = _compiled_call(backend, mode)
-    # Module.__call__ runs _compiled_call_impl when set (what nn.Module.compile sets); restoring the previous value
-    # (None for an eager block) is the way back, as no public "uncompile" exists
-    previous = [block._compiled_call_impl for block in blocks]
+    if not all(callable(getattr(block, "compute", None)) for block in blocks):
+        raise TypeError("compiled blocks need the float32-island block class (model.precision.use_float32_islands).")
+    compiled = _compiled_compute(type(blocks[0]), backend, mode)
     try:
+        # the block's own computation is compiled, not its call: the first-block cache's decision
+        # (model/block_cache.py) and offloading hooks around it stay eager Python
         for block in blocks:
-            block._compiled_call_impl = functools.partial(compiled, block)
+            block.compute = functools.partial(compiled, block)
         yield transformer
     finally:
-        for block, impl in zip(blocks, previous):
-            block._compiled_call_impl = impl
+        for block in blocks:
+            block.__dict__.pop("compute", None)  # back to the class's method
 
 
 @functools.cache
-def _compiled_call(backend: str, mode: str | None) -> Callable:
-    """``nn.Module``'s call compiled once per backend and mode: ``(module, *args) -> output``, static shapes (one
-    graph per input shape, no symbolic shapes). The module is an argument, so every block and every run share
-    its graphs."""
-    return torch.compile(nn.Module._call_impl, backend=backend, mode=mode, dynamic=False)
+def _compiled_compute(block_class: type, backend: str, mode: str | None) -> Callable:
+    """``block_class.compute`` compiled once per class, backend and mode: ``(block, *args) -> output``, static
+    shapes (one graph per input shape, no symbolic shapes). The block is an argument, so every block and every run
+    share its graphs."""
+    return torch.compile(block_class.compute, backend=backend, mode=mode, dynamic=False)
