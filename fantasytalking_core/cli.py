@@ -38,7 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .loaders.model_paths import find_model_files, is_480p, load_models
     from .media.image import load_image
     from .media.video import aac_sample_rate, check_output_path
-    from .pipeline import FantasyTalkingPipeline, GenerationSettings, save_result
+    from .pipeline import DISTILLED, FantasyTalkingPipeline, GenerationSettings, save_result
     from .loaders.lora import check_lora_fits
     from .runtime.memory import check_budget
     from .sampling.segments import SegmentOptions
@@ -48,7 +48,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise FantasyTalkingError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu.")
     settings = GenerationSettings(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps, cfg=args.cfg,
+        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+        steps=args.steps if args.steps is not None else DISTILLED["steps"] if args.distilled else GenerationSettings.steps,
+        cfg=args.cfg if args.cfg is not None else DISTILLED["cfg"] if args.distilled else GenerationSettings.cfg,
         audio_cfg=args.audio_cfg, audio_scale=args.audio_scale, fps=args.fps,
         max_frames=args.max_frames or GenerationSettings.max_frames,
         image_size=args.image_size, shift=args.shift, batch_passes=args.batch_passes, vae_tile=args.vae_tile,
@@ -210,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=d.seed)
     gen.add_argument("--attention", default=d.attention,
                      help="the DiT's attention kernels: sdpa (default), flash, sage or xformers (when installed)")
-    gen.add_argument("--steps", type=int, default=d.steps)
+    gen.add_argument("--steps", type=int, default=None, help=f"denoising steps ({d.steps}; 4 with --distilled)")
     gen.add_argument("--shift", type=float, default=d.shift)
-    gen.add_argument("--cfg", type=float, default=d.cfg, help="text guidance scale")
+    gen.add_argument("--cfg", type=float, default=None, help=f"text guidance scale ({d.cfg}; 1 with --distilled)")
     gen.add_argument("--audio-cfg", type=float, default=d.audio_cfg, help="audio guidance scale")
     gen.add_argument("--audio-scale", type=float, default=d.audio_scale, help="strength of the audio branch")
     gen.add_argument("--audio-guidance-start", type=float, default=0.0, help="fraction of the steps where audio guidance starts")
@@ -232,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                      help="a Wan 2.1 LoRA (ComfyUI/kijai, musubi or diffusers format) at a strength (default 1); "
                           "repeat for several")
+    gen.add_argument("--distilled", action="store_true",
+                     help="settings for a step-distillation LoRA (lightx2v): 4 steps and cfg 1 unless --steps / --cfg "
+                          "are given; audio guidance stays (two passes per step)")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the DiT blocks for this run: faster steps after a one-off compile")
     gen.add_argument("--gpu-memory", type=float, default=None, metavar="GB",

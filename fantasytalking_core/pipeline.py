@@ -45,6 +45,11 @@ from .sampling.step_cache import check_step_cache
 ProgressFn = Callable[[int, int], None]
 
 
+DISTILLED = {"steps": 4, "cfg": 1.0}
+"""Settings for a step-distillation LoRA (lightx2v's Wan 2.1 I2V ones): 4 steps, no text guidance (cfg 1 drops the
+negative pass); audio guidance is kept, so each step still runs two passes (positive, positive + audio)."""
+
+
 @dataclass
 class GenerationSettings:
     """Everything a user chooses for one video (defaults: the official ``infer.py``).

@@ -153,7 +153,8 @@ class LoraLoader(io.ComfyNode):
                         "LoRAs included) to the model for the sampler's runs. Chain several for several LoRAs. The "
                         "loaded model itself is not changed.",
             inputs=[
-                io_types.FantasyTalkingModel.Input("model"),
+                io_types.FantasyTalkingModel.Input("model", tooltip="From FantasyTalking Model Loader (or another "
+                                                                    "FantasyTalking LoRA)."),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
                                tooltip="A Wan 2.1 I2V-14B LoRA from models/loras. One made for another model (Wan "
                                        "2.2, the 1.3B) is refused, not ignored."),

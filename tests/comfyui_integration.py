@@ -621,6 +621,59 @@ def check_mp4(name: str, mp4: Path, prompt: dict, frames_wanted: int, durations:
     return info
 
 
+LORA_FITS, LORA_FOREIGN = "tiny_style_lora.safetensors", "wan14b_style_lora.safetensors"
+
+
+def write_loras(loras: Path) -> None:
+    """A kijai-format LoRA made for the test DiT's sizes, and one made for the 14B model's (5120 wide)."""
+    import torch
+    from safetensors.torch import save_file
+    from test_loaders_lora import kijai_lora
+
+    loras.mkdir(parents=True, exist_ok=True)
+    kijai_lora(loras / LORA_FITS)
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 5120),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(5120, 4)}, loras / LORA_FOREIGN)
+
+
+def decoded_frames(path: Path):
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(int)
+
+
+def check_lora(comfy: ComfyUI, path: Path, output: Path, report: Report) -> None:
+    """FantasyTalking LoRA between the loader and the sampler: the video changes against the same graph without
+    it (already run), and a LoRA for another model stops the run with the message naming it."""
+    plain = sorted(output.rglob(f"{path.stem}_*.mp4"))  # the run of the same graph without the LoRA
+    results = {}
+    for lora in (LORA_FITS, LORA_FOREIGN):
+        prompt = load_api_workflow(path)
+        loader_id, _ = node_of(prompt, "FantasyTalkingModelLoader")
+        _, sampler = node_of(prompt, "FantasyTalkingSampler")
+        prompt["900"] = {"class_type": "FantasyTalkingLoraLoader",
+                         "inputs": {"model": [loader_id, 0], "lora_name": lora, "strength": 1.5}}
+        sampler["inputs"]["model"] = ["900", 0]
+        status, reply = submit(comfy, prompt, f"fantasytalking-lora-{lora}")
+        if not report.check(status == 200, f"LoRA {lora}: /prompt accepted it ({status} {json.dumps(reply)[:400]})"):
+            return
+        results[lora] = wait_history(comfy, reply["prompt_id"])
+    entry = results[LORA_FITS]
+    videos = [f for f in saved_files(entry["outputs"]) if f["filename"].endswith(".mp4")]
+    if report.check(entry["status"]["status_str"] == "success" and len(videos) == 1 and plain,
+                    f"LoRA {LORA_FITS}: ran to an mp4 ({json.dumps(entry['status'].get('messages', []))[-600:]})"):
+        with_lora = decoded_frames(output / videos[0].get("subfolder", "") / videos[0]["filename"])
+        without = decoded_frames(plain[0])
+        change = float(abs(with_lora - without).mean()) if with_lora.shape == without.shape else float("nan")
+        report.check(change > 1.0, f"LoRA {LORA_FITS} at 1.5 changes the video: mean |difference| {change:.1f} "
+                                   "of 255 against the same graph without it")
+    messages = json.dumps(results[LORA_FOREIGN]["status"].get("messages", []))
+    report.check(results[LORA_FOREIGN]["status"]["status_str"] == "error" and "match no layer" in messages,
+                 f"LoRA {LORA_FOREIGN}: refused with a message naming it ({messages[-400:]})")
+
+
 def check_missing_model_refused(comfy: ComfyUI, path: Path, report: Report) -> None:
     prompt = load_api_workflow(path)
     _, loader = node_of(prompt, "FantasyTalkingModelLoader")
@@ -780,6 +833,7 @@ def main() -> int:
     report.check(before == after, f"requirements.txt leaves torch alone ({before} -> {after})")
     report.say(f"ComfyUI {version} at {tree}, Python {python}; pip install -r requirements.txt: torch {before} -> {after}")
     model_files = write_models(base / "models")
+    write_loras(base / "models" / "loras")
     durations = write_inputs(base / "input")
 
     comfy = ComfyUI(tree, python, base, workdir / "comfyui.log")
@@ -798,6 +852,7 @@ def main() -> int:
                     run_workflow(comfy, path, base / "output", durations, report, {"max_image_frames": 0})
             else:
                 check_native_workflow_validates(comfy, path, report)
+        check_lora(comfy, WORKFLOWS / "api" / "talking_portrait.json", base / "output", report)
         if workflows:
             check_interrupt(comfy, workflows[0], report)
         check_status_on_nodes(comfy, WORKFLOWS / "api" / "talking_portrait.json", workdir, report)

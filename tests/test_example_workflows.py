@@ -71,7 +71,7 @@ def test_ui_and_api_formats_agree(ui_file):
 def test_workflow_uses_our_nodes_and_saves_the_sampler_output_as_video(ui_file):
     api = json.loads((WORKFLOWS / "api" / ui_file.name).read_text(encoding="utf-8"))
     ours = {v["class_type"] for v in api.values() if v["class_type"].startswith("FantasyTalking")}
-    assert ours <= OUR_NODE_IDS and len(OUR_NODE_IDS) == 14
+    assert ours <= OUR_NODE_IDS and len(OUR_NODE_IDS) == 15
     sampler = next(k for k, v in api.items() if v["class_type"] == "FantasyTalkingSampler")
     save = next(v for v in api.values() if v["class_type"] == "SaveVideo")["inputs"]
     if ui_file.stem == "long_recording":

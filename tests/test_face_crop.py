@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import numpy as np
 from skimage import data
 
 from fantasytalking_core.errors import FaceNotFoundError
@@ -20,6 +21,18 @@ def test_detects_the_face_in_a_real_photo(astronaut):
     assert face.x0 < 220 < face.x1 and face.y0 < 123 < face.y1
     assert 60 < face.x1 - face.x0 < 130
     assert all(f.score >= 0.5 for f in faces)
+
+
+def test_finds_a_face_turned_well_away_from_the_camera():
+    from fantasytalking_core.face.crop import _detect, import_dlib
+
+    # scikit-image's cameraman: his face seen at about three-quarters, looking into the viewfinder (nose at about
+    # (245, 160), left ear at about (200, 140)); the frontal HOG detector finds nothing, even upsampled twice
+    photo = np.ascontiguousarray(np.repeat(data.camera()[..., None], 3, axis=2))
+    assert _detect(import_dlib().get_frontal_face_detector(), photo, 2, 0.0, 1.0) == []
+    face = pick_face(detect_faces(photo))
+    assert face.x0 < 225 < face.x1 and face.y0 < 150 < face.y1  # the middle of his face
+    assert 40 < face.x1 - face.x0 < 120 and face.y1 < 230  # face-sized, not the whole figure
 
 
 def test_no_face_and_bad_index_are_clear_errors(astronaut):

@@ -196,3 +196,11 @@ def test_a_lora_changes_the_video_and_a_foreign_one_is_refused_before_the_encode
     assert not out.exists()
     proc = generate(*args, "--out", str(out), "--lora", f"{lora}:strong")
     assert proc.returncode != 0 and "FILE:STRENGTH" in proc.stderr and "random tiny models" not in proc.stderr
+
+
+@pytest.mark.parametrize("extra, steps", [(["--distilled"], 4), (["--distilled", "--steps", "2"], 2)])
+def test_distilled_preset_takes_four_steps_unless_told(inputs, tmp_path, extra, steps):
+    proc = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--tiny",
+                    "--image-size", "32", "--max-frames", "5", "--out", str(tmp_path / "d.mp4"), *extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f" {steps}/{steps} " in proc.stderr and f"/{30}" not in proc.stderr  # the progress bar's total

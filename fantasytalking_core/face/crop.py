@@ -5,20 +5,23 @@ without training is resolution: a small face in a large photo is cropped to a sq
 generates at its full resolution on the crop, and the result is pasted back into the full-resolution reference,
 frame by frame, with a feathered edge. :class:`CropInfo` carries everything the paste-back needs.
 
-Detection uses dlib's HOG frontal-face detector (its weights are compiled into the ``dlib-bin`` package; nothing is
-downloaded). A user-given box or mask can replace detection.
+Detection uses dlib's HOG frontal-face detector (its weights are compiled into the ``dlib-bin`` package), and when
+that finds nothing, dlib's CNN (MMOD) detector, whose weights ship in ``face-recognition-models``: it also finds
+faces turned well away from the camera. Nothing is downloaded. A user-given box or mask can replace detection.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 import torch.nn.functional as F
 
-from ..errors import MissingDependencyError, FaceNotFoundError, ImageInputError
+from ..errors import FaceNotFoundError, ImageInputError, MissingDependencyError, ModelNotFoundError
 
 DEFAULT_MARGIN = 0.6  # extra side length around the face box, as a fraction of the face size on each side
 DETECTION_THRESHOLD = 0.5  # dlib HOG score below which a detection is ignored (weak, often not a face)
@@ -85,6 +88,19 @@ def import_dlib():
     return dlib
 
 
+INSTALL_HINT = "pip install face-recognition-models dlib-bin"
+
+
+def face_model_dir() -> Path:
+    """The folder of dlib's shipped face models (``face-recognition-models``: the CNN detector, landmarks, the
+    face-recognition ResNet); nothing is downloaded."""
+    # find_spec does not run the package's __init__ (which needs the deprecated pkg_resources)
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"Face detection and the identity check need dlib's face models: {INSTALL_HINT}")
+    return Path(spec.submodule_search_locations[0]) / "models"
+
+
 # Width scales that undo a non-uniform resize (a photo stretched 2:1 or 3:2, either way): HOG only finds faces of
 # natural proportions, so when a plain pass finds none the image is unstretched, searched, and the boxes mapped back.
 UNSTRETCH = (0.5, 2.0, 2 / 3, 1.5)
@@ -96,7 +112,9 @@ def detect_faces(image: torch.Tensor | np.ndarray, upsample: int = 1,
 
     Run it on the full-resolution picture. ``upsample`` doubles the image that many times first (faces down to
     ~40 pixels at 1). When nothing is found: the picture is searched again unstretched (``UNSTRETCH``), then with
-    one more doubling for small faces in a large photo (a few seconds for 4 megapixels).
+    one more doubling for small faces in a large photo (a few seconds for 4 megapixels), and last by dlib's CNN
+    detector (:func:`_detect_cnn`), which also finds faces turned well away from the camera (HOG looks for
+    frontal ones).
     """
     detector = import_dlib().get_frontal_face_detector()
     pixels = _as_uint8(image)
@@ -108,7 +126,25 @@ def detect_faces(image: torch.Tensor | np.ndarray, upsample: int = 1,
         unstretched = np.asarray(Image.fromarray(pixels).resize((max(1, round(width * width_scale)), height),
                                                                 Image.BILINEAR))
         faces = _detect(detector, unstretched, upsample, threshold, width_scale)
-    return faces or _detect(detector, pixels, upsample + 1, threshold, 1.0)
+    return faces or _detect(detector, pixels, upsample + 1, threshold, 1.0) or _detect_cnn(pixels)
+
+
+CNN_SIDE = 640  # the CNN searches a copy with this longest side, doubled once: faces down to ~40 px of that copy
+
+
+def _detect_cnn(pixels: np.ndarray) -> list[FaceBox]:
+    """dlib's MMOD CNN face detector (shipped in ``face-recognition-models``): turned and profile-ish faces that
+    the HOG detector misses. Seconds per picture on a CPU, so it runs last, on a copy at most ``CNN_SIDE`` wide."""
+    dlib = import_dlib()
+    detector = dlib.cnn_face_detection_model_v1(str(face_model_dir() / "mmod_human_face_detector.dat"))
+    height, width = pixels.shape[:2]
+    scale = min(1.0, CNN_SIDE / max(height, width))
+    small = pixels if scale == 1.0 else np.asarray(
+        Image.fromarray(pixels).resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR))
+    found = detector(np.ascontiguousarray(small), 1)
+    faces = [FaceBox(d.rect.left() / scale, d.rect.top() / scale, (d.rect.right() + 1) / scale,
+                     (d.rect.bottom() + 1) / scale, d.confidence) for d in found]
+    return sorted(faces, key=lambda f: (f.area, f.score), reverse=True)
 
 
 def _detect(detector, pixels: np.ndarray, upsample: int, threshold: float, width_scale: float) -> list[FaceBox]:

@@ -8,33 +8,20 @@ with its 5-point landmarks. Scores are in [-1, 1]; the same person typically sco
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import FaceNotFoundError, ModelNotFoundError
-from .crop import _as_uint8, detect_faces, import_dlib, pick_face
-
-INSTALL_HINT = "pip install face-recognition-models dlib-bin"
-
-
-def _model_dir() -> Path:
-    # find_spec does not run the package's __init__ (which needs the deprecated pkg_resources)
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"The identity check needs dlib's face-recognition weights: {INSTALL_HINT}")
-    return Path(spec.submodule_search_locations[0]) / "models"
-
+from ..errors import FaceNotFoundError
+from .crop import _as_uint8, detect_faces, face_model_dir, import_dlib, pick_face
 
 class FaceEmbedder:
     """dlib face detector + 5-point aligner + 128-d face-recognition ResNet, loaded once."""
 
     def __init__(self) -> None:
         dlib = import_dlib()
-        folder = _model_dir()
+        folder = face_model_dir()
         self._dlib = dlib
         self._landmarks = dlib.shape_predictor(str(folder / "shape_predictor_5_face_landmarks.dat"))
         self._network = dlib.face_recognition_model_v1(str(folder / "dlib_face_recognition_resnet_model_v1.dat"))

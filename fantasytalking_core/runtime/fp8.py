@@ -74,12 +74,14 @@ def fits_scaled_mm(weight: torch.Tensor) -> bool:
 
 
 def check_fp8_matmul_model(model: nn.Module, enabled: bool = True) -> list[nn.Module]:
-    """The fp8-stored Linears of ``model``; when fp8 matmuls are ``enabled`` there must be some, else a
-    SettingsError naming the fix (checked before any model moves)."""
+    """The fp8-stored Linears of ``model`` when fp8 matmuls are ``enabled`` (there must be some, else a
+    SettingsError naming the fix; checked before any model moves), else none."""
     from ..loaders.wan_dit import FP8Linear
 
+    if not enabled:
+        return []
     layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
-    if enabled and not layers:
+    if not layers:
         raise SettingsError("fp8 matmuls need the DiT's weights in fp8: load it with fp8 storage (--fp8, or the "
                             "fp8_e4m3fn weight dtype in the model loader), or turn fp8 matmuls off.")
     return layers
