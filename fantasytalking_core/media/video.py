@@ -11,7 +11,6 @@ import uuid
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
@@ -79,6 +78,8 @@ def write_video(
 def _mux_audio(container, stream, audio: torch.Tensor, sample_rate: int, duration_s: float) -> None:
     """Encode ``audio`` ([C, T] or [T] at ``sample_rate`` Hz) into ``stream`` at the stream's rate, trimmed or
     padded with silence to ``duration_s`` seconds."""
+    import av  # deferred (as in audio/io.py): sampling never needs the FFmpeg bindings
+
     wave = audio.detach().float().cpu()
     wave = wave.unsqueeze(0) if wave.ndim == 1 else wave[:2]
     if stream.rate != sample_rate:  # a rate AAC refuses (e.g. 192 kHz): the library's resampler, channel by channel
@@ -128,6 +129,8 @@ class VideoStreamWriter:
         self._size: tuple[int, int] | None = None  # (height, width), padded to even
 
     def _open(self, height: int, width: int) -> None:
+        import av
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._size = (height + height % 2, width + width % 2)
         self._container = av.open(str(self.temp), mode="w")
@@ -141,6 +144,8 @@ class VideoStreamWriter:
 
     def write(self, frames: torch.Tensor) -> None:
         """Encode frames [f, H, W, 3] float in 0..1 (every chunk the same H, W)."""
+        import av
+
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"frames must be [F, H, W, 3], got {tuple(frames.shape)}.")
         if self._container is None:
