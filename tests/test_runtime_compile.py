@@ -14,6 +14,17 @@ from fantasytalking_core.sampling.guidance import GuidanceConfig
 from fantasytalking_core.sampling.schedule import flow_match_sigmas
 
 
+@pytest.fixture(scope="module", autouse=True)
+def inductor_cache(tmp_path_factory):
+    """A fresh inductor cache for this module: torch keys its precompiled C++ header by neither ATEN_CPU_CAPABILITY
+    nor the CPU, so a cache filled under one capability fails to compile under another (seen: 'at::vec has not
+    been declared' after switching to ATEN_CPU_CAPABILITY=default)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="module")
 def settings(official_dir):
     return json.loads((official_dir / "sampling.json").read_text())
