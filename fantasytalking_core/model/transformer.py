@@ -10,6 +10,7 @@ import inspect
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -173,7 +174,8 @@ class FantasyTalkingModel(nn.Module):
             text: [B, L, text_dim] umT5 output, L <= 512 (zero-padded here).
             image_tokens: [B, 257, 1280] CLIP ViT-H penultimate tokens of the reference image.
             image_latents: [B, 20, T, H/8, W/8] I2V conditioning y (4 mask channels + first-frame VAE latent).
-            audio: windows, valid lengths and scale; ``None`` runs the plain Wan I2V forward.
+            audio: windows, valid lengths and scale; ``None`` runs the plain Wan I2V forward. Its
+                ``tokens_per_frame`` is set here from the latent's patch grid.
         Returns:
             [B, 16, T, H/8, W/8] predicted velocity: float32 under the official policy, else the compute dtype.
         """
@@ -181,6 +183,9 @@ class FantasyTalkingModel(nn.Module):
         dtype = self.dtype
         timestep = torch.as_tensor(timestep, device=latents.device).float().reshape(-1).expand(batch)
         hidden = torch.cat([latents, image_latents.to(latents.dtype)], dim=1).to(dtype)
+        if audio is not None:
+            _, p_h, p_w = self.transformer.config.patch_size
+            audio = replace(audio, tokens_per_frame=(latents.shape[3] // p_h) * (latents.shape[4] // p_w))
         with self.conditioned_on(audio), attention_backends(self.device, dtype):
             # called as a module in either policy, so hooks on the transformer (offloading) always apply
             return self.transformer(hidden_states=hidden, timestep=timestep, encoder_hidden_states=pad_text(text),
