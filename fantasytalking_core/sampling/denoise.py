@@ -12,7 +12,7 @@ import torch
 
 from ..audio.windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
 from ..model.transformer import FantasyTalkingModel
-from .euler import DiTConditions, PinnedLatents, guided_velocity, initial_noise, sample_flow_euler
+from .euler import DiTConditions, PassMap, PinnedLatents, guided_velocity, initial_noise, sample_flow_euler
 from .guidance import GuidanceConfig
 
 ProgressFn = Callable[[int, int], None]
@@ -36,6 +36,7 @@ def generate_latents(
     progress: ProgressFn | None = None,
     num_audio_tokens: int | None = None,
     pinned_latents: torch.Tensor | None = None,
+    map_passes: PassMap | None = None,
 ) -> torch.Tensor:
     """Denoise from seeded noise to a video latent. Runs where ``dit`` is.
 
@@ -58,6 +59,7 @@ def generate_latents(
         pinned_latents: [1, 16, P, H/8, W/8] clean latents of the first P latent frames (P < T), held on the
             forward process with the run's own noise at those frames during the whole run
             (:class:`~.euler.PinnedLatents`); the result's first P latent frames are exactly these.
+        map_passes: where each step's guidance passes run (:func:`~.euler.guided_velocity`); None: all here.
     Returns:
         [1, 16, T, H/8, W/8] float32 denoised latent.
     """
@@ -75,7 +77,7 @@ def generate_latents(
                          windows.k_lens_tensor().to(device),
                          audio_scale.to(device) if isinstance(audio_scale, torch.Tensor) else audio_scale)
     noise = initial_noise((1, dit.transformer.config.out_channels, frames, height // 8, width // 8), seed)
-    velocity = guided_velocity(dit, cond, guidance, steps, batch_passes=batch_passes)
+    velocity = guided_velocity(dit, cond, guidance, steps, batch_passes=batch_passes, map_passes=map_passes)
     on_step = None if progress is None else (lambda d: progress(d["i"] + 1, steps))
     pinned = None
     if pinned_latents is not None:

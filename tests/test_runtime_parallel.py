@@ -1,0 +1,71 @@
+"""Parallel runs on CPU (gloo ranks on localhost) against the single-process sampler, and the layout rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distributed import run_ranks
+from parallel_cases import Case, run_case
+
+from fantasytalking_core.errors import SettingsError
+from fantasytalking_core.runtime.parallel import ParallelLayout, check_layout, parse_parallel
+
+
+def test_layout_parses_axes_and_defaults_the_rest_to_one():
+    assert parse_parallel("cfg=3,ulysses=2") == ParallelLayout(cfg=3, ulysses=2)
+    assert parse_parallel(" ring=2 , cfg=2 ").world_size == 4 and parse_parallel("ring=2,ulysses=4").sequence == 8
+    assert str(parse_parallel("ulysses=2,cfg=3")) == "cfg=3,ring=1,ulysses=2"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tp=2", "unknown axis 'tp'"),
+    ("cfg=two", "cfg needs a whole number of processes, got 'two'"),
+    ("cfg=2,cfg=3", "cfg is given twice"),
+    ("cfg=0", "parallel cfg must be at least 1, got 0"),
+    ("", "give at least one axis"),
+])
+def test_bad_layouts_are_one_clear_line(text, message):
+    with pytest.raises(SettingsError, match=message) as info:
+        parse_parallel(text)
+    assert "\n" not in str(info.value)
+
+
+def test_layouts_that_do_not_fit_the_run_are_refused():
+    check_layout(ParallelLayout(cfg=3, ulysses=2), 6, 3, 40)
+    with pytest.raises(SettingsError, match="needs 6 processes .* 4 were started: launch with torchrun "
+                                            "--nproc-per-node 6"):
+        check_layout(ParallelLayout(cfg=3, ulysses=2), 4, 3, 40)
+    with pytest.raises(SettingsError, match="cfg=4: a step of this run has at most 3 guidance passes"):
+        check_layout(ParallelLayout(cfg=4), 4, 3)
+    with pytest.raises(SettingsError, match="at most 2 guidance passes"):  # cfg 1: no negative pass
+        check_layout(ParallelLayout(cfg=3), 3, 2)
+    with pytest.raises(SettingsError, match="ulysses=3: Ulysses splits the 40 attention heads"):
+        check_layout(ParallelLayout(ulysses=3), 3, 3, 40)
+
+
+def run_layout(tmp_path, world: int, case: Case) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    """The single-process reference, every rank's result of ``case`` on ``world`` gloo ranks, and the passes
+    (batch rows through the DiT) each rank computed."""
+    run_ranks(run_case, world, case, tmp_path, timeout=600)
+    ranks = range(world)
+    return (torch.load(tmp_path / "reference.pt"), [torch.load(tmp_path / f"rank{r}.pt") for r in ranks],
+            [int((tmp_path / f"rank{r}.passes").read_text()) for r in ranks])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_guidance_passes_on_different_ranks_equal_one_process(tmp_path, world):
+    """cfg=2 (passes 0 and 2 on one rank, 1 on the other) and cfg=3 (one pass each; at the 2-pass step one rank
+    idles): every rank holds exactly the single-process latent."""
+    reference, ranks, passes = run_layout(tmp_path, world, Case(f"cfg={world}"))
+    assert reference.abs().max() > 0.1
+    for latent in ranks:
+        assert torch.equal(latent, reference)
+    # 3 passes then 2, round robin: each rank computed only its share
+    assert passes == {2: [3, 2], 3: [2, 2, 1]}[world]
+
+
+def test_a_rank_batches_its_own_share_of_the_passes(tmp_path):
+    reference, ranks, passes = run_layout(tmp_path, 2, Case("cfg=2", batch_passes=True))
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)  # batches of 2 and 1 against one of 3
+    assert passes == [3, 2]
