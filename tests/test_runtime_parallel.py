@@ -69,3 +69,33 @@ def test_a_rank_batches_its_own_share_of_the_passes(tmp_path):
     for latent in ranks:
         torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)  # batches of 2 and 1 against one of 3
     assert passes == [3, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-diffusers-forward", "bf16-official"])
+def test_ulysses_over_two_ranks_equals_one_process(tmp_path, dtype):
+    """The video tokens split over 2 ranks (30 each: the seam cuts latent frame 2 in half), audio on with a
+    per-token scale map: diffusers' forward (float32) and our float32-island forward (bf16, whose head gathers
+    through the plan's hook) both give the single-process latent."""
+    reference, ranks, passes = run_layout(tmp_path, 2, Case("ulysses=2", dtype=dtype))
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
+    assert passes == [5, 5]  # both ranks run every pass, each on half of the tokens
+
+
+def test_a_processor_unaware_of_the_split_raises_instead_of_regrouping(tmp_path):
+    """diffusers' enable_parallelism skips a processor without _parallel_config: its audio branch then sees 30
+    of 60 tokens, which would split evenly into 5 wrong 'frames' of 6; it must raise instead."""
+    run_ranks(run_case, 2, Case("ulysses=2", unaware=True), tmp_path, timeout=600)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.err").read_text()
+        assert message.startswith("30 video tokens are not 5 latent frames x 12 tokens per frame")
+
+
+@pytest.mark.slow
+def test_guidance_groups_of_two_ulysses_ranks_equal_one_process(tmp_path):
+    """cfg=2 x ulysses=2 on one mesh (4 ranks): each pair splits the tokens of its passes (15 tokens each, seams
+    inside frames 1 and 3), and the pairs' passes are gathered before the combine."""
+    reference, ranks, passes = run_layout(tmp_path, 4, Case("cfg=2,ulysses=2"))
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
+    assert passes == [3, 3, 2, 2]  # ranks 0, 1 share cfg group 0 (mesh order cfg, ring, ulysses)
