@@ -156,7 +156,8 @@ def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settin
         raise SettingsError(f"--parallel needs processes started by torchrun, e.g. torchrun --nproc-per-node "
                             f"{layout.world_size} -m fantasytalking_core generate ... --parallel {layout}.")
     guidance = GuidanceConfig(settings.cfg, settings.audio_cfg, *settings.audio_guidance_range)
-    check_layout(layout, int(os.environ["WORLD_SIZE"]), max_passes(settings.steps, guidance))
+    check_layout(layout, int(os.environ["WORLD_SIZE"]), max_passes(settings.steps, guidance),
+                 attention=settings.attention)
 
 
 def _join_parallel_run(layout: ParallelLayout, args: argparse.Namespace) -> ParallelRun:

@@ -55,6 +55,29 @@ def allow_cpu_context_parallel() -> None:
     torch.accelerator.device_count = lambda: 1
 
 
+def cpu_attention_with_lse(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                           enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    """Test-only stand-in for diffusers' native forward op that also returns the log-sum-exp, which ring attention
+    merges its blocks with (PyTorch's SDPA does not return it; flash, sage and cuDNN do). Math in float32.
+
+    query, key, value: [B, S, H, D] (model layout). Returns out [B, S, H, D] and, asked for, lse [B, S, H]."""
+    q, k, v = (x.permute(0, 2, 1, 3).float() for x in (query, key, value))  # [B, H, S, D]
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    lse = scores.logsumexp(-1)  # [B, H, S]
+    out = ((scores - lse[..., None]).exp() @ v).permute(0, 2, 1, 3).to(query.dtype)
+    return (out, lse.transpose(1, 2)) if return_lse else out
+
+
+def allow_cpu_ring_attention() -> None:
+    """Test-only: ring attention on the CPU through diffusers' native backend with :func:`cpu_attention_with_lse`
+    as its forward op (looked up by name when the native backend builds its context-parallel call)."""
+    from diffusers.models import attention_dispatch
+
+    attention_dispatch._native_attention_forward_op = cpu_attention_with_lse
+
+
 @dataclass(frozen=True)
 class Case:
     """One parallel run: the layout, the compute dtype (bf16 runs the official float32-island forward), batched
@@ -73,7 +96,10 @@ def run_case(rank: int, world: int, case: Case, out: Path) -> None:
     from fantasytalking_core.runtime.parallel import ParallelRun, parse_parallel
 
     allow_cpu_context_parallel()
-    run = ParallelRun(parse_parallel(case.layout), "cpu")
+    layout = parse_parallel(case.layout)
+    if layout.ring > 1:
+        allow_cpu_ring_attention()  # Ulysses keeps diffusers' native op: the single-process run's SDPA
+    run = ParallelRun(layout, "cpu")
     model = load_model(case.dtype)
     run.enable_sequence_parallel(model.transformer)
     if case.unaware:

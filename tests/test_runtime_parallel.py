@@ -41,6 +41,10 @@ def test_layouts_that_do_not_fit_the_run_are_refused():
         check_layout(ParallelLayout(cfg=3), 3, 2)
     with pytest.raises(SettingsError, match="ulysses=3: Ulysses splits the 40 attention heads"):
         check_layout(ParallelLayout(ulysses=3), 3, 3, 40)
+    with pytest.raises(SettingsError, match="ring=2: ring attention merges blocks by their log-sum-exp, which "
+                                            "attention 'sdpa' does not return; use --attention flash or sage"):
+        check_layout(ParallelLayout(ring=2), 2, 3, 40, "sdpa")
+    check_layout(ParallelLayout(ring=2), 2, 3, 40, "flash")
 
 
 def run_layout(tmp_path, world: int, case: Case) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
@@ -82,6 +86,25 @@ def test_ulysses_over_two_ranks_equals_one_process(tmp_path, dtype):
     assert passes == [5, 5]  # both ranks run every pass, each on half of the tokens
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_attention_over_two_and_three_ranks_equals_one_process(tmp_path, world):
+    """Ring attention (with a test-only CPU op that returns the log-sum-exp) over 2 ranks (30 tokens each, seam in
+    frame 2) and 3 (20 each, seams in frames 1 and 3): the single-process latent within 1e-5."""
+    reference, ranks, passes = run_layout(tmp_path, world, Case(f"ring={world}"))
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
+    assert passes == [5] * world
+
+
+def test_ring_attention_with_batched_passes_equals_one_process(tmp_path):
+    """ring=2 with the passes batched (each rank runs the 3 passes of its tokens as one batch of 3; the step with
+    2 passes, a batch of 2). Combinations with cfg on one mesh: the 4-rank tests below."""
+    reference, ranks, passes = run_layout(tmp_path, 2, Case("ring=2", batch_passes=True))
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
+    assert passes == [5, 5]
+
+
 def test_a_processor_unaware_of_the_split_raises_instead_of_regrouping(tmp_path):
     """diffusers' enable_parallelism skips a processor without _parallel_config: its audio branch then sees 30
     of 60 tokens, which would split evenly into 5 wrong 'frames' of 6; it must raise instead."""
@@ -92,10 +115,12 @@ def test_a_processor_unaware_of_the_split_raises_instead_of_regrouping(tmp_path)
 
 
 @pytest.mark.slow
-def test_guidance_groups_of_two_ulysses_ranks_equal_one_process(tmp_path):
-    """cfg=2 x ulysses=2 on one mesh (4 ranks): each pair splits the tokens of its passes (15 tokens each, seams
-    inside frames 1 and 3), and the pairs' passes are gathered before the combine."""
-    reference, ranks, passes = run_layout(tmp_path, 4, Case("cfg=2,ulysses=2"))
+@pytest.mark.parametrize("layout", ["cfg=2,ulysses=2", "cfg=2,ring=2", "ring=2,ulysses=2"])
+def test_four_rank_meshes_equal_one_process(tmp_path, layout):
+    """cfg x ulysses, cfg x ring and ring x ulysses on 4 ranks: each sequence group splits the tokens of its passes
+    (15 tokens each with ring x ulysses, seams inside frames 1 and 3), the cfg groups' passes are gathered."""
+    reference, ranks, passes = run_layout(tmp_path, 4, Case(layout))
     for latent in ranks:
         torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
-    assert passes == [3, 3, 2, 2]  # ranks 0, 1 share cfg group 0 (mesh order cfg, ring, ulysses)
+    # ranks 0, 1 share cfg group 0 (mesh order cfg, ring, ulysses): 2 + 1 passes, the other group 1 + 1
+    assert passes == ([3, 3, 2, 2] if layout.startswith("cfg") else [5] * 4)

@@ -26,6 +26,8 @@ from torch import nn
 from ..errors import SettingsError
 
 PARALLEL_AXES = ("cfg", "ring", "ulysses")
+# attention kernels (runtime/attention.py names) that return the log-sum-exp ring attention merges blocks with
+RING_ATTENTION = ("flash", "sage")
 
 Pass = tuple[str, bool]  # (prompt, audio on), as sampling.guidance names a DiT pass
 PassRunner = Callable[[tuple[Pass, ...]], list[torch.Tensor]]
@@ -86,13 +88,16 @@ def parse_parallel(text: str) -> ParallelLayout:
     return ParallelLayout(**sizes)
 
 
-def check_layout(layout: ParallelLayout, world_size: int, max_passes: int, num_heads: int | None = None) -> None:
+def check_layout(layout: ParallelLayout, world_size: int, max_passes: int, num_heads: int | None = None,
+                 attention: str | None = None) -> None:
     """Refuse a layout this run cannot use, before any model loads.
 
     Args:
         world_size: processes started (torchrun's ``--nproc-per-node`` x nodes).
         max_passes: most DiT passes any step of the run needs (3; 2 when cfg is 1; see ``sampling.guidance``).
         num_heads: the DiT's attention heads, which Ulysses splits (None: not checked yet).
+        attention: the attention kernel (``runtime/attention.py`` name); ring needs one of :data:`RING_ATTENTION`
+            (None: not checked).
     """
     if layout.world_size != world_size:
         raise SettingsError(f"--parallel {layout} needs {layout.world_size} processes (cfg x ring x ulysses); "
@@ -100,6 +105,10 @@ def check_layout(layout: ParallelLayout, world_size: int, max_passes: int, num_h
     if layout.cfg > max_passes:
         raise SettingsError(f"--parallel cfg={layout.cfg}: a step of this run has at most {max_passes} guidance "
                             f"passes to spread, so cfg can be at most {max_passes}.")
+    if layout.ring > 1 and attention is not None and attention not in RING_ATTENTION:
+        raise SettingsError(f"--parallel ring={layout.ring}: ring attention merges blocks by their log-sum-exp, "
+                            f"which attention {attention!r} does not return; use --attention "
+                            f"{' or '.join(RING_ATTENTION)}, or ulysses instead of ring.")
     if num_heads is not None and num_heads % layout.ulysses:
         raise SettingsError(f"--parallel ulysses={layout.ulysses}: Ulysses splits the {num_heads} attention heads, "
                             f"so it must divide {num_heads}.")
