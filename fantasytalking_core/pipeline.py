@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,7 @@ class FantasyTalkingPipeline:
         self.gpu_memory = check_budget(gpu_memory)
         self.parallel = parallel
         if parallel is not None:
-            parallel.enable_sequence_parallel(models.dit.transformer)
+            parallel.prepare(models.dit.transformer)
 
     @property
     def map_passes(self) -> PassMap | None:
@@ -209,14 +210,13 @@ class FantasyTalkingPipeline:
         pixels = self.reference_image(image, settings.image_size)  # validate the cheap input first
         recording = load_audio(audio)  # decoded once: the features and the muxed sound come from it
         voice = self.audio_features(recording, settings)
-        placement = check_dit_fits(m.dit, self.device, voice.num_frames, pixels.shape[1], pixels.shape[2], settings,
-                                   self.dit_placement, self.gpu_memory)  # before the encoders run
+        placement = self._check_dit_fits(voice.num_frames, pixels.shape[1], pixels.shape[2], settings)
         text_pos, text_neg, clip_tokens = self._prompt_and_identity(pixels, settings)
         tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
         with on_device(m.vae, self.device):
             y = image_to_video_condition(m.vae, pixels, voice.num_frames, tile_size=tile)
 
-        with dit_on_device(m.dit, self.device, placement):
+        with self._dit_on_device(placement):
             latents = sample_latents(m.dit, text_pos, text_neg, clip_tokens, y, voice.features, voice.num_frames,
                                      settings, progress, map_passes=self.map_passes)
 
@@ -250,8 +250,7 @@ class FantasyTalkingPipeline:
             voice = extract_audio_features(m.wav2vec2, recording, settings.fps, None)  # bounded chunks
         plan = plan_segments(voice.num_frames, voice.fps, voice.num_tokens, options.segment_frames, options.overlap)
         longest = max(segment.num_frames for segment in plan.segments)
-        placement = check_dit_fits(m.dit, self.device, longest, pixels.shape[1], pixels.shape[2], settings,
-                                   self.dit_placement, self.gpu_memory)
+        placement = self._check_dit_fits(longest, pixels.shape[1], pixels.shape[2], settings)
         text_pos, text_neg, clip_tokens = self._prompt_and_identity(pixels, settings)  # identity: the portrait
         tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
 
@@ -261,7 +260,7 @@ class FantasyTalkingPipeline:
 
         def sample(index: int, y: torch.Tensor, features: torch.Tensor, num_frames: int, num_tokens: int,
                    report: ProgressFn | None, pinned: torch.Tensor | None) -> torch.Tensor:
-            with dit_on_device(m.dit, self.device, placement):
+            with self._dit_on_device(placement):
                 return sample_latents(m.dit, text_pos, text_neg, clip_tokens, y, features, num_frames,
                                       replace(settings, seed=settings.seed + index), report, num_tokens, pinned,
                                       self.map_passes)
@@ -271,6 +270,22 @@ class FantasyTalkingPipeline:
                                    progress=progress)
         cut = crop_samples_for_frames(voice.num_frames, voice.fps, recording.sample_rate)
         return StreamedVideo(plan, frames, recording.waveform[:, :cut], recording.sample_rate, voice.fps)
+
+    def _check_dit_fits(self, num_frames: int, height: int, width: int, settings: GenerationSettings) -> str:
+        """The DiT's placement for a run (:func:`check_dit_fits`), checked before the encoders run; a DiT whose
+        weights a parallel run has sharded stays where they are (``"sharded"``)."""
+        if self.parallel is not None and self.parallel.weights_sharded:
+            check_fp8_matmul_model(self.models.dit, settings.fp8_matmul)
+            return "sharded"
+        return check_dit_fits(self.models.dit, self.device, num_frames, height, width, settings, self.dit_placement,
+                              self.gpu_memory)
+
+    def _dit_on_device(self, placement: str) -> AbstractContextManager:
+        """The DiT on the compute device for a run in ``placement``; sharded weights stay on their device (FSDP
+        gathers each block where it runs), only the audio projection moves."""
+        if placement == "sharded":
+            return on_device(self.models.dit.audio_proj, self.device)
+        return dit_on_device(self.models.dit, self.device, placement)
 
     def _prompt_and_identity(self, pixels: torch.Tensor, settings: GenerationSettings
                              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

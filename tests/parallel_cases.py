@@ -101,7 +101,10 @@ def run_case(rank: int, world: int, case: Case, out: Path) -> None:
         allow_cpu_ring_attention()  # Ulysses keeps diffusers' native op: the single-process run's SDPA
     run = ParallelRun(layout, "cpu")
     model = load_model(case.dtype)
-    run.enable_sequence_parallel(model.transformer)
+    whole = sum(p.numel() for p in model.transformer.parameters())
+    run.prepare(model.transformer)
+    held = sum(getattr(p, "_local_tensor", p).numel() for p in model.transformer.parameters())
+    (out / f"rank{rank}.held").write_text(f"{held / whole:.4f}")  # the share of the DiT's weights this rank holds
     if case.unaware:
         for proc in audio_processors(model.transformer):
             proc._parallel_config = None  # as a processor diffusers' enable_parallelism skipped

@@ -15,6 +15,8 @@ def test_layout_parses_axes_and_defaults_the_rest_to_one():
     assert parse_parallel("cfg=3,ulysses=2") == ParallelLayout(cfg=3, ulysses=2)
     assert parse_parallel(" ring=2 , cfg=2 ").world_size == 4 and parse_parallel("ring=2,ulysses=4").sequence == 8
     assert str(parse_parallel("ulysses=2,cfg=3")) == "cfg=3,ring=1,ulysses=2"
+    assert parse_parallel("ulysses=2,fsdp") == ParallelLayout(ulysses=2, fsdp=True)
+    assert str(parse_parallel("fsdp,ring=2")) == "cfg=1,ring=2,ulysses=1,fsdp"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -45,6 +47,8 @@ def test_layouts_that_do_not_fit_the_run_are_refused():
                                             "attention 'sdpa' does not return; use --attention flash or sage"):
         check_layout(ParallelLayout(ring=2), 2, 3, 40, "sdpa")
     check_layout(ParallelLayout(ring=2), 2, 3, 40, "flash")
+    with pytest.raises(SettingsError, match="fsdp shards the weights over the ring x ulysses ranks"):
+        check_layout(ParallelLayout(cfg=2, fsdp=True), 2, 3)
 
 
 def run_layout(tmp_path, world: int, case: Case) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
@@ -105,6 +109,19 @@ def test_ring_attention_with_batched_passes_equals_one_process(tmp_path):
     assert passes == [5, 5]
 
 
+@pytest.mark.parametrize("layout, dtype", [("ulysses=2,fsdp", torch.bfloat16), ("ring=2,fsdp", torch.float32)])
+def test_weights_sharded_over_the_sequence_group_equal_one_process(tmp_path, layout, dtype):
+    """FSDP2 over the 2 ranks of the sequence group: bf16 under the official float32-island forward (which reads
+    block and head weights inside their modules' forwards, where FSDP gathers them), and float32 (diffusers'
+    forward; ring's float32 test op would not round like the bf16 reference). Each rank holds half of the DiT's
+    weights and the latent equals the single-process one."""
+    reference, ranks, _ = run_layout(tmp_path, 2, Case(layout, dtype=dtype))
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
+    held = [float((tmp_path / f"rank{r}.held").read_text()) for r in range(2)]
+    assert all(0.49 < share < 0.51 for share in held), held
+
+
 def test_a_processor_unaware_of_the_split_raises_instead_of_regrouping(tmp_path):
     """diffusers' enable_parallelism skips a processor without _parallel_config: its audio branch then sees 30
     of 60 tokens, which would split evenly into 5 wrong 'frames' of 6; it must raise instead."""
@@ -115,7 +132,7 @@ def test_a_processor_unaware_of_the_split_raises_instead_of_regrouping(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["cfg=2,ulysses=2", "cfg=2,ring=2", "ring=2,ulysses=2"])
+@pytest.mark.parametrize("layout", ["cfg=2,ulysses=2", "cfg=2,ring=2", "ring=2,ulysses=2", "cfg=2,ulysses=2,fsdp"])
 def test_four_rank_meshes_equal_one_process(tmp_path, layout):
     """cfg x ulysses, cfg x ring and ring x ulysses on 4 ranks: each sequence group splits the tokens of its passes
     (15 tokens each with ring x ulysses, seams inside frames 1 and 3), the cfg groups' passes are gathered."""

@@ -42,11 +42,14 @@ class ParallelLayout:
         ring: ranks of ring attention in each sequence group (needs an attention backend that returns the
             log-sum-exp: flash, sage, cuDNN; not PyTorch's native SDPA).
         ulysses: ranks of Ulysses attention in each sequence group (must divide the head count, 40 for the 14B).
+        fsdp: shard the DiT's weights over each sequence group (FSDP2 ``fully_shard``: every block's weights are
+            gathered just before it runs and freed after), for GPUs that cannot hold the whole model.
     """
 
     cfg: int = 1
     ring: int = 1
     ulysses: int = 1
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         for axis in PARALLEL_AXES:
@@ -64,13 +67,18 @@ class ParallelLayout:
         return self.ring * self.ulysses
 
     def __str__(self) -> str:
-        return ",".join(f"{axis}={getattr(self, axis)}" for axis in PARALLEL_AXES)
+        return ",".join([f"{axis}={getattr(self, axis)}" for axis in PARALLEL_AXES] + ["fsdp"] * self.fsdp)
 
 
 def parse_parallel(text: str) -> ParallelLayout:
-    """``"cfg=3,ulysses=2"`` -> :class:`ParallelLayout` (axes left out are 1). One clear line on bad input."""
+    """``"cfg=3,ulysses=2"`` (or with ``,fsdp``) -> :class:`ParallelLayout` (axes left out are 1). One clear line
+    on bad input."""
     sizes: dict[str, int] = {}
+    fsdp = False
     for item in filter(None, (part.strip() for part in text.split(","))):
+        if item == "fsdp":
+            fsdp = True
+            continue
         axis, _, value = item.partition("=")
         axis = axis.strip()
         if axis not in PARALLEL_AXES:
@@ -85,7 +93,7 @@ def parse_parallel(text: str) -> ParallelLayout:
                                 f"{value.strip()!r}.") from None
     if not sizes:
         raise SettingsError(f"--parallel {text!r}: give at least one axis, e.g. cfg=3 or cfg=3,ulysses=2.")
-    return ParallelLayout(**sizes)
+    return ParallelLayout(**sizes, fsdp=fsdp)
 
 
 def check_layout(layout: ParallelLayout, world_size: int, max_passes: int, num_heads: int | None = None,
@@ -105,6 +113,9 @@ def check_layout(layout: ParallelLayout, world_size: int, max_passes: int, num_h
     if layout.cfg > max_passes:
         raise SettingsError(f"--parallel cfg={layout.cfg}: a step of this run has at most {max_passes} guidance "
                             f"passes to spread, so cfg can be at most {max_passes}.")
+    if layout.fsdp and layout.sequence == 1:
+        raise SettingsError(f"--parallel {layout}: fsdp shards the weights over the ring x ulysses ranks of a "
+                            "sequence group; with one rank per group add ring or ulysses, or leave fsdp out.")
     if layout.ring > 1 and attention is not None and attention not in RING_ATTENTION:
         raise SettingsError(f"--parallel ring={layout.ring}: ring attention merges blocks by their log-sum-exp, "
                             f"which attention {attention!r} does not return; use --attention "
@@ -180,6 +191,35 @@ class ParallelRun:
         gathered = [torch.empty_like(stacked) for _ in range(self.layout.cfg)]
         dist.all_gather(gathered, stacked, group=self._cfg_group)
         return [gathered[j % self.layout.cfg][j // self.layout.cfg] for j in range(len(passes))]
+
+    def prepare(self, transformer: nn.Module) -> None:
+        """Make a loaded DiT (``WanTransformer3DModel``) run this layout: the video tokens split over the sequence
+        group (:meth:`enable_sequence_parallel`) and, with ``fsdp``, its weights sharded over it
+        (:meth:`shard_weights`). Call once, before the first forward."""
+        self.enable_sequence_parallel(transformer)
+        if self.layout.fsdp:
+            self.shard_weights(transformer)
+
+    @property
+    def weights_sharded(self) -> bool:
+        """True when the DiT's weights are split over the sequence group: they then stay on their device."""
+        return self.layout.fsdp
+
+    def shard_weights(self, transformer: nn.Module) -> None:
+        """FSDP2 over the sequence group: ``fully_shard`` each block, then the model (embeddings and head).
+
+        Each rank keeps 1/(ring x ulysses) of every weight on its device; a block's weights are all-gathered just
+        before it runs and freed after it, so one block at a time is whole. The float32-island forward reads
+        weights only inside the module whose forward is running (blocks in their forward, the embeddings and
+        head in the model's), where FSDP has gathered them. The weights then stay on the device (no offloading).
+        """
+        from torch.distributed.fsdp import fully_shard
+
+        check_layout(self.layout, dist.get_world_size(), self.layout.cfg)
+        mesh = self.mesh["ring", "ulysses"]._flatten("fsdp")  # 1-D: the sequence group's ranks
+        for block in transformer.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(transformer, mesh=mesh)
 
     def enable_sequence_parallel(self, transformer: nn.Module) -> None:
         """Split the video tokens of every DiT pass over this rank's ring x ulysses group (diffusers'
