@@ -158,6 +158,13 @@ def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settin
     guidance = GuidanceConfig(settings.cfg, settings.audio_cfg, *settings.audio_guidance_range)
     check_layout(layout, int(os.environ["WORLD_SIZE"]), max_passes(settings.steps, guidance),
                  attention=settings.attention)
+    if torch.device(args.device).type == "cuda":
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))  # processes on this machine
+        gpus = torch.cuda.device_count()
+        if here > gpus:
+            raise SettingsError(f"--parallel {layout}: torchrun started {here} processes on this machine, which has "
+                                f"{gpus} GPU(s); one GPU per process: start at most {gpus} here (--nproc-per-node), "
+                                "the rest on other machines.")
 
 
 def _join_parallel_run(layout: ParallelLayout, args: argparse.Namespace) -> ParallelRun:

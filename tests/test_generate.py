@@ -218,3 +218,25 @@ def test_parallel_layouts_that_cannot_run_are_one_line(inputs, tmp_path, layout,
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"] and message in proc.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_more_processes_than_gpus_on_a_machine_is_one_clear_error(monkeypatch):
+    """Checked before any model loads: 4 processes on a machine with 2 GPUs (torchrun's LOCAL_WORLD_SIZE)."""
+    import argparse
+
+    import torch
+
+    from fantasytalking_core.cli import _check_parallel_run
+    from fantasytalking_core.errors import SettingsError
+    from fantasytalking_core.pipeline import GenerationSettings
+    from fantasytalking_core.runtime.parallel import parse_parallel
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = argparse.Namespace(device="cuda")
+    with pytest.raises(SettingsError, match="torchrun started 4 processes on this machine, which has 2 GPU"):
+        _check_parallel_run(parse_parallel("cfg=2,ulysses=2"), args, GenerationSettings())
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of 2 GPUs: fits
+    _check_parallel_run(parse_parallel("cfg=2,ulysses=2"), args, GenerationSettings())
