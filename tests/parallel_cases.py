@@ -119,3 +119,14 @@ def run_case(rank: int, world: int, case: Case, out: Path) -> None:
     (out / f"rank{rank}.passes").write_text(str(sum(calls)))
     if rank == 0:
         torch.save(sample(load_model(case.dtype), None, case.batch_passes), out / "reference.pt")
+
+
+def sample_in_pool(model, run, batch_passes: bool = False) -> torch.Tensor:
+    """What a :class:`~fantasytalking_core.runtime.pool.SamplerPool` worker runs per call: :func:`sample` with
+    the guidance passes shared over the pool."""
+    return sample(model, run.map_passes, batch_passes)
+
+
+def failing_load():
+    """A model loader that fails (a missing file), for the pool's error path."""
+    raise FileNotFoundError("no DiT at /nowhere/dit.safetensors")
