@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--parallel", metavar="LAYOUT",
                      help="spread the run over the processes torchrun starts, e.g. cfg=3 (the 3 guidance passes on "
                           "3 GPUs) or cfg=3,ulysses=2 (each pass's video tokens over 2 of 6 GPUs); axes cfg, ring, "
-                          "ulysses, their product = the process count; add ,fsdp to shard the DiT's weights over each group's "
-                          "ring/ulysses GPUs; only rank 0 writes the video")
+                          "ulysses, their product = the process count; add ,fsdp to shard the DiT's weights over "
+                          "each group's ring/ulysses GPUs; only rank 0 writes the video")
     gen.add_argument("--vae-tile", type=int, default=None, help="decode in tiles of this many pixels")
     from .audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES
     from .sampling.segments import CHAININGS

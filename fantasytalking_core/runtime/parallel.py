@@ -1,15 +1,18 @@
 """Runs over several processes (one per GPU): guidance passes on different ranks, and sequence parallelism of the
 video tokens through diffusers' context parallelism (Ulysses, ring), on one device mesh.
 
-The layout is written ``cfg=N,ring=R,ulysses=U`` (``--parallel``); the world size is N x R x U. The mesh has three
+The layout is written ``cfg=N,ring=R,ulysses=U[,fsdp]`` (``--parallel``); the world size is N x R x U. The mesh has three
 axes, ``("cfg", "ring", "ulysses")``: ranks that share a ``cfg`` coordinate form one sequence group and compute the
 same guidance passes, each on its slice of the video tokens (diffusers' plan splits them before block 0 and
 gathers them at the output); the N sequence groups compute different passes of a step, which are all-gathered
 before the guidance combine (:meth:`ParallelRun.map_passes`). Every rank then holds the same guided velocity and
 makes the same Euler step, so all ranks stay in lockstep without further communication.
 
-The process group is the caller's (``torchrun`` sets it up: :func:`init_process_group_from_env`); this module
-builds the mesh on it and never starts processes.
+With ``fsdp`` the DiT's weights are also sharded over each sequence group (FSDP2), for GPUs that cannot hold the
+whole model.
+
+The process group is the caller's (``torchrun`` sets it up: :func:`init_process_group_from_env`; in a long-lived
+host, ``runtime/pool.py`` starts the workers); this module builds the mesh on it and never starts processes.
 """
 
 from __future__ import annotations

@@ -181,4 +181,5 @@ def guided_velocity(
     return velocity
 
 
-__all__ = ["DiTConditions", "POS_AUDIO", "PassMap", "PinnedLatents", "guided_velocity", "initial_noise", "sample_flow_euler"]
+__all__ = ["DiTConditions", "POS_AUDIO", "PassMap", "PinnedLatents", "guided_velocity", "initial_noise",
+           "sample_flow_euler"]
