@@ -7,9 +7,16 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from .errors import FantasyTalkingError
+
+if TYPE_CHECKING:  # imported where used: `--help` and bad input stay fast
+    from .audio.io import DecodedAudio
+    from .face.workflow import PreparedJob
+    from .pipeline import FantasyTalkingPipeline, GenerationSettings
+    from .runtime.parallel import ParallelLayout, ParallelRun
+    from .sampling.segments import SegmentOptions
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -44,6 +51,11 @@ def _generate(args: argparse.Namespace) -> int:
     from .sampling.segments import SegmentOptions
 
     # cheap checks first: bad settings, a bad image or audio path fail before any model is loaded
+    layout = None
+    if args.parallel:
+        from .runtime.parallel import parse_parallel
+
+        layout = parse_parallel(args.parallel)
     check_output_path(args.out)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise FantasyTalkingError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu.")
@@ -77,6 +89,8 @@ def _generate(args: argparse.Namespace) -> int:
         crop = FaceCropOptions(args.face_index, args.face_margin, args.face_feather, args.face_fallback, box)
     job = prepare_job(portrait, settings, crop)  # the face is found (or not) before any model loads
     loras = _read_loras(args.lora)
+    if layout is not None:
+        _check_parallel_run(layout, args, settings)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     with tempfile.TemporaryDirectory() as scratch:
         if args.tiny:
@@ -98,8 +112,14 @@ def _generate(args: argparse.Namespace) -> int:
         for lora in loras:
             check_lora_fits(lora, models.dit.transformer)  # a LoRA for another model fails now, not after the encoders
         models.dit = models.dit.with_loras(loras)
+    # joined after loading: model writers (the tiny models' save_pretrained) save on rank 0 only inside a group
+    parallel = None if layout is None else _join_parallel_run(layout, args)
+    main_rank = parallel is None or parallel.is_main  # the one process that writes and reports
     pipe = FantasyTalkingPipeline(models, args.device, "streamed" if args.offload_blocks else "resident",
-                                  args.gpu_memory)
+                                  args.gpu_memory, parallel)
+    if not main_rank:
+        _follow_parallel_run(pipe, job, recording, options, segmented)
+        return 0
     if segmented:
         from .long_video import write_long_video
 
@@ -125,6 +145,66 @@ def _generate(args: argparse.Namespace) -> int:
         # the video is written whatever this finds; segmented runs hand over frames already sampled across it
         print(identity_report(reference, shown, stride=1 if segmented else 4)[1])
     return 0
+
+
+def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settings: GenerationSettings) -> None:
+    """Refuse a ``--parallel`` layout this run cannot use, before any model loads: not started by torchrun, a
+    process count other than cfg x ring x ulysses, more cfg ranks than guidance passes, ring/ulysses on the CPU."""
+    import os
+
+    import torch
+
+    from .errors import SettingsError
+    from .runtime.parallel import check_layout
+    from .sampling.guidance import GuidanceConfig, max_passes
+
+    if torch.device(args.device).type != "cuda" and layout.sequence > 1:
+        raise SettingsError(f"--parallel {layout}: ring/ulysses split the video tokens over GPUs (one per process); "
+                            "on the CPU use cfg=N alone.")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SettingsError(f"--parallel needs processes started by torchrun, e.g. torchrun --nproc-per-node "
+                            f"{layout.world_size} -m fantasytalking_core generate ... --parallel {layout}.")
+    guidance = GuidanceConfig(settings.cfg, settings.audio_cfg, *settings.audio_guidance_range)
+    check_layout(layout, int(os.environ["WORLD_SIZE"]), max_passes(settings.steps, guidance),
+                 attention=settings.attention)
+    if torch.device(args.device).type == "cuda":
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))  # processes on this machine
+        gpus = torch.cuda.device_count()
+        if here > gpus:
+            raise SettingsError(f"--parallel {layout}: torchrun started {here} processes on this machine, which has "
+                                f"{gpus} GPU(s); one GPU per process: start at most {gpus} here (--nproc-per-node), "
+                                "the rest on other machines.")
+
+
+def _join_parallel_run(layout: ParallelLayout, args: argparse.Namespace) -> ParallelRun:
+    """This process's place in a ``--parallel`` run started by torchrun: the process group joined (NCCL on GPUs,
+    gloo on the CPU), one GPU per process (``args.device`` becomes ``cuda:LOCAL_RANK``)."""
+    import os
+
+    import torch
+
+    from .runtime.parallel import ParallelRun, init_process_group_from_env
+
+    device_type = torch.device(args.device).type
+    if device_type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    init_process_group_from_env(device_type)
+    return ParallelRun(layout, device_type)
+
+
+def _follow_parallel_run(pipe: FantasyTalkingPipeline, job: PreparedJob, recording: DecodedAudio,
+                         options: SegmentOptions, segmented: bool) -> None:
+    """A rank other than 0 of a parallel run: the same run in lockstep (its passes, its share of the tokens, the
+    same segments), its frames dropped: only rank 0 writes the video."""
+    from .face.workflow import run_job
+
+    if segmented:
+        for _ in pipe.stream(job.image, recording, job.settings, options).frames:
+            pass
+    else:
+        run_job(pipe, job, recording)
 
 
 # Command-line flag -> model part, for choosing each file explicitly instead of searching --models.
@@ -251,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "residual changed by less than THRESHOLD (relative) since that pass last ran them all; "
                           f"0 = off (default), typical 0.05-0.1; faster, not the official output; the first "
                           f"{FIRST_STEPS} and last {LAST_STEPS} steps always run every block")
+    gen.add_argument("--parallel", metavar="LAYOUT",
+                     help="spread the run over the processes torchrun starts, e.g. cfg=3 (the 3 guidance passes on "
+                          "3 GPUs) or cfg=3,ulysses=2 (each pass's video tokens over 2 of 6 GPUs); axes cfg, ring, "
+                          "ulysses, their product = the process count; add ,fsdp to shard the DiT's weights over "
+                          "each group's ring/ulysses GPUs; only rank 0 writes the video")
     gen.add_argument("--vae-tile", type=int, default=None, help="decode in tiles of this many pixels")
     from .audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES
     from .sampling.segments import CHAININGS
@@ -297,3 +382,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # bad input: one clear line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Tear down a ``--parallel`` run's process group (if this process joined one)."""
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

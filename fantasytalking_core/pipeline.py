@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,10 @@ from .runtime.attention import check_attention, using_attention
 from .runtime.compile import compiled_blocks
 from .runtime.fp8 import check_fp8_matmul_model, fp8_matmuls
 from .runtime.memory import check_budget, check_gpu_memory, choose_placement, estimate_dit_memory
+from .runtime.parallel import ParallelRun
 from .runtime.placement import PLACEMENTS, dit_on_device, on_device
 from .sampling.denoise import generate_latents
+from .sampling.euler import PassMap
 from .sampling.guidance import GuidanceConfig
 from .sampling.schedule import flow_match_sigmas
 from .sampling.segments import SegmentOptions, generate_segments
@@ -167,16 +170,28 @@ class FantasyTalkingPipeline:
             stream from the CPU one at a time: a 14B DiT on a card that cannot hold it, at some speed cost).
         gpu_memory: a budget in GiB: each run picks resident or streamed to fit it (``dit_placement`` is then
             ignored); None: ``dit_placement`` as given.
+        parallel: this process's place in a multi-process run (``runtime/parallel.py``): its guidance passes are
+            shared out over the ranks, and the DiT's video tokens split when the layout has ring/ulysses ranks.
+            Every rank runs the whole pipeline in lockstep and gets the same frames; None: one process.
     """
 
     def __init__(self, models: FantasyTalkingModels, device: str | torch.device = "cpu",
-                 dit_placement: str = "resident", gpu_memory: float | None = None):
+                 dit_placement: str = "resident", gpu_memory: float | None = None,
+                 parallel: ParallelRun | None = None):
         if dit_placement not in PLACEMENTS:
             raise SettingsError(f"dit_placement must be one of {PLACEMENTS}, got {dit_placement!r}.")
         self.models = models
         self.device = torch.device(device)
         self.dit_placement = dit_placement
         self.gpu_memory = check_budget(gpu_memory)
+        self.parallel = parallel
+        if parallel is not None:
+            parallel.prepare(models.dit.transformer)
+
+    @property
+    def map_passes(self) -> PassMap | None:
+        """Where each step's guidance passes run: shared over the ranks of a parallel run, else all here."""
+        return None if self.parallel is None else self.parallel.map_passes
 
     def reference_image(self, image: str | os.PathLike | Image.Image | torch.Tensor, image_size: int) -> torch.Tensor:
         """A file path, PIL image or ComfyUI IMAGE -> [3, H, W] in -1..1 at the video size."""
@@ -206,16 +221,15 @@ class FantasyTalkingPipeline:
         pixels = self.reference_image(image, settings.image_size)  # validate the cheap input first
         recording = load_audio(audio)  # decoded once: the features and the muxed sound come from it
         voice = self.audio_features(recording, settings)
-        placement = check_dit_fits(m.dit, self.device, voice.num_frames, pixels.shape[1], pixels.shape[2], settings,
-                                   self.dit_placement, self.gpu_memory)  # before the encoders run
+        placement = self._check_dit_fits(voice.num_frames, pixels.shape[1], pixels.shape[2], settings)
         text_pos, text_neg, clip_tokens = self._prompt_and_identity(pixels, settings)
         tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
         with on_device(m.vae, self.device):
             y = image_to_video_condition(m.vae, pixels, voice.num_frames, tile_size=tile)
 
-        with dit_on_device(m.dit, self.device, placement):
+        with self._dit_on_device(placement):
             latents = sample_latents(m.dit, text_pos, text_neg, clip_tokens, y, voice.features, voice.num_frames,
-                                     settings, progress)
+                                     settings, progress, map_passes=self.map_passes)
 
         frames = self._decode(latents, tile)
         # the recording itself (its own rate and channels), cut where the features were cut
@@ -247,8 +261,7 @@ class FantasyTalkingPipeline:
             voice = extract_audio_features(m.wav2vec2, recording, settings.fps, None)  # bounded chunks
         plan = plan_segments(voice.num_frames, voice.fps, voice.num_tokens, options.segment_frames, options.overlap)
         longest = max(segment.num_frames for segment in plan.segments)
-        placement = check_dit_fits(m.dit, self.device, longest, pixels.shape[1], pixels.shape[2], settings,
-                                   self.dit_placement, self.gpu_memory)
+        placement = self._check_dit_fits(longest, pixels.shape[1], pixels.shape[2], settings)
         text_pos, text_neg, clip_tokens = self._prompt_and_identity(pixels, settings)  # identity: the portrait
         tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
 
@@ -258,15 +271,32 @@ class FantasyTalkingPipeline:
 
         def sample(index: int, y: torch.Tensor, features: torch.Tensor, num_frames: int, num_tokens: int,
                    report: ProgressFn | None, pinned: torch.Tensor | None) -> torch.Tensor:
-            with dit_on_device(m.dit, self.device, placement):
+            with self._dit_on_device(placement):
                 return sample_latents(m.dit, text_pos, text_neg, clip_tokens, y, features, num_frames,
-                                      replace(settings, seed=settings.seed + index), report, num_tokens, pinned)
+                                      replace(settings, seed=settings.seed + index), report, num_tokens, pinned,
+                                      self.map_passes)
 
         frames = generate_segments(plan, voice.features, pixels, options, condition=condition, sample=sample,
                                    decode=lambda latents: self._decode(latents, tile), steps=settings.steps,
                                    progress=progress)
         cut = crop_samples_for_frames(voice.num_frames, voice.fps, recording.sample_rate)
         return StreamedVideo(plan, frames, recording.waveform[:, :cut], recording.sample_rate, voice.fps)
+
+    def _check_dit_fits(self, num_frames: int, height: int, width: int, settings: GenerationSettings) -> str:
+        """The DiT's placement for a run (:func:`check_dit_fits`), checked before the encoders run; a DiT whose
+        weights a parallel run has sharded stays where they are (``"sharded"``)."""
+        if self.parallel is not None and self.parallel.weights_sharded:
+            check_fp8_matmul_model(self.models.dit, settings.fp8_matmul)
+            return "sharded"
+        return check_dit_fits(self.models.dit, self.device, num_frames, height, width, settings, self.dit_placement,
+                              self.gpu_memory)
+
+    def _dit_on_device(self, placement: str) -> AbstractContextManager:
+        """The DiT on the compute device for a run in ``placement``; sharded weights stay on their device (FSDP
+        gathers each block where it runs), only the audio projection moves."""
+        if placement == "sharded":
+            return on_device(self.models.dit.audio_proj, self.device)
+        return dit_on_device(self.models.dit, self.device, placement)
 
     def _prompt_and_identity(self, pixels: torch.Tensor, settings: GenerationSettings
                              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -319,11 +349,12 @@ def sample_latents(
     progress: ProgressFn | None = None,
     num_audio_tokens: int | None = None,
     pinned_latents: torch.Tensor | None = None,
+    map_passes: PassMap | None = None,
 ) -> torch.Tensor:
     """:func:`~.sampling.denoise.generate_latents` with a user's settings: the one place where settings become the
     guidance config, the sigma schedule, the seed and the (motion-shaped) audio strength. Shared by the pipeline
-    and the ComfyUI sampler node; tensor arguments (and ``num_audio_tokens`` and ``pinned_latents``, for a long
-    recording's segments) as in ``generate_latents``. Runs where ``dit`` is."""
+    and the ComfyUI sampler node; tensor arguments (and ``num_audio_tokens``, ``pinned_latents`` for a long
+    recording's segments, ``map_passes`` for a parallel run) as in ``generate_latents``. Runs where ``dit`` is."""
     frames, height, width = image_latents.shape[2], image_latents.shape[3] * 8, image_latents.shape[4] * 8
     start, end = settings.audio_guidance_range
     with (using_attention(settings.attention), compiled_blocks(dit.transformer, settings.compile),
@@ -340,6 +371,7 @@ def sample_latents(
             num_audio_tokens=num_audio_tokens,
             pinned_latents=pinned_latents,
             step_cache=settings.step_cache,
+            map_passes=map_passes,
         )
 
 

@@ -1,5 +1,6 @@
 """The main job end to end: `python -m fantasytalking_core generate --tiny` writes an mp4 with sound."""
 
+import os
 import subprocess
 import sys
 import wave
@@ -204,3 +205,74 @@ def test_distilled_preset_takes_four_steps_unless_told(inputs, tmp_path, extra, 
                     "--image-size", "32", "--max-frames", "5", "--out", str(tmp_path / "d.mp4"), *extra)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f" {steps}/{steps} " in proc.stderr and f"/{30}" not in proc.stderr  # the progress bar's total
+
+
+def frames_of(path) -> np.ndarray:
+    """[F, H, W, 3] uint8 decoded frames of an mp4."""
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_torchrun_with_two_guidance_ranks_writes_the_single_process_video(inputs, tmp_path):
+    """torchrun, 2 processes, --parallel cfg=2: rank 0 alone writes, and the frames equal one process's (the
+    latents are the same to the bit; one thread per process in both runs, as torchrun sets)."""
+    args = ["--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--tiny", "--steps", "2",
+            "--image-size", "32", "--seed", "3", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "fantasytalking_core", "generate", *args, "--out",
+                             str(tmp_path / "one.mp4")], capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    out = tmp_path / "two" / "talking.mp4"
+    out.parent.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "fantasytalking_core", "generate", *args, "--out", str(out), "--parallel", "cfg=2"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1 and sorted(p.name for p in out.parent.iterdir()) == ["talking.mp4"]
+    two, one = frames_of(out), frames_of(tmp_path / "one.mp4")
+    assert two.shape == one.shape == (13, 32, 32, 3)
+    assert np.array_equal(two, one)
+
+
+@pytest.mark.parametrize("layout, world, message", [
+    ("cfg=4", 4, "--parallel cfg=4: a step of this run has at most 3 guidance passes to spread"),
+    ("cfg=2", 1, "--parallel cfg=2,ring=1,ulysses=1 needs 2 processes (cfg x ring x ulysses); 1 were started"),
+    ("cfg=2", None, "--parallel needs processes started by torchrun, e.g. torchrun --nproc-per-node 2"),
+    ("ulysses=2", 2, "ring/ulysses split the video tokens over GPUs (one per process); on the CPU use cfg=N alone"),
+    ("tensor=2", 2, "unknown axis 'tensor'"),
+])
+def test_parallel_layouts_that_cannot_run_are_one_line(inputs, tmp_path, layout, world, message):
+    """Refused before any model loads, one line each, as rank 0 of ``world`` torchrun processes sees it (None:
+    started without torchrun)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    if world is not None:
+        env.update(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0")
+    proc = subprocess.run([sys.executable, "-m", "fantasytalking_core", "generate", "--image",
+                           str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
+                           str(tmp_path / "x.mp4"), "--tiny", "--device", "cpu", "--parallel", layout],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"] and message in proc.stderr
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_more_processes_than_gpus_on_a_machine_is_one_clear_error(monkeypatch):
+    """Checked before any model loads: 4 processes on a machine with 2 GPUs (torchrun's LOCAL_WORLD_SIZE)."""
+    import argparse
+
+    import torch
+
+    from fantasytalking_core.cli import _check_parallel_run
+    from fantasytalking_core.errors import SettingsError
+    from fantasytalking_core.pipeline import GenerationSettings
+    from fantasytalking_core.runtime.parallel import parse_parallel
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = argparse.Namespace(device="cuda")
+    with pytest.raises(SettingsError, match="torchrun started 4 processes on this machine, which has 2 GPU"):
+        _check_parallel_run(parse_parallel("cfg=2,ulysses=2"), args, GenerationSettings())
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of 2 GPUs: fits
+    _check_parallel_run(parse_parallel("cfg=2,ulysses=2"), args, GenerationSettings())

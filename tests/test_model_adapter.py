@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from fantasytalking_core.model.adapter import AudioBlockKV, AudioConditioning, AudioProjModel, _scale_for, audio_cross_attention
+from fantasytalking_core.model.adapter import (AudioBlockKV, AudioConditioning, AudioProjModel, TokenLayoutError,
+                                              TokenShard, _scale_for, audio_cross_attention, token_shard)
 
 
 def qkv(batch=1, frames=3, per_frame=4, width=5, heads=2, dim=8, seed=0):
@@ -78,3 +80,64 @@ def test_block_kv_term_is_scaled_and_casts_stored_weights_to_the_query():
         as_fp32.load_state_dict({k: v.float() for k, v in stored_bf16.state_dict().items()})
         cond = AudioConditioning(windows, k_lens, 1.0)
         assert torch.equal(stored_bf16(query, cond), as_fp32(query, cond))
+
+
+def sharded(world: int, total: int, tokens_per_frame: int) -> list[tuple[int, int]]:
+    """(offset, length) of each rank's slice, as diffusers' tensor_split sharder cuts ``total`` tokens."""
+    sizes = [len(c) for c in torch.arange(total).tensor_split(world)]
+    return [(sum(sizes[:r]), sizes[r]) for r in range(world)]
+
+
+def test_token_shard_matches_the_context_parallel_split_and_refuses_another():
+    # 60 tokens over 7 ranks: 9, 9, 9, 9, 8, 8, 8 (tensor_split), equal slices when it divides (chunk)
+    assert [token_shard(r, 7, n, 60, 15).offset for r, (_, n) in enumerate(sharded(7, 60, 15))] == \
+        [0, 9, 18, 27, 36, 44, 52]
+    assert token_shard(2, 3, 20, 60, 15) == TokenShard(40, 60, 15)
+    assert TokenShard(40, 60, 15).frame_range(20) == (2, 4) and TokenShard(20, 60, 15).frame_range(20) == (1, 3)
+    with pytest.raises(TokenLayoutError, match="rank 1 of 3 holds 21 video tokens; splitting 60 tokens gives it 20"):
+        token_shard(1, 3, 21, 60, 15)
+
+
+@pytest.mark.parametrize("world", [2, 3, 7])
+def test_a_shard_gets_exactly_what_the_whole_sequence_gives_its_tokens(world):
+    """Non-square frames (3 x 5 patches = 15 tokens), 4 frames, seams in the middle of frames (3 and 7 ranks),
+    masked windows with an empty one, a per-token scale map: every rank's slice equals the unsharded result's."""
+    g = torch.Generator().manual_seed(5)
+    frames, per_frame, heads, dim = 4, 15, 2, 4
+    kv = AudioBlockKV(8, heads * dim)
+    query = torch.randn(2, frames * per_frame, heads, dim, generator=g)
+    windows = torch.randn(1, frames, 6, 8, generator=g)
+    k_lens = torch.tensor([4, 6, 0, 3])
+    scale = torch.rand(2, frames * per_frame, generator=g) + 0.5  # [B, S]: one strength per token
+    with torch.no_grad():
+        whole = kv(query, AudioConditioning(windows, k_lens, scale, tokens_per_frame=per_frame))
+        parts = []
+        for rank, (offset, length) in enumerate(sharded(world, frames * per_frame, per_frame)):
+            shard = token_shard(rank, world, length, frames * per_frame, per_frame)
+            assert shard.offset == offset
+            cond = AudioConditioning(windows, k_lens, scale, tokens_per_frame=per_frame)
+            parts.append(kv(query[:, offset:offset + length], cond, shard))
+    seams = [offset % per_frame for offset, _ in sharded(world, frames * per_frame, per_frame)[1:]]
+    assert world == 2 or any(seams), "the case must cut a frame"
+    assert torch.equal(torch.cat(parts, dim=1), whole)  # exact: attention rows are independent
+    assert whole[:, 2 * per_frame:3 * per_frame].abs().max() == 0  # the empty window adds nothing
+    # the per-token scale is sliced with the shard: scaling one token of the last shard changes only that token
+    offset, length = sharded(world, frames * per_frame, per_frame)[-1]
+    bumped = scale.clone()
+    bumped[:, offset] *= 2
+    with torch.no_grad():
+        part = kv(query[:, offset:], AudioConditioning(windows, k_lens, bumped, tokens_per_frame=per_frame),
+                  token_shard(world - 1, world, length, frames * per_frame, per_frame))
+    torch.testing.assert_close(part[:, 0], 2 * parts[-1][:, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(part[:, 1:], parts[-1][:, 1:], rtol=0, atol=1e-6)
+
+
+def test_a_slice_without_its_shard_raises_instead_of_regrouping_frames():
+    """Half of 4 frames x 6 tokens splits evenly into 4 'frames' of 3 tokens: without the guard the branch would
+    silently attend the wrong windows (the multi-GPU bug this guards against)."""
+    q, k, v = qkv(frames=4, per_frame=6)
+    with pytest.raises(TokenLayoutError, match="12 video tokens are not 4 latent frames x 6 tokens per frame"):
+        audio_cross_attention(q[:, :12], k, v, None, tokens_per_frame=6)
+    assert torch.equal(audio_cross_attention(q, k, v, None, tokens_per_frame=6), audio_cross_attention(q, k, v, None))
+    with pytest.raises(TokenLayoutError, match="does not fit 4 latent frames x 6 tokens = 24"):
+        audio_cross_attention(q[:, :12], k, v, None, shard=TokenShard(18, 24, 6))

@@ -118,3 +118,27 @@ def test_bundled_14b_config_and_wan_terms():
     assert resolve_config("wan2.1_i2v_14b_720p") == cfg
     with pytest.raises(ModelFileError, match="needs 'i2v'"):
         wan_config_to_diffusers({"model_type": "t2v", "dim": 64, "num_heads": 2})
+
+
+def test_a_sequence_that_does_not_split_over_the_context_parallel_ranks_is_refused(tiny_model, official_inputs):
+    """45 video tokens (5 frames of 3 x 3) over 2 ranks: one clear error before any rank splits them; 3 ranks and
+    diffusers' uneven mode pass the check."""
+    from types import SimpleNamespace
+
+    from fantasytalking_core.model.adapter import TokenLayoutError
+    from fantasytalking_core.model.transformer import check_token_split
+
+    def config(ring, ulysses, anything=False):
+        return SimpleNamespace(context_parallel_config=SimpleNamespace(
+            ring_degree=ring, ulysses_degree=ulysses, ulysses_anything=anything, ring_anything=False))
+
+    x = official_inputs
+    tiny_model.transformer._parallel_config = config(1, 2)
+    try:
+        with pytest.raises(TokenLayoutError, match="45 video tokens do not split evenly over the 2 ring x ulysses"):
+            tiny_model(x["x"], x["timestep"], x["context_pos"], x["clip_feature"], x["y"])
+    finally:
+        tiny_model.transformer._parallel_config = None
+    check_token_split(SimpleNamespace(_parallel_config=config(3, 1)), 45)
+    check_token_split(SimpleNamespace(_parallel_config=config(1, 2, anything=True)), 45)
+    check_token_split(SimpleNamespace(_parallel_config=None), 45)

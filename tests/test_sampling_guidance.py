@@ -48,3 +48,12 @@ def test_step_of_sigma_finds_the_step_a_sampler_is_at():
     assert step_of_sigma(sigmas, torch.tensor([float(sigmas[3]) + 1e-7])) == 3  # a sampler's rounding
     config = GuidanceConfig(audio_start=0.0, audio_end=0.5)
     assert [POS in passes_for_step(step_of_sigma(sigmas, s), 6, config) for s in sigmas[:-1]] == [True] * 3 + [False] * 3
+
+
+def test_max_passes_counts_the_busiest_step():
+    from fantasytalking_core.sampling.guidance import max_passes
+
+    assert max_passes(4, GuidanceConfig(cfg=5.0, audio_cfg=3.0)) == 3
+    assert max_passes(4, GuidanceConfig(cfg=1.0, audio_cfg=3.0)) == 2  # no negative pass
+    assert max_passes(4, GuidanceConfig(cfg=5.0, audio_cfg=3.0, audio_start=0.5, audio_end=0.5)) == 2  # no audio step
+    assert max_passes(4, GuidanceConfig(cfg=1.0, audio_cfg=3.0, audio_start=1.0, audio_end=1.0)) == 1

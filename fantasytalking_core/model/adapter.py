@@ -17,6 +17,12 @@ it, through the same :meth:`AudioBlockKV.forward` and :func:`audio_cross_attenti
   k/v with the block);
 - ComfyUI's own Wan model: ``model/wan_native.py`` (the original Wan layout ComfyUI uses) calls the block's
   :class:`AudioBlockKV` from a patched cross-attention forward.
+
+Under sequence (context) parallelism each rank holds a contiguous slice of the video tokens, which need not start
+or end on a frame boundary. :class:`TokenShard` says where the slice sits; the branch then attends the frames the
+slice touches, padding partial frames, and computes for the slice's tokens exactly what the whole sequence would.
+Whenever the tokens per frame are known, a token count that is not frames x tokens per frame without a shard is
+an error (:class:`TokenLayoutError`), never a silent regrouping of tokens into the wrong frames.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
+from ..errors import FantasyTalkingError
 from .precision import layer_norm_fp32, linear_fp32
 
 WAV2VEC2_DIM = 768  # wav2vec2-base hidden size, the adapter's input width
@@ -60,12 +68,18 @@ class AudioConditioning:
         k_lens: [F] or [B, F] valid tokens per window; padded slots are masked out (flash-attn varlen semantics,
             the official GPU path). ``None`` attends the padding too (the official code without flash-attn).
         scale: the audio strength: a float, a [B] tensor (one per batch row, e.g. 0 for the no-audio guidance
-            passes), or a [B, S] tensor with one value per video token (spatially varying strength).
+            passes), or a [B, S] tensor with one value per video token of the whole sequence (spatially varying
+            strength; a shard takes its own columns).
+        tokens_per_frame: video tokens per latent frame (patch rows x patch columns), set by the model's forward
+            from the latent shape. Known, it lets the branch refuse a token count that is not F x tokens per frame
+            and find the frames of a sharded sequence; ``None`` (callers that pass the whole sequence) only
+            checks that the tokens split evenly into F frames.
     """
 
     windows: torch.Tensor
     k_lens: torch.Tensor | None
     scale: float | torch.Tensor = 1.0
+    tokens_per_frame: int | None = None
 
     def __post_init__(self) -> None:
         # decided once per forward, not in every block (a tensor check would synchronise the GPU each time)
@@ -76,22 +90,84 @@ class AudioConditioning:
         return self._silent
 
 
+class TokenLayoutError(FantasyTalkingError, ValueError):
+    """Video tokens that do not match the latent frames they are said to cover."""
+
+
+@dataclass(frozen=True)
+class TokenShard:
+    """Where one rank's contiguous slice of the video tokens sits in the whole sequence (sequence parallelism).
+
+    Attributes:
+        offset: global index of the slice's first token (0 <= offset < total).
+        total: S, tokens of the whole sequence = F * tokens_per_frame.
+        tokens_per_frame: video tokens per latent frame (frame-major order: frame, patch row, patch column).
+    """
+
+    offset: int
+    total: int
+    tokens_per_frame: int
+
+    def frame_range(self, length: int) -> tuple[int, int]:
+        """[first, end) latent frames the ``length`` tokens from ``offset`` touch (partial frames included)."""
+        return self.offset // self.tokens_per_frame, -(-(self.offset + length) // self.tokens_per_frame)
+
+
+def token_shard(rank: int, world_size: int, local_tokens: int, total_tokens: int, tokens_per_frame: int) -> TokenShard:
+    """The shard of rank ``rank`` when ``total_tokens`` are split into ``world_size`` contiguous slices the way
+    diffusers' context-parallel sharders do (``tensor_split``: the first ``total % world_size`` slices one token
+    longer; equal slices when it divides, as ``chunk``). ``local_tokens`` is checked against that slice's length."""
+    base, extra = divmod(total_tokens, world_size)
+    offset = rank * base + min(rank, extra)
+    expected = base + (rank < extra)
+    if local_tokens != expected:
+        raise TokenLayoutError(f"rank {rank} of {world_size} holds {local_tokens} video tokens; splitting "
+                               f"{total_tokens} tokens gives it {expected}: the sequence is not sharded the way "
+                               "the context-parallel plan splits it.")
+    return TokenShard(offset, total_tokens, tokens_per_frame)
+
+
 def audio_cross_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_lens: torch.Tensor | None
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k_lens: torch.Tensor | None,
+    tokens_per_frame: int | None = None,
+    shard: TokenShard | None = None,
 ) -> torch.Tensor:
     """Per-frame attention of video tokens to their audio window.
 
     Args:
-        query: [B, S, H, D] normed cross-attention queries; S = F * tokens per frame, frame-major.
-        keys, values: [B, F, W, H, D] the audio windows through ``k_proj``/``v_proj``.
+        query: [B, S, H, D] normed cross-attention queries, frame-major; S = F * tokens per frame, or, with
+            ``shard``, the shard's s tokens starting at global token ``shard.offset``.
+        keys, values: [B, F, W, H, D] the audio windows through ``k_proj``/``v_proj`` (all F frames).
         k_lens: [F] or [B, F] valid slots per window (the rest is masked), or None to attend every slot.
+        tokens_per_frame: tokens per latent frame; given (and no shard), S must be exactly F times it.
+        shard: where a sharded query sits; its frames are attended with the partial first and last frames padded
+            with zero queries, which are dropped again (attention rows are independent).
     Returns:
-        [B, S, H, D]; a window with no valid slot contributes zeros.
+        [B, S, H, D] (or [B, s, H, D] for a shard); a window with no valid slot contributes zeros.
     """
     batch, seq, heads, head_dim = query.shape
     frames, width = keys.shape[1], keys.shape[2]
+    if shard is not None:
+        if shard.total != frames * shard.tokens_per_frame or not 0 <= shard.offset <= shard.total - seq:
+            raise TokenLayoutError(f"a shard of {seq} tokens at offset {shard.offset} does not fit {frames} latent "
+                                   f"frames x {shard.tokens_per_frame} tokens = {shard.total}.")
+        first, end = shard.frame_range(seq)
+        lead = shard.offset - first * shard.tokens_per_frame
+        trail = end * shard.tokens_per_frame - shard.offset - seq
+        padded = F.pad(query, (0, 0, 0, 0, lead, trail))  # [B, (end - first) * tokens_per_frame, H, D]
+        lens = None if k_lens is None else k_lens[..., first:end]
+        out = audio_cross_attention(padded, keys[:, first:end], values[:, first:end], lens, shard.tokens_per_frame)
+        return out[:, lead:lead + seq]
+    if tokens_per_frame is not None and seq != frames * tokens_per_frame:
+        raise TokenLayoutError(
+            f"{seq} video tokens are not {frames} latent frames x {tokens_per_frame} tokens per frame: a slice of "
+            "the sequence (context parallelism) needs its TokenShard, or its tokens would be grouped into the "
+            "wrong frames; give the attention processor the parallel config (enable_parallelism).")
     if seq % frames:
-        raise ValueError(f"{seq} video tokens do not split into {frames} latent frames.")
+        raise TokenLayoutError(f"{seq} video tokens do not split into {frames} latent frames.")
     q = query.reshape(batch * frames, seq // frames, heads, head_dim).transpose(1, 2)
     k = keys.reshape(batch * frames, width, heads, head_dim).transpose(1, 2)
     v = values.reshape(batch * frames, width, heads, head_dim).transpose(1, 2)
@@ -105,11 +181,15 @@ def audio_cross_attention(
     return out.transpose(1, 2).reshape(batch, seq, heads, head_dim)
 
 
-def _scale_for(scale: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
-    """Broadcast a float, [B] or [B, S] audio scale against an attention output [B, S, H, D]."""
+def _scale_for(scale: float | torch.Tensor, like: torch.Tensor, shard: TokenShard | None = None
+               ) -> float | torch.Tensor:
+    """Broadcast a float, [B] or [B, S] audio scale against an attention output [B, S, H, D] (or a shard's
+    [B, s, H, D]: a per-token scale of the whole sequence is sliced to the shard's tokens)."""
     if not isinstance(scale, torch.Tensor):
         return scale
     scale = scale.to(device=like.device, dtype=like.dtype)
+    if scale.ndim == 2 and shard is not None:
+        scale = scale[:, shard.offset:shard.offset + like.shape[1]]  # [B, s]
     if scale.ndim == 1:
         return scale.view(-1, 1, 1, 1)
     if scale.ndim == 2:
@@ -125,14 +205,17 @@ class AudioBlockKV(nn.Module):
         self.k_proj = nn.Linear(audio_proj_dim, dim, bias=False)
         self.v_proj = nn.Linear(audio_proj_dim, dim, bias=False)
 
-    def forward(self, query: torch.Tensor, cond: AudioConditioning | None) -> torch.Tensor | None:
+    def forward(self, query: torch.Tensor, cond: AudioConditioning | None, shard: TokenShard | None = None
+                ) -> torch.Tensor | None:
         """The scaled audio term to add to a cross-attention's output before its output projection.
 
         Args:
-            query: [B, S, H, D] the cross-attention's normed query (the text attention's own).
+            query: [B, S, H, D] the cross-attention's normed query (the text attention's own); with ``shard``,
+                [B, s, H, D] for the shard's tokens only.
             cond: the windows, valid lengths and scale for this forward; ``None`` or a zero scale: no audio.
+            shard: where a sharded query sits in the whole sequence (sequence parallelism), else None.
         Returns:
-            [B, S, H, D] in the query's dtype, or ``None`` when the branch contributes nothing.
+            [B, S, H, D] (or [B, s, H, D]) in the query's dtype, or ``None`` when the branch contributes nothing.
         """
         if cond is None or cond.is_silent():
             return None
@@ -143,8 +226,8 @@ class AudioBlockKV(nn.Module):
         if keys.shape[0] != query.shape[0]:
             keys = keys.expand(query.shape[0], *keys.shape[1:])
             values = values.expand(query.shape[0], *values.shape[1:])
-        audio = audio_cross_attention(query, keys, values, cond.k_lens)
-        return audio * _scale_for(cond.scale, audio)
+        audio = audio_cross_attention(query, keys, values, cond.k_lens, cond.tokens_per_frame, shard)
+        return audio * _scale_for(cond.scale, audio, shard)
 
 
 def _weight_like(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +257,15 @@ class FantasyTalkingAttnProcessor(nn.Module):
     In the model's state dict the block's k/v sit at ``blocks.{i}.attn2.processor.audio.{k,v}_proj.weight``.
     ``conditioning`` is set for the duration of one forward by :meth:`FantasyTalkingModel.conditioned_on` and is
     ``None`` otherwise (the audio branch is then off).
+
+    ``_attention_backend`` and ``_parallel_config`` are the attributes diffusers' ``set_attention_backend`` and
+    ``enable_parallelism`` look for and set on a processor. The text and image attention run locally on the shard's
+    queries (the 769 context tokens are whole on every rank, as in diffusers' ``WanAttnProcessor``); the audio
+    branch finds the shard's place in the sequence from the context-parallel mesh (:meth:`token_shard`).
     """
+
+    _attention_backend: str | None = None
+    _parallel_config: object | None = None  # diffusers' ParallelConfig, set by enable_parallelism
 
     def __init__(self, audio: AudioBlockKV, text_len: int = TEXT_LEN):
         super().__init__()
@@ -199,21 +290,36 @@ class FantasyTalkingAttnProcessor(nn.Module):
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # [B, S, H, D]
         key = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1))
         value = attn.to_v(context).unflatten(2, (attn.heads, -1))
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend)
 
         # 3. Image attention (I2V models only).
         if image_len > 0:
             key_img = attn.norm_added_k(attn.add_k_proj(context_img)).unflatten(2, (attn.heads, -1))
             value_img = attn.add_v_proj(context_img).unflatten(2, (attn.heads, -1))
-            out = out + dispatch_attention_fn(query, key_img, value_img)
+            out = out + dispatch_attention_fn(query, key_img, value_img, backend=self._attention_backend)
 
-        # 4. Audio attention, per latent frame, scaled.
-        audio = self.audio(query, self.conditioning)
+        # 4. Audio attention, per latent frame, scaled (on a shard: the frames its tokens touch).
+        audio = self.audio(query, self.conditioning, self.token_shard(query.shape[1]))
         if audio is not None:
             out = out + audio
 
         out = out.flatten(2).type_as(hidden_states)
         return attn.to_out[1](attn.to_out[0](out))
+
+    def token_shard(self, local_tokens: int) -> TokenShard | None:
+        """Where this rank's ``local_tokens`` video tokens sit, under diffusers' context parallelism (the
+        ``ring`` x ``ulysses`` mesh flattened, as its sharders split the sequence); None without it or without
+        audio. Needs the conditioning's ``tokens_per_frame`` (set by the model's forward)."""
+        cond = self.conditioning
+        cp = getattr(self._parallel_config, "context_parallel_config", None)
+        if cp is None or cond is None or cond.is_silent():
+            return None
+        if cond.tokens_per_frame is None:
+            raise TokenLayoutError("the audio branch under context parallelism needs the conditioning's "
+                                   "tokens_per_frame (FantasyTalkingModel.forward sets it).")
+        mesh = cp._flattened_mesh
+        total = cond.windows.shape[1] * cond.tokens_per_frame
+        return token_shard(dist.get_rank(mesh.get_group()), mesh.size(), local_tokens, total, cond.tokens_per_frame)
 
 
 def attach_audio_adapter(transformer: nn.Module, adapter: AudioAdapter) -> None:

@@ -303,4 +303,21 @@ def forward_with_float32_islands(
         if not isinstance(block, Float32IslandBlock):
             raise TypeError("call use_float32_islands(transformer) first: the blocks run diffusers' policy")
         x = block(x, context, modulation, rotary_emb)  # as a module, so compile / offloading wrappers apply
-    return unpatchify(head_forward(transformer, x, temb), grid, (p_t, p_h, p_w))
+    return unpatchify(gather_video_tokens(transformer, head_forward(transformer, x, temb)), grid, (p_t, p_h, p_w))
+
+
+# diffusers' name of the gather hook its context-parallel plan puts on ``proj_out`` (hooks/context_parallel.py)
+CONTEXT_PARALLEL_GATHER_HOOK = "cp_output---proj_out"
+
+
+def gather_video_tokens(transformer: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    """Under diffusers' context parallelism, this rank's [B, s, N] head output -> the whole sequence [B, S, N].
+
+    Wan's context-parallel plan splits the video tokens where ``rope`` and block 0 are called (both are called as
+    modules here, so its split hooks apply) and gathers them at ``proj_out``'s output. :func:`head_forward` runs
+    ``proj_out`` with an upcast float32 weight instead of calling the module, so the plan's own gather hook is
+    applied here to the same tensor; without context parallelism ``patches`` is returned as it is.
+    """
+    registry = getattr(transformer.proj_out, "_diffusers_hook", None)
+    hook = None if registry is None else registry.get_hook(CONTEXT_PARALLEL_GATHER_HOOK)
+    return patches if hook is None else hook.post_forward(transformer.proj_out, patches)

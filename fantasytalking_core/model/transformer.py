@@ -10,13 +10,14 @@ import inspect
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
-from .adapter import TEXT_LEN, AudioConditioning, AudioProjModel, audio_processors
+from .adapter import TEXT_LEN, AudioConditioning, AudioProjModel, TokenLayoutError, audio_processors
 from .block_cache import BlockCacheCall, skipping_blocks
 from ..errors import ModelFileError
 from .limits import ROPE_MAX_SEQ_LEN
@@ -104,6 +105,19 @@ def pad_text(context: torch.Tensor, text_len: int = TEXT_LEN) -> torch.Tensor:
     return torch.nn.functional.pad(context, (0, 0, 0, text_len - context.shape[1]))
 
 
+def check_token_split(transformer: nn.Module, tokens: int) -> None:
+    """Under diffusers' context parallelism with equal shards (not its ``*_anything`` modes), refuse a sequence of
+    ``tokens`` video tokens that does not split evenly over the ring x ulysses ranks, before any rank splits it
+    (diffusers would stop with a bare assertion)."""
+    cp = getattr(getattr(transformer, "_parallel_config", None), "context_parallel_config", None)
+    if cp is None or cp.ulysses_anything or cp.ring_anything:
+        return
+    ranks = cp.ring_degree * cp.ulysses_degree
+    if tokens % ranks:
+        raise TokenLayoutError(f"{tokens} video tokens do not split evenly over the {ranks} ring x ulysses ranks; "
+                               "choose a frame count or image size whose token count they divide, or other degrees.")
+
+
 class FantasyTalkingModel(nn.Module):
     """Wan2.1 I2V DiT with the FantasyTalking audio adapter.
 
@@ -187,7 +201,8 @@ class FantasyTalkingModel(nn.Module):
             text: [B, L, text_dim] umT5 output, L <= 512 (zero-padded here).
             image_tokens: [B, 257, 1280] CLIP ViT-H penultimate tokens of the reference image.
             image_latents: [B, 20, T, H/8, W/8] I2V conditioning y (4 mask channels + first-frame VAE latent).
-            audio: windows, valid lengths and scale; ``None`` runs the plain Wan I2V forward.
+            audio: windows, valid lengths and scale; ``None`` runs the plain Wan I2V forward. Its
+                ``tokens_per_frame`` is set here from the latent's patch grid.
             cache: first-block cache of this forward, one pass per batch row (``model/block_cache.py``); ``None``
                 runs every block.
         Returns:
@@ -197,6 +212,11 @@ class FantasyTalkingModel(nn.Module):
         dtype = self.dtype
         timestep = torch.as_tensor(timestep, device=latents.device).float().reshape(-1).expand(batch)
         hidden = torch.cat([latents, image_latents.to(latents.dtype)], dim=1).to(dtype)
+        p_t, p_h, p_w = self.transformer.config.patch_size
+        per_frame = (latents.shape[3] // p_h) * (latents.shape[4] // p_w)
+        check_token_split(self.transformer, latents.shape[2] // p_t * per_frame)
+        if audio is not None:
+            audio = replace(audio, tokens_per_frame=per_frame)
         with self.conditioned_on(audio), skipping_blocks(self.transformer.blocks, cache), \
                 attention_backends(self.device, dtype):
             # called as a module in either policy, so hooks on the transformer (offloading) always apply

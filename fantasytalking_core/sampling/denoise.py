@@ -12,7 +12,7 @@ import torch
 
 from ..audio.windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
 from ..model.transformer import FantasyTalkingModel
-from .euler import DiTConditions, PinnedLatents, guided_velocity, initial_noise, sample_flow_euler
+from .euler import DiTConditions, PassMap, PinnedLatents, guided_velocity, initial_noise, sample_flow_euler
 from .guidance import GuidanceConfig
 from .step_cache import StepCache, check_step_cache
 
@@ -38,6 +38,7 @@ def generate_latents(
     num_audio_tokens: int | None = None,
     pinned_latents: torch.Tensor | None = None,
     step_cache: float = 0.0,
+    map_passes: PassMap | None = None,
 ) -> torch.Tensor:
     """Denoise from seeded noise to a video latent. Runs where ``dit`` is.
 
@@ -62,6 +63,7 @@ def generate_latents(
             (:class:`~.euler.PinnedLatents`); the result's first P latent frames are exactly these.
         step_cache: first-block-cache threshold (``step_cache.py``): 0 runs every block (the default, bit for bit
             the uncached run); typical 0.05-0.1. The cache lives for this run only.
+        map_passes: where each step's guidance passes run (:func:`~.euler.guided_velocity`); None: all here.
     Returns:
         [1, 16, T, H/8, W/8] float32 denoised latent.
     """
@@ -81,7 +83,8 @@ def generate_latents(
                          audio_scale.to(device) if isinstance(audio_scale, torch.Tensor) else audio_scale)
     noise = initial_noise((1, dit.transformer.config.out_channels, frames, height // 8, width // 8), seed)
     cache = StepCache(threshold, steps) if threshold > 0 else None
-    velocity = guided_velocity(dit, cond, guidance, steps, batch_passes=batch_passes, step_cache=cache)
+    velocity = guided_velocity(dit, cond, guidance, steps, batch_passes=batch_passes, step_cache=cache,
+                               map_passes=map_passes)
     on_step = None if progress is None else (lambda d: progress(d["i"] + 1, steps))
     pinned = None
     if pinned_latents is not None:

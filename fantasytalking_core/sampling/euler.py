@@ -19,6 +19,11 @@ from .step_cache import StepCache
 
 VelocityFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[dict], None]
+Pass = tuple[str, bool]
+# (passes, evaluate, like) -> the passes' velocities in order: where a step's passes are computed (one process, or
+# spread over ranks and gathered: runtime.parallel.ParallelRun.map_passes); ``like`` is one velocity [C, T, h, w]
+PassMap = Callable[[tuple[Pass, ...], Callable[[tuple[Pass, ...]], list[torch.Tensor]], torch.Tensor],
+                   list[torch.Tensor]]
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -118,6 +123,7 @@ def guided_velocity(
     batch_passes: bool = False,
     on_passes: Callable[[int, dict], None] | None = None,
     step_cache: StepCache | None = None,
+    map_passes: PassMap | None = None,
 ) -> VelocityFn:
     """A velocity function running the passes each step needs and combining them (see ``guidance.py``).
 
@@ -127,6 +133,9 @@ def guided_velocity(
         on_passes: optional ``(step, {pass: velocity})`` hook, for inspection and parity checks.
         step_cache: this generation's first-block cache (``step_cache.py``), each pass with its own residuals; a
             batch of passes skips its blocks only when every pass may. None: every block runs.
+        map_passes: where the passes run: None computes them all here; a parallel run's
+            :meth:`~fantasytalking_core.runtime.parallel.ParallelRun.map_passes` computes this rank's share and
+            gathers the others before the combine (with ``batch_passes``, a rank batches its own share).
     """
     if guidance.cfg != 1.0 and cond.text_neg is None:
         raise ValueError("cfg != 1 needs a negative prompt encoding (text_neg).")
@@ -162,10 +171,13 @@ def guided_velocity(
     def velocity(x: torch.Tensor, step: int, sigma: torch.Tensor) -> torch.Tensor:
         t = sigmas_to_timesteps(sigma).reshape(1)
         passes = passes_for_step(step, num_steps, guidance)
-        if batch_passes:
-            outs = run(x, t, step, passes)
-        else:
-            outs = [run(x, t, step, (p,))[0] for p in passes]
+
+        def evaluate(some: tuple[Pass, ...]) -> list[torch.Tensor]:
+            if batch_passes:
+                return run(x, t, step, some)
+            return [run(x, t, step, (p,))[0] for p in some]
+
+        outs = evaluate(passes) if map_passes is None else map_passes(passes, evaluate, x[0].float())
         preds = {p: o.unsqueeze(0) for p, o in zip(passes, outs)}
         if on_passes is not None:
             on_passes(step, preds)
@@ -174,4 +186,5 @@ def guided_velocity(
     return velocity
 
 
-__all__ = ["DiTConditions", "POS_AUDIO", "PinnedLatents", "guided_velocity", "initial_noise", "sample_flow_euler"]
+__all__ = ["DiTConditions", "POS_AUDIO", "PassMap", "PinnedLatents", "guided_velocity", "initial_noise",
+           "sample_flow_euler"]

@@ -58,6 +58,11 @@ def passes_for_step(step: int, num_steps: int, config: GuidanceConfig) -> tuple[
     return tuple(passes)
 
 
+def max_passes(num_steps: int, config: GuidanceConfig) -> int:
+    """The most DiT passes any step of a ``num_steps`` run needs (3 with text and audio guidance; fewer without)."""
+    return max(len(passes_for_step(step, num_steps, config)) for step in range(num_steps))
+
+
 def combine_guidance(preds: dict[tuple[str, bool], torch.Tensor], config: GuidanceConfig) -> torch.Tensor:
     """Guided velocity from the passes :func:`passes_for_step` asked for (same arithmetic order as official)."""
     pos_audio = preds[POS_AUDIO]

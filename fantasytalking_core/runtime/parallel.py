@@ -1,0 +1,244 @@
+"""Runs over several processes (one per GPU): guidance passes on different ranks, and sequence parallelism of the
+video tokens through diffusers' context parallelism (Ulysses, ring), on one device mesh.
+
+The layout is written ``cfg=N,ring=R,ulysses=U[,fsdp]`` (``--parallel``); the world size is N x R x U. The mesh has three
+axes, ``("cfg", "ring", "ulysses")``: ranks that share a ``cfg`` coordinate form one sequence group and compute the
+same guidance passes, each on its slice of the video tokens (diffusers' plan splits them before block 0 and
+gathers them at the output); the N sequence groups compute different passes of a step, which are all-gathered
+before the guidance combine (:meth:`ParallelRun.map_passes`). Every rank then holds the same guided velocity and
+makes the same Euler step, so all ranks stay in lockstep without further communication.
+
+With ``fsdp`` the DiT's weights are also sharded over each sequence group (FSDP2), for GPUs that cannot hold the
+whole model.
+
+The process group is the caller's (``torchrun`` sets it up: :func:`init_process_group_from_env`; in a long-lived
+host, ``runtime/pool.py`` starts the workers); this module builds the mesh on it and never starts processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import SettingsError
+
+PARALLEL_AXES = ("cfg", "ring", "ulysses")
+# attention kernels (runtime/attention.py names) that return the log-sum-exp ring attention merges blocks with
+RING_ATTENTION = ("flash", "sage")
+
+Pass = tuple[str, bool]  # (prompt, audio on), as sampling.guidance names a DiT pass
+PassRunner = Callable[[tuple[Pass, ...]], list[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How a run is spread over processes.
+
+    Attributes:
+        cfg: sequence groups that compute different guidance passes of a step (at most the passes per step: 3).
+        ring: ranks of ring attention in each sequence group (needs an attention backend that returns the
+            log-sum-exp: flash, sage, cuDNN; not PyTorch's native SDPA).
+        ulysses: ranks of Ulysses attention in each sequence group (must divide the head count, 40 for the 14B).
+        fsdp: shard the DiT's weights over each sequence group (FSDP2 ``fully_shard``: every block's weights are
+            gathered just before it runs and freed after), for GPUs that cannot hold the whole model.
+    """
+
+    cfg: int = 1
+    ring: int = 1
+    ulysses: int = 1
+    fsdp: bool = False
+
+    def __post_init__(self) -> None:
+        for axis in PARALLEL_AXES:
+            if getattr(self, axis) < 1:
+                raise SettingsError(f"parallel {axis} must be at least 1, got {getattr(self, axis)}.")
+
+    @property
+    def world_size(self) -> int:
+        """Processes the layout needs: cfg x ring x ulysses."""
+        return self.cfg * self.ring * self.ulysses
+
+    @property
+    def sequence(self) -> int:
+        """Ranks that share one pass's video tokens: ring x ulysses."""
+        return self.ring * self.ulysses
+
+    def __str__(self) -> str:
+        return ",".join([f"{axis}={getattr(self, axis)}" for axis in PARALLEL_AXES] + ["fsdp"] * self.fsdp)
+
+
+def parse_parallel(text: str) -> ParallelLayout:
+    """``"cfg=3,ulysses=2"`` (or with ``,fsdp``) -> :class:`ParallelLayout` (axes left out are 1). One clear line
+    on bad input."""
+    sizes: dict[str, int] = {}
+    fsdp = False
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if item == "fsdp":
+            fsdp = True
+            continue
+        axis, _, value = item.partition("=")
+        axis = axis.strip()
+        if axis not in PARALLEL_AXES:
+            raise SettingsError(f"--parallel {text!r}: unknown axis {axis!r}; write e.g. cfg=3,ulysses=2 with axes "
+                                f"{', '.join(PARALLEL_AXES)}.")
+        if axis in sizes:
+            raise SettingsError(f"--parallel {text!r}: {axis} is given twice.")
+        try:
+            sizes[axis] = int(value)
+        except ValueError:
+            raise SettingsError(f"--parallel {text!r}: {axis} needs a whole number of processes, got "
+                                f"{value.strip()!r}.") from None
+    if not sizes:
+        raise SettingsError(f"--parallel {text!r}: give at least one axis, e.g. cfg=3 or cfg=3,ulysses=2.")
+    return ParallelLayout(**sizes, fsdp=fsdp)
+
+
+def check_layout(layout: ParallelLayout, world_size: int, max_passes: int, num_heads: int | None = None,
+                 attention: str | None = None) -> None:
+    """Refuse a layout this run cannot use, before any model loads.
+
+    Args:
+        world_size: processes started (torchrun's ``--nproc-per-node`` x nodes).
+        max_passes: most DiT passes any step of the run needs (3; 2 when cfg is 1; see ``sampling.guidance``).
+        num_heads: the DiT's attention heads, which Ulysses splits (None: not checked yet).
+        attention: the attention kernel (``runtime/attention.py`` name); ring needs one of :data:`RING_ATTENTION`
+            (None: not checked).
+    """
+    if layout.world_size != world_size:
+        raise SettingsError(f"--parallel {layout} needs {layout.world_size} processes (cfg x ring x ulysses); "
+                            f"{world_size} were started: launch with torchrun --nproc-per-node {layout.world_size}.")
+    if layout.cfg > max_passes:
+        raise SettingsError(f"--parallel cfg={layout.cfg}: a step of this run has at most {max_passes} guidance "
+                            f"passes to spread, so cfg can be at most {max_passes}.")
+    if layout.fsdp and layout.sequence == 1:
+        raise SettingsError(f"--parallel {layout}: fsdp shards the weights over the ring x ulysses ranks of a "
+                            "sequence group; with one rank per group add ring or ulysses, or leave fsdp out.")
+    if layout.ring > 1 and attention is not None and attention not in RING_ATTENTION:
+        raise SettingsError(f"--parallel ring={layout.ring}: ring attention merges blocks by their log-sum-exp, "
+                            f"which attention {attention!r} does not return; use --attention "
+                            f"{' or '.join(RING_ATTENTION)}, or ulysses instead of ring.")
+    if num_heads is not None and num_heads % layout.ulysses:
+        raise SettingsError(f"--parallel ulysses={layout.ulysses}: Ulysses splits the {num_heads} attention heads, "
+                            f"so it must divide {num_heads}.")
+
+
+def init_process_group_from_env(device_type: str, timeout_s: float = 1800) -> None:
+    """Join the process group ``torchrun`` describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...):
+    NCCL for CUDA, gloo for the CPU. A no-op when the group exists already."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SettingsError("--parallel needs processes started by torchrun, e.g. torchrun --nproc-per-node 3 -m "
+                            "fantasytalking_core generate ... --parallel cfg=3.")
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+
+
+class ParallelRun:
+    """This process's place in a parallel run: the mesh, its guidance share, sequence parallelism of the DiT.
+
+    Args:
+        layout: the cfg x ring x ulysses layout; the world size of the (initialised) process group must match.
+        device_type: ``"cuda"`` or ``"cpu"``, the device type the mesh's collectives run on.
+    """
+
+    def __init__(self, layout: ParallelLayout, device_type: str):
+        if not dist.is_initialized():
+            raise SettingsError("a parallel run needs an initialised torch.distributed process group "
+                                "(init_process_group_from_env under torchrun).")
+        if layout.world_size != dist.get_world_size():
+            raise SettingsError(f"--parallel {layout} needs {layout.world_size} processes; {dist.get_world_size()} "
+                                f"were started: launch with torchrun --nproc-per-node {layout.world_size}.")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.layout = layout
+        self.mesh = init_device_mesh(device_type, (layout.cfg, layout.ring, layout.ulysses),
+                                     mesh_dim_names=PARALLEL_AXES)
+        self.rank = dist.get_rank()
+        self.cfg_rank = self.mesh.get_local_rank("cfg")
+        self._cfg_group = self.mesh.get_group("cfg") if layout.cfg > 1 else None
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0: the one process that writes the video and prints progress."""
+        return self.rank == 0
+
+    def passes_of(self, passes: Sequence[Pass]) -> tuple[Pass, ...]:
+        """The passes this rank's sequence group computes: pass j goes to group j mod cfg."""
+        return tuple(passes[self.cfg_rank::self.layout.cfg])
+
+    def map_passes(self, passes: tuple[Pass, ...], evaluate: PassRunner, like: torch.Tensor) -> list[torch.Tensor]:
+        """Every pass of a step, each computed by one sequence group and all-gathered over the cfg axis.
+
+        Args:
+            passes: the step's passes in order (``sampling.guidance.passes_for_step``).
+            evaluate: computes the velocities of a tuple of passes, a list of [C, T, h, w] float32 tensors.
+            like: [C, T, h, w] float32, the shape, dtype and device of one pass's velocity (a group with no pass
+                this step still takes part in the gather).
+        Returns:
+            the velocities of ``passes`` in their order, the same on every rank.
+        """
+        mine = self.passes_of(passes)
+        outs = evaluate(mine) if mine else []
+        if self._cfg_group is None:
+            return outs
+        slots = -(-len(passes) // self.layout.cfg)  # passes per group, rounded up
+        stacked = torch.zeros((slots, *like.shape), dtype=like.dtype, device=like.device)  # [k, C, T, h, w]
+        for slot, out in enumerate(outs):
+            stacked[slot] = out
+        gathered = [torch.empty_like(stacked) for _ in range(self.layout.cfg)]
+        dist.all_gather(gathered, stacked, group=self._cfg_group)
+        return [gathered[j % self.layout.cfg][j // self.layout.cfg] for j in range(len(passes))]
+
+    def prepare(self, transformer: nn.Module) -> None:
+        """Make a loaded DiT (``WanTransformer3DModel``) run this layout: the video tokens split over the sequence
+        group (:meth:`enable_sequence_parallel`) and, with ``fsdp``, its weights sharded over it
+        (:meth:`shard_weights`). Call once, before the first forward."""
+        self.enable_sequence_parallel(transformer)
+        if self.layout.fsdp:
+            self.shard_weights(transformer)
+
+    @property
+    def weights_sharded(self) -> bool:
+        """True when the DiT's weights are split over the sequence group: they then stay on their device."""
+        return self.layout.fsdp
+
+    def shard_weights(self, transformer: nn.Module) -> None:
+        """FSDP2 over the sequence group: ``fully_shard`` each block, then the model (embeddings and head).
+
+        Each rank keeps 1/(ring x ulysses) of every weight on its device; a block's weights are all-gathered just
+        before it runs and freed after it, so one block at a time is whole. The float32-island forward reads
+        weights only inside the module whose forward is running (blocks in their forward, the embeddings and
+        head in the model's), where FSDP has gathered them. The weights then stay on the device (no offloading).
+        """
+        from torch.distributed.fsdp import fully_shard
+
+        check_layout(self.layout, dist.get_world_size(), self.layout.cfg)
+        mesh = self.mesh["ring", "ulysses"]._flatten("fsdp")  # 1-D: the sequence group's ranks
+        for block in transformer.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(transformer, mesh=mesh)
+
+    def enable_sequence_parallel(self, transformer: nn.Module) -> None:
+        """Split the video tokens of every DiT pass over this rank's ring x ulysses group (diffusers'
+        ``enable_parallelism`` with the model's context-parallel plan); a no-op when ring x ulysses is 1.
+
+        diffusers picks each rank's device as ``rank % accelerator count``, so this needs an accelerator per
+        process; on a CPU-only host only ``cfg`` parallelism runs.
+        """
+        if self.layout.sequence == 1:
+            return
+        from diffusers import ContextParallelConfig
+
+        check_layout(self.layout, dist.get_world_size(), self.layout.cfg, transformer.config.num_attention_heads)
+        if torch.accelerator.device_count() == 0:
+            raise SettingsError(f"--parallel {self.layout}: ring/ulysses need one accelerator (GPU) per process; "
+                                "on a CPU-only host use cfg=N alone.")
+        config = ContextParallelConfig(ring_degree=self.layout.ring, ulysses_degree=self.layout.ulysses,
+                                       mesh=self.mesh["ring", "ulysses"])
+        transformer.enable_parallelism(config=config)

@@ -1,0 +1,132 @@
+"""What each rank of a multi-process test runs (spawned by ``distributed.run_ranks``; importable by name).
+
+The run: the official fixture's tiny DiT (2 heads of 32, 2 blocks), a non-square latent (5 frames of 3 x 4 patch
+tokens = 60 tokens, so 2, 3 and 4 ranks all cut a frame in the middle), audio on, a per-token audio scale map,
+2 steps with audio guidance on the first only (3 passes, then 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FIXTURE = Path(__file__).parent / "fixtures" / "official"
+NUM_FRAMES = 17  # 5 latent frames
+LATENT_HW = (6, 8)  # 3 x 4 patches per frame
+TOKENS = 5 * 3 * 4
+
+
+def load_model(dtype: torch.dtype = torch.float32):
+    from fantasytalking_core.parity import load_fixture_model
+
+    return load_fixture_model(FIXTURE, "dit.safetensors", "fantasytalking.ckpt", dtype=dtype)
+
+
+def run_inputs() -> dict:
+    """Seeded inputs of :func:`sample`, the same in every process."""
+    g = torch.Generator().manual_seed(7)
+    return {
+        "text_pos": torch.randn(1, 11, 32, generator=g), "text_neg": torch.randn(1, 23, 32, generator=g),
+        "clip_tokens": torch.randn(1, 257, 1280, generator=g),
+        "image_latents": torch.randn(1, 20, 5, *LATENT_HW, generator=g),
+        "audio_features": torch.randn(36, 768, generator=g),
+        "audio_scale": 0.5 + torch.rand(TOKENS, generator=g),  # [S] one strength per video token
+    }
+
+
+def sample(model, map_passes=None, batch_passes: bool = False) -> torch.Tensor:
+    """[1, 16, 5, 6, 8] float32 denoised latent of the 2-step run (3 passes at step 0, 2 at step 1)."""
+    from fantasytalking_core.sampling.denoise import generate_latents
+    from fantasytalking_core.sampling.guidance import GuidanceConfig
+    from fantasytalking_core.sampling.schedule import flow_match_sigmas
+
+    x = run_inputs()
+    return generate_latents(model, x["text_pos"], x["text_neg"], x["clip_tokens"], x["image_latents"],
+                            x["audio_features"], NUM_FRAMES, guidance=GuidanceConfig(4.5, 3.0, 0.0, 0.5),
+                            sigmas=flow_match_sigmas(2, 5.0), seed=3, audio_scale=x["audio_scale"],
+                            batch_passes=batch_passes, map_passes=map_passes)
+
+
+def allow_cpu_context_parallel() -> None:
+    """Test-only: diffusers' ``enable_parallelism`` picks the device as ``rank % accelerator count``, a division
+    by zero on a CPU-only host; one 'accelerator' makes it pick cpu:0 (the gloo collectives run on the CPU)."""
+    torch.accelerator.device_count = lambda: 1
+
+
+def cpu_attention_with_lse(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                           enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    """Test-only stand-in for diffusers' native forward op that also returns the log-sum-exp, which ring attention
+    merges its blocks with (PyTorch's SDPA does not return it; flash, sage and cuDNN do). Math in float32.
+
+    query, key, value: [B, S, H, D] (model layout). Returns out [B, S, H, D] and, asked for, lse [B, S, H]."""
+    q, k, v = (x.permute(0, 2, 1, 3).float() for x in (query, key, value))  # [B, H, S, D]
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    lse = scores.logsumexp(-1)  # [B, H, S]
+    out = ((scores - lse[..., None]).exp() @ v).permute(0, 2, 1, 3).to(query.dtype)
+    return (out, lse.transpose(1, 2)) if return_lse else out
+
+
+def allow_cpu_ring_attention() -> None:
+    """Test-only: ring attention on the CPU through diffusers' native backend with :func:`cpu_attention_with_lse`
+    as its forward op (looked up by name when the native backend builds its context-parallel call)."""
+    from diffusers.models import attention_dispatch
+
+    attention_dispatch._native_attention_forward_op = cpu_attention_with_lse
+
+
+@dataclass(frozen=True)
+class Case:
+    """One parallel run: the layout, the compute dtype (bf16 runs the official float32-island forward), batched
+    guidance passes, and whether to strip the processors' parallel config (the unaware-processor negative case)."""
+
+    layout: str
+    dtype: torch.dtype = torch.float32
+    batch_passes: bool = False
+    unaware: bool = False
+
+
+def run_case(rank: int, world: int, case: Case, out: Path) -> None:
+    """Sample under ``case`` and save this rank's latent and how many passes it computed (or the error an unaware
+    processor raises); rank 0 also saves the single-process reference, computed here with the same threads."""
+    from fantasytalking_core.model.adapter import TokenLayoutError, audio_processors
+    from fantasytalking_core.runtime.parallel import ParallelRun, parse_parallel
+
+    allow_cpu_context_parallel()
+    layout = parse_parallel(case.layout)
+    if layout.ring > 1:
+        allow_cpu_ring_attention()  # Ulysses keeps diffusers' native op: the single-process run's SDPA
+    run = ParallelRun(layout, "cpu")
+    model = load_model(case.dtype)
+    whole = sum(p.numel() for p in model.transformer.parameters())
+    run.prepare(model.transformer)
+    held = sum(getattr(p, "_local_tensor", p).numel() for p in model.transformer.parameters())
+    (out / f"rank{rank}.held").write_text(f"{held / whole:.4f}")  # the share of the DiT's weights this rank holds
+    if case.unaware:
+        for proc in audio_processors(model.transformer):
+            proc._parallel_config = None  # as a processor diffusers' enable_parallelism skipped
+        try:
+            sample(model, run.map_passes, case.batch_passes)
+        except TokenLayoutError as exc:
+            (out / f"rank{rank}.err").write_text(str(exc))
+        return
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))  # rows per DiT pass
+    torch.save(sample(model, run.map_passes, case.batch_passes), out / f"rank{rank}.pt")
+    (out / f"rank{rank}.passes").write_text(str(sum(calls)))
+    if rank == 0:
+        torch.save(sample(load_model(case.dtype), None, case.batch_passes), out / "reference.pt")
+
+
+def sample_in_pool(model, run, batch_passes: bool = False) -> torch.Tensor:
+    """What a :class:`~fantasytalking_core.runtime.pool.SamplerPool` worker runs per call: :func:`sample` with
+    the guidance passes shared over the pool."""
+    return sample(model, run.map_passes, batch_passes)
+
+
+def failing_load():
+    """A model loader that fails (a missing file), for the pool's error path."""
+    raise FileNotFoundError("no DiT at /nowhere/dit.safetensors")

@@ -1,0 +1,143 @@
+"""Parallel runs on CPU (gloo ranks on localhost) against the single-process sampler, and the layout rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distributed import run_ranks
+from parallel_cases import Case, run_case
+
+from fantasytalking_core.errors import SettingsError
+from fantasytalking_core.runtime.parallel import ParallelLayout, check_layout, parse_parallel
+
+
+def test_layout_parses_axes_and_defaults_the_rest_to_one():
+    assert parse_parallel("cfg=3,ulysses=2") == ParallelLayout(cfg=3, ulysses=2)
+    assert parse_parallel(" ring=2 , cfg=2 ").world_size == 4 and parse_parallel("ring=2,ulysses=4").sequence == 8
+    assert str(parse_parallel("ulysses=2,cfg=3")) == "cfg=3,ring=1,ulysses=2"
+    assert parse_parallel("ulysses=2,fsdp") == ParallelLayout(ulysses=2, fsdp=True)
+    assert str(parse_parallel("fsdp,ring=2")) == "cfg=1,ring=2,ulysses=1,fsdp"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tp=2", "unknown axis 'tp'"),
+    ("cfg=two", "cfg needs a whole number of processes, got 'two'"),
+    ("cfg=2,cfg=3", "cfg is given twice"),
+    ("cfg=0", "parallel cfg must be at least 1, got 0"),
+    ("", "give at least one axis"),
+])
+def test_bad_layouts_are_one_clear_line(text, message):
+    with pytest.raises(SettingsError, match=message) as info:
+        parse_parallel(text)
+    assert "\n" not in str(info.value)
+
+
+def test_layouts_that_do_not_fit_the_run_are_refused():
+    check_layout(ParallelLayout(cfg=3, ulysses=2), 6, 3, 40)
+    with pytest.raises(SettingsError, match="needs 6 processes .* 4 were started: launch with torchrun "
+                                            "--nproc-per-node 6"):
+        check_layout(ParallelLayout(cfg=3, ulysses=2), 4, 3, 40)
+    with pytest.raises(SettingsError, match="cfg=4: a step of this run has at most 3 guidance passes"):
+        check_layout(ParallelLayout(cfg=4), 4, 3)
+    with pytest.raises(SettingsError, match="at most 2 guidance passes"):  # cfg 1: no negative pass
+        check_layout(ParallelLayout(cfg=3), 3, 2)
+    with pytest.raises(SettingsError, match="ulysses=3: Ulysses splits the 40 attention heads"):
+        check_layout(ParallelLayout(ulysses=3), 3, 3, 40)
+    with pytest.raises(SettingsError, match="ring=2: ring attention merges blocks by their log-sum-exp, which "
+                                            "attention 'sdpa' does not return; use --attention flash or sage"):
+        check_layout(ParallelLayout(ring=2), 2, 3, 40, "sdpa")
+    check_layout(ParallelLayout(ring=2), 2, 3, 40, "flash")
+    with pytest.raises(SettingsError, match="fsdp shards the weights over the ring x ulysses ranks"):
+        check_layout(ParallelLayout(cfg=2, fsdp=True), 2, 3)
+
+
+def run_layout(tmp_path, world: int, case: Case) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    """The single-process reference, every rank's result of ``case`` on ``world`` gloo ranks, and the passes
+    (batch rows through the DiT) each rank computed."""
+    run_ranks(run_case, world, case, tmp_path, timeout=600)
+    ranks = range(world)
+    return (torch.load(tmp_path / "reference.pt"), [torch.load(tmp_path / f"rank{r}.pt") for r in ranks],
+            [int((tmp_path / f"rank{r}.passes").read_text()) for r in ranks])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_guidance_passes_on_different_ranks_equal_one_process(tmp_path, world):
+    """cfg=2 (passes 0 and 2 on one rank, 1 on the other) and cfg=3 (one pass each; at the 2-pass step one rank
+    idles): every rank holds exactly the single-process latent."""
+    reference, ranks, passes = run_layout(tmp_path, world, Case(f"cfg={world}"))
+    assert reference.abs().max() > 0.1
+    for latent in ranks:
+        assert torch.equal(latent, reference)
+    # 3 passes then 2, round robin: each rank computed only its share
+    assert passes == {2: [3, 2], 3: [2, 2, 1]}[world]
+
+
+def test_a_rank_batches_its_own_share_of_the_passes(tmp_path):
+    reference, ranks, passes = run_layout(tmp_path, 2, Case("cfg=2", batch_passes=True))
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)  # batches of 2 and 1 against one of 3
+    assert passes == [3, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-diffusers-forward", "bf16-official"])
+def test_ulysses_over_two_ranks_equals_one_process(tmp_path, dtype):
+    """The video tokens split over 2 ranks (30 each: the seam cuts latent frame 2 in half), audio on with a
+    per-token scale map: diffusers' forward (float32) and our float32-island forward (bf16, whose head gathers
+    through the plan's hook) both give the single-process latent."""
+    reference, ranks, passes = run_layout(tmp_path, 2, Case("ulysses=2", dtype=dtype))
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
+    assert passes == [5, 5]  # both ranks run every pass, each on half of the tokens
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_attention_over_two_and_three_ranks_equals_one_process(tmp_path, world):
+    """Ring attention (with a test-only CPU op that returns the log-sum-exp) over 2 ranks (30 tokens each, seam in
+    frame 2) and 3 (20 each, seams in frames 1 and 3): the single-process latent within 1e-5."""
+    reference, ranks, passes = run_layout(tmp_path, world, Case(f"ring={world}"))
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
+    assert passes == [5] * world
+
+
+def test_ring_attention_with_batched_passes_equals_one_process(tmp_path):
+    """ring=2 with the passes batched (each rank runs the 3 passes of its tokens as one batch of 3; the step with
+    2 passes, a batch of 2). Combinations with cfg on one mesh: the 4-rank tests below."""
+    reference, ranks, passes = run_layout(tmp_path, 2, Case("ring=2", batch_passes=True))
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
+    assert passes == [5, 5]
+
+
+@pytest.mark.parametrize("layout, dtype", [("ulysses=2,fsdp", torch.bfloat16), ("ring=2,fsdp", torch.float32)])
+def test_weights_sharded_over_the_sequence_group_equal_one_process(tmp_path, layout, dtype):
+    """FSDP2 over the 2 ranks of the sequence group: bf16 under the official float32-island forward (which reads
+    block and head weights inside their modules' forwards, where FSDP gathers them), and float32 (diffusers'
+    forward; ring's float32 test op would not round like the bf16 reference). Each rank holds half of the DiT's
+    weights and the latent equals the single-process one."""
+    reference, ranks, _ = run_layout(tmp_path, 2, Case(layout, dtype=dtype))
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
+    held = [float((tmp_path / f"rank{r}.held").read_text()) for r in range(2)]
+    assert all(0.49 < share < 0.51 for share in held), held
+
+
+def test_a_processor_unaware_of_the_split_raises_instead_of_regrouping(tmp_path):
+    """diffusers' enable_parallelism skips a processor without _parallel_config: its audio branch then sees 30
+    of 60 tokens, which would split evenly into 5 wrong 'frames' of 6; it must raise instead."""
+    run_ranks(run_case, 2, Case("ulysses=2", unaware=True), tmp_path, timeout=600)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.err").read_text()
+        assert message.startswith("30 video tokens are not 5 latent frames x 12 tokens per frame")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["cfg=2,ulysses=2", "cfg=2,ring=2", "ring=2,ulysses=2", "cfg=2,ulysses=2,fsdp"])
+def test_four_rank_meshes_equal_one_process(tmp_path, layout):
+    """cfg x ulysses, cfg x ring and ring x ulysses on 4 ranks: each sequence group splits the tokens of its passes
+    (15 tokens each with ring x ulysses, seams inside frames 1 and 3), the cfg groups' passes are gathered."""
+    reference, ranks, passes = run_layout(tmp_path, 4, Case(layout))
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
+    # ranks 0, 1 share cfg group 0 (mesh order cfg, ring, ulysses): 2 + 1 passes, the other group 1 + 1
+    assert passes == ([3, 3, 2, 2] if layout.startswith("cfg") else [5] * 4)
