@@ -157,3 +157,26 @@ def test_fp8_weights_keep_the_lora_in_the_compute_dtype(tmp_path, lora_file):
         x = torch.randn(2, 8, DIM, dtype=model.dtype)
         want = q.base_layer(x) + q.lora_B["talk_lora"](q.lora_A["talk_lora"](x)) * q.scaling["talk_lora"]
         torch.testing.assert_close(q(x), want)
+
+
+def test_a_lora_acts_on_gguf_weights(tmp_path, lora_file, official_inputs):
+    from fantasytalking_core.loaders.adapter import load_audio_adapter
+    from fantasytalking_core.loaders.state_dict import open_checkpoint
+    from fantasytalking_core.loaders.wan_dit import load_wan_dit
+    from model_files import write_gguf
+
+    path = tmp_path / "q8.gguf"
+    write_gguf(dict(open_checkpoint(OFFICIAL / "dit" / "dit.safetensors").items()), path)
+    gguf = load_audio_adapter(OFFICIAL / "dit" / "fantasytalking.ckpt",
+                              load_wan_dit(path, config=OFFICIAL / "dit" / "config.json", compute_dtype=torch.float32))
+    q = gguf.transformer.blocks[0].attn1.to_q
+    assert hasattr(q.weight, "quant_type")  # quantized blocks, dequantized per call
+    plain = velocity(gguf, official_inputs)
+    model = gguf.with_loras([read_wan_lora(lora_file[0], 1.0)])
+    with dit_on_device(model, torch.device("cpu")):
+        with_lora = velocity(model, official_inputs)
+    # the LoRA's effect on the quantized model is its effect on the float32 one, up to the quantization error
+    float32 = load_fixture_model(OFFICIAL, "dit.safetensors", "fantasytalking.ckpt")
+    effect = velocity(merged_model(lora_file[1], 1.0), official_inputs) - velocity(float32, official_inputs)
+    assert ((with_lora - plain) - effect).norm() < 0.1 * effect.norm()
+    assert hasattr(gguf.transformer.blocks[0].attn1.to_q.weight, "quant_type")  # the GGUF layer is back
