@@ -420,51 +420,7 @@ def describe_audio(encoded: EncodedAudio) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The sampler
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def sample_video(
-    model: FantasyTalkingModel,
-    text_pos: torch.Tensor,
-    text_neg: torch.Tensor | None,
-    identity: Identity,
-    voice: EncodedAudio,
-    settings: GenerationSettings,
-    device: torch.device,
-    progress: ProgressFn | None = None,
-    make_room: Callable[[], None] | None = None,
-    dit_placement: str = "resident",
-    gpu_memory: float | None = None,
-) -> torch.Tensor:
-    """The sampler node's work: conditioning video through the VAE, the denoising run on ``device``, decoding.
-
-    Args:
-        text_pos, text_neg: [1, L, text_dim] from :func:`conditioning_to_text` (``text_neg`` None when cfg is 1).
-        progress: ``(step, total)`` after every denoising step; it may raise to interrupt.
-        make_room: called just before the DiT moves to ``device`` (ComfyUI unloads its own models there).
-        dit_placement: ``"resident"`` or ``"streamed"`` (blocks one at a time from the CPU, for small cards).
-        gpu_memory: a budget in GiB that picks the placement instead (see ``pipeline.check_dit_fits``).
-    Returns:
-        IMAGE frames [F, H, W, 3] float32 in 0..1, F = ``voice.features.num_frames``. The DiT is back where it was
-        (the CPU) when this returns or raises.
-    """
-    config = model.transformer.config
-    check_image_tokens(identity.clip_tokens, config.image_dim)
-    num_frames = voice.features.num_frames
-    y = image_condition(identity.vae, identity.pixels, num_frames)
-    if make_room is not None:
-        make_room()
-    height, width = identity.pixels.shape[1:3]
-    placement = check_dit_fits(model, device, num_frames, height, width, settings, dit_placement, gpu_memory)
-    with dit_on_device(model, device, placement):
-        latents = sample_latents(model, text_pos, text_neg, identity.clip_tokens, y, voice.features.features,
-                                 num_frames, settings, progress)
-    return decode_frames(identity.vae, latents)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Long recordings: segments, frames in memory or streamed to an mp4
+# The sampler: a recording of any length in segments, frames in memory or streamed to an mp4
 # --------------------------------------------------------------------------------------------------------------------
 
 PREVIEW_FRAMES = 16
@@ -532,10 +488,12 @@ def sample_segments(
     """The whole recording ``voice`` in segments on one frame grid (``sampling.segments.generate_segments``, the
     library's segment loop) with ComfyUI's VAE: (the plan, an iterator of frame chunks [f, H, W, 3] in 0..1).
 
-    Arguments as in :func:`sample_video`; ``progress(step, total)`` counts the steps of all segments. The memory
+    ``progress(step, total)`` counts the steps of all segments (it may raise to interrupt); ``make_room`` is
+    called before the memory check and before each move of the DiT to ``device`` (ComfyUI unloads its own
+    models there); ``dit_placement`` / ``gpu_memory`` as in ``pipeline.check_dit_fits``. The memory
     check runs here, before anything is sampled; the work happens as the chunks are consumed, the DiT on
     ``device`` for each segment's denoising only (``make_room`` before each move: ComfyUI's VAE ran in between).
-    A video of at most ``options.segment_frames`` frames is one segment: :func:`sample_video`'s frames, bit for bit.
+    A video of at most ``options.segment_frames`` frames is one segment: the single clip, for every chaining mode.
     """
     check_image_tokens(identity.clip_tokens, model.transformer.config.image_dim)
     features = voice.features

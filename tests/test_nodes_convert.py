@@ -39,7 +39,6 @@ from nodes.convert import (
     image_condition,
     normalize_latents,
     reference_pixels,
-    sample_video,
     trim_audio,
 )
 
@@ -108,6 +107,16 @@ def comfy_conditioning(tokens: torch.Tensor, rows: int = 512) -> list:
 # ---- the sampler path equals the library pipeline ------------------------------------------------------------------
 
 
+def node_frames(model, text_pos, text_neg, identity, encoded, settings, progress=None, make_room=None):
+    """The sampler node's frames for a video that fits one segment: its own route (segments, kept as IMAGE)."""
+    options = convert.segment_options(81, 9, "last_frame")
+    plan, chunks = convert.sample_segments(model, text_pos, text_neg, identity, encoded, settings, options, CPU,
+                                           progress, make_room)
+    video = convert.render_video(plan, chunks, encoded, 10**6, lambda: pytest.fail("no file for one segment"))
+    assert len(plan) == 1 and video.path is None
+    return video.images
+
+
 def test_node_path_makes_the_pipeline_video(models, face, voice):
     """Comfy-type conversions + sample_latents + ComfyUI-style VAE calls give the pipeline's frames: the latent
     normalization, the conditioning video (grey = 0), the mask and the frame layout are all right."""
@@ -125,7 +134,7 @@ def test_node_path_makes_the_pipeline_video(models, face, voice):
     text_pos = conditioning_to_text(comfy_conditioning(text[settings.prompt]), "positive", text_dim)
     text_neg = conditioning_to_text(comfy_conditioning(text[settings.negative_prompt]), "negative", text_dim)
 
-    frames = sample_video(models.dit, text_pos, text_neg, identity, encoded, settings, CPU)
+    frames = node_frames(models.dit, text_pos, text_neg, identity, encoded, settings)
 
     assert frames.shape == expected.frames.shape == (13, 32, 32, 3)
     # the only extra arithmetic is the 0..1 <-> -1..1 round trip of ComfyUI's pixel range (exact here, 0.0 measured)
@@ -219,9 +228,10 @@ def test_sampler_reports_every_step_and_stops_when_progress_raises(models, face,
     def progress(step, total):
         events.append((step, total))
 
-    sample_video(models.dit, text, text, identity, encoded, settings, CPU, progress,
-                 make_room=lambda: events.append("make_room"))
-    assert events == ["make_room", (1, 3), (2, 3), (3, 3)]
+    node_frames(models.dit, text, text, identity, encoded, settings, progress,
+                make_room=lambda: events.append("make_room"))
+    # room is made before the memory check and before the DiT moves for the segment
+    assert events == ["make_room", "make_room", (1, 3), (2, 3), (3, 3)]
 
     class Interrupted(Exception):
         pass
@@ -232,7 +242,7 @@ def test_sampler_reports_every_step_and_stops_when_progress_raises(models, face,
 
     events.clear()
     with pytest.raises(Interrupted):
-        sample_video(models.dit, text, text, identity, encoded, settings, CPU, interrupt_after_first)
+        node_frames(models.dit, text, text, identity, encoded, settings, interrupt_after_first)
     assert events == [1]
     assert models.dit.device == CPU
 
@@ -243,7 +253,7 @@ def test_sampler_refuses_clip_tokens_of_another_width(models, face, voice):
     encoded = encode_audio(models.wav2vec2, voice, 23, 81, CPU)
     text = torch.randn(1, 7, models.dit.transformer.config.text_dim)
     with pytest.raises(ModelFileError, match="24 wide.*16-wide.*clip_vision_h"):
-        sample_video(models.dit, text, None, identity, encoded, GenerationSettings(steps=1, cfg=1.0), CPU)
+        node_frames(models.dit, text, None, identity, encoded, GenerationSettings(steps=1, cfg=1.0))
 
 
 # ---- text and image conditioning --------------------------------------------------------------------------------
@@ -442,8 +452,9 @@ def node_inputs(models, face, audio, steps=2):
 
 
 def test_a_video_that_fits_one_segment_is_the_single_clip_bit_for_bit_in_every_mode(models, face, voice):
+    # the single clip: the node's frames equal the pipeline's (test_node_path_makes_the_pipeline_video)
     text, identity, encoded, settings = node_inputs(models, face, voice)
-    today = sample_video(models.dit, text, text, identity, encoded, settings, CPU)
+    today = node_frames(models.dit, text, text, identity, encoded, settings)
     for chaining in ("last_frame", "motion_frames", "pinned_latents"):
         options = convert.segment_options(13, 5, chaining)
         plan, chunks = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU)
