@@ -42,9 +42,7 @@ Check it anywhere with the tiny bundled config (every section; CPU is fine):
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import platform
 import signal
 import statistics
@@ -100,12 +98,12 @@ from fantasytalking_core.sampling.guidance import GuidanceConfig, passes_for_ste
 from fantasytalking_core.sampling.schedule import flow_match_sigmas, sigmas_to_timesteps
 from fantasytalking_core.sampling.step_cache import FIRST_STEPS, MAX_THRESHOLD, StepCache
 from fantasytalking_core.tiny import tiny_configs
+from harness import GIB, Report, allocated_gib, free_memory, log, start_watchdog, synchronize
 
 DTYPE = torch.bfloat16
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 INIT_STD = 0.02
-GIB = 2**30
 STEPS = 30  # the official step count; a video costs STEPS sampling steps
 TEXT_POS_TOKENS = 24  # umT5 rows of a short prompt; the DiT sees them zero-padded to 512 either way
 TEXT_NEG_TOKENS = 126  # about the default negative prompt's length
@@ -300,28 +298,13 @@ def dit_pass(model: nn.Module, inputs: Inputs) -> torch.Tensor:
 # ====================================================================================================================
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def allocated_gib(device: torch.device) -> float | None:
-    return torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
-
-
 def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, Any]:
@@ -463,35 +446,6 @@ class Context:
             except Exception as exc:  # noqa: BLE001 - a failed restore is recorded, later sections still run
                 errors.append(describe_error(exc))
         return errors
-
-
-class Report:
-    """All results, rewritten to ``path`` after every section (a killed run keeps what it finished)."""
-
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {"meta": meta, "sections": {}}
-        self._lock = threading.Lock()
-
-    def record(self, name: str, result: dict[str, Any]) -> None:
-        with self._lock:
-            self.data["sections"][name] = result
-            self._write()
-
-    def note(self, key: str, value: Any) -> None:
-        with self._lock:
-            self.data["meta"][key] = value
-            self._write()
-
-    def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        tmp.replace(self.path)
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 # ====================================================================================================================
@@ -1006,20 +960,6 @@ def print_summary(report: Report) -> None:
             med = f"{median:10.4f}" if isinstance(median, float) else f"{'-':>10}"
             mem = f"{peak:9.2f}" if isinstance(peak, float) else f"{'-':>9}"
             log(f"{row[:58]:58} {str(status)[:16]:16} {med} {mem}")
-
-
-def start_watchdog(report: Report, current: dict[str, str], after_s: float) -> threading.Timer:
-    """End the process ``after_s`` from now even if a section hangs in native code; the JSON says where."""
-
-    def stop() -> None:
-        report.note("watchdog", f"stopped after {after_s:.0f} s in section {current.get('name')}")
-        log(f"watchdog: budget exceeded in section {current.get('name')}; results so far are in {report.path}")
-        os._exit(3)
-
-    timer = threading.Timer(after_s, stop)
-    timer.daemon = True
-    timer.start()
-    return timer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -64,16 +64,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import importlib
 import importlib.util
 import json
-import os
 import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import types
@@ -89,20 +86,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness import GIB, Report, allocated_gib, free_memory, log, start_watchdog, synchronize
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OFFICIAL_DIR = REPO / "benchmarks" / "official_code"
 OFFICIAL_COMMIT = "8c2d0c9ce2441eb02b5cf1c10d23dbab5ce06677"  # the commit this script was written against
-GIB = 2**30
 STEPS = 30  # infer.py: num_inference_steps=30; the timed step is step 0
 CFG, AUDIO_CFG, AUDIO_SCALE = 5.0, 5.0, 1.0  # infer.py defaults (prompt_cfg_scale, audio_cfg_scale, audio_scale)
 EXPAND = 4  # infer.py: split_tensor_with_padding(..., expand_length=4)
 TOLERANCE = {torch.bfloat16: 5e-2, torch.float32: 1e-4}  # relative L2 of the guided velocity
 WATCHDOG_GRACE_S = 15.0
 PASSES = ("u", "p", "pa")  # negative prompt; positive prompt; positive prompt + audio
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 # ====================================================================================================================
@@ -557,21 +551,6 @@ def our_step(model: nn.Module, inputs: Inputs, audio_windows: torch.Tensor, k_le
 # ====================================================================================================================
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def allocated_gib(device: torch.device) -> float | None:
-    return torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
-
-
 def measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> tuple[dict[str, Any], Any]:
     """Warm-up calls, then ``repeats`` timed calls (CUDA events on a GPU); peak memory from the first warm-up on.
     Returns the timings and the last call's result."""
@@ -635,31 +614,6 @@ def to_cpu(guided: torch.Tensor, passes: dict[str, torch.Tensor]) -> tuple[torch
 # ====================================================================================================================
 # Run
 # ====================================================================================================================
-
-
-class Report:
-    """All results, rewritten to ``path`` after every phase (a stopped run keeps what it finished)."""
-
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {"meta": meta, "phases": {}}
-        self._lock = threading.Lock()
-
-    def record(self, name: str, result: dict[str, Any]) -> None:
-        with self._lock:
-            self.data["phases"][name] = result
-            self._write()
-
-    def note(self, key: str, value: Any) -> None:
-        with self._lock:
-            self.data["meta"][key] = value
-            self._write()
-
-    def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        tmp.replace(self.path)
 
 
 @dataclass
@@ -900,20 +854,6 @@ def print_summary(run: Run) -> None:
                 f"{check['vs_ours_default_masked']['guided_rel_l2']:.3e}")
 
 
-def start_watchdog(report: Report, current: dict[str, str], after_s: float) -> threading.Timer:
-    """End the process ``after_s`` from now even if a phase hangs in native code; the JSON says where."""
-
-    def stop() -> None:
-        report.note("watchdog", f"stopped after {after_s:.0f} s in phase {current.get('name')}")
-        log(f"watchdog: budget exceeded in phase {current.get('name')}; results so far are in {report.path}")
-        os._exit(3)
-
-    timer = threading.Timer(after_s, stop)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench_official.json"), help="JSON file for all results")
@@ -945,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
                                "budget_s": args.budget_s, "warmup": args.warmup, "repeats": args.repeats,
                                "seed": args.seed, "init_std": scale.init_std, "wan_config": scale.wan_config,
                                "proj_dim": scale.proj_dim, "num_frames": scale.num_frames, "steps": STEPS,
-                               "cfg": CFG, "audio_cfg": AUDIO_CFG, "audio_scale": AUDIO_SCALE})
+                               "cfg": CFG, "audio_cfg": AUDIO_CFG, "audio_scale": AUDIO_SCALE}, group="phases")
     if device.type != "cuda" and not args.tiny:
         report.note("error", "the full-size run needs CUDA; use --tiny to check the script on a CPU")
         log("no CUDA: the 14B model needs a GPU; run with --tiny to check the script on a CPU")
@@ -959,7 +899,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # a smoke test: one thread is steadier than oversubscribed cores on a shared machine
     run = Run(args, scale, device, dtype, started + args.budget_s, report)
     current = {"name": "start"}
-    watchdog = start_watchdog(report, current, args.budget_s + WATCHDOG_GRACE_S)
+    watchdog = start_watchdog(report, current, args.budget_s + WATCHDOG_GRACE_S, part="phase")
     plan: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("environment", lambda: phase_environment(run)),
         ("official_import", lambda: phase_official_import(run)),
