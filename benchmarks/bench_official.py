@@ -40,7 +40,7 @@ official ``flash_attention`` asserts CUDA, and for an exact float32 check, since
 ``auto``: native on CUDA in bf16, else masked.
 
 The official code is NOT part of this repository and is never committed: export it into the git-ignored folder
-``benchmarks/official_code/`` (listed in ``.git/info/exclude``), e.g. from a clone at commit 8c2d0c9:
+``benchmarks/official_code/`` (git-ignored), e.g. from a clone at commit 8c2d0c9:
     git -C fantasy-talking archive HEAD | tar -x -C benchmarks/official_code
 It is imported from there at run time. Only these of its files are loaded: ``diffsynth/models/wan_video_dit.py``,
 ``diffsynth/vram_management/layers.py`` with ``diffsynth/models/utils.py``, ``diffsynth/schedulers/flow_match.py``
