@@ -18,6 +18,7 @@ tokens cut into per-frame windows by the library's own helpers, so the real code
                                  compile time, s per pass
      compiled_step               one sampling step (3 passes) with compiled blocks
      fast_step                   one step with fp8 weights, fp8 matmuls and compiled blocks, and its error
+     fast_step_batched           the same step with its three passes as one batch
      fast_step_cache_hit         the same step when the first-block cache hits for every pass
   e. streamed_fast_step          fp8 weights streamed from CPU memory block by block, fp8 matmuls, compiled blocks
   e. group_offload               diffusers' block-level group offloading (weights on the CPU, streamed): last,
@@ -793,7 +794,7 @@ def section_compiled_step(ctx: Context) -> dict[str, Any]:
     return {**guidance_step(ctx, batch_passes=False), "dynamo": dynamo_stats()}
 
 
-def section_fast_step(ctx: Context) -> dict[str, Any]:
+def section_fast_step(ctx: Context, batch_passes: bool = False) -> dict[str, Any]:
     """One sampling step with fp8 weights, real fp8 matmuls and compiled blocks (``--fp8-matmul --compile``), and
     its guided velocity's relative error against the bf16 step on the same (bf16) weights."""
     model, inputs = ctx.need_model()
@@ -804,7 +805,7 @@ def section_fast_step(ctx: Context) -> dict[str, Any]:
     counters.clear()
     scaling = enter_(ctx, fp8_matmuls(model, ctx.device))
     enter_(ctx, compiled_blocks(model.transformer))
-    result = guidance_step(ctx, batch_passes=False)
+    result = guidance_step(ctx, batch_passes=batch_passes)
     error = relative_error(velocity(inputs.latents, 0, sigma).float(), reference)
     return {**result, "fp8_linears": layers, "scaling": scaling, "rel_error_vs_bf16": error,
             "dynamo": dynamo_stats()}
@@ -906,6 +907,7 @@ def sections(args: argparse.Namespace) -> list[Section]:
         Section("compiled_blocks", section_compiled_blocks, 120, args.compile_cap_s),
         Section("compiled_step", section_compiled_step, 60, args.compile_cap_s),
         Section("fast_step", section_fast_step, 120, args.compile_cap_s),
+        Section("fast_step_batched", lambda ctx: section_fast_step(ctx, batch_passes=True), 120, args.compile_cap_s),
         Section("fast_step_cache_hit", section_fast_step_cache_hit, 60, args.compile_cap_s),
         Section("group_offload", section_group_offload, 60, 180, reserved=True),
         Section("streamed_fast_step", section_streamed_fast_step, 90, 240),
