@@ -46,7 +46,6 @@ import argparse
 import json
 import platform
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -99,7 +98,7 @@ from fantasytalking_core.sampling.guidance import GuidanceConfig, passes_for_ste
 from fantasytalking_core.sampling.schedule import flow_match_sigmas, sigmas_to_timesteps
 from fantasytalking_core.sampling.step_cache import FIRST_STEPS, MAX_THRESHOLD, StepCache
 from fantasytalking_core.tiny import tiny_configs
-from harness import GIB, Report, allocated_gib, free_memory, log, start_watchdog, synchronize
+from harness import GIB, Report, allocated_gib, free_memory, log, measure, start_watchdog, synchronize
 
 DTYPE = torch.bfloat16
 FP8 = torch.float8_e4m3fn
@@ -299,61 +298,6 @@ def dit_pass(model: nn.Module, inputs: Inputs) -> torch.Tensor:
 # ====================================================================================================================
 
 
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-
-
-def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, Any]:
-    """(device seconds, wall seconds, result) of one call; device time from CUDA events where there is CUDA."""
-    wall_start = time.perf_counter()
-    if device.type != "cuda":
-        out = fn()
-        elapsed = time.perf_counter() - wall_start
-        return elapsed, elapsed, out
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    out = fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1000, time.perf_counter() - wall_start, out
-
-
-def all_finite(out: Any) -> bool | None:
-    return bool(torch.isfinite(out).all()) if isinstance(out, torch.Tensor) else None
-
-
-def measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> dict[str, Any]:
-    """Warm up, then time ``repeats`` calls; peak memory counts from the first warm-up on."""
-    synchronize(device)
-    reset_peak(device)
-    resident = allocated_gib(device)
-    wall_start = time.perf_counter()
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    synchronize(device)
-    warmup_s = time.perf_counter() - wall_start
-    device_s, wall_s = [], []
-    for _ in range(repeats):
-        seconds, wall, out = timed_call(fn, device)
-        device_s.append(seconds)
-        wall_s.append(wall)
-    return {
-        "median_s": statistics.median(device_s),
-        "seconds": device_s,
-        "wall_seconds": wall_s,
-        "warmup_s": warmup_s,
-        "resident_gib": resident,
-        "peak_gib": peak_gib(device),
-        "finite": all_finite(out),
-    }
-
-
 @contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
     """Raise :class:`SectionTimeoutError` in the main thread after ``seconds`` (SIGALRM; a no-op where unavailable)."""
@@ -433,7 +377,7 @@ class Context:
 
     def time(self, fn: Callable[[], Any], repeats: int | None = None, warmup: int | None = None) -> dict[str, Any]:
         warmup = self.args.warmup if warmup is None else warmup
-        return measure(fn, self.device, warmup, self.args.repeats if repeats is None else repeats)
+        return measure(fn, self.device, warmup, self.args.repeats if repeats is None else repeats)[0]
 
     def defer(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` after the section, outside its time cap (restoring the model for the next sections)."""

@@ -68,7 +68,6 @@ import importlib
 import importlib.util
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -86,7 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import GIB, Report, allocated_gib, free_memory, log, start_watchdog, synchronize
+from harness import GIB, Report, allocated_gib, free_memory, log, measure, start_watchdog, synchronize
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OFFICIAL_DIR = REPO / "benchmarks" / "official_code"
@@ -551,43 +550,12 @@ def our_step(model: nn.Module, inputs: Inputs, audio_windows: torch.Tensor, k_le
 # ====================================================================================================================
 
 
-def measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> tuple[dict[str, Any], Any]:
-    """Warm-up calls, then ``repeats`` timed calls (CUDA events on a GPU); peak memory from the first warm-up on.
-    Returns the timings and the last call's result."""
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    resident = allocated_gib(device)
-    start = time.perf_counter()
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    synchronize(device)
-    warmup_s = time.perf_counter() - start
-    seconds, wall = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            seconds.append(begin.elapsed_time(end) / 1000)
-        else:
-            out = fn()
-            seconds.append(time.perf_counter() - t0)
-        wall.append(time.perf_counter() - t0)
-    result = {
-        "median_s": statistics.median(seconds),
-        "seconds": seconds,
-        "wall_seconds": wall,
-        "warmup_s": warmup_s,
-        "per_pass_s": statistics.median(seconds) / len(PASSES),
-        f"est_{STEPS}_steps_s": STEPS * statistics.median(seconds),
-        "resident_gib": resident,
-        "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
-    }
+def measure_step(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int
+                 ) -> tuple[dict[str, Any], Any]:
+    """:func:`harness.measure` of one sampling step, with the per-pass and 30-step figures derived from it."""
+    result, out = measure(fn, device, warmup, repeats)
+    result["per_pass_s"] = result["median_s"] / len(PASSES)
+    result[f"est_{STEPS}_steps_s"] = STEPS * result["median_s"]
     return result, out
 
 
@@ -748,7 +716,7 @@ def time_official(run: Run, placement: str) -> dict[str, Any]:
         raise SkipPhase(f"budget: {run.remaining():.0f} s left; ours and the check still need about {needed:.0f} s")
     place_unwrapped(run.unwrapped, "cpu" if placement == "infer" else run.device)
     free_memory(run.device)
-    result, (guided, passes) = measure(lambda: official_step(run.off_dit, run.inputs, run.dtype), run.device,
+    result, (guided, passes) = measure_step(lambda: official_step(run.off_dit, run.inputs, run.dtype), run.device,
                                        run.args.warmup, run.args.repeats)
     if placement == "infer":
         run.official_out = to_cpu(guided, passes)
@@ -796,7 +764,7 @@ def phase_ours(run: Run) -> dict[str, Any]:
         raise SkipPhase("our model was not built")
     step = our_step(run.model, run.inputs, run.ours_windows, run.ours_k_lens)  # our default: padding masked
     free_memory(run.device)
-    result, guided = measure(lambda: step.velocity(run.inputs.latents, 0, run.inputs.sigma), run.device,
+    result, guided = measure_step(lambda: step.velocity(run.inputs.latents, 0, run.inputs.sigma), run.device,
                              run.args.warmup, run.args.repeats)
     run.ours_out = to_cpu(guided, step.passes)
     return {**result, "audio_padding": "masked", "finite": bool(torch.isfinite(guided).all())}
