@@ -286,6 +286,9 @@ class FantasyTalkingPipeline:
         """The DiT's placement for a run (:func:`check_dit_fits`), checked before the encoders run; a DiT whose
         weights a parallel run has sharded stays where they are (``"sharded"``)."""
         if self.parallel is not None and self.parallel.weights_sharded:
+            if self.models.dit.loras:  # sharded weights never pass through dit_on_device, which applies LoRAs
+                raise SettingsError("LoRAs are not applied to weights sharded over GPUs (--parallel ...,fsdp): "
+                                    "leave out fsdp or the LoRAs.")
             check_fp8_matmul_model(self.models.dit, settings.fp8_matmul)
             return "sharded"
         return check_dit_fits(self.models.dit, self.device, num_frames, height, width, settings, self.dit_placement,

@@ -276,3 +276,17 @@ def test_more_processes_than_gpus_on_a_machine_is_one_clear_error(monkeypatch):
         _check_parallel_run(parse_parallel("cfg=2,ulysses=2"), args, GenerationSettings())
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of 2 GPUs: fits
     _check_parallel_run(parse_parallel("cfg=2,ulysses=2"), args, GenerationSettings())
+
+
+def test_loras_with_sharded_weights_are_refused_before_any_model_loads(inputs, tmp_path):
+    from test_loaders_lora import kijai_lora
+
+    lora, _ = kijai_lora(tmp_path / "style.safetensors")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    proc = subprocess.run([sys.executable, "-m", "fantasytalking_core", "generate", "--image",
+                           str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
+                           str(tmp_path / "x.mp4"), "--tiny", "--device", "cpu", "--parallel", "cfg=2,fsdp",
+                           "--lora", str(lora)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "LoRAs are not applied to weights sharded over GPUs" in proc.stderr
+    assert "random tiny models" not in proc.stderr and not (tmp_path / "x.mp4").exists()

@@ -164,3 +164,17 @@ def test_streamed_dit_makes_the_same_video(pipe, face, voice):
 
     with pytest.raises(SettingsError, match="dit_placement"):
         FantasyTalkingPipeline(pipe.models, pipe.device, dit_placement="gpu")
+
+
+def test_loras_are_refused_on_sharded_weights_not_dropped(pipe, face, voice, tmp_path):
+    from types import SimpleNamespace
+
+    from fantasytalking_core.errors import SettingsError
+    from fantasytalking_core.loaders.lora import WanLora
+
+    # a parallel run whose DiT weights are sharded (FSDP) places the DiT without dit_on_device, where LoRAs apply
+    sharded = SimpleNamespace(weights_sharded=True, map_passes=None, prepare=lambda transformer: None)
+    lora = WanLora("style", {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8)}, 1.0)
+    models = type(pipe.models)(**{**pipe.models.__dict__, "dit": pipe.models.dit.with_loras([lora])})
+    with pytest.raises(SettingsError, match="LoRAs are not applied to weights sharded"):
+        run(FantasyTalkingPipeline(models, parallel=sharded), face, voice)
