@@ -17,7 +17,10 @@ What it does, in a work folder it owns (``COMFYUI_TEST_DIR``, default ``<tmp>/fa
 5. runs each ``example_workflows/api/*.json`` through ``POST /prompt`` with two speed overrides (64-pixel frames,
    3 steps) and checks the saved mp4: frame count and rate from the recording, a video and an AAC audio stream as
    long as the video (or the recording, when that is shorter); the sampler's progress over the websocket;
-6. interrupts a 200-step run after its first step and checks that it stops there.
+6. interrupts a 200-step run after its first step and checks that it stops there;
+7. runs tests/comfyui_native_check.py (the native route's numbers) and tests/comfyui_conditioning_check.py (the
+   conditioning nodes on full-size random umT5-XXL and ViT-H/14 files against the library: 14 GB of disk in the
+   work folder, written once, and 24 GB of RAM; ``COMFYUI_SKIP_FULL_SIZE=1`` leaves it out and says so).
 
 Environment: ``COMFYUI_PATH`` (required), ``COMFYUI_PYTHON`` (default: ``venv/`` or ``.venv/`` in or beside the tree,
 else this Python), ``COMFYUI_TEST_DIR``, ``COMFYUI_ARGS`` (extra ``main.py`` flags). Exit status 0 when every check
@@ -804,6 +807,38 @@ def check_native_route(tree: Path, python: str, report: Report) -> None:
         report.say(f"native route: {line}")
 
 
+FULL_SIZE_RAM = 24e9  # bytes: the conditioning check's library side holds umT5-XXL in float32 (21 GiB)
+
+
+def check_conditioning(tree: Path, python: str, workdir: Path, report: Report) -> None:
+    """tests/comfyui_conditioning_check.py, its three phases with ComfyUI's Python: the Text Encode and Identity
+    Encode nodes on full-size random umT5-XXL and ViT-H/14 files, loaded by ComfyUI's own loaders, against the
+    library. Run after the server has stopped: one side holds 11-21 GB."""
+    if os.environ.get("COMFYUI_SKIP_FULL_SIZE") == "1":
+        report.say("conditioning check: not run (COMFYUI_SKIP_FULL_SIZE=1)")
+        return
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if not report.check(ram >= FULL_SIZE_RAM, f"conditioning check: needs {FULL_SIZE_RAM / 1e9:g} GB of RAM, this "
+                                              f"machine has {ram / 1e9:.1f} (set COMFYUI_SKIP_FULL_SIZE=1 to leave "
+                                              "it out knowingly)"):
+        return
+    script, folder = str(PACK_ROOT / "tests" / "comfyui_conditioning_check.py"), str(workdir / "full_size")
+    env = {**os.environ, "COMFYUI_PATH": str(tree)}
+    lines, failed = [], []
+    for phase in ("write", "comfy", "library"):
+        result = subprocess.run([python, script, phase, folder], env=env, capture_output=True, text=True,
+                                timeout=3600)
+        lines += [line for line in result.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
+        if result.returncode != 0:
+            failed.append(f"phase {phase} exited {result.returncode}: {result.stderr[-1500:]}")
+            break
+    failed += [line for line in lines if line.startswith("FAIL")]
+    report.check(len(lines) >= 9 and not failed,
+                 f"conditioning nodes = library on full-size encoders: {len(lines)} checks ({failed or 'all ok'})")
+    for line in lines:
+        report.say(f"conditioning: {line}")
+
+
 def work_dir() -> Path:
     return Path(os.environ.get("COMFYUI_TEST_DIR") or Path(tempfile.gettempdir()) / "fantasytalking-comfyui-test")
 
@@ -864,6 +899,7 @@ def main() -> int:
     finally:
         comfy.stop()
     check_native_route(tree, python, report)
+    check_conditioning(tree, python, workdir, report)
     if report.failures:
         print("\nFAILED checks:\n" + "\n".join(f"- {f}" for f in report.failures), flush=True)
         print(f"\nComfyUI log: {comfy.log}\n{comfy.log_tail()}", flush=True)
