@@ -340,6 +340,36 @@ def check_dit_fits(dit: FantasyTalkingModel, device: torch.device, num_frames: i
     return placement
 
 
+def sample_latents_in_worker(
+    dit: FantasyTalkingModel,
+    run: ParallelRun,
+    text_pos: torch.Tensor,
+    text_neg: torch.Tensor | None,
+    clip_tokens: torch.Tensor,
+    image_latents: torch.Tensor,
+    audio_features: torch.Tensor,
+    num_frames: int,
+    settings: GenerationSettings,
+    num_audio_tokens: int | None = None,
+    pinned_latents: torch.Tensor | None = None,
+    loras: tuple = (),
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """One clip in a :class:`~.runtime.pool.SamplerPool` worker (``pool.call(sample_latents_in_worker, ...)``):
+    :func:`sample_latents` on the worker's DiT, which waits on its GPU (whole, or sharded with ``fsdp``), with
+    ``loras`` applied for this call and the guidance passes shared over the pool (``run.map_passes``).
+    Arguments as in :func:`sample_latents`, on the CPU; returns the latents on the CPU (rank 0's are kept)."""
+    if loras and run.weights_sharded:
+        raise SettingsError(f"parallel {run.layout}: LoRAs are not applied to weights sharded over GPUs; leave "
+                            "out fsdp or the LoRAs.")
+    model = dit.with_loras(loras) if loras else dit
+    placed = (on_device(model.audio_proj, run.device) if run.weights_sharded
+              else dit_on_device(model, run.device, "resident"))
+    with placed:
+        return sample_latents(model, text_pos, text_neg, clip_tokens, image_latents, audio_features, num_frames,
+                              settings, progress, num_audio_tokens, pinned_latents, run.map_passes).cpu()
+
+
 def sample_latents(
     dit: FantasyTalkingModel,
     text_pos: torch.Tensor,

@@ -43,9 +43,10 @@ from fantasytalking_core.model.transformer import IMAGE_TOKENS, FantasyTalkingMo
 from fantasytalking_core.audio.timeline import SegmentPlan, plan_segments
 from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.long_video import stream_to_file
-from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits, sample_latents
+from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits, sample_latents, sample_latents_in_worker
 from fantasytalking_core.sampling.segments import SegmentOptions, generate_segments
 from fantasytalking_core.runtime.placement import dit_on_device, on_device
+from fantasytalking_core.runtime.pool import SamplerPool
 
 logger = logging.getLogger(__name__)
 
@@ -484,6 +485,7 @@ def sample_segments(
     make_room: Callable[[], None] | None = None,
     dit_placement: str = "resident",
     gpu_memory: float | None = None,
+    pool: SamplerPool | None = None,
 ) -> tuple[SegmentPlan, Iterator[torch.Tensor]]:
     """The whole recording ``voice`` in segments on one frame grid (``sampling.segments.generate_segments``, the
     library's segment loop) with ComfyUI's VAE: (the plan, an iterator of frame chunks [f, H, W, 3] in 0..1).
@@ -494,6 +496,10 @@ def sample_segments(
     check runs here, before anything is sampled; the work happens as the chunks are consumed, the DiT on
     ``device`` for each segment's denoising only (``make_room`` before each move: ComfyUI's VAE ran in between).
     A video of at most ``options.segment_frames`` frames is one segment: the single clip, for every chaining mode.
+
+    With a ``pool`` (a parallel layout, :mod:`.parallel`), each segment's denoising runs in the pool's workers,
+    which hold their own copies of the DiT on their GPUs: ``model`` itself stays where it is, and the memory check
+    and placement do not apply (``progress`` still sees every step and may raise to stop the workers).
     """
     check_image_tokens(identity.clip_tokens, model.transformer.config.image_dim)
     features = voice.features
@@ -502,8 +508,8 @@ def sample_segments(
     height, width = identity.pixels.shape[1:3]
     if make_room is not None:
         make_room()
-    placement = check_dit_fits(model, device, max(s.num_frames for s in plan.segments), height, width, settings,
-                               dit_placement, gpu_memory)
+    placement = None if pool is not None else check_dit_fits(
+        model, device, max(s.num_frames for s in plan.segments), height, width, settings, dit_placement, gpu_memory)
     reference = identity.pixels[0].permute(2, 0, 1) * 2 - 1  # [3, H, W] in -1..1
 
     def condition(known: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -515,7 +521,11 @@ def sample_segments(
     def sample(index: int, y: torch.Tensor, audio: torch.Tensor, num_frames: int, num_tokens: int,
                report: ProgressFn | None, pinned: torch.Tensor | None) -> torch.Tensor:
         if make_room is not None:
-            make_room()
+            make_room()  # ComfyUI's VAE ran in between; the workers' GPUs include this process's
+        if pool is not None:
+            return pool.call(sample_latents_in_worker, text_pos, text_neg, identity.clip_tokens, y, audio,
+                             num_frames, replace(settings, seed=settings.seed + index), num_tokens, pinned,
+                             model.loras, progress=report)
         with dit_on_device(model, device, placement):
             return sample_latents(model, text_pos, text_neg, identity.clip_tokens, y, audio, num_frames,
                                   replace(settings, seed=settings.seed + index), report, num_tokens, pinned)

@@ -10,9 +10,8 @@ import torch
 from comfy_api.latest import io
 
 from fantasytalking_core.audio.wav2vec2 import load_wav2vec2
-from fantasytalking_core.loaders.adapter import load_audio_adapter
 from fantasytalking_core.loaders.lora import check_lora_fits, read_wan_lora
-from fantasytalking_core.loaders.wan_dit import load_wan_dit
+from fantasytalking_core.loaders.model_source import ModelSource
 
 from . import io_types
 from .model_files import (
@@ -105,9 +104,9 @@ class ModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name: str, adapter_name: str, weight_dtype: str, compute_dtype: str) -> io.NodeOutput:
-        compute = COMPUTE_DTYPES[compute_dtype]
-        dit = load_wan_dit(dit_path(model_name), dtype=WEIGHT_DTYPES[weight_dtype] or compute, compute_dtype=compute)
-        return io.NodeOutput(load_audio_adapter(adapter_path(adapter_name), dit))
+        source = ModelSource(dit_path(model_name), adapter_path(adapter_name), WEIGHT_DTYPES[weight_dtype],
+                             COMPUTE_DTYPES[compute_dtype])
+        return io.NodeOutput(source.load())
 
 
 class Wav2Vec2Loader(io.ComfyNode):

@@ -20,6 +20,7 @@ from fantasytalking_core.sampling.segments import CHAININGS
 from fantasytalking_core.sampling.step_cache import FIRST_STEPS, LAST_STEPS, MAX_THRESHOLD
 
 from . import io_types
+from .parallel import check_parallel_text, sampler_pool
 from .convert import (PREVIEW_FRAMES, check_segment_inputs, conditioning_to_text, image_gigabytes, render_video,
                       sample_segments, segment_options)
 
@@ -132,6 +133,13 @@ class Sampler(io.ComfyNode):
                                  tooltip="With the model loaded as fp8_e4m3fn: real fp8 matrix multiplies on GPUs "
                                          "that have them (RTX 40xx, H100 and newer): faster, a little less exact. "
                                          "Other GPUs compute as without it."),
+                io.String.Input("parallel", default="", optional=True, advanced=True,
+                                tooltip="Spread each run over several GPUs, one worker process per GPU: cfg=3 runs "
+                                        "the three guidance passes of a step on three GPUs at once (cfg=2: two and "
+                                        "one); add ulysses=N or ring=N to split the video over N GPUs per pass "
+                                        "(cfg=3,ulysses=2 uses six), and fsdp to split the weights too. Each "
+                                        "worker loads its own copy of the model (once; they stay for the next "
+                                        "run). Empty: this process, one GPU."),
             ],
             outputs=[
                 io.Image.Output(display_name="images",
@@ -147,8 +155,9 @@ class Sampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, segment_frames: int, motion_frames: int, chaining: str, color_match: float,
-                        max_image_frames: int) -> bool | str:
-        return check_segment_inputs(segment_frames, motion_frames, chaining, color_match, max_image_frames)
+                        max_image_frames: int, parallel: str = "") -> bool | str:
+        return check_parallel_text(parallel) or check_segment_inputs(segment_frames, motion_frames, chaining,
+                                                                     color_match, max_image_frames)
 
     @classmethod
     def execute(cls, model, positive, negative, identity, audio_features, steps: int, cfg: float, audio_cfg: float,
@@ -158,7 +167,7 @@ class Sampler(io.ComfyNode):
                 chaining: str = "last_frame", motion_frames: int = DEFAULT_MOTION_FRAMES, color_match: float = 0.0,
                 crossfade: bool = False, max_image_frames: int = MAX_IMAGE_FRAMES,
                 filename_prefix: str = "FantasyTalking/long", compile: bool = False,
-                fp8_matmul: bool = False, step_cache: float = 0.0) -> io.NodeOutput:
+                fp8_matmul: bool = False, step_cache: float = 0.0, parallel: str = "") -> io.NodeOutput:
         options = segment_options(segment_frames, motion_frames, chaining, color_match, crossfade)
         settings = GenerationSettings(
             seed=seed, steps=steps, shift=shift, cfg=cfg, audio_cfg=audio_cfg, audio_scale=audio_scale,
@@ -174,10 +183,12 @@ class Sampler(io.ComfyNode):
             bar.update_absolute(step, total)
             mm.throw_exception_if_processing_interrupted()
 
+        device = mm.get_torch_device()
+        pool = sampler_pool(model, parallel, device, settings)
         plan, chunks = sample_segments(model, text_pos, text_neg, identity, audio_features, settings, options,
-                                       mm.get_torch_device(), progress, make_room=mm.unload_all_models,
+                                       device, progress, make_room=mm.unload_all_models,
                                        dit_placement="streamed" if offload_blocks else "resident",
-                                       gpu_memory=gpu_memory_gb or None)
+                                       gpu_memory=gpu_memory_gb or None, pool=pool)
         width, height = identity.frame_size
         saved: list[ui.SavedResult] = []
 

@@ -682,6 +682,42 @@ def check_lora(comfy: ComfyUI, path: Path, output: Path, report: Report) -> None
                            if m[0] == "execution_error"), "?")[:160])
 
 
+def check_parallel(comfy: ComfyUI, path: Path, output: Path, durations: dict, report: Report) -> None:
+    """The sampler's ``parallel`` input: cfg=2 runs the guidance passes in two worker processes (gloo on this CPU),
+    each loading the model from its files, and makes the video of the same graph without it (already run) to the
+    mp4's rounding, with progress on the node; a malformed layout is refused before the run and one this machine
+    cannot run stops the run with its one-line reason."""
+    runs = sorted(output.rglob(f"{path.stem}_*.mp4"))
+    if not report.check(bool(runs), f"parallel: the plain run of {path.stem} is there to compare with"):
+        return
+    run_workflow(comfy, path, output, durations, report, {"parallel": "cfg=2"})
+    new = sorted(set(output.rglob(f"{path.stem}_*.mp4")) - set(runs))
+    if report.check(len(new) == 1, f"parallel cfg=2: one new mp4 ({new})"):
+        ours, plain = decoded_frames(new[0]), decoded_frames(runs[0])
+        change = float(abs(ours - plain).mean()) if ours.shape == plain.shape else float("nan")
+        # float32 results equal to 1e-4 (tests/test_nodes_convert.py); 8-bit rounding and the codec may move a
+        # few pixels by a step, far below what any change of the graph does (the LoRA: about 20 of 255)
+        report.check(change <= 0.5, f"parallel cfg=2: the same video as one process (mean |difference| "
+                                    f"{change:.3f} of 255)")
+        report.say(f"parallel cfg=2 (two worker processes): mean |difference| {change:.3f} of 255 per pixel against "
+                   "the same graph in one process")
+    prompt = load_api_workflow(path)
+    _, sampler = node_of(prompt, "FantasyTalkingSampler")
+    sampler["inputs"]["parallel"] = "cfg=two"
+    status, reply = submit(comfy, prompt, "fantasytalking-parallel-form")
+    report.check(status == 400 and "cfg needs a whole number of processes" in json.dumps(reply),
+                 f"parallel 'cfg=two' refused before the run ({status} {json.dumps(reply)[:400]})")
+    sampler["inputs"]["parallel"] = "ulysses=2"
+    status, reply = submit(comfy, prompt, "fantasytalking-parallel-cpu")
+    entry = wait_history(comfy, reply["prompt_id"]) if status == 200 else {"status": {}}
+    messages = json.dumps(entry["status"].get("messages", []))
+    if report.check(entry["status"].get("status_str") == "error" and "on the CPU use cfg=N alone" in messages,
+                    f"parallel ulysses=2 on a CPU: stopped with its reason ({messages[-400:]})"):
+        report.say("parallel: 'cfg=two' refused by validation (HTTP 400); ulysses=2 on this CPU stops the run: "
+                   + next((m[1].get("exception_message", "") for m in entry["status"]["messages"]
+                           if m[0] == "execution_error"), "?")[:200])
+
+
 def check_missing_model_refused(comfy: ComfyUI, path: Path, report: Report) -> None:
     prompt = load_api_workflow(path)
     _, loader = node_of(prompt, "FantasyTalkingModelLoader")
@@ -893,6 +929,7 @@ def main() -> int:
             else:
                 check_native_workflow_validates(comfy, path, report)
         check_lora(comfy, WORKFLOWS / "api" / "talking_portrait.json", base / "output", report)
+        check_parallel(comfy, WORKFLOWS / "api" / "talking_portrait.json", base / "output", durations, report)
         if workflows:
             check_interrupt(comfy, workflows[0], report)
         check_status_on_nodes(comfy, WORKFLOWS / "api" / "talking_portrait.json", workdir, report)

@@ -18,10 +18,27 @@ LATENT_HW = (6, 8)  # 3 x 4 patches per frame
 TOKENS = 5 * 3 * 4
 
 
-def load_model(dtype: torch.dtype = torch.float32):
+def load_model(dtype: torch.dtype = torch.float32, fp8_file: str | None = None):
+    """The fixture's tiny DiT + adapter computing in ``dtype``; from ``fp8_file`` (the same DiT in ComfyUI's fp8
+    scaled layout, :func:`write_fp8_dit`) its block weights stay fp8 in memory."""
+    from fantasytalking_core.loaders.adapter import load_audio_adapter
+    from fantasytalking_core.loaders.wan_dit import load_wan_dit
     from fantasytalking_core.parity import load_fixture_model
 
-    return load_fixture_model(FIXTURE, "dit.safetensors", "fantasytalking.ckpt", dtype=dtype)
+    if fp8_file is None:
+        return load_fixture_model(FIXTURE, "dit.safetensors", "fantasytalking.ckpt", dtype=dtype)
+    dit = load_wan_dit(fp8_file, config=FIXTURE / "dit" / "config.json", fp8_storage=True, compute_dtype=dtype)
+    return load_audio_adapter(FIXTURE / "dit" / "fantasytalking.ckpt", dit, dtype=dtype)
+
+
+def write_fp8_dit(folder: Path) -> str:
+    """The fixture's DiT as a ComfyUI fp8 scaled file in ``folder``; its path."""
+    from model_files import save_wan_file, to_fp8_scaled
+
+    from fantasytalking_core.loaders.state_dict import open_checkpoint
+
+    state = dict(open_checkpoint(FIXTURE / "dit" / "dit.safetensors").items())
+    return str(save_wan_file(to_fp8_scaled(state), folder / "dit_fp8_scaled.safetensors"))
 
 
 def run_inputs() -> dict:
@@ -36,7 +53,7 @@ def run_inputs() -> dict:
     }
 
 
-def sample(model, map_passes=None, batch_passes: bool = False) -> torch.Tensor:
+def sample(model, map_passes=None, batch_passes: bool = False, progress=None) -> torch.Tensor:
     """[1, 16, 5, 6, 8] float32 denoised latent of the 2-step run (3 passes at step 0, 2 at step 1)."""
     from fantasytalking_core.sampling.denoise import generate_latents
     from fantasytalking_core.sampling.guidance import GuidanceConfig
@@ -46,7 +63,7 @@ def sample(model, map_passes=None, batch_passes: bool = False) -> torch.Tensor:
     return generate_latents(model, x["text_pos"], x["text_neg"], x["clip_tokens"], x["image_latents"],
                             x["audio_features"], NUM_FRAMES, guidance=GuidanceConfig(4.5, 3.0, 0.0, 0.5),
                             sigmas=flow_match_sigmas(2, 5.0), seed=3, audio_scale=x["audio_scale"],
-                            batch_passes=batch_passes, map_passes=map_passes)
+                            batch_passes=batch_passes, map_passes=map_passes, progress=progress)
 
 
 def allow_cpu_context_parallel() -> None:
@@ -81,12 +98,14 @@ def allow_cpu_ring_attention() -> None:
 @dataclass(frozen=True)
 class Case:
     """One parallel run: the layout, the compute dtype (bf16 runs the official float32-island forward), batched
-    guidance passes, and whether to strip the processors' parallel config (the unaware-processor negative case)."""
+    guidance passes, whether to strip the processors' parallel config (the unaware-processor negative case), and
+    an fp8 scaled DiT file whose weights stay fp8 (None: the float32 fixture)."""
 
     layout: str
     dtype: torch.dtype = torch.float32
     batch_passes: bool = False
     unaware: bool = False
+    fp8_file: str | None = None
 
 
 def run_case(rank: int, world: int, case: Case, out: Path) -> None:
@@ -100,7 +119,7 @@ def run_case(rank: int, world: int, case: Case, out: Path) -> None:
     if layout.ring > 1:
         allow_cpu_ring_attention()  # Ulysses keeps diffusers' native op: the single-process run's SDPA
     run = ParallelRun(layout, "cpu")
-    model = load_model(case.dtype)
+    model = load_model(case.dtype, case.fp8_file)
     whole = sum(p.numel() for p in model.transformer.parameters())
     run.prepare(model.transformer)
     held = sum(getattr(p, "_local_tensor", p).numel() for p in model.transformer.parameters())
@@ -118,13 +137,32 @@ def run_case(rank: int, world: int, case: Case, out: Path) -> None:
     torch.save(sample(model, run.map_passes, case.batch_passes), out / f"rank{rank}.pt")
     (out / f"rank{rank}.passes").write_text(str(sum(calls)))
     if rank == 0:
-        torch.save(sample(load_model(case.dtype), None, case.batch_passes), out / "reference.pt")
+        torch.save(sample(load_model(case.dtype, case.fp8_file), None, case.batch_passes), out / "reference.pt")
 
 
 def sample_in_pool(model, run, batch_passes: bool = False) -> torch.Tensor:
     """What a :class:`~fantasytalking_core.runtime.pool.SamplerPool` worker runs per call: :func:`sample` with
     the guidance passes shared over the pool."""
     return sample(model, run.map_passes, batch_passes)
+
+
+def sample_in_pool_with_progress(model, run, progress=None) -> torch.Tensor:
+    """:func:`sample_in_pool` reporting its steps through the pool's ``progress``."""
+    return sample(model, run.map_passes, progress=progress)
+
+
+def refuse_in_pool(model, run) -> None:
+    """A call every worker refuses with a user-facing error, as a memory or layout check does."""
+    from fantasytalking_core.errors import SettingsError
+
+    raise SettingsError(f"refused on rank {run.rank}: not enough GPU memory for 4093 frames")
+
+
+def dying_load():
+    """A model loader whose process dies without a word (as a worker that cannot even import the engine does)."""
+    import os
+
+    os._exit(3)
 
 
 def failing_load():

@@ -76,8 +76,13 @@ class CLIPVisionOutput:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return load_models(make_tiny_models(tmp_path_factory.mktemp("models")), compute_dtype=torch.float32)
+def model_files(tmp_path_factory):
+    return make_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def models(model_files):
+    return load_models(model_files, compute_dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -500,6 +505,35 @@ def test_long_video_interrupted_leaves_no_file(models, face, tmp_path):
     with pytest.raises(Interrupted):
         convert.render_video(plan, chunks, encoded, 0, lambda: tmp_path / "long.mp4")
     assert list(tmp_path.iterdir()) == [] and models.dit.device == CPU
+
+
+def test_a_long_video_through_a_guidance_pool_is_the_one_process_video(models, model_files, face):
+    """The sampler's parallel route: cfg=2 worker processes (gloo here), each loading the model from its files,
+    make the video of one process, report every step of every segment, and stay for the next run."""
+    from fantasytalking_core.loaders.model_source import ModelSource
+
+    from nodes.parallel import close_sampler_pool, sampler_pool
+
+    text, identity, encoded, settings = node_inputs(models, face, long_voice())
+    options = convert.segment_options(13, 5, "pinned_latents")
+    plan, chunks = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU)
+    reference = convert.render_video(plan, chunks, encoded, 100, lambda: pytest.fail("kept as images")).images
+
+    model = ModelSource(str(model_files.dit), str(model_files.adapter), None, torch.float32).load()
+    try:
+        pool = sampler_pool(model, "cfg=2", CPU, settings)
+        calls, room = [], []
+        plan, chunks = convert.sample_segments(model, text, text, identity, encoded, settings, options, CPU,
+                                               lambda i, n: calls.append((i, n)), lambda: room.append(1), pool=pool)
+        video = convert.render_video(plan, chunks, encoded, 100, lambda: pytest.fail("kept as images"))
+        assert calls == [(i, 6) for i in range(1, 7)]  # one bar over 2 steps x 3 segments, from the workers
+        assert len(room) == 4  # before the run and before each segment (ComfyUI's VAE ran in between)
+        assert sampler_pool(model, " cfg=2 ", CPU, settings) is pool and pool.alive  # kept for the next run
+    finally:
+        close_sampler_pool()
+    assert not pool.alive
+    # float32 parity bound (tests/fixtures/official/README.md); the workers may use other thread counts
+    torch.testing.assert_close(video.images, reference, rtol=0, atol=1e-4)
 
 
 def test_segment_inputs_are_checked_before_the_run_with_one_line():

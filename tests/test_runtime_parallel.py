@@ -141,3 +141,20 @@ def test_four_rank_meshes_equal_one_process(tmp_path, layout):
         torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
     # ranks 0, 1 share cfg group 0 (mesh order cfg, ring, ulysses): 2 + 1 passes, the other group 1 + 1
     assert passes == ([3, 3, 2, 2] if layout.startswith("cfg") else [5] * 4)
+
+
+@pytest.mark.parametrize("layout", ["cfg=2", "ulysses=2", "ulysses=2,fsdp"])
+def test_fp8_weights_under_each_parallel_layout_equal_one_process(tmp_path, layout):
+    """Weights kept as fp8 (ComfyUI's fp8 scaled file, upcast per layer to bf16 here, as on GPUs without fp8
+    matmuls): guidance passes over ranks, the tokens split, and the fp8 weights themselves sharded by FSDP2 give
+    the single-process latent of the same fp8 model."""
+    from parallel_cases import write_fp8_dit
+
+    fp8_file = write_fp8_dit(tmp_path)
+    reference, ranks, _ = run_layout(tmp_path, 2, Case(layout, dtype=torch.bfloat16, fp8_file=fp8_file))
+    assert reference.abs().max() > 0.1
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
+    if "fsdp" in layout:  # each rank holds half of the (fp8) weights
+        held = [float((tmp_path / f"rank{r}.held").read_text()) for r in range(2)]
+        assert all(0.49 < share < 0.51 for share in held), held

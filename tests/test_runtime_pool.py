@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_cases import failing_load, load_model, sample, sample_in_pool
+from parallel_cases import (dying_load, failing_load, load_model, refuse_in_pool, sample, sample_in_pool,
+                            sample_in_pool_with_progress)
 
 from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.runtime.parallel import ParallelLayout
@@ -32,6 +33,77 @@ def test_a_layout_that_does_not_fit_the_gpus_present_is_refused_before_starting(
         SamplerPool(ParallelLayout(ulysses=2), load_model, "cpu")
 
 
+def test_a_worker_that_dies_without_a_word_is_reported_at_once_not_after_the_timeout():
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match=r"pool worker \d exited \(code 3\) without an answer"):
+        SamplerPool(ParallelLayout(cfg=2), dying_load, "cpu", timeout_s=600)
+    assert time.monotonic() - started < 120
+
+
 def test_a_failing_worker_names_its_rank_and_error():
     with pytest.raises(WorkerError, match=r"pool worker \d failed: FileNotFoundError: no DiT at /nowhere"):
         SamplerPool(ParallelLayout(cfg=2), failing_load, "cpu", timeout_s=120)
+
+
+class Interrupted(Exception):
+    """Stands in for ComfyUI's InterruptProcessingException."""
+
+
+def test_progress_reaches_the_host_and_a_raise_stops_every_worker_at_that_step():
+    """The host sees rank 0's steps in order; raising in its progress stops all workers at the same step (none is
+    left in a collective), the host gets its own exception back, and the same workers then run the next call."""
+    reference = sample(load_model())
+    steps = []
+    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300) as pool:
+        pids = [p.pid for p in pool._processes]
+        first = pool.call(sample_in_pool_with_progress, progress=lambda step, total: steps.append((step, total)))
+        assert steps == [(1, 2), (2, 2)]
+
+        def stop(step, total):
+            steps.append(step)
+            raise Interrupted
+
+        steps.clear()
+        with pytest.raises(Interrupted):
+            pool.call(sample_in_pool_with_progress, progress=stop)
+        assert steps == [1]  # no step reported after the one that raised
+        again = pool.call(sample_in_pool_with_progress, progress=lambda step, total: None)
+        assert pool.alive and [p.pid for p in pool._processes] == pids
+    torch.testing.assert_close(first, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again, reference, rtol=0, atol=1e-5)
+
+
+def test_a_refusal_in_the_workers_reaches_the_host_as_that_error_in_one_line():
+    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300) as pool:
+        with pytest.raises(SettingsError) as refused:
+            pool.call(refuse_in_pool)
+        assert "\n" not in str(refused.value) and "not enough GPU memory for 4093 frames" in str(refused.value)
+        assert pool.alive  # a refusal leaves the workers ready
+
+
+def test_a_clip_in_the_workers_with_a_lora_is_the_one_process_clip(tmp_path):
+    """pipeline.sample_latents_in_worker: the workers' model with a LoRA for this call (none left afterwards), the
+    passes shared over cfg=2, equals sample_latents in one process with the same LoRA."""
+    from parallel_cases import NUM_FRAMES, run_inputs
+    from test_loaders_lora import kijai_lora
+
+    from fantasytalking_core.loaders.lora import read_wan_lora
+    from fantasytalking_core.pipeline import GenerationSettings, sample_latents, sample_latents_in_worker
+    from fantasytalking_core.runtime.placement import dit_on_device
+
+    lora = read_wan_lora(kijai_lora(tmp_path / "lora.safetensors")[0], 0.8, name="talk")
+    x = run_inputs()
+    args = (x["text_pos"], x["text_neg"], x["clip_tokens"], x["image_latents"], x["audio_features"], NUM_FRAMES,
+            GenerationSettings(steps=2, seed=3, audio_guidance_range=(0.0, 0.5)))
+    model = load_model().with_loras([lora])
+    with dit_on_device(model, torch.device("cpu")):
+        reference = sample_latents(model, *args)
+    plain = sample_latents(load_model(), *args)
+    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300) as pool:
+        with_lora = pool.call(sample_latents_in_worker, *args, loras=(lora,))
+        without = pool.call(sample_latents_in_worker, *args)  # the LoRA was for that call only
+    torch.testing.assert_close(with_lora, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(without, plain, rtol=0, atol=1e-5)
+    assert (reference - plain).abs().max() > 1e-2  # the LoRA changes the clip

@@ -141,12 +141,15 @@ class FantasyTalkingModel(nn.Module):
         self.execution_device: torch.device | None = None
         # LoRAs (loaders.lora.WanLora) applied while the model samples (runtime.placement.dit_on_device)
         self.loras: tuple = ()
+        # the files it was loaded from (loaders.model_source.ModelSource), for worker processes to load it too
+        self.source = None
 
     def with_loras(self, loras: Sequence) -> FantasyTalkingModel:
         """A model sharing this one's weights that samples with ``loras`` added to this one's (``WanLora``s; names
         must be unique). This model is unchanged: in ComfyUI the loader's cached model stays LoRA-free."""
         model = FantasyTalkingModel(self.transformer, self.audio_proj, self.precision)
         model.loras = (*self.loras, *loras)
+        model.source = self.source
         names = [lora.name for lora in model.loras]
         if len(set(names)) != len(names):
             raise ValueError(f"the same LoRA name twice: {names}; give each LoRA once.")

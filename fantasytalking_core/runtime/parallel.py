@@ -164,6 +164,13 @@ class ParallelRun:
         self._cfg_group = self.mesh.get_group("cfg") if layout.cfg > 1 else None
 
     @property
+    def device(self) -> torch.device:
+        """This process's compute device: its current GPU, or the CPU (gloo)."""
+        if self.mesh.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
     def is_main(self) -> bool:
         """True on global rank 0: the one process that writes the video and prints progress."""
         return self.rank == 0

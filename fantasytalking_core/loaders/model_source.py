@@ -1,0 +1,42 @@
+"""Where a loaded FantasyTalking model came from: what another process needs to load the same model.
+
+A host that keeps one model in memory and spreads a run over worker processes (ComfyUI's sampler with a
+``parallel`` layout, :mod:`~fantasytalking_core.runtime.pool`) cannot send a 14B model through a pipe; each
+worker loads its own copy from the same files, the same way. :class:`ModelSource` holds those files and options
+(picklable), and :meth:`ModelSource.load` is the one way both the host and the workers load them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.transformer import FantasyTalkingModel
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The files and options of one FantasyTalking model.
+
+    Attributes:
+        dit: the Wan2.1-I2V DiT (any format :func:`~.wan_dit.load_wan_dit` reads).
+        adapter: the FantasyTalking adapter (``fantasytalking_model.ckpt`` or its safetensors repack).
+        weight_dtype: the dtype the DiT's weights are kept in; None: ``compute_dtype`` (GGUF stays quantized).
+        compute_dtype: the dtype the DiT computes in (bf16 official).
+    """
+
+    dit: str
+    adapter: str
+    weight_dtype: torch.dtype | None = None
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    def load(self) -> FantasyTalkingModel:
+        """The DiT with the adapter joined, on the CPU; its ``source`` is this."""
+        from .adapter import load_audio_adapter
+        from .wan_dit import load_wan_dit
+
+        dit = load_wan_dit(self.dit, dtype=self.weight_dtype or self.compute_dtype, compute_dtype=self.compute_dtype)
+        model = load_audio_adapter(self.adapter, dit)
+        model.source = self
+        return model

@@ -1,0 +1,79 @@
+"""The sampler's worker processes for a ``parallel`` layout, one per GPU, kept between runs.
+
+Starting the workers costs a model load each (minutes for the 14B model), so the pool stays for the next run with
+the same model files and layout, and is closed when either changes, when a run leaves it stuck, or when ComfyUI
+exits. One pool at a time: a second layout would need the same GPUs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+
+import torch
+
+from fantasytalking_core.errors import SettingsError
+from fantasytalking_core.model.transformer import FantasyTalkingModel
+from fantasytalking_core.pipeline import GenerationSettings
+from fantasytalking_core.runtime.parallel import check_layout, parse_parallel
+from fantasytalking_core.runtime.pool import SamplerPool, check_layout_fits
+from fantasytalking_core.sampling.guidance import GuidanceConfig, max_passes
+
+logger = logging.getLogger(__name__)
+_pool: tuple[tuple, SamplerPool] | None = None  # (what it was started for, the pool)
+
+
+def check_parallel_text(text: str) -> str | None:
+    """The sampler's ``parallel`` input checked for its form (before the run): None when fine, else the message."""
+    if not text.strip():
+        return None
+    try:
+        parse_parallel(text)
+    except SettingsError as exc:
+        return f"FantasyTalking Sampler: {exc}"
+    return None
+
+
+def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device,
+                 settings: GenerationSettings) -> SamplerPool | None:
+    """The worker pool for ``text`` (e.g. ``"cfg=3"``, ``"cfg=3,ulysses=2"``), started or reused; None (and any
+    pool closed) when ``text`` is empty. Refuses, in one line and before any worker starts, a layout this run or
+    this machine cannot use: more GPUs than present, more cfg ranks than guidance passes, LoRAs with ``fsdp``, a
+    model that was not loaded from files."""
+    global _pool
+    if not text.strip():
+        close_sampler_pool()
+        return None
+    layout = parse_parallel(text)
+    where = f"FantasyTalking Sampler: parallel {layout}"
+    guidance = GuidanceConfig(settings.cfg, settings.audio_cfg, *settings.audio_guidance_range)
+    try:
+        check_layout(layout, layout.world_size, max_passes(settings.steps, guidance),
+                     model.transformer.config.num_attention_heads, settings.attention)
+        check_layout_fits(layout, device.type)
+    except SettingsError as exc:
+        raise SettingsError(f"FantasyTalking Sampler: {exc}".replace("--parallel", "parallel")) from None
+    if layout.fsdp and model.loras:
+        raise SettingsError(f"{where}: LoRAs are not applied to weights sharded over GPUs; leave out fsdp or the "
+                            "LoRAs.")
+    if model.source is None:
+        raise SettingsError(f"{where}: each worker loads the model from its files, and this model did not come "
+                            "from FantasyTalking Model Loader; load it there.")
+    key = (model.source, str(layout), device.type)
+    if _pool is not None and _pool[0] == key and _pool[1].alive:
+        return _pool[1]
+    close_sampler_pool()
+    logger.info("%s: starting %d workers, each loading %s", where, layout.world_size, model.source.dit)
+    _pool = (key, SamplerPool(layout, model.source.load, device.type))
+    return _pool[1]
+
+
+def close_sampler_pool() -> None:
+    """Stop the workers, if any (their models go with them)."""
+    global _pool
+    if _pool is not None:
+        _pool[1].close()
+        _pool = None
+
+
+atexit.register(close_sampler_pool)

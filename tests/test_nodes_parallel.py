@@ -1,0 +1,37 @@
+"""nodes/parallel.py: the sampler's ``parallel`` input, refused in one line before any worker starts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fantasytalking_core.errors import SettingsError
+from fantasytalking_core.pipeline import GenerationSettings
+from nodes.parallel import check_parallel_text, sampler_pool
+
+CPU = torch.device("cpu")
+
+
+def test_the_layout_text_is_checked_for_its_form():
+    assert check_parallel_text("") is None and check_parallel_text("  ") is None
+    assert check_parallel_text("cfg=3,ulysses=2") is None
+    assert check_parallel_text("cfg=two") == ("FantasyTalking Sampler: --parallel 'cfg=two': cfg needs a whole "
+                                              "number of processes, got 'two'.")
+    assert "unknown axis 'gpus'" in check_parallel_text("gpus=4")
+
+
+def test_no_layout_means_no_pool(tiny_model):
+    assert sampler_pool(tiny_model, "", CPU, GenerationSettings()) is None
+
+
+@pytest.mark.parametrize("text, settings, message", [
+    ("cfg=4", GenerationSettings(), "a step of this run has at most 3 guidance passes to spread, so cfg can be at "
+                                    "most 3"),
+    ("cfg=3", GenerationSettings(cfg=1.0), "at most 2 guidance passes"),
+    ("ulysses=2", GenerationSettings(), "ring/ulysses split the video tokens over GPUs; on the CPU use cfg=N"),
+    ("cfg=2", GenerationSettings(), "this model did not come from FantasyTalking Model Loader"),
+])
+def test_a_layout_this_run_cannot_use_is_refused_before_any_worker_starts(tiny_model, text, settings, message):
+    with pytest.raises(SettingsError, match="^FantasyTalking Sampler: ") as refused:
+        sampler_pool(tiny_model, text, CPU, settings)
+    assert message in str(refused.value) and "--parallel" not in str(refused.value)
