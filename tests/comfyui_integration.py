@@ -730,12 +730,16 @@ def check_missing_model_refused(comfy: ComfyUI, path: Path, report: Report) -> N
                f"\"{next((e['details'] for n in reply.get('node_errors', {}).values() for e in n['errors']), '?')}\"")
 
 
-def check_interrupt(comfy: ComfyUI, path: Path, report: Report) -> None:
+def check_interrupt(comfy: ComfyUI, path: Path, report: Report, overrides: dict | None = None) -> None:
+    """/interrupt after the sampler's first step stops it there (with ``overrides``, e.g. a parallel layout whose
+    worker processes must stop too); the server answers afterwards."""
     prompt = load_api_workflow(path)
     sampler_id, sampler = node_of(prompt, "FantasyTalkingSampler")
-    sampler["inputs"].update(steps=INTERRUPT_STEPS, seed=sampler["inputs"]["seed"] + 1)
-    events = Events(comfy.port, "fantasytalking-interrupt")
-    status, reply = submit(comfy, prompt, "fantasytalking-interrupt")
+    sampler["inputs"].update(steps=INTERRUPT_STEPS, seed=sampler["inputs"]["seed"] + 1, **(overrides or {}))
+    client = "fantasytalking-interrupt" + "".join(f"-{v}" for v in (overrides or {}).values())
+    name = "interrupt" + "".join(f" {k}={v}" for k, v in (overrides or {}).items())
+    events = Events(comfy.port, client)
+    status, reply = submit(comfy, prompt, client)
     if not report.check(status == 200, f"interrupt run accepted ({status} {reply})"):
         return
     prompt_id = reply["prompt_id"]
@@ -751,9 +755,9 @@ def check_interrupt(comfy: ComfyUI, path: Path, report: Report) -> None:
     last = max((p["value"] for p in events.of("progress", prompt_id) if p.get("node") == sampler_id), default=0)
     interrupted = bool(events.of("execution_interrupted", prompt_id))
     report.check(interrupted and entry["status"]["status_str"] == "error" and last < INTERRUPT_STEPS,
-                 f"interrupt stops the sampler between steps (interrupted={interrupted}, last step {last}/{INTERRUPT_STEPS})")
-    report.check("system" in comfy.get("/system_stats"), "server answers after the interrupt")
-    report.say(f"interrupt: /interrupt after the first progress message stopped the sampler at step {last}/{INTERRUPT_STEPS} "
+                 f"{name} stops the sampler between steps (interrupted={interrupted}, last step {last}/{INTERRUPT_STEPS})")
+    report.check("system" in comfy.get("/system_stats"), f"server answers after the {name}")
+    report.say(f"{name}: /interrupt after the first progress message stopped the sampler at step {last}/{INTERRUPT_STEPS} "
                f"(execution_interrupted: {interrupted}); server still answers")
 
 
@@ -932,6 +936,7 @@ def main() -> int:
         check_parallel(comfy, WORKFLOWS / "api" / "talking_portrait.json", base / "output", durations, report)
         if workflows:
             check_interrupt(comfy, workflows[0], report)
+            check_interrupt(comfy, workflows[0], report, {"parallel": "cfg=2"})
         check_status_on_nodes(comfy, WORKFLOWS / "api" / "talking_portrait.json", workdir, report)
     finally:
         comfy.stop()

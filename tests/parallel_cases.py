@@ -99,19 +99,22 @@ def allow_cpu_ring_attention() -> None:
 class Case:
     """One parallel run: the layout, the compute dtype (bf16 runs the official float32-island forward), batched
     guidance passes, whether to strip the processors' parallel config (the unaware-processor negative case), and
-    an fp8 scaled DiT file whose weights stay fp8 (None: the float32 fixture)."""
+    an fp8 scaled DiT file whose weights stay fp8 (None: the float32 fixture), and a ``torch.compile`` backend
+    for the blocks of the parallel run (None: eager; the reference stays eager)."""
 
     layout: str
     dtype: torch.dtype = torch.float32
     batch_passes: bool = False
     unaware: bool = False
     fp8_file: str | None = None
+    compile: str | None = None
 
 
 def run_case(rank: int, world: int, case: Case, out: Path) -> None:
     """Sample under ``case`` and save this rank's latent and how many passes it computed (or the error an unaware
     processor raises); rank 0 also saves the single-process reference, computed here with the same threads."""
     from fantasytalking_core.model.adapter import TokenLayoutError, audio_processors
+    from fantasytalking_core.runtime.compile import compiled_blocks
     from fantasytalking_core.runtime.parallel import ParallelRun, parse_parallel
 
     allow_cpu_context_parallel()
@@ -134,7 +137,12 @@ def run_case(rank: int, world: int, case: Case, out: Path) -> None:
         return
     calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))  # rows per DiT pass
-    torch.save(sample(model, run.map_passes, case.batch_passes), out / f"rank{rank}.pt")
+    with compiled_blocks(model.transformer, case.compile is not None, case.compile or "inductor"):
+        torch.save(sample(model, run.map_passes, case.batch_passes), out / f"rank{rank}.pt")
+    if case.compile is not None:
+        from torch._dynamo.utils import counters
+
+        (out / f"rank{rank}.graphs").write_text(str(counters["stats"]["unique_graphs"]))
     (out / f"rank{rank}.passes").write_text(str(sum(calls)))
     if rank == 0:
         torch.save(sample(load_model(case.dtype, case.fp8_file), None, case.batch_passes), out / "reference.pt")
