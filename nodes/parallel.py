@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from fantasytalking_core.errors import SettingsError
+from fantasytalking_core.errors import MissingDependencyError, SettingsError
 from fantasytalking_core.model.transformer import FantasyTalkingModel
 from fantasytalking_core.pipeline import GenerationSettings
 from fantasytalking_core.runtime.parallel import check_layout, parse_parallel
@@ -34,12 +34,13 @@ def check_parallel_text(text: str) -> str | None:
     return None
 
 
-def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device,
-                 settings: GenerationSettings) -> SamplerPool | None:
+def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, settings: GenerationSettings,
+                 backend: str = "processes") -> SamplerPool | None:
     """The worker pool for ``text`` (e.g. ``"cfg=3"``, ``"cfg=3,ulysses=2"``), started or reused; None (and any
-    pool closed) when ``text`` is empty. Refuses, in one line and before any worker starts, a layout this run or
-    this machine cannot use: more GPUs than present, more cfg ranks than guidance passes, LoRAs with ``fsdp``, a
-    model that was not loaded from files."""
+    pool closed) when ``text`` is empty. ``backend``: ``"processes"`` on this machine's GPUs, or ``"ray"`` (Ray
+    actors, on the GPUs of the Ray cluster this process joins). Refuses, in one line and before any worker
+    starts, a layout this run or the GPUs cannot use: more GPUs than present, more cfg ranks than guidance
+    passes, LoRAs with ``fsdp``, a model that was not loaded from files, Ray without the ray package."""
     global _pool
     if not text.strip():
         close_sampler_pool()
@@ -50,7 +51,8 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device,
     try:
         check_layout(layout, layout.world_size, max_passes(settings.steps, guidance),
                      model.transformer.config.num_attention_heads, settings.attention)
-        check_layout_fits(layout, device.type)
+        if backend == "processes":  # a Ray pool checks its cluster's GPUs as it starts
+            check_layout_fits(layout, device.type)
     except SettingsError as exc:
         raise SettingsError(f"FantasyTalking Sampler: {exc}".replace("--parallel", "parallel")) from None
     if layout.fsdp and model.loras:
@@ -59,12 +61,16 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device,
     if model.source is None:
         raise SettingsError(f"{where}: each worker loads the model from its files, and this model did not come "
                             "from FantasyTalking Model Loader; load it there.")
-    key = (model.source, str(layout), device.type)
+    key = (model.source, str(layout), device.type, backend)
     if _pool is not None and _pool[0] == key and _pool[1].alive:
         return _pool[1]
     close_sampler_pool()
-    logger.info("%s: starting %d workers, each loading %s", where, layout.world_size, model.source.dit)
-    _pool = (key, SamplerPool(layout, model.source.load, device.type))
+    logger.info("%s: starting %d workers (%s), each loading %s", where, layout.world_size, backend,
+                model.source.dit)
+    try:
+        _pool = (key, SamplerPool(layout, model.source.load, device.type, backend=backend))
+    except (SettingsError, MissingDependencyError) as exc:
+        raise type(exc)(f"FantasyTalking Sampler: {exc}") from None
     return _pool[1]
 
 

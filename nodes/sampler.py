@@ -16,6 +16,7 @@ from fantasytalking_core.audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SE
 from fantasytalking_core.model.limits import MAX_FRAMES, MAX_VIDEO_FRAMES
 from fantasytalking_core.pipeline import GenerationSettings
 from fantasytalking_core.runtime.attention import ATTENTION_BACKENDS
+from fantasytalking_core.runtime.pool import POOL_BACKENDS
 from fantasytalking_core.sampling.segments import CHAININGS
 from fantasytalking_core.sampling.step_cache import FIRST_STEPS, LAST_STEPS, MAX_THRESHOLD
 
@@ -140,6 +141,12 @@ class Sampler(io.ComfyNode):
                                         "(cfg=3,ulysses=2 uses six), and fsdp to split the weights too. Each "
                                         "worker loads its own copy of the model (once; they stay for the next "
                                         "run). Empty: this process, one GPU."),
+                io.Combo.Input("parallel_workers", options=list(POOL_BACKENDS), default="processes", optional=True,
+                               advanced=True,
+                               tooltip="How the parallel workers start: processes on this machine's GPUs, or ray "
+                                       "(needs pip install ray): Ray actors on the GPUs of the Ray cluster this "
+                                       "ComfyUI joins (set RAY_ADDRESS before starting it), several machines "
+                                       "included; without a cluster Ray starts one on this machine."),
             ],
             outputs=[
                 io.Image.Output(display_name="images",
@@ -167,7 +174,8 @@ class Sampler(io.ComfyNode):
                 chaining: str = "last_frame", motion_frames: int = DEFAULT_MOTION_FRAMES, color_match: float = 0.0,
                 crossfade: bool = False, max_image_frames: int = MAX_IMAGE_FRAMES,
                 filename_prefix: str = "FantasyTalking/long", compile: bool = False,
-                fp8_matmul: bool = False, step_cache: float = 0.0, parallel: str = "") -> io.NodeOutput:
+                fp8_matmul: bool = False, step_cache: float = 0.0, parallel: str = "",
+                parallel_workers: str = "processes") -> io.NodeOutput:
         options = segment_options(segment_frames, motion_frames, chaining, color_match, crossfade)
         settings = GenerationSettings(
             seed=seed, steps=steps, shift=shift, cfg=cfg, audio_cfg=audio_cfg, audio_scale=audio_scale,
@@ -184,7 +192,7 @@ class Sampler(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()
 
         device = mm.get_torch_device()
-        pool = sampler_pool(model, parallel, device, settings)
+        pool = sampler_pool(model, parallel, device, settings, parallel_workers)
         plan, chunks = sample_segments(model, text_pos, text_neg, identity, audio_features, settings, options,
                                        device, progress, make_room=mm.unload_all_models,
                                        dit_placement="streamed" if offload_blocks else "resident",

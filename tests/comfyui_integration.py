@@ -224,12 +224,15 @@ def python_value(python: str, code: str) -> str:
 
 
 def install_requirements(python: str, workdir: Path) -> tuple[str, str]:
-    """pip install -r requirements.txt into ComfyUI's Python, torch pinned; (torch before, torch after)."""
+    """pip install -r requirements.txt into ComfyUI's Python, torch pinned, then the optional ``ray`` (the
+    sampler's Ray workers are checked too); (torch before, torch after)."""
     before = python_value(python, "import torch; print(torch.__version__)")
     constraints = workdir / "constraints.txt"
     constraints.write_text(f"torch=={before}\n")
     subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
                     str(PACK_ROOT / "requirements.txt"), "-c", str(constraints)], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "ray>=2.40", "-c",
+                    str(constraints)], check=True)
     return before, python_value(python, "import torch; print(torch.__version__)")
 
 
@@ -690,17 +693,20 @@ def check_parallel(comfy: ComfyUI, path: Path, output: Path, durations: dict, re
     runs = sorted(output.rglob(f"{path.stem}_*.mp4"))
     if not report.check(bool(runs), f"parallel: the plain run of {path.stem} is there to compare with"):
         return
-    run_workflow(comfy, path, output, durations, report, {"parallel": "cfg=2"})
-    new = sorted(set(output.rglob(f"{path.stem}_*.mp4")) - set(runs))
-    if report.check(len(new) == 1, f"parallel cfg=2: one new mp4 ({new})"):
+    for workers in ("processes", "ray"):
+        before = set(output.rglob(f"{path.stem}_*.mp4"))
+        run_workflow(comfy, path, output, durations, report, {"parallel": "cfg=2", "parallel_workers": workers})
+        new = sorted(set(output.rglob(f"{path.stem}_*.mp4")) - before)
+        if not report.check(len(new) == 1, f"parallel cfg=2 ({workers}): one new mp4 ({new})"):
+            continue
         ours, plain = decoded_frames(new[0]), decoded_frames(runs[0])
         change = float(abs(ours - plain).mean()) if ours.shape == plain.shape else float("nan")
         # float32 results equal to 1e-4 (tests/test_nodes_convert.py); 8-bit rounding and the codec may move a
         # few pixels by a step, far below what any change of the graph does (the LoRA: about 20 of 255)
-        report.check(change <= 0.5, f"parallel cfg=2: the same video as one process (mean |difference| "
+        report.check(change <= 0.5, f"parallel cfg=2 ({workers}): the same video as one process (mean |difference| "
                                     f"{change:.3f} of 255)")
-        report.say(f"parallel cfg=2 (two worker processes): mean |difference| {change:.3f} of 255 per pixel against "
-                   "the same graph in one process")
+        report.say(f"parallel cfg=2, two workers as {workers}: mean |difference| {change:.3f} of 255 per pixel "
+                   "against the same graph in one process")
     prompt = load_api_workflow(path)
     _, sampler = node_of(prompt, "FantasyTalkingSampler")
     sampler["inputs"]["parallel"] = "cfg=two"

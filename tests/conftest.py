@@ -32,3 +32,13 @@ def tiny_model():
     from fantasytalking_core.parity import load_fixture_model
 
     return load_fixture_model(OFFICIAL, "dit.safetensors", "fantasytalking.ckpt")
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """For tests that start Ray worker pools: the local Ray instance the first one starts is stopped after the
+    module, so that its processes do not stay for the rest of the suite."""
+    yield
+    import ray
+
+    ray.shutdown()

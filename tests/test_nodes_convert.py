@@ -507,9 +507,12 @@ def test_long_video_interrupted_leaves_no_file(models, face, tmp_path):
     assert list(tmp_path.iterdir()) == [] and models.dit.device == CPU
 
 
-def test_a_long_video_through_a_guidance_pool_is_the_one_process_video(models, model_files, face):
-    """The sampler's parallel route: cfg=2 worker processes (gloo here), each loading the model from its files,
-    make the video of one process, report every step of every segment, and stay for the next run."""
+@pytest.mark.parametrize("backend", ["processes", "ray"])
+def test_a_long_video_through_a_guidance_pool_is_the_one_process_video(models, model_files, face, backend,
+                                                                        ray_instance):
+    """The sampler's parallel route: cfg=2 workers (gloo here; spawned processes or Ray actors), each loading the
+    model from its files, make the video of one process, report every step of every segment, and stay for the
+    next run."""
     from fantasytalking_core.loaders.model_source import ModelSource
 
     from nodes.parallel import close_sampler_pool, sampler_pool
@@ -521,14 +524,14 @@ def test_a_long_video_through_a_guidance_pool_is_the_one_process_video(models, m
 
     model = ModelSource(str(model_files.dit), str(model_files.adapter), None, torch.float32).load()
     try:
-        pool = sampler_pool(model, "cfg=2", CPU, settings)
+        pool = sampler_pool(model, "cfg=2", CPU, settings, backend)
         calls, room = [], []
         plan, chunks = convert.sample_segments(model, text, text, identity, encoded, settings, options, CPU,
                                                lambda i, n: calls.append((i, n)), lambda: room.append(1), pool=pool)
         video = convert.render_video(plan, chunks, encoded, 100, lambda: pytest.fail("kept as images"))
         assert calls == [(i, 6) for i in range(1, 7)]  # one bar over 2 steps x 3 segments, from the workers
         assert len(room) == 4  # before the run and before each segment (ComfyUI's VAE ran in between)
-        assert sampler_pool(model, " cfg=2 ", CPU, settings) is pool and pool.alive  # kept for the next run
+        assert sampler_pool(model, " cfg=2 ", CPU, settings, backend) is pool and pool.alive  # kept for the next run
     finally:
         close_sampler_pool()
     assert not pool.alive

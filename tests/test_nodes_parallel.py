@@ -35,3 +35,15 @@ def test_a_layout_this_run_cannot_use_is_refused_before_any_worker_starts(tiny_m
     with pytest.raises(SettingsError, match="^FantasyTalking Sampler: ") as refused:
         sampler_pool(tiny_model, text, CPU, settings)
     assert message in str(refused.value) and "--parallel" not in str(refused.value)
+
+
+def test_ray_workers_without_the_ray_package_are_refused_in_one_line(official_dir, monkeypatch):
+    from fantasytalking_core.errors import MissingDependencyError
+    from fantasytalking_core.loaders.model_source import ModelSource
+
+    model = ModelSource(str(official_dir / "dit" / "dit.safetensors"), str(official_dir / "dit" / "fantasytalking.ckpt"),
+                        None, torch.float32).load()
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as where ray is not installed
+    with pytest.raises(MissingDependencyError, match=r"^FantasyTalking Sampler: the ray worker pool needs the ray "
+                                                     r"package \(pip install ray\)"):
+        sampler_pool(model, "cfg=2", CPU, GenerationSettings(), "ray")

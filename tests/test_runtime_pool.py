@@ -1,4 +1,5 @@
-"""The persistent worker pool (one process per GPU; gloo on CPU here) against the single-process sampler."""
+"""The persistent worker pool (one worker per GPU; gloo on CPU here) against the single-process sampler, with its
+workers as spawned processes and as Ray actors (a local Ray instance, started here)."""
 
 from __future__ import annotations
 
@@ -11,34 +12,49 @@ from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.runtime.parallel import ParallelLayout
 from fantasytalking_core.runtime.pool import SamplerPool, WorkerError
 
+BACKENDS = ["processes", "ray"]
 
-def test_a_pool_of_two_guidance_workers_samples_as_one_process_and_stays():
+
+pytestmark = pytest.mark.usefixtures("ray_instance")
+
+
+def worker_ids(pool: SamplerPool) -> list:
+    return [p.pid for p in pool._processes] if pool.backend == "processes" else [a._actor_id for a in pool._actors]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pool_of_two_guidance_workers_samples_as_one_process_and_stays(backend):
     """cfg=2 over 2 workers, two calls on the same workers (the models load once): both equal one process."""
     reference = sample(load_model())
-    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300) as pool:
-        pids = [p.pid for p in pool._processes]
+    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300, backend=backend) as pool:
+        workers = worker_ids(pool)
         first = pool.call(sample_in_pool)
         second = pool.call(sample_in_pool, batch_passes=True)
-        assert [p.pid for p in pool._processes] == pids and all(p.is_alive() for p in pool._processes)
+        assert worker_ids(pool) == workers and pool.alive
     torch.testing.assert_close(first, reference, rtol=0, atol=1e-5)  # the workers may use other thread counts
     torch.testing.assert_close(second, sample(load_model(), batch_passes=True), rtol=0, atol=1e-5)
-    assert not any(p.is_alive() for p in pool._processes)
+    assert not pool.alive
 
 
 def test_a_layout_that_does_not_fit_the_gpus_present_is_refused_before_starting():
-    with pytest.raises(SettingsError, match=r"needs 6 GPUs \(cfg x ring x ulysses, one per worker\); this machine "
-                                            r"has 0"):
+    with pytest.raises(SettingsError, match=r"needs 6 GPUs \(cfg x ring x ulysses, one per worker\); 0 are "
+                                            r"available"):
         SamplerPool(ParallelLayout(cfg=3, ulysses=2), load_model, "cuda")
+    with pytest.raises(SettingsError, match=r"needs 2 GPUs .*; 0 are available"):  # the Ray cluster's GPUs
+        SamplerPool(ParallelLayout(cfg=2), load_model, "cuda", backend="ray")
     with pytest.raises(SettingsError, match="ring/ulysses split the video tokens over GPUs; on the CPU use cfg=N"):
         SamplerPool(ParallelLayout(ulysses=2), load_model, "cpu")
+    with pytest.raises(SettingsError, match=r"backend must be one of \('processes', 'ray'\), got 'threads'"):
+        SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", backend="threads")
 
 
-def test_a_worker_that_dies_without_a_word_is_reported_at_once_not_after_the_timeout():
+@pytest.mark.parametrize("backend, how", [("processes", r"exited \(code 3\)"), ("ray", "its Ray actor ended")])
+def test_a_worker_that_dies_without_a_word_is_reported_at_once_not_after_the_timeout(backend, how):
     import time
 
     started = time.monotonic()
-    with pytest.raises(WorkerError, match=r"pool worker \d exited \(code 3\) without an answer"):
-        SamplerPool(ParallelLayout(cfg=2), dying_load, "cpu", timeout_s=600)
+    with pytest.raises(WorkerError, match=rf"pool worker \d {how} without an answer"):
+        SamplerPool(ParallelLayout(cfg=2), dying_load, "cpu", timeout_s=600, backend=backend)
     assert time.monotonic() - started < 120
 
 
@@ -51,13 +67,14 @@ class Interrupted(Exception):
     """Stands in for ComfyUI's InterruptProcessingException."""
 
 
-def test_progress_reaches_the_host_and_a_raise_stops_every_worker_at_that_step():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_progress_reaches_the_host_and_a_raise_stops_every_worker_at_that_step(backend):
     """The host sees rank 0's steps in order; raising in its progress stops all workers at the same step (none is
     left in a collective), the host gets its own exception back, and the same workers then run the next call."""
     reference = sample(load_model())
     steps = []
-    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300) as pool:
-        pids = [p.pid for p in pool._processes]
+    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300, backend=backend) as pool:
+        workers = worker_ids(pool)
         first = pool.call(sample_in_pool_with_progress, progress=lambda step, total: steps.append((step, total)))
         assert steps == [(1, 2), (2, 2)]
 
@@ -70,13 +87,14 @@ def test_progress_reaches_the_host_and_a_raise_stops_every_worker_at_that_step()
             pool.call(sample_in_pool_with_progress, progress=stop)
         assert steps == [1]  # no step reported after the one that raised
         again = pool.call(sample_in_pool_with_progress, progress=lambda step, total: None)
-        assert pool.alive and [p.pid for p in pool._processes] == pids
+        assert pool.alive and worker_ids(pool) == workers
     torch.testing.assert_close(first, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(again, reference, rtol=0, atol=1e-5)
 
 
-def test_a_refusal_in_the_workers_reaches_the_host_as_that_error_in_one_line():
-    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300) as pool:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_refusal_in_the_workers_reaches_the_host_as_that_error_in_one_line(backend):
+    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300, backend=backend) as pool:
         with pytest.raises(SettingsError) as refused:
             pool.call(refuse_in_pool)
         assert "\n" not in str(refused.value) and "not enough GPU memory for 4093 frames" in str(refused.value)

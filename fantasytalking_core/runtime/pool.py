@@ -1,10 +1,14 @@
 """A persistent pool of worker processes, one per GPU, that run the same sampling code under a parallel layout.
 
 For hosts like ComfyUI, where one long-lived process takes requests and ``torchrun`` does not start the run: the
-pool starts ``cfg x ring x ulysses`` processes once (spawned, one GPU each), each joins one process group, loads
-its own copy of the DiT through a picklable ``load`` function, and prepares it for the layout
+pool starts ``cfg x ring x ulysses`` workers once (one GPU each), each joins one process group, loads its own copy
+of the DiT through a picklable ``load`` function, and prepares it for the layout
 (:meth:`~.parallel.ParallelRun.prepare`). Each :meth:`SamplerPool.call` then runs one function in every worker in
 lockstep and returns rank 0's result; the workers and their models stay for the next call until :meth:`close`.
+
+Two ways to start the workers, one protocol: ``"processes"`` spawns them on this machine (torch.multiprocessing);
+``"ray"`` starts them as Ray actors (the optional ``ray`` package), on this machine or on the GPUs of a Ray
+cluster the host has joined (``RAY_ADDRESS``), so one run can span several machines.
 
 A call can report progress: rank 0 sends each step to the host and waits for its answer, and the host's
 ``progress(step, total)`` may raise to stop the run (ComfyUI's Cancel). The workers then agree, by an all-reduce
@@ -17,22 +21,26 @@ reaches the host as that error, in one line; anything else as :class:`WorkerErro
 from __future__ import annotations
 
 import os
+import pickle
+import queue
 import socket
 import sys
+import time
 import traceback
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
-from ..errors import FantasyTalkingError, SettingsError
+from ..errors import FantasyTalkingError, MissingDependencyError, SettingsError
 from .parallel import ParallelLayout, ParallelRun
 
+POOL_BACKENDS = ("processes", "ray")
 FAILURE_GRACE_S = 30.0
 """How long the other workers get to answer once one has failed, before the pool is closed as stuck."""
 
@@ -50,20 +58,20 @@ class Cancelled(RuntimeError):
 
 class WorkerProgress:
     """The ``progress(step, total)`` a worker's call gets: rank 0 reports the step to the host and waits for its
-    answer (go on or stop), then all workers agree by an all-reduce of the stop flag (which a failed worker can
-    also set) and raise :class:`Cancelled` together if any says stop."""
+    answer (go on, or stop: the host's progress raised, or another worker failed), then all workers agree by an
+    all-reduce and raise :class:`Cancelled` together when the answer was stop."""
 
-    def __init__(self, rank: int, results: Any, answers: Any, cancel: Any, device: torch.device):
-        self.rank, self.results, self.answers, self.cancel, self.device = rank, results, answers, cancel, device
+    def __init__(self, rank: int, results: Any, answers: Any, device: torch.device):
+        self.rank, self.results, self.answers, self.device = rank, results, answers, device
 
     def __call__(self, step: int, total: int) -> None:
         import torch.distributed as dist
 
-        stop = False
+        stop = 0.0
         if self.rank == 0:
             self.results.put(("step", 0, (step, total)))
-            stop = not self.answers.get()
-        flag = torch.tensor([1.0 if stop or self.cancel.is_set() else 0.0], device=self.device)
+            stop = 0.0 if self.answers.get() else 1.0
+        flag = torch.tensor([stop], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
             raise Cancelled(f"stopped by the host after step {step} of {total}")
@@ -76,8 +84,6 @@ def _failure(rank: int, exc: BaseException) -> tuple:
         return ("cancelled", rank, None)
     if isinstance(exc, FantasyTalkingError):
         try:
-            import pickle
-
             pickle.dumps(exc)
             return ("refused", rank, exc)
         except Exception:  # noqa: BLE001 - an error that cannot cross processes goes as its traceback
@@ -87,20 +93,58 @@ def _failure(rank: int, exc: BaseException) -> tuple:
 
 def _free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("", 0))
         return sock.getsockname()[1]
 
 
-def check_layout_fits(layout: ParallelLayout, device_type: str) -> None:
-    """Refuse a layout that needs more GPUs than this machine has (one GPU per worker)."""
+def check_layout_fits(layout: ParallelLayout, device_type: str, gpus: int | None = None) -> None:
+    """Refuse a layout that needs more GPUs than there are (one GPU per worker): ``gpus`` those the workers can
+    use (default: this machine's)."""
     if device_type == "cuda":
-        gpus = torch.cuda.device_count()
+        gpus = torch.cuda.device_count() if gpus is None else gpus
         if layout.world_size > gpus:
             raise SettingsError(f"parallel layout {layout} needs {layout.world_size} GPUs (cfg x ring x ulysses, one "
-                                f"per worker); this machine has {gpus}.")
+                                f"per worker); {gpus} are available.")
     elif layout.sequence > 1 and torch.accelerator.device_count() == 0:
         raise SettingsError(f"parallel layout {layout}: ring/ulysses split the video tokens over GPUs; on the CPU "
                             "use cfg=N alone.")
+
+
+def _worker(rank: int, world: int, master: tuple[str, int], layout: ParallelLayout, device_type: str, gpu: int,
+            load: Callable, jobs: Any, results: Any, answers: Any) -> None:
+    """One pool worker: join the group (rank 0 at ``master``), load and prepare the model on GPU ``gpu`` (or the
+    CPU), then run calls until told to stop."""
+    import torch.distributed as dist
+
+    try:
+        if device_type == "cuda":
+            torch.cuda.set_device(gpu)
+        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(minutes=30))
+        run = ParallelRun(layout, device_type)
+        model = load()
+        run.prepare(model.transformer)
+        if not run.weights_sharded:
+            model.to(run.device)
+        results.put(("ready", rank, None))
+    except BaseException as exc:
+        results.put(_failure(rank, exc))
+        return
+    while True:
+        job = jobs.get()
+        if job is None:
+            break
+        fn, args, kwargs, report = job
+        try:
+            if report:
+                kwargs = {**kwargs, "progress": WorkerProgress(rank, results, answers, run.device)}
+            with torch.no_grad():
+                out = fn(model, run, *args, **kwargs)
+            results.put(("done", rank, out if rank == 0 else None))
+        except BaseException as exc:
+            results.put(_failure(rank, exc))
+    dist.destroy_process_group()
 
 
 @contextmanager
@@ -122,101 +166,129 @@ def _spawnable_from_any_host() -> Iterator[None]:
             sys.path.remove(root)
 
 
-def _worker(rank: int, world: int, port: int, layout: ParallelLayout, device_type: str, load: Callable,
-            jobs: Any, results: Any, answers: Any, cancel: Any) -> None:
-    """One pool worker: join the group, load and prepare the model, then run calls until told to stop."""
-    import torch.distributed as dist
-
+def _ray():
     try:
-        if device_type == "cuda":
-            torch.cuda.set_device(rank)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=timedelta(minutes=30))
-        run = ParallelRun(layout, device_type)
-        device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
-        model = load()
-        run.prepare(model.transformer)
-        if not run.weights_sharded:
-            model.to(device)
-        results.put(("ready", rank, None))
-    except BaseException as exc:
-        results.put(_failure(rank, exc))
-        return
-    while True:
-        job = jobs.get()
-        if job is None:
-            break
-        fn, args, kwargs, report = job
-        try:
-            if report:
-                kwargs = {**kwargs, "progress": WorkerProgress(rank, results, answers, cancel, device)}
-            with torch.no_grad():
-                out = fn(model, run, *args, **kwargs)
-            results.put(("done", rank, out if rank == 0 else None))
-        except BaseException as exc:
-            results.put(_failure(rank, exc))
-    dist.destroy_process_group()
+        import ray
+    except ImportError:
+        raise MissingDependencyError("the ray worker pool needs the ray package (pip install ray); or use the "
+                                     "processes pool, on this machine's GPUs.") from None
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True)  # RAY_ADDRESS: a cluster
+    return ray
+
+
+class _RayWorker:
+    """A pool worker as a Ray actor: :func:`_worker` in one long call (``serve``), fed through Ray queues."""
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def serve(self, *args: Any) -> None:
+        _worker(*args)
 
 
 class SamplerPool:
-    """Worker processes, one per GPU, holding a prepared DiT each, for repeated parallel calls.
+    """Workers, one per GPU, holding a prepared DiT each, for repeated parallel calls.
 
     Args:
         layout: the cfg x ring x ulysses layout; its world size is the number of workers (and GPUs).
-        load: a picklable function (module level, or a ``functools.partial`` of one) returning the
+        load: a picklable function (module level, or a ``functools.partial`` or bound method of a picklable
+            object such as :class:`~..loaders.model_source.ModelSource`) returning the
             :class:`~..model.transformer.FantasyTalkingModel` on the CPU; run once in every worker.
-        device_type: ``"cuda"`` (worker r on GPU r, NCCL) or ``"cpu"`` (gloo; cfg layouts).
+        device_type: ``"cuda"`` (one GPU per worker, NCCL) or ``"cpu"`` (gloo; cfg layouts).
         timeout_s: how long to wait for the workers to start and for each call.
+        backend: ``"processes"`` (spawned on this machine, worker r on GPU r) or ``"ray"`` (Ray actors with one
+            GPU each, on this machine or a Ray cluster).
     """
 
-    def __init__(self, layout: ParallelLayout, load: Callable, device_type: str = "cuda", timeout_s: float = 3600):
-        check_layout_fits(layout, device_type)
-        self.layout = layout
-        self.timeout_s = timeout_s
-        context = mp.get_context("spawn")
-        self._jobs = [context.Queue() for _ in range(layout.world_size)]
-        self._results = context.Queue()
-        self._answers = context.Queue()  # the host's go-on (True) or stop (False) after each reported step
-        self._cancel = context.Event()
-        port = _free_port()
-        self._processes = [
-            context.Process(target=_worker, daemon=True,
-                            args=(rank, layout.world_size, port, layout, device_type, load, self._jobs[rank],
-                                  self._results, self._answers, self._cancel))
-            for rank in range(layout.world_size)
-        ]
-        with _spawnable_from_any_host():
-            for process in self._processes:
-                process.start()
+    def __init__(self, layout: ParallelLayout, load: Callable, device_type: str = "cuda", timeout_s: float = 3600,
+                 backend: str = "processes"):
+        if backend not in POOL_BACKENDS:
+            raise SettingsError(f"worker pool backend must be one of {POOL_BACKENDS}, got {backend!r}.")
+        self.layout, self.timeout_s, self.backend = layout, timeout_s, backend
+        self._processes: list = []  # processes backend
+        self._actors: list = []  # ray backend: the actors, and their serve() calls
+        self._served: list = []
+        self._jobs: list = []  # one queue per worker; results and answers shared
+        self._results = self._answers = None
+        start = self._start_ray if backend == "ray" else self._start_processes
         try:
+            start(load, device_type)
             self._collect()
         except BaseException:
             self.close()
             raise
 
+    def _start_processes(self, load: Callable, device_type: str) -> None:
+        check_layout_fits(self.layout, device_type)
+        context = mp.get_context("spawn")
+        world = self.layout.world_size
+        self._jobs = [context.Queue() for _ in range(world)]
+        self._results = context.Queue()
+        self._answers = context.Queue()  # the host's go-on (True) or stop (False) after each reported step
+        master = ("127.0.0.1", _free_port())
+        self._processes = [
+            context.Process(target=_worker, daemon=True,
+                            args=(rank, world, master, self.layout, device_type, rank, load, self._jobs[rank],
+                                  self._results, self._answers))
+            for rank in range(world)
+        ]
+        with _spawnable_from_any_host():
+            for process in self._processes:
+                process.start()
+
+    def _start_ray(self, load: Callable, device_type: str) -> None:
+        ray = _ray()
+        from ray.util.queue import Queue
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        check_layout_fits(self.layout, device_type, gpus if device_type == "cuda" else None)
+        world = self.layout.world_size
+        # the workers, and the queue actors that unpickle what passes through them, import what the host imports
+        # (as spawned processes inherit its sys.path)
+        path = os.pathsep.join([str(Path(__file__).resolve().parents[2]), *filter(None, sys.path)])
+        env = {"runtime_env": {"env_vars": {"PYTHONPATH": path}}}
+        self._jobs = [Queue(actor_options={**env, "num_cpus": 0}) for _ in range(world)]
+        self._results, self._answers = (Queue(actor_options={**env, "num_cpus": 0}) for _ in range(2))
+        actor = ray.remote(_RayWorker).options(num_gpus=1 if device_type == "cuda" else 0, num_cpus=0, **env)
+        self._actors = [actor.remote() for _ in range(world)]
+        master = ray.get(self._actors[0].address.remote(), timeout=self.timeout_s)
+        # Ray shows each actor only its own GPU: device 0 of what it sees
+        self._served = [a.serve.remote(rank, world, master, self.layout, device_type, 0, load, self._jobs[rank],
+                                       self._results, self._answers) for rank, a in enumerate(self._actors)]
+
+    def _dead(self) -> list[tuple[int, str]]:
+        """Workers that stopped without being told to: (rank, how)."""
+        if self.backend == "ray":
+            import ray
+
+            done, _ = ray.wait(self._served, num_returns=len(self._served), timeout=0)
+            return [(self._served.index(ref), "its Ray actor ended") for ref in done]
+        return [(rank, f"exited (code {p.exitcode})") for rank, p in enumerate(self._processes)
+                if p.exitcode is not None]
+
     def _collect(self, progress: Callable[[int, int], None] | None = None) -> Any:
         """Wait until every worker has answered; rank 0's payload. ``progress`` gets rank 0's steps; when it raises,
         the workers are told to stop and its exception is raised once they all have. A worker's failure is raised
-        once every worker has answered (the others stop at their next collective or finish)."""
-        import queue
-        import time
-
-        payload, answered, stop, failure = None, 0, None, None
+        once every worker has answered (the others stop at their next step, or are closed as stuck)."""
+        payload, answered, stop, failure = None, set(), None, None
         deadline = time.monotonic() + self.timeout_s
-        while answered < self.layout.world_size:
+        while len(answered) < self.layout.world_size:
             try:
                 status, rank, value = self._results.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
             except queue.Empty:
-                dead = [(rank, p.exitcode) for rank, p in enumerate(self._processes) if p.exitcode is not None]
+                dead = [(rank, how) for rank, how in self._dead() if rank not in answered]
                 if not dead and time.monotonic() < deadline:
                     continue
                 self.close()  # a worker died, or is stuck (in a collective a failed one left): the pool cannot go on
+                if dead:  # the cause; what the others then said follows from it (e.g. their peer's connection reset)
+                    then = f" (then {str(failure).splitlines()[0]})" if failure is not None else ""
+                    raise WorkerError(f"pool worker {dead[0][0]} {dead[0][1]} without an answer{then}; its error is "
+                                      "in the log above") from None
                 if failure is not None:
                     raise failure from None
-                if dead:
-                    raise WorkerError(f"pool worker {dead[0][0]} exited (code {dead[0][1]}) without an answer; its "
-                                      "error is in the log above") from None
                 raise WorkerError(f"the pool's workers gave no answer within {self.timeout_s:g} s") from None
             if status == "step":
                 if progress is not None and stop is None:
@@ -226,11 +298,10 @@ class SamplerPool:
                         stop = exc
                 self._answers.put(stop is None and failure is None)
                 continue
-            answered += 1
+            answered.add(rank)
             if status in ("refused", "error") and failure is None:
                 failure = value if status == "refused" else WorkerError(
                     f"pool worker {rank} failed: {value.strip().splitlines()[-1]}\n{value}")
-                self._cancel.set()  # the others stop at their next step instead of waiting for this one
                 deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
             elif rank == 0:
                 payload = value
@@ -248,7 +319,6 @@ class SamplerPool:
 
         With ``progress``, ``fn`` also gets a ``progress`` keyword (:class:`WorkerProgress`) to call after each
         step; the host's ``progress(step, total)`` then sees rank 0's steps and may raise to stop the call."""
-        self._cancel.clear()
         for jobs in self._jobs:
             jobs.put((fn, args, kwargs, progress is not None))
         return self._collect(progress)
@@ -256,10 +326,15 @@ class SamplerPool:
     @property
     def alive(self) -> bool:
         """True while every worker runs (a pool closed after a stuck call is not)."""
-        return all(process.is_alive() for process in self._processes)
+        if self.backend == "ray":
+            return bool(self._served) and not self._dead()
+        return bool(self._processes) and all(process.is_alive() for process in self._processes)
 
     def close(self) -> None:
         """Stop the workers (their models go with them)."""
+        if self.backend == "ray":
+            self._close_ray()
+            return
         for jobs, process in zip(self._jobs, self._processes):
             if process.is_alive():
                 jobs.put(None)
@@ -267,6 +342,21 @@ class SamplerPool:
             process.join(timeout=30)
             if process.is_alive():
                 process.kill()
+
+    def _close_ray(self) -> None:
+        if not (self._actors or self._jobs):  # nothing was started (e.g. ray is not installed)
+            return
+        import ray
+
+        if self._served:
+            for jobs in self._jobs:
+                jobs.put(None)
+            ray.wait(self._served, num_returns=len(self._served), timeout=30)
+        for actor in self._actors:
+            ray.kill(actor)
+        for q in [*self._jobs, *filter(None, [self._results, self._answers])]:
+            q.shutdown()
+        self._served, self._actors, self._jobs = [], [], []
 
     def __enter__(self) -> SamplerPool:
         return self
