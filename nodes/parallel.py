@@ -35,12 +35,15 @@ def check_parallel_text(text: str) -> str | None:
 
 
 def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, settings: GenerationSettings,
-                 backend: str = "processes") -> SamplerPool | None:
+                 backend: str = "processes", offload_blocks: bool = False,
+                 gpu_memory_gb: float = 0.0) -> SamplerPool | None:
     """The worker pool for ``text`` (e.g. ``"cfg=3"``, ``"cfg=3,ulysses=2"``), started or reused; None (and any
     pool closed) when ``text`` is empty. ``backend``: ``"processes"`` on this machine's GPUs, or ``"ray"`` (Ray
     actors, on the GPUs of the Ray cluster this process joins). Refuses, in one line and before any worker
     starts, a layout this run or the GPUs cannot use: more GPUs than present, more cfg ranks than guidance
-    passes, LoRAs with ``fsdp``, a model that was not loaded from files, Ray without the ray package."""
+    passes, LoRAs with ``fsdp``, a model that was not loaded from files, Ray without the ray package, and the
+    one-GPU memory options (``offload_blocks``, ``gpu_memory_gb``), which a worker holding its whole model on its
+    GPU cannot follow."""
     global _pool
     if not text.strip():
         close_sampler_pool()
@@ -55,6 +58,10 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, se
             check_layout_fits(layout, device.type)
     except SettingsError as exc:
         raise SettingsError(f"FantasyTalking Sampler: {exc}".replace("--parallel", "parallel")) from None
+    if offload_blocks or gpu_memory_gb:
+        raise SettingsError(f"{where}: each worker keeps its whole model on its GPU, so offload_blocks and "
+                            "gpu_memory_gb do not apply; turn them off (0), or add fsdp to split the weights over "
+                            "the GPUs (with ring or ulysses).")
     if layout.fsdp and model.loras:
         raise SettingsError(f"{where}: LoRAs are not applied to weights sharded over GPUs; leave out fsdp or the "
                             "LoRAs.")

@@ -192,7 +192,7 @@ class Sampler(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()
 
         device = mm.get_torch_device()
-        pool = sampler_pool(model, parallel, device, settings, parallel_workers)
+        pool = sampler_pool(model, parallel, device, settings, parallel_workers, offload_blocks, gpu_memory_gb)
         plan, chunks = sample_segments(model, text_pos, text_neg, identity, audio_features, settings, options,
                                        device, progress, make_room=mm.unload_all_models,
                                        dit_placement="streamed" if offload_blocks else "resident",

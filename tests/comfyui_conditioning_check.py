@@ -228,21 +228,10 @@ def run_comfy(folder: Path, tree: Path) -> None:
 # ---- phase 3: the library, and the comparison -----------------------------------------------------------------------
 
 
-class Report:
-    def __init__(self):
-        self.failed = 0
-
-    def check(self, name: str, ok: bool, detail: str = "") -> None:
-        self.failed += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}", flush=True)
-
-
-def rel_err(a, b) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
-
-
 def run_library(folder: Path) -> int:
     import gc
+
+    from comfyui_native_check import Report, rel_err  # one line per check, as the native route's check prints
 
     import torch
     from safetensors.torch import load_file, save_file
@@ -298,10 +287,10 @@ def main() -> int:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
     folder = Path(sys.argv[2]).resolve()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # comfyui_native_check's helpers
     if sys.argv[1] == "write":
         write_files(folder)
     elif sys.argv[1] == "comfy":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         run_comfy(folder, Path(os.environ["COMFYUI_PATH"]).resolve())
     else:
         return run_library(folder)

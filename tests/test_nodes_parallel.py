@@ -37,6 +37,13 @@ def test_a_layout_this_run_cannot_use_is_refused_before_any_worker_starts(tiny_m
     assert message in str(refused.value) and "--parallel" not in str(refused.value)
 
 
+@pytest.mark.parametrize("offload_blocks, gpu_memory_gb", [(True, 0.0), (False, 24.0)])
+def test_one_gpu_memory_options_are_refused_not_ignored(tiny_model, offload_blocks, gpu_memory_gb):
+    with pytest.raises(SettingsError, match="each worker keeps its whole model on its GPU, so offload_blocks and "
+                                            "gpu_memory_gb do not apply"):
+        sampler_pool(tiny_model, "cfg=2", CPU, GenerationSettings(), "processes", offload_blocks, gpu_memory_gb)
+
+
 def test_ray_workers_without_the_ray_package_are_refused_in_one_line(official_dir, monkeypatch):
     from fantasytalking_core.errors import MissingDependencyError
     from fantasytalking_core.loaders.model_source import ModelSource

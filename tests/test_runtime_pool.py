@@ -22,18 +22,23 @@ def worker_ids(pool: SamplerPool) -> list:
     return [p.pid for p in pool._processes] if pool.backend == "processes" else [a._actor_id for a in pool._actors]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_pool_of_two_guidance_workers_samples_as_one_process_and_stays(backend):
+@pytest.fixture(scope="module", params=BACKENDS)
+def pool(request):
+    """One cfg=2 pool of the fixture's float32 model per backend, shared by the tests below (starting workers
+    costs seconds, Ray actors more); closed, and checked closed, after them."""
+    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300, backend=request.param) as started:
+        yield started
+    assert not started.alive
+
+
+def test_a_pool_of_two_guidance_workers_samples_as_one_process_and_stays(pool):
     """cfg=2 over 2 workers, two calls on the same workers (the models load once): both equal one process."""
-    reference = sample(load_model())
-    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300, backend=backend) as pool:
-        workers = worker_ids(pool)
-        first = pool.call(sample_in_pool)
-        second = pool.call(sample_in_pool, batch_passes=True)
-        assert worker_ids(pool) == workers and pool.alive
-    torch.testing.assert_close(first, reference, rtol=0, atol=1e-5)  # the workers may use other thread counts
+    workers = worker_ids(pool)
+    first = pool.call(sample_in_pool)
+    second = pool.call(sample_in_pool, batch_passes=True)
+    assert worker_ids(pool) == workers and pool.alive
+    torch.testing.assert_close(first, sample(load_model()), rtol=0, atol=1e-5)  # workers may use other threads
     torch.testing.assert_close(second, sample(load_model(), batch_passes=True), rtol=0, atol=1e-5)
-    assert not pool.alive
 
 
 def test_a_layout_that_does_not_fit_the_gpus_present_is_refused_before_starting():
@@ -67,41 +72,37 @@ class Interrupted(Exception):
     """Stands in for ComfyUI's InterruptProcessingException."""
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_progress_reaches_the_host_and_a_raise_stops_every_worker_at_that_step(backend):
+def test_progress_reaches_the_host_and_a_raise_stops_every_worker_at_that_step(pool):
     """The host sees rank 0's steps in order; raising in its progress stops all workers at the same step (none is
     left in a collective), the host gets its own exception back, and the same workers then run the next call."""
     reference = sample(load_model())
     steps = []
-    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300, backend=backend) as pool:
-        workers = worker_ids(pool)
-        first = pool.call(sample_in_pool_with_progress, progress=lambda step, total: steps.append((step, total)))
-        assert steps == [(1, 2), (2, 2)]
+    workers = worker_ids(pool)
+    first = pool.call(sample_in_pool_with_progress, progress=lambda step, total: steps.append((step, total)))
+    assert steps == [(1, 2), (2, 2)]
 
-        def stop(step, total):
-            steps.append(step)
-            raise Interrupted
+    def stop(step, total):
+        steps.append(step)
+        raise Interrupted
 
-        steps.clear()
-        with pytest.raises(Interrupted):
-            pool.call(sample_in_pool_with_progress, progress=stop)
-        assert steps == [1]  # no step reported after the one that raised
-        again = pool.call(sample_in_pool_with_progress, progress=lambda step, total: None)
-        assert pool.alive and worker_ids(pool) == workers
+    steps.clear()
+    with pytest.raises(Interrupted):
+        pool.call(sample_in_pool_with_progress, progress=stop)
+    assert steps == [1]  # no step reported after the one that raised
+    again = pool.call(sample_in_pool_with_progress, progress=lambda step, total: None)
+    assert pool.alive and worker_ids(pool) == workers
     torch.testing.assert_close(first, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(again, reference, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_refusal_in_the_workers_reaches_the_host_as_that_error_in_one_line(backend):
-    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300, backend=backend) as pool:
-        with pytest.raises(SettingsError) as refused:
-            pool.call(refuse_in_pool)
-        assert "\n" not in str(refused.value) and "not enough GPU memory for 4093 frames" in str(refused.value)
-        assert pool.alive  # a refusal leaves the workers ready
+def test_a_refusal_in_the_workers_reaches_the_host_as_that_error_in_one_line(pool):
+    with pytest.raises(SettingsError) as refused:
+        pool.call(refuse_in_pool)
+    assert "\n" not in str(refused.value) and "not enough GPU memory for 4093 frames" in str(refused.value)
+    assert pool.alive  # a refusal leaves the workers ready
 
 
-def test_a_clip_in_the_workers_with_a_lora_is_the_one_process_clip(tmp_path):
+def test_a_clip_in_the_workers_with_a_lora_is_the_one_process_clip(pool, tmp_path):
     """pipeline.sample_latents_in_worker: the workers' model with a LoRA for this call (none left afterwards), the
     passes shared over cfg=2, equals sample_latents in one process with the same LoRA."""
     from parallel_cases import NUM_FRAMES, run_inputs
@@ -119,9 +120,8 @@ def test_a_clip_in_the_workers_with_a_lora_is_the_one_process_clip(tmp_path):
     with dit_on_device(model, torch.device("cpu")):
         reference = sample_latents(model, *args)
     plain = sample_latents(load_model(), *args)
-    with SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300) as pool:
-        with_lora = pool.call(sample_latents_in_worker, *args, loras=(lora,))
-        without = pool.call(sample_latents_in_worker, *args)  # the LoRA was for that call only
+    with_lora = pool.call(sample_latents_in_worker, *args, loras=(lora,))
+    without = pool.call(sample_latents_in_worker, *args)  # the LoRA was for that call only
     torch.testing.assert_close(with_lora, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(without, plain, rtol=0, atol=1e-5)
     assert (reference - plain).abs().max() > 1e-2  # the LoRA changes the clip
