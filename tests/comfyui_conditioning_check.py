@@ -284,7 +284,8 @@ def run_library(folder: Path) -> int:
 
 def main() -> int:
     if len(sys.argv) != 3 or sys.argv[1] not in ("write", "comfy", "library"):
-        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        print("usage: comfyui_conditioning_check.py write|comfy|library DIR (comfy: with COMFYUI_PATH set and "
+              "ComfyUI's Python); see the module docstring.", file=sys.stderr)
         return 2
     folder = Path(sys.argv[2]).resolve()
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # comfyui_native_check's helpers
