@@ -201,13 +201,20 @@ def run_comfy(folder: Path, tree: Path) -> None:
     pack = importlib.import_module("fantasytalking_pack.nodes.conditioning")
     convert = importlib.import_module("fantasytalking_pack.nodes.convert")
 
-    out, ids = {}, {}
+    out, ids, encoded = {}, {}, []
     clip = comfy_nodes.CLIPLoader().load_clip(TEXT_FILE, type="wan")[0]
+    encode = clip.encode_from_tokens_scheduled
+
+    def recording(tokens, *args, **kwargs):  # the token ids exactly as the node hands them to the encoder
+        encoded.append(tokens)
+        return encode(tokens, *args, **kwargs)
+
+    clip.encode_from_tokens_scheduled = recording
     for name, text in prompts().items():
         conditioning = pack.TextEncode.execute(clip, text).result[0]
         out[f"text.{name}"] = conditioning[0][0].float()
-        tokens = convert.truncate_umt5_tokens(clip.tokenize(convert.clean_prompt(text), disable_weights=True))
-        ids[name] = [t[0] for t in tokens["umt5xxl"][0] if t[0] != 0]
+        ids[name] = [t[0] for t in encoded.pop()["umt5xxl"][0] if t[0] != 0]  # padding (id 0) left out
+    clip.encode_from_tokens_scheduled = encode
     core = comfy_nodes.CLIPTextEncode().encode(clip, prompts()["long"])[0]
     out["text.long.core"] = convert.conditioning_to_text(core, "positive", 4096)
     del clip, core
@@ -254,9 +261,9 @@ def run_library(folder: Path) -> int:
     err = rel_err(comfy["clip.official"], ours)
     report.check("Identity Encode (clip_vision input) = library CLIP tokens", err <= REL_TOL,
                  f"relative error {err:.1e} (bound {REL_TOL:g}), tokens {list(ours.shape)}")
-    approx = float((comfy["clip.core"] - ours).abs().mean() / ours.std())
-    report.check("core CLIP Vision Encode route is approximate, as documented", err * 10 < approx,
-                 f"mean |difference| {approx:.3f} of the tokens' std")
+    official, approx = (float((comfy[k] - ours).abs().mean() / ours.std()) for k in ("clip.official", "clip.core"))
+    report.check("core CLIP Vision Encode route is approximate, as documented", approx > 100 * official,
+                 f"mean |difference| {approx:.3f} of the tokens' std (the clip_vision input: {official:.1e})")
 
     tokenizer = load_tokenizer(folder / TEXT_FILE)
     encoder = load_text_encoder(folder / TEXT_FILE, dtype=torch.float32)

@@ -166,6 +166,22 @@ def refuse_in_pool(model, run) -> None:
     raise SettingsError(f"refused on rank {run.rank}: not enough GPU memory for 4093 frames")
 
 
+def worker_pid(model, run) -> int:
+    """The process id of the worker that runs it (the pool returns rank 0's)."""
+    import os
+
+    return os.getpid()
+
+
+def fail_on_rank_1(model, run) -> None:
+    """Rank 1 fails at once; rank 0 meanwhile waits in a collective for it, as a rank does mid-step."""
+    import torch.distributed as dist
+
+    if run.rank == 1:
+        raise RuntimeError("rank 1 broke")
+    dist.all_reduce(torch.ones(1))
+
+
 def dying_load():
     """A model loader whose process dies without a word (as a worker that cannot even import the engine does)."""
     import os

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_cases import (dying_load, failing_load, load_model, refuse_in_pool, sample, sample_in_pool,
-                            sample_in_pool_with_progress)
+from parallel_cases import (dying_load, fail_on_rank_1, failing_load, load_model, refuse_in_pool, sample,
+                            sample_in_pool, sample_in_pool_with_progress, worker_pid)
 
 from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.runtime.parallel import ParallelLayout
@@ -18,8 +18,9 @@ BACKENDS = ["processes", "ray"]
 pytestmark = pytest.mark.usefixtures("ray_instance")
 
 
-def worker_ids(pool: SamplerPool) -> list:
-    return [p.pid for p in pool._processes] if pool.backend == "processes" else [a._actor_id for a in pool._actors]
+def worker_ids(pool: SamplerPool) -> int:
+    """Rank 0's process id, asked of the worker itself: another one after a restart."""
+    return pool.call(worker_pid)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -61,6 +62,18 @@ def test_a_worker_that_dies_without_a_word_is_reported_at_once_not_after_the_tim
     with pytest.raises(WorkerError, match=rf"pool worker \d {how} without an answer"):
         SamplerPool(ParallelLayout(cfg=2), dying_load, "cpu", timeout_s=600, backend=backend)
     assert time.monotonic() - started < 120
+
+
+def test_a_worker_failing_mid_call_while_another_waits_in_a_collective_closes_the_pool_after_the_grace():
+    """The waiting worker can neither finish nor hear the stop: after failure_grace_s the pool is closed (both
+    workers gone) and the failure is raised, naming the rank that failed."""
+    import time
+
+    pool = SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", timeout_s=300, failure_grace_s=3)
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match=r"pool worker 1 failed: RuntimeError: rank 1 broke"):
+        pool.call(fail_on_rank_1)
+    assert not pool.alive and time.monotonic() - started < 60
 
 
 def test_a_failing_worker_names_its_rank_and_error():

@@ -14,8 +14,11 @@ A call can report progress: rank 0 sends each step to the host and waits for its
 ``progress(step, total)`` may raise to stop the run (ComfyUI's Cancel). The workers then agree, by an all-reduce
 at that same step, to stop together, so none waits in a collective the others left; they stay ready for the next
 call, and the host re-raises its exception.
-A worker's own user-facing error (a :class:`~..errors.FantasyTalkingError`: a layout, memory or LoRA refusal)
-reaches the host as that error, in one line; anything else as :class:`WorkerError` with the worker's traceback.
+A worker's own user-facing error (a :class:`~..errors.FantasyTalkingError`, e.g. a LoRA refusal) reaches the
+host as that error, in one line; anything else (a CUDA out-of-memory included: the workers do not estimate
+their memory before a call) as :class:`WorkerError` with the worker's traceback. The others may then wait in a
+collective the failed worker left: after ``failure_grace_s`` the pool is closed and must be started again.
+Workers die with the process that started them (Linux; Ray actors with their owner).
 """
 
 from __future__ import annotations
@@ -61,34 +64,56 @@ class WorkerProgress:
     answer (go on, or stop: the host's progress raised, or another worker failed), then all workers agree by an
     all-reduce and raise :class:`Cancelled` together when the answer was stop."""
 
-    def __init__(self, rank: int, results: Any, answers: Any, device: torch.device):
-        self.rank, self.results, self.answers, self.device = rank, results, answers, device
+    def __init__(self, call: int, rank: int, results: Any, answers: Any, device: torch.device):
+        self.call, self.rank, self.results, self.answers, self.device = call, rank, results, answers, device
 
     def __call__(self, step: int, total: int) -> None:
         import torch.distributed as dist
 
         stop = 0.0
         if self.rank == 0:
-            self.results.put(("step", 0, (step, total)))
-            stop = 0.0 if self.answers.get() else 1.0
+            self.results.put((self.call, "step", 0, (step, total)))
+            call, go_on = self.answers.get()
+            while call != self.call:  # an answer meant for an earlier call that ended without reading it
+                call, go_on = self.answers.get()
+            stop = 0.0 if go_on else 1.0
         flag = torch.tensor([stop], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
             raise Cancelled(f"stopped by the host after step {step} of {total}")
 
 
-def _failure(rank: int, exc: BaseException) -> tuple:
-    """What a worker sends for its failure: the error itself when it is a user-facing one (one line), else its
-    traceback."""
+def _failure(call: int, rank: int, exc: BaseException) -> tuple:
+    """What a worker sends for its failure in ``call``: the error itself when it is a user-facing one (one line),
+    else its traceback."""
     if isinstance(exc, Cancelled):
-        return ("cancelled", rank, None)
+        return (call, "cancelled", rank, None)
     if isinstance(exc, FantasyTalkingError):
         try:
             pickle.dumps(exc)
-            return ("refused", rank, exc)
+            return (call, "refused", rank, exc)
         except Exception:  # noqa: BLE001 - an error that cannot cross processes goes as its traceback
             pass
-    return ("error", rank, traceback.format_exc())
+    return (call, "error", rank, traceback.format_exc())
+
+
+def _die_with_parent() -> None:
+    """Linux: this worker gets SIGTERM when the process that started it dies (a crashed ComfyUI), instead of
+    keeping a model on its GPU with nobody to give it work."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def first_line(error: Any, last: bool = False) -> str:
+    """The first (or last) non-empty line of an error or traceback text, or its type's name."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if last else lines[0]) if lines else type(error).__name__
 
 
 def _free_port() -> int:
@@ -117,6 +142,7 @@ def _worker(rank: int, world: int, master: tuple[str, int], layout: ParallelLayo
     import torch.distributed as dist
 
     try:
+        _die_with_parent()
         if device_type == "cuda":
             torch.cuda.set_device(gpu)
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
@@ -127,23 +153,23 @@ def _worker(rank: int, world: int, master: tuple[str, int], layout: ParallelLayo
         run.prepare(model.transformer)
         if not run.weights_sharded:
             model.to(run.device)
-        results.put(("ready", rank, None))
+        results.put((0, "ready", rank, None))
     except BaseException as exc:
-        results.put(_failure(rank, exc))
+        results.put(_failure(0, rank, exc))
         return
     while True:
         job = jobs.get()
         if job is None:
             break
-        fn, args, kwargs, report = job
+        call, fn, args, kwargs, report = job
         try:
             if report:
-                kwargs = {**kwargs, "progress": WorkerProgress(rank, results, answers, run.device)}
+                kwargs = {**kwargs, "progress": WorkerProgress(call, rank, results, answers, run.device)}
             with torch.no_grad():
                 out = fn(model, run, *args, **kwargs)
-            results.put(("done", rank, out if rank == 0 else None))
+            results.put((call, "done", rank, out if rank == 0 else None))
         except BaseException as exc:
-            results.put(_failure(rank, exc))
+            results.put(_failure(call, rank, exc))
     dist.destroy_process_group()
 
 
@@ -198,16 +224,22 @@ class SamplerPool:
             object such as :class:`~..loaders.model_source.ModelSource`) returning the
             :class:`~..model.transformer.FantasyTalkingModel` on the CPU; run once in every worker.
         device_type: ``"cuda"`` (one GPU per worker, NCCL) or ``"cpu"`` (gloo; cfg layouts).
-        timeout_s: how long to wait for the workers to start and for each call.
+        timeout_s: the longest the workers may stay silent: to start, or between two steps of a call (or for a
+            whole call that reports no progress).
         backend: ``"processes"`` (spawned on this machine, worker r on GPU r) or ``"ray"`` (Ray actors with one
             GPU each, on this machine or a Ray cluster).
+        failure_grace_s: once a worker has failed, how long the others get to answer before the pool is closed
+            as stuck (they may wait in a collective the failed one left).
     """
 
     def __init__(self, layout: ParallelLayout, load: Callable, device_type: str = "cuda", timeout_s: float = 3600,
-                 backend: str = "processes"):
+                 backend: str = "processes", failure_grace_s: float = FAILURE_GRACE_S):
         if backend not in POOL_BACKENDS:
             raise SettingsError(f"worker pool backend must be one of {POOL_BACKENDS}, got {backend!r}.")
         self.layout, self.timeout_s, self.backend = layout, timeout_s, backend
+        self.failure_grace_s = failure_grace_s
+        self._call = 0  # the id of the current call (0: start-up); messages of other calls are stale
+        self._pending = False
         self._processes: list = []  # processes backend
         self._actors: list = []  # ray backend: the actors, and their serve() calls
         self._served: list = []
@@ -243,7 +275,7 @@ class SamplerPool:
         ray = _ray()
         from ray.util.queue import Queue
 
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpus = int(ray.available_resources().get("GPU", 0))  # GPUs other work holds would leave actors waiting
         check_layout_fits(self.layout, device_type, gpus if device_type == "cuda" else None)
         world = self.layout.world_size
         # the workers, and the queue actors that unpickle what passes through them, import what the host imports
@@ -270,41 +302,58 @@ class SamplerPool:
                 if p.exitcode is not None]
 
     def _collect(self, progress: Callable[[int, int], None] | None = None) -> Any:
-        """Wait until every worker has answered; rank 0's payload. ``progress`` gets rank 0's steps; when it raises,
-        the workers are told to stop and its exception is raised once they all have. A worker's failure is raised
-        once every worker has answered (the others stop at their next step, or are closed as stuck)."""
-        payload, answered, stop, failure = None, set(), None, None
+        """Wait until every worker has answered the current call; rank 0's payload. ``progress`` gets rank 0's
+        steps; when it raises, the workers are told to stop and its exception is raised once they all have. A
+        worker's failure is raised once every worker has answered, or after ``failure_grace_s`` (the others may
+        wait in a collective the failed one left: the pool is then closed). Anything unexpected closes the pool,
+        so that no answer of this call can be taken for one of the next."""
+        try:
+            return self._collect_answers(progress)
+        except BaseException:
+            if self.alive and self._pending:
+                self.close()
+            raise
+
+    def _collect_answers(self, progress: Callable[[int, int], None] | None) -> Any:
+        payload, answered, stop, failure, quiet = None, set(), None, None, 0
         deadline = time.monotonic() + self.timeout_s
+        self._pending = True
         while len(answered) < self.layout.world_size:
             try:
-                status, rank, value = self._results.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                call, status, rank, value = self._results.get(
+                    timeout=max(0.0, min(1.0, deadline - time.monotonic())))
             except queue.Empty:
                 dead = [(rank, how) for rank, how in self._dead() if rank not in answered]
-                if not dead and time.monotonic() < deadline:
-                    continue
+                quiet = quiet + 1 if dead else 0
+                if quiet == 1 or (not dead and time.monotonic() < deadline):
+                    continue  # one more read: a worker may have answered just before it ended
                 self.close()  # a worker died, or is stuck (in a collective a failed one left): the pool cannot go on
                 if dead:  # the cause; what the others then said follows from it (e.g. their peer's connection reset)
-                    then = f" (then {str(failure).splitlines()[0]})" if failure is not None else ""
+                    then = f" (then {first_line(failure)})" if failure is not None else ""
                     raise WorkerError(f"pool worker {dead[0][0]} {dead[0][1]} without an answer{then}; its error is "
                                       "in the log above") from None
                 if failure is not None:
                     raise failure from None
                 raise WorkerError(f"the pool's workers gave no answer within {self.timeout_s:g} s") from None
+            if call != self._call:
+                continue  # left by an earlier call
             if status == "step":
+                deadline = time.monotonic() + self.timeout_s  # the limit is on silence, not on the whole call
                 if progress is not None and stop is None:
                     try:
                         progress(*value)
                     except BaseException as exc:  # noqa: BLE001 - re-raised below, once the workers have stopped
                         stop = exc
-                self._answers.put(stop is None and failure is None)
+                self._answers.put((call, stop is None and failure is None))
                 continue
             answered.add(rank)
             if status in ("refused", "error") and failure is None:
                 failure = value if status == "refused" else WorkerError(
-                    f"pool worker {rank} failed: {value.strip().splitlines()[-1]}\n{value}")
-                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+                    f"pool worker {rank} failed: {first_line(value, last=True)}\n{value}")
+                deadline = min(deadline, time.monotonic() + self.failure_grace_s)
             elif rank == 0:
                 payload = value
+        self._pending = False
         if stop is not None:
             raise stop
         if failure is not None:
@@ -319,8 +368,14 @@ class SamplerPool:
 
         With ``progress``, ``fn`` also gets a ``progress`` keyword (:class:`WorkerProgress`) to call after each
         step; the host's ``progress(step, total)`` then sees rank 0's steps and may raise to stop the call."""
-        for jobs in self._jobs:
-            jobs.put((fn, args, kwargs, progress is not None))
+        self._call += 1
+        self._pending = True  # until every worker has answered: a failure before that closes the pool
+        try:
+            for jobs in self._jobs:
+                jobs.put((self._call, fn, args, kwargs, progress is not None))
+        except BaseException:
+            self.close()
+            raise
         return self._collect(progress)
 
     @property
@@ -338,16 +393,22 @@ class SamplerPool:
         for jobs, process in zip(self._jobs, self._processes):
             if process.is_alive():
                 jobs.put(None)
+        deadline = time.monotonic() + 30  # one wait for all: a stuck worker does not hold up the others' kill
         for process in self._processes:
-            process.join(timeout=30)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for process in self._processes:
             if process.is_alive():
                 process.kill()
+                process.join(timeout=10)
 
     def _close_ray(self) -> None:
         if not (self._actors or self._jobs):  # nothing was started (e.g. ray is not installed)
             return
         import ray
 
+        if not ray.is_initialized():  # Ray already shut down (its own exit hook ran first): its actors went with it
+            self._served, self._actors, self._jobs = [], [], []
+            return
         if self._served:
             for jobs in self._jobs:
                 jobs.put(None)
