@@ -155,12 +155,10 @@ def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settin
     import torch
 
     from .errors import SettingsError
-    from .runtime.parallel import check_layout
+    from .runtime.parallel import check_layout, check_loras_fit_layout
     from .sampling.guidance import GuidanceConfig, max_passes
 
-    if layout.fsdp and args.lora:
-        raise SettingsError(f"--parallel {layout}: LoRAs are not applied to weights sharded over GPUs; leave out "
-                            "fsdp or --lora.")
+    check_loras_fit_layout(layout, bool(args.lora))
     if torch.device(args.device).type != "cuda" and layout.sequence > 1:
         raise SettingsError(f"--parallel {layout}: ring/ulysses split the video tokens over GPUs (one per process); "
                             "on the CPU use cfg=N alone.")

@@ -36,7 +36,7 @@ from .runtime.attention import check_attention, using_attention
 from .runtime.compile import compiled_blocks
 from .runtime.fp8 import check_fp8_matmul_model, fp8_matmuls
 from .runtime.memory import check_budget, check_gpu_memory, choose_placement, estimate_dit_memory
-from .runtime.parallel import ParallelRun
+from .runtime.parallel import ParallelRun, check_loras_fit_layout
 from .runtime.placement import PLACEMENTS, dit_on_device, on_device
 from .sampling.denoise import generate_latents
 from .sampling.euler import PassMap
@@ -286,9 +286,7 @@ class FantasyTalkingPipeline:
         """The DiT's placement for a run (:func:`check_dit_fits`), checked before the encoders run; a DiT whose
         weights a parallel run has sharded stays where they are (``"sharded"``)."""
         if self.parallel is not None and self.parallel.weights_sharded:
-            if self.models.dit.loras:  # sharded weights never pass through dit_on_device, which applies LoRAs
-                raise SettingsError("LoRAs are not applied to weights sharded over GPUs (--parallel ...,fsdp): "
-                                    "leave out fsdp or the LoRAs.")
+            check_loras_fit_layout(self.parallel.layout, bool(self.models.dit.loras))
             check_fp8_matmul_model(self.models.dit, settings.fp8_matmul)
             return "sharded"
         return check_dit_fits(self.models.dit, self.device, num_frames, height, width, settings, self.dit_placement,
@@ -359,9 +357,7 @@ def sample_latents_in_worker(
     :func:`sample_latents` on the worker's DiT, which waits on its GPU (whole, or sharded with ``fsdp``), with
     ``loras`` applied for this call and the guidance passes shared over the pool (``run.map_passes``).
     Arguments as in :func:`sample_latents`, on the CPU; returns the latents on the CPU (rank 0's are kept)."""
-    if loras and run.weights_sharded:
-        raise SettingsError(f"parallel {run.layout}: LoRAs are not applied to weights sharded over GPUs; leave "
-                            "out fsdp or the LoRAs.")
+    check_loras_fit_layout(run.layout, bool(loras))
     model = dit.with_loras(loras) if loras else dit
     placed = (on_device(model.audio_proj, run.device) if run.weights_sharded
               else dit_on_device(model, run.device, "resident"))

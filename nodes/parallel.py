@@ -15,7 +15,7 @@ import torch
 from fantasytalking_core.errors import MissingDependencyError, SettingsError
 from fantasytalking_core.model.transformer import FantasyTalkingModel
 from fantasytalking_core.pipeline import GenerationSettings
-from fantasytalking_core.runtime.parallel import check_layout, parse_parallel
+from fantasytalking_core.runtime.parallel import check_layout, check_loras_fit_layout, parse_parallel
 from fantasytalking_core.runtime.pool import SamplerPool, check_layout_fits
 from fantasytalking_core.sampling.guidance import GuidanceConfig, max_passes
 
@@ -56,15 +56,13 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, se
                      model.transformer.config.num_attention_heads, settings.attention)
         if backend == "processes":  # a Ray pool checks its cluster's GPUs as it starts
             check_layout_fits(layout, device.type)
+        check_loras_fit_layout(layout, bool(model.loras))
     except SettingsError as exc:
         raise SettingsError(f"FantasyTalking Sampler: {exc}".replace("--parallel", "parallel")) from None
     if offload_blocks or gpu_memory_gb:
         raise SettingsError(f"{where}: each worker keeps its whole model on its GPU, so offload_blocks and "
                             "gpu_memory_gb do not apply; turn them off (0), or add fsdp to split the weights over "
                             "the GPUs (with ring or ulysses).")
-    if layout.fsdp and model.loras:
-        raise SettingsError(f"{where}: LoRAs are not applied to weights sharded over GPUs; leave out fsdp or the "
-                            "LoRAs.")
     if model.source is None:
         raise SettingsError(f"{where}: each worker loads the model from its files, and this model did not come "
                             "from FantasyTalking Model Loader; load it there.")

@@ -271,7 +271,7 @@ def test_more_processes_than_gpus_on_a_machine_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    args = argparse.Namespace(device="cuda")
+    args = argparse.Namespace(device="cuda", lora=[])  # as argparse gives them: no --lora
     with pytest.raises(SettingsError, match="torchrun started 4 processes on this machine, which has 2 GPU"):
         _check_parallel_run(parse_parallel("cfg=2,ulysses=2"), args, GenerationSettings())
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of 2 GPUs: fits

@@ -173,7 +173,10 @@ def test_loras_are_refused_on_sharded_weights_not_dropped(pipe, face, voice, tmp
     from fantasytalking_core.loaders.lora import WanLora
 
     # a parallel run whose DiT weights are sharded (FSDP) places the DiT without dit_on_device, where LoRAs apply
-    sharded = SimpleNamespace(weights_sharded=True, map_passes=None, prepare=lambda transformer: None)
+    from fantasytalking_core.runtime.parallel import ParallelLayout
+
+    sharded = SimpleNamespace(layout=ParallelLayout(ulysses=2, fsdp=True), weights_sharded=True, map_passes=None,
+                              prepare=lambda transformer: None)
     lora = WanLora("style", {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8)}, 1.0)
     models = type(pipe.models)(**{**pipe.models.__dict__, "dit": pipe.models.dit.with_loras([lora])})
     with pytest.raises(SettingsError, match="LoRAs are not applied to weights sharded"):

@@ -128,6 +128,15 @@ def check_layout(layout: ParallelLayout, world_size: int, max_passes: int, num_h
                             f"so it must divide {num_heads}.")
 
 
+def check_loras_fit_layout(layout: ParallelLayout, has_loras: bool) -> None:
+    """Refuse LoRAs with ``fsdp``: LoRAs are applied where the DiT is placed for a run
+    (``runtime.placement.dit_on_device``), which weights sharded over GPUs never pass through, so they would be
+    dropped without a word."""
+    if layout.fsdp and has_loras:
+        raise SettingsError(f"--parallel {layout}: LoRAs are not applied to weights sharded over GPUs; leave out "
+                            "fsdp or the LoRAs.")
+
+
 def init_process_group_from_env(device_type: str, timeout_s: float = 1800) -> None:
     """Join the process group ``torchrun`` describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...):
     NCCL for CUDA, gloo for the CPU. A no-op when the group exists already."""
