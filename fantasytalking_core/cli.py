@@ -156,7 +156,6 @@ def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settin
 
     from .errors import SettingsError
     from .runtime.parallel import check_layout, check_loras_fit_layout
-    from .sampling.guidance import GuidanceConfig, max_passes
 
     check_loras_fit_layout(layout, bool(args.lora))
     if torch.device(args.device).type != "cuda" and layout.sequence > 1:
@@ -165,8 +164,7 @@ def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settin
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise SettingsError(f"--parallel needs processes started by torchrun, e.g. torchrun --nproc-per-node "
                             f"{layout.world_size} -m fantasytalking_core generate ... --parallel {layout}.")
-    guidance = GuidanceConfig(settings.cfg, settings.audio_cfg, *settings.audio_guidance_range)
-    check_layout(layout, int(os.environ["WORLD_SIZE"]), max_passes(settings.steps, guidance),
+    check_layout(layout, int(os.environ["WORLD_SIZE"]), settings.max_passes(),
                  attention=settings.attention)
     if torch.device(args.device).type == "cuda":
         here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))  # processes on this machine

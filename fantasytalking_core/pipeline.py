@@ -40,7 +40,7 @@ from .runtime.parallel import ParallelRun, check_loras_fit_layout
 from .runtime.placement import PLACEMENTS, dit_on_device, on_device
 from .sampling.denoise import generate_latents
 from .sampling.euler import PassMap
-from .sampling.guidance import GuidanceConfig
+from .sampling.guidance import GuidanceConfig, max_passes
 from .sampling.schedule import flow_match_sigmas
 from .sampling.segments import SegmentOptions, generate_segments
 from .sampling.step_cache import check_step_cache
@@ -119,6 +119,11 @@ class GenerationSettings:
         check_image_size(self.image_size)
         check_attention(self.attention)  # an uninstalled kernel library fails here, not after the models load
         self.step_cache = check_step_cache(self.step_cache)
+
+    def max_passes(self) -> int:
+        """The most DiT passes any step of this run needs (3 with text and audio guidance, fewer at cfg 1): how
+        many guidance ranks a parallel layout can use."""
+        return max_passes(self.steps, GuidanceConfig(self.cfg, self.audio_cfg, *self.audio_guidance_range))
 
 
 @dataclass

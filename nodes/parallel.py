@@ -17,7 +17,6 @@ from fantasytalking_core.model.transformer import FantasyTalkingModel
 from fantasytalking_core.pipeline import GenerationSettings
 from fantasytalking_core.runtime.parallel import check_layout, check_loras_fit_layout, parse_parallel
 from fantasytalking_core.runtime.pool import SamplerPool, check_layout_fits
-from fantasytalking_core.sampling.guidance import GuidanceConfig, max_passes
 
 logger = logging.getLogger(__name__)
 _pool: tuple[tuple, SamplerPool] | None = None  # (what it was started for, the pool)
@@ -50,9 +49,8 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, se
         return None
     layout = parse_parallel(text)
     where = f"FantasyTalking Sampler: parallel {layout}"
-    guidance = GuidanceConfig(settings.cfg, settings.audio_cfg, *settings.audio_guidance_range)
     try:
-        check_layout(layout, layout.world_size, max_passes(settings.steps, guidance),
+        check_layout(layout, layout.world_size, settings.max_passes(),
                      model.transformer.config.num_attention_heads, settings.attention)
         if backend == "processes":  # a Ray pool checks its cluster's GPUs as it starts
             check_layout_fits(layout, device.type)
