@@ -522,13 +522,13 @@ def sample_segments(
                report: ProgressFn | None, pinned: torch.Tensor | None) -> torch.Tensor:
         if make_room is not None:
             make_room()  # ComfyUI's VAE ran in between; the workers' GPUs include this process's
+        segment = replace(settings, seed=settings.seed + index)
         if pool is not None:
             return pool.call(sample_latents_in_worker, text_pos, text_neg, identity.clip_tokens, y, audio,
-                             num_frames, replace(settings, seed=settings.seed + index), num_tokens, pinned,
-                             model.loras, progress=report)
+                             num_frames, segment, num_tokens, pinned, model.loras, progress=report)
         with dit_on_device(model, device, placement):
-            return sample_latents(model, text_pos, text_neg, identity.clip_tokens, y, audio, num_frames,
-                                  replace(settings, seed=settings.seed + index), report, num_tokens, pinned)
+            return sample_latents(model, text_pos, text_neg, identity.clip_tokens, y, audio, num_frames, segment,
+                                  report, num_tokens, pinned)
 
     chunks = generate_segments(plan, features.features, reference, options, condition=condition, sample=sample,
                                decode=lambda latents: decode_frames(identity.vae, latents).cpu(),
