@@ -15,7 +15,7 @@ import torch
 from fantasytalking_core.errors import MissingDependencyError, SettingsError
 from fantasytalking_core.model.transformer import FantasyTalkingModel
 from fantasytalking_core.pipeline import GenerationSettings
-from fantasytalking_core.runtime.parallel import check_layout, check_loras_fit_layout, parse_parallel
+from fantasytalking_core.runtime.parallel import NODE_NAMES, check_layout, check_loras_fit_layout, parse_parallel
 from fantasytalking_core.runtime.pool import SamplerPool, check_layout_fits
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def check_parallel_text(text: str) -> str | None:
     if not text.strip():
         return None
     try:
-        parse_parallel(text)
+        parse_parallel(text, NODE_NAMES)
     except SettingsError as exc:
         return f"FantasyTalking Sampler: {exc}"
     return None
@@ -47,16 +47,16 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, se
     if not text.strip():
         close_sampler_pool()
         return None
-    layout = parse_parallel(text)
+    layout = parse_parallel(text, NODE_NAMES)
     where = f"FantasyTalking Sampler: parallel {layout}"
     try:
         check_layout(layout, layout.world_size, settings.max_passes(),
-                     model.transformer.config.num_attention_heads, settings.attention)
+                     model.transformer.config.num_attention_heads, settings.attention, NODE_NAMES)
         if backend == "processes":  # a Ray pool checks its cluster's GPUs as it starts
             check_layout_fits(layout, device.type)
-        check_loras_fit_layout(layout, bool(model.loras))
+        check_loras_fit_layout(layout, bool(model.loras), NODE_NAMES)
     except SettingsError as exc:
-        raise SettingsError(f"FantasyTalking Sampler: {exc}".replace("--parallel", "parallel")) from None
+        raise SettingsError(f"FantasyTalking Sampler: {exc}") from None
     if offload_blocks or gpu_memory_gb:
         raise SettingsError(f"{where}: each worker keeps its whole model on its GPU, so offload_blocks and "
                             "gpu_memory_gb do not apply; turn them off (0), or add fsdp to split the weights over "

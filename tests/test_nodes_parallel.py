@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 def test_the_layout_text_is_checked_for_its_form():
     assert check_parallel_text("") is None and check_parallel_text("  ") is None
     assert check_parallel_text("cfg=3,ulysses=2") is None
-    assert check_parallel_text("cfg=two") == ("FantasyTalking Sampler: --parallel 'cfg=two': cfg needs a whole "
+    assert check_parallel_text("cfg=two") == ("FantasyTalking Sampler: parallel 'cfg=two': cfg needs a whole "
                                               "number of processes, got 'two'.")
     assert "unknown axis 'gpus'" in check_parallel_text("gpus=4")
 
@@ -30,11 +30,12 @@ def test_no_layout_means_no_pool(tiny_model):
     ("cfg=3", GenerationSettings(cfg=1.0), "at most 2 guidance passes"),
     ("ulysses=2", GenerationSettings(), "ring/ulysses split the video tokens over GPUs; on the CPU use cfg=N"),
     ("cfg=2", GenerationSettings(), "this model did not come from FantasyTalking Model Loader"),
+    ("ring=2", GenerationSettings(), "which attention 'sdpa' does not return; use attention flash or sage"),
 ])
 def test_a_layout_this_run_cannot_use_is_refused_before_any_worker_starts(tiny_model, text, settings, message):
-    with pytest.raises(SettingsError, match="^FantasyTalking Sampler: ") as refused:
+    with pytest.raises(SettingsError, match="^FantasyTalking Sampler: parallel ") as refused:
         sampler_pool(tiny_model, text, CPU, settings)
-    assert message in str(refused.value) and "--parallel" not in str(refused.value)
+    assert message in str(refused.value) and "--" not in str(refused.value)  # the node's inputs, not the CLI's flags
 
 
 @pytest.mark.parametrize("offload_blocks, gpu_memory_gb", [(True, 0.0), (False, 24.0)])

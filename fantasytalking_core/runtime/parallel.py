@@ -18,7 +18,7 @@ host, ``runtime/pool.py`` starts the workers); this module builds the mesh on it
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,6 +34,10 @@ RING_ATTENTION = ("flash", "sage")
 
 Pass = tuple[str, bool]  # (prompt, audio on), as sampling.guidance names a DiT pass
 PassRunner = Callable[[tuple[Pass, ...]], list[torch.Tensor]]
+
+# how a refusal names the options it is about: the command line's flags, or the sampler node's inputs
+CLI_NAMES = {"parallel": "--parallel", "attention": "--attention"}
+NODE_NAMES = {"parallel": "parallel", "attention": "attention"}
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,10 @@ class ParallelLayout:
         return ",".join([f"{axis}={getattr(self, axis)}" for axis in PARALLEL_AXES] + ["fsdp"] * self.fsdp)
 
 
-def parse_parallel(text: str) -> ParallelLayout:
+def parse_parallel(text: str, names: Mapping[str, str] = CLI_NAMES) -> ParallelLayout:
     """``"cfg=3,ulysses=2"`` (or with ``,fsdp``) -> :class:`ParallelLayout` (axes left out are 1). One clear line
-    on bad input."""
+    on bad input, naming the option as ``names`` spell it (:data:`CLI_NAMES` or :data:`NODE_NAMES`)."""
+    option = names["parallel"]
     sizes: dict[str, int] = {}
     fsdp = False
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -85,22 +90,22 @@ def parse_parallel(text: str) -> ParallelLayout:
         axis, _, value = item.partition("=")
         axis = axis.strip()
         if axis not in PARALLEL_AXES:
-            raise SettingsError(f"--parallel {text!r}: unknown axis {axis!r}; write e.g. cfg=3,ulysses=2 with axes "
+            raise SettingsError(f"{option} {text!r}: unknown axis {axis!r}; write e.g. cfg=3,ulysses=2 with axes "
                                 f"{', '.join(PARALLEL_AXES)}.")
         if axis in sizes:
-            raise SettingsError(f"--parallel {text!r}: {axis} is given twice.")
+            raise SettingsError(f"{option} {text!r}: {axis} is given twice.")
         try:
             sizes[axis] = int(value)
         except ValueError:
-            raise SettingsError(f"--parallel {text!r}: {axis} needs a whole number of processes, got "
+            raise SettingsError(f"{option} {text!r}: {axis} needs a whole number of processes, got "
                                 f"{value.strip()!r}.") from None
     if not sizes:
-        raise SettingsError(f"--parallel {text!r}: give at least one axis, e.g. cfg=3 or cfg=3,ulysses=2.")
+        raise SettingsError(f"{option} {text!r}: give at least one axis, e.g. cfg=3 or cfg=3,ulysses=2.")
     return ParallelLayout(**sizes, fsdp=fsdp)
 
 
 def check_layout(layout: ParallelLayout, world_size: int, max_passes: int, num_heads: int | None = None,
-                 attention: str | None = None) -> None:
+                 attention: str | None = None, names: Mapping[str, str] = CLI_NAMES) -> None:
     """Refuse a layout this run cannot use, before any model loads.
 
     Args:
@@ -109,31 +114,33 @@ def check_layout(layout: ParallelLayout, world_size: int, max_passes: int, num_h
         num_heads: the DiT's attention heads, which Ulysses splits (None: not checked yet).
         attention: the attention kernel (``runtime/attention.py`` name); ring needs one of :data:`RING_ATTENTION`
             (None: not checked).
+        names: how the message spells the options (:data:`CLI_NAMES` or :data:`NODE_NAMES`).
     """
+    option = names["parallel"]
     if layout.world_size != world_size:
-        raise SettingsError(f"--parallel {layout} needs {layout.world_size} processes (cfg x ring x ulysses); "
+        raise SettingsError(f"{option} {layout} needs {layout.world_size} processes (cfg x ring x ulysses); "
                             f"{world_size} were started: launch with torchrun --nproc-per-node {layout.world_size}.")
     if layout.cfg > max_passes:
-        raise SettingsError(f"--parallel cfg={layout.cfg}: a step of this run has at most {max_passes} guidance "
+        raise SettingsError(f"{option} cfg={layout.cfg}: a step of this run has at most {max_passes} guidance "
                             f"passes to spread, so cfg can be at most {max_passes}.")
     if layout.fsdp and layout.sequence == 1:
-        raise SettingsError(f"--parallel {layout}: fsdp shards the weights over the ring x ulysses ranks of a "
+        raise SettingsError(f"{option} {layout}: fsdp shards the weights over the ring x ulysses ranks of a "
                             "sequence group; with one rank per group add ring or ulysses, or leave fsdp out.")
     if layout.ring > 1 and attention is not None and attention not in RING_ATTENTION:
-        raise SettingsError(f"--parallel ring={layout.ring}: ring attention merges blocks by their log-sum-exp, "
-                            f"which attention {attention!r} does not return; use --attention "
+        raise SettingsError(f"{option} ring={layout.ring}: ring attention merges blocks by their log-sum-exp, "
+                            f"which attention {attention!r} does not return; use {names['attention']} "
                             f"{' or '.join(RING_ATTENTION)}, or ulysses instead of ring.")
     if num_heads is not None and num_heads % layout.ulysses:
-        raise SettingsError(f"--parallel ulysses={layout.ulysses}: Ulysses splits the {num_heads} attention heads, "
+        raise SettingsError(f"{option} ulysses={layout.ulysses}: Ulysses splits the {num_heads} attention heads, "
                             f"so it must divide {num_heads}.")
 
 
-def check_loras_fit_layout(layout: ParallelLayout, has_loras: bool) -> None:
+def check_loras_fit_layout(layout: ParallelLayout, has_loras: bool, names: Mapping[str, str] = CLI_NAMES) -> None:
     """Refuse LoRAs with ``fsdp``: LoRAs are applied where the DiT is placed for a run
     (``runtime.placement.dit_on_device``), which weights sharded over GPUs never pass through, so they would be
-    dropped without a word."""
+    dropped without a word. ``names`` as in :func:`check_layout`."""
     if layout.fsdp and has_loras:
-        raise SettingsError(f"--parallel {layout}: LoRAs are not applied to weights sharded over GPUs; leave out "
+        raise SettingsError(f"{names['parallel']} {layout}: LoRAs are not applied to weights sharded over GPUs; leave out "
                             "fsdp or the LoRAs.")
 
 
