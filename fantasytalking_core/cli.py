@@ -155,9 +155,10 @@ def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settin
     import torch
 
     from .errors import SettingsError
-    from .runtime.parallel import check_layout, check_loras_fit_layout
+    from .runtime.parallel import check_layout, check_loras_fit_layout, check_offload_fits_layout
 
     check_loras_fit_layout(layout, bool(args.lora))
+    check_offload_fits_layout(layout, args.offload_blocks and args.gpu_memory is None)
     if torch.device(args.device).type != "cuda" and layout.sequence > 1:
         raise SettingsError(f"--parallel {layout}: ring/ulysses split the video tokens over GPUs (one per process); "
                             "on the CPU use cfg=N alone.")

@@ -35,8 +35,8 @@ from .model.transformer import FantasyTalkingModel
 from .runtime.attention import check_attention, using_attention
 from .runtime.compile import compiled_blocks
 from .runtime.fp8 import check_fp8_matmul_model, fp8_matmuls
-from .runtime.memory import check_budget, check_gpu_memory, choose_placement, estimate_dit_memory
-from .runtime.parallel import ParallelRun, check_loras_fit_layout
+from .runtime.memory import bytes_on, check_budget, check_gpu_memory, choose_placement, estimate_dit_memory
+from .runtime.parallel import ParallelLayout, ParallelRun, check_loras_fit_layout, check_offload_fits_layout
 from .runtime.placement import PLACEMENTS, dit_on_device, on_device
 from .sampling.denoise import generate_latents
 from .sampling.euler import PassMap
@@ -265,8 +265,7 @@ class FantasyTalkingPipeline:
         with on_device(m.wav2vec2, self.device):
             voice = extract_audio_features(m.wav2vec2, recording, settings.fps, None)  # bounded chunks
         plan = plan_segments(voice.num_frames, voice.fps, voice.num_tokens, options.segment_frames, options.overlap)
-        longest = max(segment.num_frames for segment in plan.segments)
-        placement = self._check_dit_fits(longest, pixels.shape[1], pixels.shape[2], settings)
+        placement = self._check_dit_fits(plan.longest, pixels.shape[1], pixels.shape[2], settings)
         text_pos, text_neg, clip_tokens = self._prompt_and_identity(pixels, settings)  # identity: the portrait
         tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
 
@@ -288,14 +287,17 @@ class FantasyTalkingPipeline:
         return StreamedVideo(plan, frames, recording.waveform[:, :cut], recording.sample_rate, voice.fps)
 
     def _check_dit_fits(self, num_frames: int, height: int, width: int, settings: GenerationSettings) -> str:
-        """The DiT's placement for a run (:func:`check_dit_fits`), checked before the encoders run; a DiT whose
-        weights a parallel run has sharded stays where they are (``"sharded"``)."""
-        if self.parallel is not None and self.parallel.weights_sharded:
-            check_loras_fit_layout(self.parallel.layout, bool(self.models.dit.loras))
-            check_fp8_matmul_model(self.models.dit, settings.fp8_matmul)
-            return "sharded"
-        return check_dit_fits(self.models.dit, self.device, num_frames, height, width, settings, self.dit_placement,
-                              self.gpu_memory)
+        """The DiT's placement for a run (:func:`check_dit_fits`), checked before the encoders run; in a parallel
+        run each rank checks its own GPU and all ranks agree (a DiT whose weights the run has sharded stays where
+        they are: ``"sharded"``)."""
+        def check() -> str:
+            return check_dit_fits(self.models.dit, self.device, num_frames, height, width, settings,
+                                  self.dit_placement, self.gpu_memory, self.parallel and self.parallel.layout)
+
+        if self.parallel is None:
+            return check()
+        check_loras_fit_layout(self.parallel.layout, bool(self.models.dit.loras))
+        return self.parallel.agree(check)
 
     def _dit_on_device(self, placement: str) -> AbstractContextManager:
         """The DiT on the compute device for a run in ``placement``; sharded weights stay on their device (FSDP
@@ -323,23 +325,31 @@ class FantasyTalkingPipeline:
 
 
 def check_dit_fits(dit: FantasyTalkingModel, device: torch.device, num_frames: int, height: int, width: int,
-                   settings: GenerationSettings, placement: str = "resident", gpu_memory: float | None = None) -> str:
+                   settings: GenerationSettings, placement: str = "resident", gpu_memory: float | None = None,
+                   layout: ParallelLayout | None = None) -> str:
     """Where the DiT will compute for this run, checked before any model moves (``runtime/memory.py``).
 
     With a ``gpu_memory`` budget (GiB): resident when it fits, else streamed, else an error. Without: ``placement``
-    as given, refused when it cannot fit in the free memory of a CUDA ``device``. ``height`` x ``width`` are the
-    video's pixels.
+    as given, refused when it cannot fit in the free memory of a CUDA ``device`` (weights already there count as
+    free: a pool worker keeps them there between runs). ``height`` x ``width`` are the video's pixels. In a
+    parallel ``layout`` the check is one process's: its share of the passes and of the video tokens; with
+    ``fsdp`` the weights are ``"sharded"`` (the one placement then; blocks cannot also stream).
     """
     check_fp8_matmul_model(dit, settings.fp8_matmul)
-    rows = 3 if settings.batch_passes else 1
-    cached = 3 if settings.step_cache > 0 else 0
+    layout = layout or ParallelLayout()
+    check_offload_fits_layout(layout, placement == "streamed" and gpu_memory is None)  # a budget picks the placement
+    passes = -(-settings.max_passes() // layout.cfg)  # this process's share of a step's passes
+    rows = passes if settings.batch_passes else 1
+    cached = passes if settings.step_cache > 0 else 0
+    shape = (dit.transformer, num_frames, height, width)
     if gpu_memory is not None:
-        placement, estimate = choose_placement(dit.transformer, num_frames, height, width, gpu_memory, rows,
-                                               dit.dtype.itemsize, cached)
+        placement, estimate = choose_placement(*shape, gpu_memory, rows, dit.dtype.itemsize, cached, layout.sequence,
+                                               layout.fsdp)
     else:
-        estimate = estimate_dit_memory(dit.transformer, num_frames, height, width, rows, placement,
-                                       dit.dtype.itemsize, cached)
-    check_gpu_memory(estimate, device, f"{num_frames} frames at {width}x{height}")
+        placement = "sharded" if layout.fsdp else placement
+        estimate = estimate_dit_memory(*shape, rows, placement, dit.dtype.itemsize, cached, layout.sequence)
+    present = bytes_on(dit, device) if torch.device(device).type == "cuda" else 0  # only CUDA memory is checked
+    check_gpu_memory(estimate, device, f"{num_frames} frames at {width}x{height}", present)
     return placement
 
 
@@ -357,15 +367,23 @@ def sample_latents_in_worker(
     pinned_latents: torch.Tensor | None = None,
     loras: tuple = (),
     progress: ProgressFn | None = None,
+    placement: str = "resident",
+    gpu_memory: float | None = None,
 ) -> torch.Tensor:
     """One clip in a :class:`~.runtime.pool.SamplerPool` worker (``pool.call(sample_latents_in_worker, ...)``):
-    :func:`sample_latents` on the worker's DiT, which waits on its GPU (whole, or sharded with ``fsdp``), with
-    ``loras`` applied for this call and the guidance passes shared over the pool (``run.map_passes``).
-    Arguments as in :func:`sample_latents`, on the CPU; returns the latents on the CPU (rank 0's are kept)."""
+    :func:`sample_latents` on the worker's DiT, with ``loras`` applied for this call and the guidance passes shared
+    over the pool (``run.map_passes``). The DiT waits on the worker's GPU (whole, or sharded with ``fsdp``) or, in
+    a pool started with ``keep_on_device=False``, on the CPU, placed for the call as ``placement`` and
+    ``gpu_memory`` say (:func:`check_dit_fits`). Each worker checks its own GPU's memory before sampling and all
+    agree (a refusal reaches the host in one line). Arguments as in :func:`sample_latents`, on the CPU; returns
+    the latents on the CPU (rank 0's are kept)."""
     check_loras_fit_layout(run.layout, bool(loras))
+    height, width = image_latents.shape[3] * 8, image_latents.shape[4] * 8
+    placement = run.agree(lambda: check_dit_fits(dit, run.device, num_frames, height, width, settings, placement,
+                                                 gpu_memory, run.layout))
     model = dit.with_loras(loras) if loras else dit
-    placed = (on_device(model.audio_proj, run.device) if run.weights_sharded
-              else dit_on_device(model, run.device, "resident"))
+    placed = (on_device(model.audio_proj, run.device) if placement == "sharded"
+              else dit_on_device(model, run.device, placement))
     with placed:
         return sample_latents(model, text_pos, text_neg, clip_tokens, image_latents, audio_features, num_frames,
                               settings, progress, num_audio_tokens, pinned_latents, run.map_passes).cpu()

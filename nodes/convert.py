@@ -444,6 +444,13 @@ def segment_options(segment_frames: int, motion_frames: int, chaining: str, colo
         raise SettingsError(f"FantasyTalking Sampler: {error}") from None
 
 
+def segment_plan(voice: EncodedAudio, options: SegmentOptions) -> SegmentPlan:
+    """The segments the sampler cuts ``voice``'s frames into (one for a video of at most ``segment_frames``)."""
+    features = voice.features
+    return plan_segments(features.num_frames, features.fps, features.num_tokens, options.segment_frames,
+                         options.overlap)
+
+
 def check_segment_inputs(segment_frames: int, motion_frames: int, chaining: str, color_match: float,
                          max_image_frames: int) -> bool | str:
     """The sampler's ``validate_inputs``: True, or the one-line message (ComfyUI shows it before the run)."""
@@ -498,18 +505,18 @@ def sample_segments(
     A video of at most ``options.segment_frames`` frames is one segment: the single clip, for every chaining mode.
 
     With a ``pool`` (a parallel layout, :mod:`.parallel`), each segment's denoising runs in the pool's workers,
-    which hold their own copies of the DiT on their GPUs: ``model`` itself stays where it is, and the memory check
-    and placement do not apply (``progress`` still sees every step and may raise to stop the workers).
+    which hold their own copies of the DiT: ``model`` itself stays where it is; each worker checks its own GPU and
+    places its copy as ``dit_placement`` / ``gpu_memory`` say (``progress`` still sees every step and may raise
+    to stop the workers).
     """
     check_image_tokens(identity.clip_tokens, model.transformer.config.image_dim)
     features = voice.features
-    plan = plan_segments(features.num_frames, features.fps, features.num_tokens, options.segment_frames,
-                         options.overlap)
+    plan = segment_plan(voice, options)
     height, width = identity.pixels.shape[1:3]
     if make_room is not None:
         make_room()
     placement = None if pool is not None else check_dit_fits(
-        model, device, max(s.num_frames for s in plan.segments), height, width, settings, dit_placement, gpu_memory)
+        model, device, plan.longest, height, width, settings, dit_placement, gpu_memory)
     reference = identity.pixels[0].permute(2, 0, 1) * 2 - 1  # [3, H, W] in -1..1
 
     def condition(known: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -525,7 +532,8 @@ def sample_segments(
         segment = replace(settings, seed=settings.seed + index)
         if pool is not None:
             return pool.call(sample_latents_in_worker, text_pos, text_neg, identity.clip_tokens, y, audio,
-                             num_frames, segment, num_tokens, pinned, model.loras, progress=report)
+                             num_frames, segment, num_tokens, pinned, model.loras, progress=report,
+                             placement=dit_placement, gpu_memory=gpu_memory)
         with dit_on_device(model, device, placement):
             return sample_latents(model, text_pos, text_neg, identity.clip_tokens, y, audio, num_frames, segment,
                                   report, num_tokens, pinned)

@@ -14,8 +14,10 @@ import torch
 
 from fantasytalking_core.errors import MissingDependencyError, SettingsError
 from fantasytalking_core.model.transformer import FantasyTalkingModel
-from fantasytalking_core.pipeline import GenerationSettings
-from fantasytalking_core.runtime.parallel import NODE_NAMES, check_layout, check_loras_fit_layout, parse_parallel
+from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits
+from fantasytalking_core.runtime.memory import InsufficientMemoryError
+from fantasytalking_core.runtime.parallel import (NODE_NAMES, check_layout, check_loras_fit_layout,
+                                                  check_offload_fits_layout, parse_parallel)
 from fantasytalking_core.runtime.pool import SamplerPool, check_layout_fits
 
 logger = logging.getLogger(__name__)
@@ -34,15 +36,18 @@ def check_parallel_text(text: str) -> str | None:
 
 
 def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, settings: GenerationSettings,
-                 backend: str = "processes", offload_blocks: bool = False,
-                 gpu_memory_gb: float = 0.0) -> SamplerPool | None:
+                 backend: str = "processes", offload_blocks: bool = False, gpu_memory_gb: float = 0.0,
+                 video: tuple[int, int, int] | None = None) -> SamplerPool | None:
     """The worker pool for ``text`` (e.g. ``"cfg=3"``, ``"cfg=3,ulysses=2"``), started or reused; None (and any
     pool closed) when ``text`` is empty. ``backend``: ``"processes"`` on this machine's GPUs, or ``"ray"`` (Ray
-    actors, on the GPUs of the Ray cluster this process joins). Refuses, in one line and before any worker
-    starts, a layout this run or the GPUs cannot use: more GPUs than present, more cfg ranks than guidance
-    passes, LoRAs with ``fsdp``, a model that was not loaded from files, Ray without the ray package, and the
-    one-GPU memory options (``offload_blocks``, ``gpu_memory_gb``), which a worker holding its whole model on its
-    GPU cannot follow."""
+    actors, on the GPUs of the Ray cluster this process joins).
+
+    With ``offload_blocks`` or a ``gpu_memory_gb`` budget each worker keeps its DiT on the CPU and places it for
+    every clip (streamed, or as the budget allows on its GPU); otherwise the DiT waits on each worker's GPU.
+    Refuses, in one line and before any worker starts, a layout this run or the GPUs cannot use: more GPUs than
+    present, more cfg ranks than guidance passes, LoRAs or offload_blocks with ``fsdp``, a model that was not
+    loaded from files, Ray without the ray package, and a run that even streamed exceeds the budget (``video``:
+    frames of the longest segment, height and width in pixels, when known)."""
     global _pool
     if not text.strip():
         close_sampler_pool()
@@ -55,23 +60,27 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, se
         if backend == "processes":  # a Ray pool checks its cluster's GPUs as it starts
             check_layout_fits(layout, device.type)
         check_loras_fit_layout(layout, bool(model.loras), NODE_NAMES)
+        check_offload_fits_layout(layout, offload_blocks and not gpu_memory_gb, NODE_NAMES)
     except SettingsError as exc:
         raise SettingsError(f"FantasyTalking Sampler: {exc}") from None
-    if offload_blocks or gpu_memory_gb:
-        raise SettingsError(f"{where}: each worker keeps its whole model on its GPU, so offload_blocks and "
-                            "gpu_memory_gb do not apply; turn them off (0), or add fsdp to split the weights over "
-                            "the GPUs (with ring or ulysses).")
     if model.source is None:
         raise SettingsError(f"{where}: each worker loads the model from its files, and this model did not come "
                             "from FantasyTalking Model Loader; load it there.")
-    key = (model.source, str(layout), device.type, backend)
+    if gpu_memory_gb and video is not None:  # the budget, known before the workers load (their GPUs: per clip)
+        try:
+            check_dit_fits(model, torch.device("cpu"), *video, settings, gpu_memory=gpu_memory_gb, layout=layout)
+        except InsufficientMemoryError as exc:
+            raise InsufficientMemoryError(f"{where}: {exc}") from None
+    keep_on_device = not (offload_blocks or gpu_memory_gb)
+    key = (model.source, str(layout), device.type, backend, keep_on_device)
     if _pool is not None and _pool[0] == key and _pool[1].alive:
         return _pool[1]
     close_sampler_pool()
     logger.info("%s: starting %d workers (%s), each loading %s", where, layout.world_size, backend,
                 model.source.dit)
     try:
-        _pool = (key, SamplerPool(layout, model.source.load, device.type, backend=backend))
+        _pool = (key, SamplerPool(layout, model.source.load, device.type, backend=backend,
+                                  keep_on_device=keep_on_device))
     except (SettingsError, MissingDependencyError) as exc:
         raise type(exc)(f"FantasyTalking Sampler: {exc}") from None
     return _pool[1]

@@ -23,7 +23,7 @@ from fantasytalking_core.sampling.step_cache import FIRST_STEPS, LAST_STEPS, MAX
 from . import io_types
 from .parallel import check_parallel_text, sampler_pool
 from .convert import (PREVIEW_FRAMES, check_segment_inputs, conditioning_to_text, image_gigabytes, render_video,
-                      sample_segments, segment_options)
+                      sample_segments, segment_options, segment_plan)
 
 logger = logging.getLogger(__name__)
 DEFAULTS = GenerationSettings()
@@ -140,7 +140,8 @@ class Sampler(io.ComfyNode):
                                         "one); add ulysses=N or ring=N to split the video over N GPUs per pass "
                                         "(cfg=3,ulysses=2 uses six), and fsdp to split the weights too. Each "
                                         "worker loads its own copy of the model (once; they stay for the next "
-                                        "run). Empty: this process, one GPU."),
+                                        "run); offload_blocks and gpu_memory_gb apply to each worker. Empty: this "
+                                        "process, one GPU."),
                 io.Combo.Input("parallel_workers", options=list(POOL_BACKENDS), default="processes", optional=True,
                                advanced=True,
                                tooltip="How the parallel workers start: processes on this machine's GPUs, or ray "
@@ -192,12 +193,13 @@ class Sampler(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()
 
         device = mm.get_torch_device()
-        pool = sampler_pool(model, parallel, device, settings, parallel_workers, offload_blocks, gpu_memory_gb)
+        width, height = identity.frame_size
+        pool = sampler_pool(model, parallel, device, settings, parallel_workers, offload_blocks, gpu_memory_gb,
+                            (segment_plan(audio_features, options).longest, height, width))
         plan, chunks = sample_segments(model, text_pos, text_neg, identity, audio_features, settings, options,
                                        device, progress, make_room=mm.unload_all_models,
                                        dit_placement="streamed" if offload_blocks else "resident",
                                        gpu_memory=gpu_memory_gb or None, pool=pool)
-        width, height = identity.frame_size
         saved: list[ui.SavedResult] = []
 
         def output_path() -> Path:

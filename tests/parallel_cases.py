@@ -99,8 +99,10 @@ def allow_cpu_ring_attention() -> None:
 class Case:
     """One parallel run: the layout, the compute dtype (bf16 runs the official float32-island forward), batched
     guidance passes, whether to strip the processors' parallel config (the unaware-processor negative case), and
-    an fp8 scaled DiT file whose weights stay fp8 (None: the float32 fixture), and a ``torch.compile`` backend
-    for the blocks of the parallel run (None: eager; the reference stays eager)."""
+    an fp8 scaled DiT file whose weights stay fp8 (None: the float32 fixture), a ``torch.compile`` backend
+    for the blocks of the parallel run (None: eager; the reference stays eager), and whether the parallel run's
+    blocks stream (diffusers' group offloading hooks beside the context-parallel ones; the reference stays
+    resident)."""
 
     layout: str
     dtype: torch.dtype = torch.float32
@@ -108,14 +110,19 @@ class Case:
     unaware: bool = False
     fp8_file: str | None = None
     compile: str | None = None
+    streamed: bool = False
 
 
 def run_case(rank: int, world: int, case: Case, out: Path) -> None:
     """Sample under ``case`` and save this rank's latent and how many passes it computed (or the error an unaware
     processor raises); rank 0 also saves the single-process reference, computed here with the same threads."""
     from fantasytalking_core.model.adapter import TokenLayoutError, audio_processors
+    from contextlib import nullcontext
+
     from fantasytalking_core.runtime.compile import compiled_blocks
+    from fantasytalking_core.runtime.memory import bytes_on
     from fantasytalking_core.runtime.parallel import ParallelRun, parse_parallel
+    from fantasytalking_core.runtime.placement import streamed_blocks
 
     allow_cpu_context_parallel()
     layout = parse_parallel(case.layout)
@@ -123,9 +130,10 @@ def run_case(rank: int, world: int, case: Case, out: Path) -> None:
         allow_cpu_ring_attention()  # Ulysses keeps diffusers' native op: the single-process run's SDPA
     run = ParallelRun(layout, "cpu")
     model = load_model(case.dtype, case.fp8_file)
-    whole = sum(p.numel() for p in model.transformer.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.transformer.buffers())  # not sharded (RoPE tables)
+    whole = bytes_on(model.transformer, torch.device("cpu")) - buffers
     run.prepare(model.transformer)
-    held = sum(getattr(p, "_local_tensor", p).numel() for p in model.transformer.parameters())
+    held = bytes_on(model.transformer, torch.device("cpu")) - buffers  # a sharded weight counts its local shard
     (out / f"rank{rank}.held").write_text(f"{held / whole:.4f}")  # the share of the DiT's weights this rank holds
     if case.unaware:
         for proc in audio_processors(model.transformer):
@@ -137,7 +145,8 @@ def run_case(rank: int, world: int, case: Case, out: Path) -> None:
         return
     calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))  # rows per DiT pass
-    with compiled_blocks(model.transformer, case.compile is not None, case.compile or "inductor"):
+    with (streamed_blocks(model, torch.device("cpu")) if case.streamed else nullcontext(),
+          compiled_blocks(model.transformer, case.compile is not None, case.compile or "inductor")):
         torch.save(sample(model, run.map_passes, case.batch_passes), out / f"rank{rank}.pt")
     if case.compile is not None:
         from torch._dynamo.utils import counters
@@ -164,6 +173,26 @@ def refuse_in_pool(model, run) -> None:
     from fantasytalking_core.errors import SettingsError
 
     raise SettingsError(f"refused on rank {run.rank}: not enough GPU memory for 4093 frames")
+
+
+def refuse_on_rank_1(model, run) -> str:
+    """A check that only rank 1 refuses (as its GPU alone lacks memory), agreed on by every rank before the first
+    collective of the run, which rank 0 then never reaches."""
+    from fantasytalking_core.runtime.memory import InsufficientMemoryError
+
+    def check() -> str:
+        if run.rank == 1:
+            raise InsufficientMemoryError("This run needs about 40.1 GiB of GPU memory but GPU 1 has 12.0 GiB free.")
+        return "resident"
+
+    placement = run.agree(check)
+    torch.distributed.all_reduce(torch.ones(1))  # a collective rank 1 would never join without the agreement
+    return placement
+
+
+def agree_on_rank(model, run) -> str:
+    """A check that no rank refuses: its result, agreed."""
+    return run.agree(lambda: f"fine on rank {run.rank}")
 
 
 def worker_pid(model, run) -> int:

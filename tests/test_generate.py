@@ -215,23 +215,44 @@ def frames_of(path) -> np.ndarray:
 
 def test_torchrun_with_two_guidance_ranks_writes_the_single_process_video(inputs, tmp_path):
     """torchrun, 2 processes, --parallel cfg=2: rank 0 alone writes, and the frames equal one process's (the
-    latents are the same to the bit; one thread per process in both runs, as torchrun sets)."""
+    latents are the same to the bit; one thread per process in both runs, as torchrun sets); then the same run
+    over two 'machines': two torchrun launchers of one process each meeting through the c10d rendezvous (as on
+    two hosts, here both on 127.0.0.1, each in its own folder): one of them writes, the same video."""
+    from distributed import free_port
+
     args = ["--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--tiny", "--steps", "2",
             "--image-size", "32", "--seed", "3", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "fantasytalking_core", "generate", *args, "--out",
                              str(tmp_path / "one.mp4")], capture_output=True, text=True, env=env, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
-    out = tmp_path / "two" / "talking.mp4"
-    out.parent.mkdir()
+    one = frames_of(tmp_path / "one.mp4")
+    assert one.shape == (13, 32, 32, 3)
+    generate_two = ["-m", "fantasytalking_core", "generate", *args, "--out", "two.mp4", "--parallel", "cfg=2"]
+    out = tmp_path / "standalone"
+    out.mkdir()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "fantasytalking_core", "generate", *args, "--out", str(out), "--parallel", "cfg=2"],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+                           *generate_two], capture_output=True, text=True, env=env, timeout=600, cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("wrote ") == 1 and sorted(p.name for p in out.parent.iterdir()) == ["talking.mp4"]
-    two, one = frames_of(out), frames_of(tmp_path / "one.mp4")
-    assert two.shape == one.shape == (13, 32, 32, 3)
-    assert np.array_equal(two, one)
+    assert proc.stdout.count("wrote ") == 1 and sorted(p.name for p in out.iterdir()) == ["two.mp4"]
+    assert np.array_equal(frames_of(out / "two.mp4"), one)
+
+    port, nodes = free_port(), [tmp_path / "node0", tmp_path / "node1"]
+    launchers = []
+    for node, folder in enumerate(nodes):
+        folder.mkdir()
+        launchers.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-machines",
+             "--rdzv-conf", f"is_host={int(node == 0)}", *generate_two],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=folder))
+    outputs = [launcher.communicate(timeout=600) for launcher in launchers]
+    for launcher, (_, stderr) in zip(launchers, outputs):
+        assert launcher.returncode == 0, stderr[-3000:]
+    written = [folder for folder in nodes if any(folder.iterdir())]
+    assert sum(stdout.count("wrote ") for stdout, _ in outputs) == 1 and len(written) == 1
+    assert sorted(p.name for p in written[0].iterdir()) == ["two.mp4"]
+    assert np.array_equal(frames_of(written[0] / "two.mp4"), one)
 
 
 @pytest.mark.parametrize("layout, world, message", [
@@ -271,22 +292,27 @@ def test_more_processes_than_gpus_on_a_machine_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    args = argparse.Namespace(device="cuda", lora=[])  # as argparse gives them: no --lora
+    args = argparse.Namespace(device="cuda", lora=[], offload_blocks=False, gpu_memory=None)  # as argparse gives them
     with pytest.raises(SettingsError, match="torchrun started 4 processes on this machine, which has 2 GPU"):
         _check_parallel_run(parse_parallel("cfg=2,ulysses=2"), args, GenerationSettings())
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of 2 GPUs: fits
     _check_parallel_run(parse_parallel("cfg=2,ulysses=2"), args, GenerationSettings())
 
 
-def test_loras_with_sharded_weights_are_refused_before_any_model_loads(inputs, tmp_path):
+@pytest.mark.parametrize("option, message", [
+    ("--lora", "LoRAs are not applied to weights sharded over GPUs"),
+    ("--offload-blocks", "fsdp already splits the weights over the GPUs, so the blocks do not also stream; turn "
+                         "off --offload-blocks, or leave out fsdp"),
+])
+def test_what_sharded_weights_cannot_do_is_refused_before_any_model_loads(inputs, tmp_path, option, message):
     from test_loaders_lora import kijai_lora
 
-    lora, _ = kijai_lora(tmp_path / "style.safetensors")
+    extra = [option, str(kijai_lora(tmp_path / "style.safetensors")[0])] if option == "--lora" else [option]
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
     proc = subprocess.run([sys.executable, "-m", "fantasytalking_core", "generate", "--image",
                            str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
                            str(tmp_path / "x.mp4"), "--tiny", "--device", "cpu", "--parallel", "cfg=2,fsdp",
-                           "--lora", str(lora)], capture_output=True, text=True, env=env, timeout=300)
+                           *extra], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "LoRAs are not applied to weights sharded over GPUs" in proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "random tiny models" not in proc.stderr and not (tmp_path / "x.mp4").exists()

@@ -38,20 +38,66 @@ def test_a_layout_this_run_cannot_use_is_refused_before_any_worker_starts(tiny_m
     assert message in str(refused.value) and "--" not in str(refused.value)  # the node's inputs, not the CLI's flags
 
 
-@pytest.mark.parametrize("offload_blocks, gpu_memory_gb", [(True, 0.0), (False, 24.0)])
-def test_one_gpu_memory_options_are_refused_not_ignored(tiny_model, offload_blocks, gpu_memory_gb):
-    with pytest.raises(SettingsError, match="each worker keeps its whole model on its GPU, so offload_blocks and "
-                                            "gpu_memory_gb do not apply"):
-        sampler_pool(tiny_model, "cfg=2", CPU, GenerationSettings(), "processes", offload_blocks, gpu_memory_gb)
-
-
-def test_ray_workers_without_the_ray_package_are_refused_in_one_line(official_dir, monkeypatch):
-    from fantasytalking_core.errors import MissingDependencyError
+@pytest.fixture
+def loaded_model(official_dir):
+    """The fixture's DiT loaded from its files, as the Model Loader node loads it (it has a source)."""
     from fantasytalking_core.loaders.model_source import ModelSource
 
-    model = ModelSource(str(official_dir / "dit" / "dit.safetensors"), str(official_dir / "dit" / "fantasytalking.ckpt"),
-                        None, torch.float32).load()
+    return ModelSource(str(official_dir / "dit" / "dit.safetensors"),
+                       str(official_dir / "dit" / "fantasytalking.ckpt"), None, torch.float32).load()
+
+
+class StartedPool:
+    """Stands in for SamplerPool: records how the node would start it."""
+
+    alive = True
+
+    def __init__(self, layout, load, device_type, backend, keep_on_device):
+        self.layout, self.keep_on_device = layout, keep_on_device
+
+    def close(self):
+        self.alive = False
+
+
+@pytest.mark.parametrize("offload_blocks, gpu_memory_gb, keeps", [(False, 0.0, True), (True, 0.0, False),
+                                                                  (False, 24.0, False)])
+def test_each_worker_follows_the_one_gpu_memory_options(loaded_model, monkeypatch, offload_blocks, gpu_memory_gb,
+                                                        keeps):
+    """offload_blocks / gpu_memory_gb: the workers keep their DiT on the CPU and place it per clip (streamed, or
+    as the budget allows); without them it waits on each worker's GPU."""
+    import nodes.parallel
+
+    monkeypatch.setattr(nodes.parallel, "SamplerPool", lambda *args, **kw: StartedPool(*args, **kw))
+    try:
+        pool = sampler_pool(loaded_model, "cfg=2", CPU, GenerationSettings(), "processes", offload_blocks,
+                            gpu_memory_gb, (81, 512, 512))
+        assert pool.keep_on_device is keeps
+    finally:
+        nodes.parallel.close_sampler_pool()
+
+
+def test_offload_blocks_with_fsdp_is_refused_in_the_nodes_words(loaded_model, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SettingsError, match=r"^FantasyTalking Sampler: parallel cfg=1,ring=1,ulysses=2,fsdp: fsdp "
+                                            r"already splits the weights .* turn off offload_blocks, or leave out"):
+        sampler_pool(loaded_model, "ulysses=2,fsdp", torch.device("cuda"), GenerationSettings(), "processes", True)
+
+
+def test_a_budget_that_even_streaming_exceeds_is_refused_before_any_worker_starts(loaded_model, monkeypatch):
+    import nodes.parallel
+    from fantasytalking_core.runtime.memory import InsufficientMemoryError
+
+    monkeypatch.setattr(nodes.parallel, "SamplerPool", None)  # starting workers would fail the test
+    with pytest.raises(InsufficientMemoryError, match=r"^FantasyTalking Sampler: parallel cfg=2,ring=1,ulysses=1: "
+                                                      r"Even streaming the DiT's blocks this run needs about 0.5 GiB"
+                                                      r" of GPU memory, more than the 0.5 GiB budget"):
+        sampler_pool(loaded_model, "cfg=2", CPU, GenerationSettings(), "processes", False, 0.5, (81, 512, 512))
+
+
+def test_ray_workers_without_the_ray_package_are_refused_in_one_line(loaded_model, monkeypatch):
+    from fantasytalking_core.errors import MissingDependencyError
+
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as where ray is not installed
     with pytest.raises(MissingDependencyError, match=r"^FantasyTalking Sampler: the ray worker pool needs the ray "
                                                      r"package \(pip install ray\)"):
-        sampler_pool(model, "cfg=2", CPU, GenerationSettings(), "ray")
+        sampler_pool(loaded_model, "cfg=2", CPU, GenerationSettings(), "ray")

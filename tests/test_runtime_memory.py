@@ -76,3 +76,63 @@ def test_the_pipeline_runs_where_the_budget_says(monkeypatch):
     assert check_dit_fits(dit, torch.device("cpu"), 81, 512, 512, settings, "streamed", gpu_memory=200) == "resident"
     assert check_dit_fits(dit, torch.device("cpu"), 81, 512, 512, settings, "resident", gpu_memory=24) == "streamed"
     assert check_dit_fits(dit, torch.device("cpu"), 81, 512, 512, settings, "streamed") == "streamed"
+
+
+def test_a_parallel_process_needs_its_share_of_the_tokens_and_with_fsdp_of_the_blocks(dit_14b):
+    """ulysses/ring over 2 ranks: half the activations each, the weights whole; fsdp over 2: the blocks' weights
+    halved, plus the block that runs and the prefetched one whole, the embeddings and head whole."""
+    one = estimate_dit_memory(dit_14b, 81, 720, 1280)
+    split = estimate_dit_memory(dit_14b, 81, 720, 1280, sequence=2)
+    assert split.weights == one.weights and split.activations == one.activations // 2  # 75,600 tokens split evenly
+    sharded = estimate_dit_memory(dit_14b, 81, 720, 1280, placement="sharded", sequence=2)
+    blocks = sum(memory.parameter_bytes(b) for b in dit_14b.blocks)
+    block = memory.parameter_bytes(dit_14b.blocks[0])
+    assert sharded.weights == one.weights - blocks + blocks // 2 + 2 * block
+    assert 16.5 < sharded.weights / GIB < 17.5  # ~31 GiB of which ~29.5 in the 40 blocks
+    assert sharded.activations == split.activations
+
+
+def test_weights_already_on_the_gpu_count_as_free(monkeypatch):
+    """A pool worker's DiT waits on its GPU between runs: that memory is the run's own, not taken."""
+    monkeypatch.setattr(memory.torch.cuda, "mem_get_info", lambda device: (4 * GIB, 80 * GIB))
+    monkeypatch.setattr(memory.torch.cuda, "get_device_name", lambda device: "NVIDIA H100")
+    run = MemoryEstimate(weights=32 * GIB, activations=2 * GIB)
+    check_gpu_memory(run, torch.device("cuda", 0), "x", present=32 * GIB)
+    with pytest.raises(InsufficientMemoryError, match="H100 has 8.0 GiB free"):
+        check_gpu_memory(run, torch.device("cuda", 0), "x", present=4 * GIB)
+
+
+def test_the_check_of_a_parallel_run_is_one_process_share():
+    """check_dit_fits with a layout: cfg=3 with batched passes holds one pass per process; a budget that one
+    process cannot meet with all 3 passes batched is met; fsdp picks the sharded placement, and streaming blocks
+    as well is refused (a budget picks the placement, so it is not)."""
+    from types import SimpleNamespace
+
+    from fantasytalking_core.errors import SettingsError
+    from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits
+    from fantasytalking_core.runtime.parallel import ParallelLayout
+
+    dit = SimpleNamespace(transformer=build_transformer(resolve_config("wan2.1_i2v_14b_720p"), empty=True).to(
+        torch.bfloat16), dtype=torch.bfloat16)
+    cpu, batched = torch.device("cpu"), GenerationSettings(batch_passes=True)
+    # resident at 720x1280x81: ~30.6 GiB weights + 8.0 GiB per pass batched
+    assert check_dit_fits(dit, cpu, 81, 720, 1280, batched, gpu_memory=42) == "streamed"  # 3 rows: ~55 GiB
+    assert check_dit_fits(dit, cpu, 81, 720, 1280, batched, gpu_memory=42, layout=ParallelLayout(cfg=3)) == "resident"
+    assert check_dit_fits(dit, cpu, 81, 720, 1280, batched, gpu_memory=42,
+                          layout=ParallelLayout(cfg=3, ulysses=2, fsdp=True)) == "sharded"
+    with pytest.raises(InsufficientMemoryError, match="With its weights sharded this run needs about"):
+        check_dit_fits(dit, cpu, 81, 720, 1280, batched, gpu_memory=16, layout=ParallelLayout(ulysses=2, fsdp=True))
+    with pytest.raises(SettingsError, match="fsdp already splits the weights over the GPUs, so the blocks do not "
+                                            "also stream; turn off --offload-blocks"):
+        check_dit_fits(dit, cpu, 81, 720, 1280, batched, "streamed", layout=ParallelLayout(ulysses=2, fsdp=True))
+    assert check_dit_fits(dit, cpu, 81, 720, 1280, batched, "streamed", gpu_memory=80,
+                          layout=ParallelLayout(ulysses=2, fsdp=True)) == "sharded"
+
+
+def test_bytes_on_a_device_count_only_what_is_there():
+    """(Sharded weights count their local shard: the fsdp cases of test_runtime_parallel.py measure with it.)"""
+    from fantasytalking_core.runtime.memory import bytes_on
+
+    layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    assert bytes_on(layer, torch.device("cpu")) == (64 * 32 + 32) * 2
+    assert bytes_on(layer, torch.device("meta")) == 0

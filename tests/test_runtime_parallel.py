@@ -90,6 +90,15 @@ def test_ulysses_over_two_ranks_equals_one_process(tmp_path, dtype):
     assert passes == [5, 5]  # both ranks run every pass, each on half of the tokens
 
 
+def test_streamed_blocks_under_ulysses_equal_one_process(tmp_path):
+    """Each rank streaming its blocks (diffusers' group offloading hooks, as a pool worker with offload_blocks
+    does) while the context-parallel hooks split and gather the tokens: the single-process resident latent."""
+    reference, ranks, passes = run_layout(tmp_path, 2, Case("ulysses=2", streamed=True))
+    for latent in ranks:
+        torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
+    assert passes == [5, 5]
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ring_attention_over_two_and_three_ranks_equals_one_process(tmp_path, world):
     """Ring attention (with a test-only CPU op that returns the log-sum-exp) over 2 ranks (30 tokens each, seam in

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_cases import (dying_load, fail_on_rank_1, failing_load, load_model, refuse_in_pool, sample,
-                            sample_in_pool, sample_in_pool_with_progress, worker_pid)
+from parallel_cases import (agree_on_rank, dying_load, fail_on_rank_1, failing_load, load_model, refuse_in_pool,
+                            refuse_on_rank_1, sample, sample_in_pool, sample_in_pool_with_progress, worker_pid)
 
 from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.runtime.parallel import ParallelLayout
@@ -115,6 +115,21 @@ def test_a_refusal_in_the_workers_reaches_the_host_as_that_error_in_one_line(poo
     assert pool.alive  # a refusal leaves the workers ready
 
 
+def test_a_refusal_of_one_worker_alone_is_agreed_by_all_instead_of_leaving_the_others_waiting(pool):
+    """Only rank 1 refuses (its GPU alone lacks memory): rank 0 does not go on into the run's first collective;
+    both raise rank 1's refusal, named by its rank, the host gets it at once (not after failure_grace_s), and
+    the workers stay ready."""
+    import time
+
+    from fantasytalking_core.runtime.memory import InsufficientMemoryError
+
+    started = time.monotonic()
+    with pytest.raises(InsufficientMemoryError, match=r"^rank 1: This run needs about 40.1 GiB of GPU memory"):
+        pool.call(refuse_on_rank_1)
+    assert time.monotonic() - started < pool.failure_grace_s and pool.alive
+    assert pool.call(agree_on_rank) == "fine on rank 0"
+
+
 def test_a_clip_in_the_workers_with_a_lora_is_the_one_process_clip(pool, tmp_path):
     """pipeline.sample_latents_in_worker: the workers' model with a LoRA for this call (none left afterwards), the
     passes shared over cfg=2, equals sample_latents in one process with the same LoRA."""
@@ -138,3 +153,22 @@ def test_a_clip_in_the_workers_with_a_lora_is_the_one_process_clip(pool, tmp_pat
     torch.testing.assert_close(with_lora, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(without, plain, rtol=0, atol=1e-5)
     assert (reference - plain).abs().max() > 1e-2  # the LoRA changes the clip
+
+
+def test_a_clip_in_the_workers_streamed_or_within_a_budget_is_the_one_process_clip(pool):
+    """sample_latents_in_worker places each worker's DiT as the node's offload_blocks / gpu_memory_gb say:
+    streamed block by block it gives the resident clip; a budget that even streaming exceeds is refused in every
+    worker before sampling, in one line, and the workers stay ready."""
+    from parallel_cases import NUM_FRAMES, run_inputs
+
+    from fantasytalking_core.pipeline import GenerationSettings, sample_latents, sample_latents_in_worker
+    from fantasytalking_core.runtime.memory import InsufficientMemoryError
+
+    x = run_inputs()
+    args = (x["text_pos"], x["text_neg"], x["clip_tokens"], x["image_latents"], x["audio_features"], NUM_FRAMES,
+            GenerationSettings(steps=2, seed=3, audio_guidance_range=(0.0, 0.5)))
+    streamed = pool.call(sample_latents_in_worker, *args, placement="streamed")
+    torch.testing.assert_close(streamed, sample_latents(load_model(), *args), rtol=0, atol=1e-5)
+    with pytest.raises(InsufficientMemoryError) as refused:
+        pool.call(sample_latents_in_worker, *args, gpu_memory=1e-4)
+    assert str(refused.value).startswith("Even streaming the DiT's blocks this run needs about") and pool.alive

@@ -92,6 +92,11 @@ class SegmentPlan:
     def __len__(self) -> int:
         return len(self.segments)
 
+    @property
+    def longest(self) -> int:
+        """Frames of the longest segment: what one denoising run must hold."""
+        return max(segment.num_frames for segment in self.segments)
+
 
 def segment_spans(num_frames: int, segment_frames: int = DEFAULT_SEGMENT_FRAMES,
                   overlap: int = 1) -> list[tuple[int, int, int]]:

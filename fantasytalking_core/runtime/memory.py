@@ -6,7 +6,9 @@ and batch row, the FFN's hidden activation in the compute dtype twice (input and
 float32 model-width tensors (residual stream, its normed and modulated copy, the block output):
 ``2 * ffn_dim * e + 3 * dim * 4`` bytes. For the 14B model that is 114 KiB per token; on an H100 the measured
 activations were 2.3 GiB for 21,504 tokens and 8.0 GiB for 75,600 (109-111 KiB per token, ``docs/benchmarks.md``).
-Attention runs through fused kernels whose memory grows with the tokens, not their square.
+Attention runs through fused kernels whose memory grows with the tokens, not their square. In a run over several
+processes (``runtime/parallel.py``) each process needs the activations of its share of the tokens and passes, and
+with ``fsdp`` its share of the blocks' weights.
 """
 
 from __future__ import annotations
@@ -44,48 +46,66 @@ def parameter_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)  # GGUF weights are uint8 blocks: their bytes
 
 
+def bytes_on(module: torch.nn.Module, device: torch.device) -> int:
+    """Bytes of ``module``'s parameters and buffers that are stored on ``device`` now (a sharded weight counts its
+    local shard)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    from torch.distributed.tensor import DTensor
+
+    tensors = [t.to_local() if isinstance(t, DTensor) else t for t in [*module.parameters(), *module.buffers()]]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device == device)
+
+
 def video_tokens(num_frames: int, height: int, width: int) -> int:
     """DiT tokens of a video: latent frames x (height / 16) x (width / 16) (VAE 4x8x8, patch 1x2x2)."""
     return ((num_frames - 1) // 4 + 1) * (height // 16) * (width // 16)
 
 
 def estimate_dit_memory(transformer: torch.nn.Module, num_frames: int, height: int, width: int, batch_rows: int = 1,
-                        placement: str = "resident", compute_bytes: int = 2, cached_passes: int = 0) -> MemoryEstimate:
-    """What sampling ``num_frames`` frames of ``height`` x ``width`` needs on the device.
+                        placement: str = "resident", compute_bytes: int = 2, cached_passes: int = 0,
+                        sequence: int = 1) -> MemoryEstimate:
+    """What sampling ``num_frames`` frames of ``height`` x ``width`` needs on the device (one of them, in a run over
+    several processes).
 
     Args:
         transformer: the DiT (``WanTransformer3DModel``), weights as stored.
         batch_rows: guidance passes run as one batch (1 when they run one after another).
-        placement: ``"resident"`` or ``"streamed"`` (see ``runtime/placement.py``).
+        placement: ``"resident"`` or ``"streamed"`` (see ``runtime/placement.py``), or ``"sharded"``: the blocks'
+            weights split over the ``sequence`` ranks (FSDP2, ``runtime/parallel.py``), with the block that runs
+            and the next one (prefetched) whole, and the embeddings and head whole for the whole pass.
         compute_bytes: bytes per element of the compute dtype (2 for bf16/fp16).
         cached_passes: guidance passes whose residuals the step cache keeps (``sampling/step_cache.py``; 0 = off):
             two float32 model-width tensors per pass, and two more per batch row while a forward stores them.
+        sequence: ranks that split the video tokens (ring x ulysses): each holds its share of the activations.
     """
-    blocks = list(transformer.blocks)
-    whole = parameter_bytes(transformer)
-    if placement == "streamed":
-        block = max(parameter_bytes(b) for b in blocks)
-        weights = whole - sum(parameter_bytes(b) for b in blocks) + 2 * block
-    else:
-        weights = whole
+    blocks = [parameter_bytes(b) for b in transformer.blocks]
+    rest = parameter_bytes(transformer) - sum(blocks)
+    weights = {"resident": rest + sum(blocks),
+               "streamed": rest + 2 * max(blocks),
+               "sharded": rest + -(-sum(blocks) // sequence) + 2 * max(blocks)}[placement]
     config = transformer.config
     dim = config.num_attention_heads * config.attention_head_dim
     per_token = 2 * config.ffn_dim * compute_bytes + 3 * dim * 4
     cache_per_token = 2 * dim * 4 * (cached_passes + batch_rows) if cached_passes else 0
-    tokens = video_tokens(num_frames, height, width)
+    tokens = -(-video_tokens(num_frames, height, width) // sequence)
     return MemoryEstimate(weights, per_token * tokens * batch_rows + cache_per_token * tokens)
 
 
-def check_gpu_memory(estimate: MemoryEstimate, device: torch.device, what: str) -> None:
+def check_gpu_memory(estimate: MemoryEstimate, device: torch.device, what: str, present: int = 0) -> None:
     """Refuse a run that cannot fit in the free memory of a CUDA ``device`` (other devices are not checked).
 
     Args:
         what: the run, as the message should name it (e.g. "81 frames at 512x512").
+        present: bytes of the estimate already on the device (weights a pool worker keeps there between runs),
+            which its free memory does not include.
     """
     device = torch.device(device)
     if device.type != "cuda":
         return
     free, _ = torch.cuda.mem_get_info(device)
+    free += present
     if estimate.total <= free:
         return
     name = torch.cuda.get_device_name(device)
@@ -105,14 +125,18 @@ def check_budget(budget_gib: float | None, name: str = "gpu_memory") -> float | 
 
 
 def choose_placement(transformer: torch.nn.Module, num_frames: int, height: int, width: int, budget_gib: float,
-                     batch_rows: int = 1, compute_bytes: int = 2, cached_passes: int = 0) -> tuple[str, MemoryEstimate]:
+                     batch_rows: int = 1, compute_bytes: int = 2, cached_passes: int = 0, sequence: int = 1,
+                     sharded: bool = False) -> tuple[str, MemoryEstimate]:
     """``"resident"`` when the whole run fits in ``budget_gib`` GiB, else ``"streamed"`` (blocks one at a time)
-    when that fits, with the estimate of the placement chosen; else InsufficientMemoryError naming the options."""
-    for placement in ("resident", "streamed"):
+    when that fits, with the estimate of the placement chosen; else InsufficientMemoryError naming the options.
+    With ``sharded`` weights (FSDP2 over ``sequence`` ranks) ``"sharded"`` is the one placement, checked the same
+    way."""
+    for placement in ("sharded",) if sharded else ("resident", "streamed"):
         estimate = estimate_dit_memory(transformer, num_frames, height, width, batch_rows, placement, compute_bytes,
-                                       cached_passes)
+                                       cached_passes, sequence)
         if estimate.total <= budget_gib * GIB:
             return placement, estimate
+    how = "With its weights sharded" if sharded else "Even streaming the DiT's blocks"
     raise InsufficientMemoryError(
-        f"Even streaming the DiT's blocks this run needs about {estimate.total / GIB:.1f} GiB of GPU memory, more "
+        f"{how} this run needs about {estimate.total / GIB:.1f} GiB of GPU memory, more "
         f"than the {budget_gib:g} GiB budget: a smaller image size or fewer frames (or segments) fit.")

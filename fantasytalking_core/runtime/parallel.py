@@ -21,12 +21,13 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import SettingsError
+from ..errors import FantasyTalkingError, SettingsError
 
 PARALLEL_AXES = ("cfg", "ring", "ulysses")
 # attention kernels (runtime/attention.py names) that return the log-sum-exp ring attention merges blocks with
@@ -34,10 +35,11 @@ RING_ATTENTION = ("flash", "sage")
 
 Pass = tuple[str, bool]  # (prompt, audio on), as sampling.guidance names a DiT pass
 PassRunner = Callable[[tuple[Pass, ...]], list[torch.Tensor]]
+T = TypeVar("T")
 
 # how a refusal names the options it is about: the command line's flags, or the sampler node's inputs
-CLI_NAMES = {"parallel": "--parallel", "attention": "--attention"}
-NODE_NAMES = {"parallel": "parallel", "attention": "attention"}
+CLI_NAMES = {"parallel": "--parallel", "attention": "--attention", "offload": "--offload-blocks"}
+NODE_NAMES = {"parallel": "parallel", "attention": "attention", "offload": "offload_blocks"}
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,15 @@ def check_loras_fit_layout(layout: ParallelLayout, has_loras: bool, names: Mappi
                             "fsdp or the LoRAs.")
 
 
+def check_offload_fits_layout(layout: ParallelLayout, offload_blocks: bool, names: Mapping[str, str] = CLI_NAMES
+                              ) -> None:
+    """Refuse streaming the DiT's blocks with ``fsdp``, whose weights stay sharded on the GPUs (each block is
+    gathered there just before it runs). ``names`` as in :func:`check_layout`."""
+    if layout.fsdp and offload_blocks:
+        raise SettingsError(f"{names['parallel']} {layout}: fsdp already splits the weights over the GPUs, so the "
+                            f"blocks do not also stream; turn off {names['offload']}, or leave out fsdp.")
+
+
 def init_process_group_from_env(device_type: str, timeout_s: float = 1800) -> None:
     """Join the process group ``torchrun`` describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...):
     NCCL for CUDA, gloo for the CPU. A no-op when the group exists already."""
@@ -190,6 +201,26 @@ class ParallelRun:
     def is_main(self) -> bool:
         """True on global rank 0: the one process that writes the video and prints progress."""
         return self.rank == 0
+
+    def agree(self, check: Callable[[], T]) -> T:
+        """``check()`` on every rank, and the same outcome on all: its result where no rank refused, else on every
+        rank the refusal (a :class:`~..errors.FantasyTalkingError`) of the first rank that refused, named by its
+        rank when the ranks did not all refuse alike. For checks whose answer can differ between ranks (each
+        rank's GPU memory): one that refused alone would leave the others waiting in the run's first collective.
+        """
+        result, refusal = None, None
+        try:
+            result = check()
+        except FantasyTalkingError as exc:
+            refusal = (type(exc), str(exc))
+        refusals = [None] * dist.get_world_size()
+        dist.all_gather_object(refusals, refusal)
+        found = [(rank, r) for rank, r in enumerate(refusals) if r is not None]
+        if not found:
+            return result
+        rank, (kind, message) = found[0]
+        alike = len(found) == len(refusals) and all(r == found[0][1] for _, r in found)
+        raise kind(message if alike else f"rank {rank}: {message}")
 
     def passes_of(self, passes: Sequence[Pass]) -> tuple[Pass, ...]:
         """The passes this rank's sequence group computes: pass j goes to group j mod cfg."""

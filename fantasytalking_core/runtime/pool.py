@@ -15,8 +15,8 @@ A call can report progress: rank 0 sends each step to the host and waits for its
 at that same step, to stop together, so none waits in a collective the others left; they stay ready for the next
 call, and the host re-raises its exception.
 A worker's own user-facing error (a :class:`~..errors.FantasyTalkingError`, e.g. a LoRA refusal) reaches the
-host as that error, in one line; anything else (a CUDA out-of-memory included: the workers do not estimate
-their memory before a call) as :class:`WorkerError` with the worker's traceback. The others may then wait in a
+host as that error, in one line (``pipeline.sample_latents_in_worker`` checks each worker's GPU memory before a
+clip, and all workers agree on a refusal); anything else as :class:`WorkerError` with the worker's traceback. The others may then wait in a
 collective the failed worker left: after ``failure_grace_s`` the pool is closed and must be started again.
 Workers die with the process that started them (Linux; Ray actors with their owner).
 """
@@ -136,9 +136,9 @@ def check_layout_fits(layout: ParallelLayout, device_type: str, gpus: int | None
 
 
 def _worker(rank: int, world: int, master: tuple[str, int], layout: ParallelLayout, device_type: str, gpu: int,
-            load: Callable, jobs: Any, results: Any, answers: Any) -> None:
-    """One pool worker: join the group (rank 0 at ``master``), load and prepare the model on GPU ``gpu`` (or the
-    CPU), then run calls until told to stop."""
+            load: Callable, keep_on_device: bool, jobs: Any, results: Any, answers: Any) -> None:
+    """One pool worker: join the group (rank 0 at ``master``), load and prepare the model (on GPU ``gpu`` when
+    ``keep_on_device`` or sharded; else it waits on the CPU), then run calls until told to stop."""
     import torch.distributed as dist
 
     try:
@@ -151,7 +151,7 @@ def _worker(rank: int, world: int, master: tuple[str, int], layout: ParallelLayo
         run = ParallelRun(layout, device_type)
         model = load()
         run.prepare(model.transformer)
-        if not run.weights_sharded:
+        if keep_on_device and not run.weights_sharded:
             model.to(run.device)
         results.put((0, "ready", rank, None))
     except BaseException as exc:
@@ -230,13 +230,17 @@ class SamplerPool:
             GPU each, on this machine or a Ray cluster).
         failure_grace_s: once a worker has failed, how long the others get to answer before the pool is closed
             as stuck (they may wait in a collective the failed one left).
+        keep_on_device: each worker's DiT waits on its GPU between calls; False: on the CPU, for calls that
+            place it themselves (streamed block by block, or as a memory budget allows). Sharded weights (``fsdp``)
+            stay on the GPUs either way.
     """
 
     def __init__(self, layout: ParallelLayout, load: Callable, device_type: str = "cuda", timeout_s: float = 3600,
-                 backend: str = "processes", failure_grace_s: float = FAILURE_GRACE_S):
+                 backend: str = "processes", failure_grace_s: float = FAILURE_GRACE_S, keep_on_device: bool = True):
         if backend not in POOL_BACKENDS:
             raise SettingsError(f"worker pool backend must be one of {POOL_BACKENDS}, got {backend!r}.")
         self.layout, self.timeout_s, self.backend = layout, timeout_s, backend
+        self.keep_on_device = keep_on_device
         self.failure_grace_s = failure_grace_s
         self._call = 0  # the id of the current call (0: start-up); messages of other calls are stale
         self._pending = False
@@ -263,8 +267,8 @@ class SamplerPool:
         master = ("127.0.0.1", _free_port())
         self._processes = [
             context.Process(target=_worker, daemon=True,
-                            args=(rank, world, master, self.layout, device_type, rank, load, self._jobs[rank],
-                                  self._results, self._answers))
+                            args=(rank, world, master, self.layout, device_type, rank, load, self.keep_on_device,
+                                  self._jobs[rank], self._results, self._answers))
             for rank in range(world)
         ]
         with _spawnable_from_any_host():
@@ -288,8 +292,9 @@ class SamplerPool:
         self._actors = [actor.remote() for _ in range(world)]
         master = ray.get(self._actors[0].address.remote(), timeout=self.timeout_s)
         # Ray shows each actor only its own GPU: device 0 of what it sees
-        self._served = [a.serve.remote(rank, world, master, self.layout, device_type, 0, load, self._jobs[rank],
-                                       self._results, self._answers) for rank, a in enumerate(self._actors)]
+        self._served = [a.serve.remote(rank, world, master, self.layout, device_type, 0, load, self.keep_on_device,
+                                       self._jobs[rank], self._results, self._answers)
+                        for rank, a in enumerate(self._actors)]
 
     def _dead(self) -> list[tuple[int, str]]:
         """Workers that stopped without being told to: (rank, how)."""
