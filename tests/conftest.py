@@ -36,9 +36,11 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    """For tests that start Ray worker pools: the local Ray instance the first one starts is stopped after the
+    """For tests that start Ray worker pools: a local Ray instance with 8 logical CPUs (Ray gives each CPU worker
+    one, and a module's shared pool holds two while other tests start pools of their own), stopped after the
     module, so that its processes do not stay for the rest of the suite."""
-    yield
     import ray
 
+    ray.init(num_cpus=8, include_dashboard=False)
+    yield
     ray.shutdown()

@@ -195,6 +195,16 @@ def agree_on_rank(model, run) -> str:
     return run.agree(lambda: f"fine on rank {run.rank}")
 
 
+def ray_node_ids(model, run) -> list[str]:
+    """The Ray node (machine) of every worker, in rank order (a Ray pool's workers are actors)."""
+    import ray
+    import torch.distributed as dist
+
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return nodes
+
+
 def worker_pid(model, run) -> int:
     """The process id of the worker that runs it (the pool returns rank 0's)."""
     import os

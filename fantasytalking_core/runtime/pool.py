@@ -122,17 +122,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def check_layout_fits(layout: ParallelLayout, device_type: str, gpus: int | None = None) -> None:
-    """Refuse a layout that needs more GPUs than there are (one GPU per worker): ``gpus`` those the workers can
-    use (default: this machine's)."""
+def check_layout_fits(layout: ParallelLayout, device_type: str, available: int | None = None) -> None:
+    """Refuse a layout that needs more devices than there are (one per worker): ``available`` GPUs (CPUs for CPU
+    workers) the workers can use; default: this machine's GPUs, and CPU workers are not counted."""
     if device_type == "cuda":
-        gpus = torch.cuda.device_count() if gpus is None else gpus
+        gpus = torch.cuda.device_count() if available is None else available
         if layout.world_size > gpus:
             raise SettingsError(f"parallel layout {layout} needs {layout.world_size} GPUs (cfg x ring x ulysses, one "
                                 f"per worker); {gpus} are available.")
-    elif layout.sequence > 1 and torch.accelerator.device_count() == 0:
+        return
+    if layout.sequence > 1 and torch.accelerator.device_count() == 0:
         raise SettingsError(f"parallel layout {layout}: ring/ulysses split the video tokens over GPUs; on the CPU "
                             "use cfg=N alone.")
+    if available is not None and layout.world_size > available:
+        raise SettingsError(f"parallel layout {layout} needs {layout.world_size} CPUs (one per worker); "
+                            f"{available} are available.")
 
 
 def _worker(rank: int, world: int, master: tuple[str, int], layout: ParallelLayout, device_type: str, gpu: int,
@@ -279,8 +283,10 @@ class SamplerPool:
         ray = _ray()
         from ray.util.queue import Queue
 
-        gpus = int(ray.available_resources().get("GPU", 0))  # GPUs other work holds would leave actors waiting
-        check_layout_fits(self.layout, device_type, gpus if device_type == "cuda" else None)
+        # one GPU (CPU workers: one CPU) per actor, so that Ray places them where those are free, over the
+        # cluster's machines; devices other work holds would leave actors waiting
+        resource = "GPU" if device_type == "cuda" else "CPU"
+        check_layout_fits(self.layout, device_type, int(ray.available_resources().get(resource, 0)))
         world = self.layout.world_size
         # the workers, and the queue actors that unpickle what passes through them, import what the host imports
         # (as spawned processes inherit its sys.path)
@@ -288,7 +294,7 @@ class SamplerPool:
         env = {"runtime_env": {"env_vars": {"PYTHONPATH": path}}}
         self._jobs = [Queue(actor_options={**env, "num_cpus": 0}) for _ in range(world)]
         self._results, self._answers = (Queue(actor_options={**env, "num_cpus": 0}) for _ in range(2))
-        actor = ray.remote(_RayWorker).options(num_gpus=1 if device_type == "cuda" else 0, num_cpus=0, **env)
+        actor = ray.remote(_RayWorker).options(num_gpus=int(resource == "GPU"), num_cpus=int(resource == "CPU"), **env)
         self._actors = [actor.remote() for _ in range(world)]
         master = ray.get(self._actors[0].address.remote(), timeout=self.timeout_s)
         # Ray shows each actor only its own GPU: device 0 of what it sees
