@@ -22,6 +22,10 @@ Assumed: B = 350 GB/s all-to-all bandwidth per GPU (NVLink/NVSwitch class; a PCI
 overlap of communication and compute, the per-GPU rate R unchanged at S/U tokens (GEMMs of >= 2,688 rows), and
 no cost for the sequence split itself. For each GPU count the layout with the lowest estimate is listed.
 
+Memory per GPU comes from the estimate the runtime checks before a run (``runtime/memory.py``, calibrated on the
+H100 measurements): for each layout, the GiB one process needs with the whole model on its GPU and, with
+``fsdp``, with the blocks' weights split over its sequence group (bf16 weights, passes one after another).
+
 Usage:  python benchmarks/estimate_parallel.py [--bandwidth-gbs 350]
 """
 
@@ -60,6 +64,33 @@ def best_layout(gpus: int, tokens: int, pass_s: float, bandwidth: float) -> tupl
     return min(options)
 
 
+MEMORY_LAYOUTS = ("cfg=1", "cfg=3", "ulysses=2", "ulysses=4", "ulysses=8", "ulysses=2,fsdp", "ulysses=4,fsdp",
+                  "ulysses=8,fsdp", "cfg=2,ulysses=4,fsdp")
+
+
+def memory_table() -> None:
+    """GiB per GPU of each layout in :data:`MEMORY_LAYOUTS` at each size: the runtime's own estimate."""
+    import torch
+
+    from fantasytalking_core.model.adapter import AudioAdapter, attach_audio_adapter
+    from fantasytalking_core.model.transformer import build_transformer, resolve_config
+    from fantasytalking_core.runtime.memory import GIB, estimate_dit_memory
+    from fantasytalking_core.runtime.parallel import parse_parallel
+
+    with torch.device("meta"):  # the 14B DiT with the audio adapter's k/v in its blocks, weights without memory
+        dit = build_transformer(resolve_config("wan2.1_i2v_14b_720p")).to(torch.bfloat16)
+        attach_audio_adapter(dit, AudioAdapter(LAYERS, DIM, 2048).to(torch.bfloat16))
+    frames = {"512x512x81": (81, 512, 512), "720x1280x81": (81, 720, 1280)}
+    print("| layout | GPUs | " + " | ".join(f"GiB per GPU, {name}" for name in frames) + " |")
+    print("|---|---|" + "---|" * len(frames))
+    for text in MEMORY_LAYOUTS:
+        layout = parse_parallel(text)
+        placement = "sharded" if layout.fsdp else "resident"
+        cells = [estimate_dit_memory(dit, *shape, placement=placement, sequence=layout.sequence).total / GIB
+                 for shape in frames.values()]
+        print(f"| {text} | {layout.world_size} | " + " | ".join(f"{gib:.1f}" for gib in cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bandwidth-gbs", type=float, default=350.0, help="all-to-all GB/s per GPU")
@@ -78,6 +109,8 @@ def main() -> None:
                 seconds, layout = best_layout(gpus, tokens, pass_s, bandwidth)
                 cells.append(f"{seconds:.2f} ({layout})" if gpus > 1 else f"{seconds:.2f}")
             print(f"| {name} | {tokens:,} | {pass_flops(tokens):.2e} | {mode} | " + " | ".join(cells) + " |")
+    print()
+    memory_table()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ one option set, and reports whether the result is finite and its relative RMS di
 
   plain, --compile (inductor + Triton), fp8 weights, --fp8-matmul (torch._scaled_mm with row-wise scales; the
   fixture's 45 tokens per pass exercise the row padding), both, a kijai-format LoRA, the step cache (with
-  compile), streamed placement (block offloading on a side stream) with all of the above.
+  compile), streamed placement (block offloading on a side stream) with all of the above; then the sampler node's
+  worker pool with one worker on this GPU (NCCL, world size 1: ``runtime/pool.py``), its DiT kept on the GPU,
+  then kept on the CPU and streamed per clip, and a memory budget every worker refuses in one line.
 
 The fp8 file is the fixture DiT quantized per tensor (as ComfyUI's fp8-scaled files); the LoRA is random. On a CPU
 the script runs too (no fp8 matmuls, no streams: the same rows, as a smoke test).
@@ -91,8 +93,45 @@ def main() -> int:
         report["rows"][name] = row
         print(f"{name:50s} {json.dumps(row)}", flush=True)
         args.out.write_text(json.dumps(report, indent=1))
+    ok &= pool_rows(device, x, reference, report, args.out)
     print("RESULT:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
+
+
+def pool_rows(device: torch.device, x: dict, reference: torch.Tensor, report: dict, out: Path) -> bool:
+    """The worker pool's rows (one worker; each clip compared with the plain one-process run); True when all pass."""
+    from fantasytalking_core.errors import FantasyTalkingError
+    from fantasytalking_core.loaders.model_source import ModelSource
+    from fantasytalking_core.pipeline import sample_latents_in_worker
+    from fantasytalking_core.runtime.parallel import ParallelLayout
+    from fantasytalking_core.runtime.pool import SamplerPool
+
+    source = ModelSource(str(OFFICIAL / "dit" / "dit.safetensors"), str(OFFICIAL / "dit" / "fantasytalking.ckpt"))
+    args = (x["context_pos"], x["context_neg"], x["clip_feature"], x["y"], x["audio_features"][0], 17,
+            GenerationSettings(steps=STEPS, cfg=4.5, audio_cfg=3.0))
+    ok = True
+    for keep in (True, False):
+        name = "pool, DiT kept on the GPU" if keep else "pool, DiT on the CPU, streamed per clip"
+        start = time.perf_counter()
+        try:
+            with SamplerPool(ParallelLayout(cfg=1), source.load, device.type, timeout_s=600,
+                             keep_on_device=keep) as pool:
+                clip = pool.call(sample_latents_in_worker, *args, placement="resident" if keep else "streamed")
+                try:
+                    pool.call(sample_latents_in_worker, *args, gpu_memory=0.25)
+                    refusal = None
+                except FantasyTalkingError as exc:
+                    refusal = str(exc)
+            row = {"finite": bool(torch.isfinite(clip).all()), "seconds": time.perf_counter() - start,
+                   "rel_rms_vs_plain": rel_rms(clip.float(), reference), "budget_refusal": refusal}
+            ok &= row["finite"] and row["rel_rms_vs_plain"] < 1e-2 and bool(refusal) and "\n" not in refusal
+        except Exception as exc:  # noqa: BLE001 - every row is reported
+            row = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+            ok = False
+        report["rows"][name] = row
+        print(f"{name:50s} {json.dumps(row)}", flush=True)
+        out.write_text(json.dumps(report, indent=1))
+    return ok
 
 
 if __name__ == "__main__":

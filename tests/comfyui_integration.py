@@ -693,20 +693,22 @@ def check_parallel(comfy: ComfyUI, path: Path, output: Path, durations: dict, re
     runs = sorted(output.rglob(f"{path.stem}_*.mp4"))
     if not report.check(bool(runs), f"parallel: the plain run of {path.stem} is there to compare with"):
         return
-    for workers in ("processes", "ray"):
+    variants = [("processes", {}), ("ray", {}), ("processes", {"offload_blocks": True})]  # the last: blocks stream
+    for workers, extra in variants:
+        name = f"parallel cfg=2 ({workers}{', offload_blocks' if extra else ''})"
         before = set(output.rglob(f"{path.stem}_*.mp4"))
-        run_workflow(comfy, path, output, durations, report, {"parallel": "cfg=2", "parallel_workers": workers})
+        run_workflow(comfy, path, output, durations, report,
+                     {"parallel": "cfg=2", "parallel_workers": workers, **extra})
         new = sorted(set(output.rglob(f"{path.stem}_*.mp4")) - before)
-        if not report.check(len(new) == 1, f"parallel cfg=2 ({workers}): one new mp4 ({new})"):
+        if not report.check(len(new) == 1, f"{name}: one new mp4 ({new})"):
             continue
         ours, plain = decoded_frames(new[0]), decoded_frames(runs[0])
         change = float(abs(ours - plain).mean()) if ours.shape == plain.shape else float("nan")
         # float32 results equal to 1e-4 (tests/test_nodes_convert.py); 8-bit rounding and the codec may move a
         # few pixels by a step, far below what any change of the graph does (the LoRA: about 20 of 255)
-        report.check(change <= 0.5, f"parallel cfg=2 ({workers}): the same video as one process (mean |difference| "
-                                    f"{change:.3f} of 255)")
-        report.say(f"parallel cfg=2, two workers as {workers}: mean |difference| {change:.3f} of 255 per pixel "
-                   "against the same graph in one process")
+        report.check(change <= 0.5, f"{name}: the same video as one process (mean |difference| {change:.3f} of 255)")
+        report.say(f"{name}, two workers: mean |difference| {change:.3f} of 255 per pixel against the same graph in "
+                   "one process")
     prompt = load_api_workflow(path)
     _, sampler = node_of(prompt, "FantasyTalkingSampler")
     sampler["inputs"]["parallel"] = "cfg=two"
@@ -722,6 +724,13 @@ def check_parallel(comfy: ComfyUI, path: Path, output: Path, durations: dict, re
         report.say("parallel: 'cfg=two' refused by validation (HTTP 400); ulysses=2 on this CPU stops the run: "
                    + next((m[1].get("exception_message", "") for m in entry["status"]["messages"]
                            if m[0] == "execution_error"), "?")[:200])
+    sampler["inputs"].update(parallel="cfg=2", gpu_memory_gb=0.5)  # less than even streaming needs
+    status, reply = submit(comfy, prompt, "fantasytalking-parallel-budget")
+    entry = wait_history(comfy, reply["prompt_id"]) if status == 200 else {"status": {}}
+    messages = json.dumps(entry["status"].get("messages", []))
+    report.check(entry["status"].get("status_str") == "error" and "more than the 0.5 GiB budget" in messages
+                 and "Traceback" not in messages,
+                 f"parallel cfg=2 with a 0.5 GB budget: stopped with its reason ({messages[-400:]})")
 
 
 def check_missing_model_refused(comfy: ComfyUI, path: Path, report: Report) -> None:
