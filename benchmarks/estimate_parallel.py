@@ -23,8 +23,9 @@ overlap of communication and compute, the per-GPU rate R unchanged at S/U tokens
 no cost for the sequence split itself. For each GPU count the layout with the lowest estimate is listed.
 
 Memory per GPU comes from the estimate the runtime checks before a run (``runtime/memory.py``, calibrated on the
-H100 measurements): for each layout, the GiB one process needs with the whole model on its GPU and, with
-``fsdp``, with the blocks' weights split over its sequence group (bf16 weights, passes one after another).
+H100 measurements): for each layout, the GiB one process needs with the whole model on its GPU, with its blocks
+streamed (``offload_blocks``), or with ``fsdp`` its weights split over its sequence group (bf16 weights, passes
+one after another).
 
 Usage:  python benchmarks/estimate_parallel.py [--bandwidth-gbs 350]
 """
@@ -81,14 +82,17 @@ def memory_table() -> None:
         dit = build_transformer(resolve_config("wan2.1_i2v_14b_720p")).to(torch.bfloat16)
         attach_audio_adapter(dit, AudioAdapter(LAYERS, DIM, 2048).to(torch.bfloat16))
     frames = {"512x512x81": (81, 512, 512), "720x1280x81": (81, 720, 1280)}
-    print("| layout | GPUs | " + " | ".join(f"GiB per GPU, {name}" for name in frames) + " |")
-    print("|---|---|" + "---|" * len(frames))
+    print("| layout | GPUs | " + " | ".join(f"{name} | {name} with offload_blocks" for name in frames) + " |")
+    print("|---|---|" + "---|---|" * len(frames))
     for text in MEMORY_LAYOUTS:
         layout = parse_parallel(text)
-        placement = "sharded" if layout.fsdp else "resident"
-        cells = [estimate_dit_memory(dit, *shape, placement=placement, sequence=layout.sequence).total / GIB
-                 for shape in frames.values()]
-        print(f"| {text} | {layout.world_size} | " + " | ".join(f"{gib:.1f}" for gib in cells) + " |")
+        cells = []
+        for shape in frames.values():
+            for placement in ("sharded",) if layout.fsdp else ("resident", "streamed"):
+                estimate = estimate_dit_memory(dit, *shape, placement=placement, sequence=layout.sequence)
+                cells.append(f"{estimate.total / GIB:.1f}")
+            cells += ["-"] if layout.fsdp else []  # fsdp keeps its shards on the GPU: no streaming
+        print(f"| {text} | {layout.world_size} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:

@@ -382,11 +382,16 @@ def sample_latents_in_worker(
     placement = run.agree(lambda: check_dit_fits(dit, run.device, num_frames, height, width, settings, placement,
                                                  gpu_memory, run.layout))
     model = dit.with_loras(loras) if loras else dit
+    home = next(dit.parameters()).device
     placed = (on_device(model.audio_proj, run.device) if placement == "sharded"
               else dit_on_device(model, run.device, placement))
-    with placed:
-        return sample_latents(model, text_pos, text_neg, clip_tokens, image_latents, audio_features, num_frames,
-                              settings, progress, num_audio_tokens, pinned_latents, run.map_passes).cpu()
+    try:
+        with placed:
+            return sample_latents(model, text_pos, text_neg, clip_tokens, image_latents, audio_features, num_frames,
+                                  settings, progress, num_audio_tokens, pinned_latents, run.map_passes).cpu()
+    finally:
+        if placement == "streamed" and home.type != "cpu":
+            dit.to(home)  # streaming leaves the blocks on the CPU; a DiT kept on the GPU waits there again
 
 
 def sample_latents(

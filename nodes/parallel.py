@@ -69,8 +69,8 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, se
     if gpu_memory_gb and video is not None:  # the budget, known before the workers load (their GPUs: per clip)
         try:
             check_dit_fits(model, torch.device("cpu"), *video, settings, gpu_memory=gpu_memory_gb, layout=layout)
-        except InsufficientMemoryError as exc:
-            raise InsufficientMemoryError(f"{where}: {exc}") from None
+        except (InsufficientMemoryError, SettingsError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
     keep_on_device = not (offload_blocks or gpu_memory_gb)
     key = (model.source, str(layout), device.type, backend, keep_on_device)
     if _pool is not None and _pool[0] == key and _pool[1].alive:

@@ -41,6 +41,6 @@ def ray_instance():
     module, so that its processes do not stay for the rest of the suite."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False)  # never a cluster RAY_ADDRESS names
     yield
     ray.shutdown()

@@ -190,6 +190,18 @@ def refuse_on_rank_1(model, run) -> str:
     return placement
 
 
+def check_breaks_on_rank_1(model, run) -> str:
+    """A check that fails on rank 1 alone with an error that is no refusal (a driver call failing, say)."""
+    def check() -> str:
+        if run.rank == 1:
+            raise ValueError("cudaMemGetInfo failed on rank 1")
+        return "resident"
+
+    placement = run.agree(check)
+    torch.distributed.all_reduce(torch.ones(1))
+    return placement
+
+
 def agree_on_rank(model, run) -> str:
     """A check that no rank refuses: its result, agreed."""
     return run.agree(lambda: f"fine on rank {run.rank}")

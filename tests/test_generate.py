@@ -239,14 +239,20 @@ def test_torchrun_with_two_guidance_ranks_writes_the_single_process_video(inputs
 
     port, nodes = free_port(), [tmp_path / "node0", tmp_path / "node1"]
     launchers = []
-    for node, folder in enumerate(nodes):
-        folder.mkdir()
-        launchers.append(subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-machines",
-             "--rdzv-conf", f"is_host={int(node == 0)}", *generate_two],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=folder))
-    outputs = [launcher.communicate(timeout=600) for launcher in launchers]
+    try:
+        for node, folder in enumerate(nodes):
+            folder.mkdir()
+            launchers.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-machines",
+                 "--rdzv-conf", f"is_host={int(node == 0)},join_timeout=120", "--local-addr", "127.0.0.1",
+                 *generate_two], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=folder))
+        outputs = [launcher.communicate(timeout=600) for launcher in launchers]
+    finally:
+        for launcher in launchers:  # one that failed to meet the other is not left behind
+            if launcher.poll() is None:
+                launcher.kill()
+                launcher.communicate()
     for launcher, (_, stderr) in zip(launchers, outputs):
         assert launcher.returncode == 0, stderr[-3000:]
     written = [folder for folder in nodes if any(folder.iterdir())]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_cases import (agree_on_rank, dying_load, fail_on_rank_1, failing_load, load_model, refuse_in_pool,
+from parallel_cases import (agree_on_rank, check_breaks_on_rank_1, dying_load, fail_on_rank_1, failing_load, load_model, refuse_in_pool,
                             refuse_on_rank_1, sample, sample_in_pool, sample_in_pool_with_progress, worker_pid)
 
 from fantasytalking_core.errors import SettingsError
@@ -118,7 +118,7 @@ def test_a_refusal_in_the_workers_reaches_the_host_as_that_error_in_one_line(poo
 def test_a_refusal_of_one_worker_alone_is_agreed_by_all_instead_of_leaving_the_others_waiting(pool):
     """Only rank 1 refuses (its GPU alone lacks memory): rank 0 does not go on into the run's first collective;
     both raise rank 1's refusal, named by its rank, the host gets it at once (not after failure_grace_s), and
-    the workers stay ready."""
+    the workers stay ready. The same for a check that breaks on rank 1 alone."""
     import time
 
     from fantasytalking_core.runtime.memory import InsufficientMemoryError
@@ -126,6 +126,10 @@ def test_a_refusal_of_one_worker_alone_is_agreed_by_all_instead_of_leaving_the_o
     started = time.monotonic()
     with pytest.raises(InsufficientMemoryError, match=r"^rank 1: This run needs about 40.1 GiB of GPU memory"):
         pool.call(refuse_on_rank_1)
+    assert time.monotonic() - started < pool.failure_grace_s and pool.alive
+    started = time.monotonic()  # an error that is no refusal, on rank 1 alone: shared the same way
+    with pytest.raises(WorkerError, match=r"ValueError: cudaMemGetInfo failed on rank 1"):
+        pool.call(check_breaks_on_rank_1)
     assert time.monotonic() - started < pool.failure_grace_s and pool.alive
     assert pool.call(agree_on_rank) == "fine on rank 0"
 

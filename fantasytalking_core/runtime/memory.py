@@ -72,9 +72,10 @@ def estimate_dit_memory(transformer: torch.nn.Module, num_frames: int, height: i
     Args:
         transformer: the DiT (``WanTransformer3DModel``), weights as stored.
         batch_rows: guidance passes run as one batch (1 when they run one after another).
-        placement: ``"resident"`` or ``"streamed"`` (see ``runtime/placement.py``), or ``"sharded"``: the blocks'
-            weights split over the ``sequence`` ranks (FSDP2, ``runtime/parallel.py``), with the block that runs
-            and the next one (prefetched) whole, and the embeddings and head whole for the whole pass.
+        placement: ``"resident"`` or ``"streamed"`` (see ``runtime/placement.py``), or ``"sharded"``: every
+            weight split over the ``sequence`` ranks (FSDP2, ``runtime/parallel.py``); whole besides their shards:
+            the embeddings and head for the whole pass, and three blocks (the one that runs, and the next one's
+            all-gather output and its copy into the block's weights while it is prefetched).
         compute_bytes: bytes per element of the compute dtype (2 for bf16/fp16).
         cached_passes: guidance passes whose residuals the step cache keeps (``sampling/step_cache.py``; 0 = off):
             two float32 model-width tensors per pass, and two more per batch row while a forward stores them.
@@ -84,7 +85,7 @@ def estimate_dit_memory(transformer: torch.nn.Module, num_frames: int, height: i
     rest = parameter_bytes(transformer) - sum(blocks)
     weights = {"resident": rest + sum(blocks),
                "streamed": rest + 2 * max(blocks),
-               "sharded": rest + -(-sum(blocks) // sequence) + 2 * max(blocks)}[placement]
+               "sharded": rest + -(-(rest + sum(blocks)) // sequence) + 3 * max(blocks)}[placement]
     config = transformer.config
     dim = config.num_attention_heads * config.attention_head_dim
     per_token = 2 * config.ffn_dim * compute_bytes + 3 * dim * 4
@@ -138,5 +139,5 @@ def choose_placement(transformer: torch.nn.Module, num_frames: int, height: int,
             return placement, estimate
     how = "With its weights sharded" if sharded else "Even streaming the DiT's blocks"
     raise InsufficientMemoryError(
-        f"{how} this run needs about {estimate.total / GIB:.1f} GiB of GPU memory, more "
+        f"{how} this run needs about {estimate.total / GIB:.2f} GiB of GPU memory, more "
         f"than the {budget_gib:g} GiB budget: a smaller image size or fewer frames (or segments) fit.")

@@ -203,23 +203,31 @@ class ParallelRun:
         return self.rank == 0
 
     def agree(self, check: Callable[[], T]) -> T:
-        """``check()`` on every rank, and the same outcome on all: its result where no rank refused, else on every
-        rank the refusal (a :class:`~..errors.FantasyTalkingError`) of the first rank that refused, named by its
-        rank when the ranks did not all refuse alike. For checks whose answer can differ between ranks (each
-        rank's GPU memory): one that refused alone would leave the others waiting in the run's first collective.
+        """``check()`` on every rank, and the same outcome on all: its result where no rank failed, else on every
+        rank the failure of the first rank that failed. A refusal (a :class:`~..errors.FantasyTalkingError`) is
+        raised as that refusal, named by its rank when the ranks did not all refuse alike; any other error is
+        raised as itself on its rank and as a RuntimeError naming it on the others. For checks whose answer can
+        differ between ranks (each rank's GPU memory): one that failed alone would leave the others waiting in
+        the run's first collective.
         """
-        result, refusal = None, None
+        result, failure, own = None, None, None
         try:
             result = check()
-        except FantasyTalkingError as exc:
-            refusal = (type(exc), str(exc))
-        refusals = [None] * dist.get_world_size()
-        dist.all_gather_object(refusals, refusal)
-        found = [(rank, r) for rank, r in enumerate(refusals) if r is not None]
+        except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised here too
+            own = exc
+            refusal = isinstance(exc, FantasyTalkingError)  # our classes cross processes; others go by name
+            failure = (type(exc) if refusal else type(exc).__name__, str(exc), refusal)
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failure)
+        found = [(rank, f) for rank, f in enumerate(failures) if f is not None]
         if not found:
             return result
-        rank, (kind, message) = found[0]
-        alike = len(found) == len(refusals) and all(r == found[0][1] for _, r in found)
+        rank, (kind, message, refusal) = found[0]
+        if not refusal:
+            if rank == self.rank:
+                raise own
+            raise RuntimeError(f"rank {rank} failed: {kind}: {message}")
+        alike = len(found) == len(failures) and all(f == found[0][1] for _, f in found)
         raise kind(message if alike else f"rank {rank}: {message}")
 
     def passes_of(self, passes: Sequence[Pass]) -> tuple[Pass, ...]:

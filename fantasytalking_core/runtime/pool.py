@@ -207,6 +207,17 @@ def _ray():
     return ray
 
 
+def _free_ray_devices(ray: Any, resource: str, wanted: int, wait_s: float = 5.0) -> int:
+    """How many ``resource`` ("GPU" or "CPU") the Ray cluster has free, waiting up to ``wait_s`` seconds for
+    ``wanted``: the actors of a pool closed just before release theirs a moment after ``ray.kill``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = int(ray.available_resources().get(resource, 0))
+        if free >= wanted or time.monotonic() >= deadline:
+            return free
+        time.sleep(0.1)
+
+
 class _RayWorker:
     """A pool worker as a Ray actor: :func:`_worker` in one long call (``serve``), fed through Ray queues."""
 
@@ -286,7 +297,7 @@ class SamplerPool:
         # one GPU (CPU workers: one CPU) per actor, so that Ray places them where those are free, over the
         # cluster's machines; devices other work holds would leave actors waiting
         resource = "GPU" if device_type == "cuda" else "CPU"
-        check_layout_fits(self.layout, device_type, int(ray.available_resources().get(resource, 0)))
+        check_layout_fits(self.layout, device_type, _free_ray_devices(ray, resource, self.layout.world_size))
         world = self.layout.world_size
         # the workers, and the queue actors that unpickle what passes through them, import what the host imports
         # (as spawned processes inherit its sys.path)
