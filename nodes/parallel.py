@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from fantasytalking_core.errors import MissingDependencyError, SettingsError
+from fantasytalking_core.errors import FantasyTalkingError, SettingsError
 from fantasytalking_core.model.transformer import FantasyTalkingModel
 from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits
 from fantasytalking_core.runtime.memory import InsufficientMemoryError
@@ -81,7 +81,7 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, se
     try:
         _pool = (key, SamplerPool(layout, model.source.load, device.type, backend=backend,
                                   keep_on_device=keep_on_device))
-    except (SettingsError, MissingDependencyError) as exc:
+    except FantasyTalkingError as exc:  # a refusal, or a worker that could not load the model
         raise type(exc)(f"FantasyTalking Sampler: {exc}") from None
     return _pool[1]
 

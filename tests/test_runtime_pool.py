@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_cases import (agree_on_rank, check_breaks_on_rank_1, dying_load, fail_on_rank_1, failing_load, load_model, refuse_in_pool,
-                            refuse_on_rank_1, sample, sample_in_pool, sample_in_pool_with_progress, worker_pid)
+from parallel_cases import (agree_on_rank, check_breaks_on_rank_1, dying_load, fail_on_rank_1, failing_load,
+                            load_model, refuse_in_pool, refuse_on_rank_1, sample, sample_in_pool,
+                            sample_in_pool_with_progress, worker_pid)
 
 from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.runtime.parallel import ParallelLayout
@@ -79,6 +80,21 @@ def test_a_worker_failing_mid_call_while_another_waits_in_a_collective_closes_th
 def test_a_failing_worker_names_its_rank_and_error():
     with pytest.raises(WorkerError, match=r"pool worker \d failed: FileNotFoundError: no DiT at /nowhere"):
         SamplerPool(ParallelLayout(cfg=2), failing_load, "cpu", timeout_s=120)
+
+
+def test_a_worker_that_cannot_find_the_model_files_names_its_machine():
+    """On a Ray cluster every machine needs the model files at the host's paths: the one-line refusal of a
+    worker whose machine lacks them says which machine."""
+    import re
+    import socket
+
+    from fantasytalking_core.errors import ModelNotFoundError
+    from fantasytalking_core.loaders.model_source import ModelSource
+
+    missing = ModelSource("/nowhere/dit.safetensors", "/nowhere/fantasytalking.ckpt")
+    with pytest.raises(ModelNotFoundError, match=rf"^pool worker \d on {re.escape(socket.gethostname())}: "
+                                                 r"Diffusion model not found: /nowhere/dit.safetensors\."):
+        SamplerPool(ParallelLayout(cfg=2), missing.load, "cpu", timeout_s=120)
 
 
 class Interrupted(Exception):

@@ -158,6 +158,9 @@ def _worker(rank: int, world: int, master: tuple[str, int], layout: ParallelLayo
         if keep_on_device and not run.weights_sharded:
             model.to(run.device)
         results.put((0, "ready", rank, None))
+    except FantasyTalkingError as exc:  # e.g. its machine lacks the model files: say which machine
+        results.put(_failure(0, rank, type(exc)(f"pool worker {rank} on {socket.gethostname()}: {exc}")))
+        return
     except BaseException as exc:
         results.put(_failure(0, rank, exc))
         return
