@@ -36,7 +36,8 @@ from .runtime.attention import check_attention, using_attention
 from .runtime.compile import compiled_blocks
 from .runtime.fp8 import check_fp8_matmul_model, fp8_matmuls
 from .runtime.memory import bytes_on, check_budget, check_gpu_memory, choose_placement, estimate_dit_memory
-from .runtime.parallel import ParallelLayout, ParallelRun, check_loras_fit_layout, check_offload_fits_layout
+from .runtime.parallel import (CLI_NAMES, NODE_NAMES, ParallelLayout, ParallelRun, check_loras_fit_layout,
+                               check_offload_fits_layout)
 from .runtime.placement import PLACEMENTS, dit_on_device, on_device
 from .sampling.denoise import generate_latents
 from .sampling.euler import PassMap
@@ -326,18 +327,19 @@ class FantasyTalkingPipeline:
 
 def check_dit_fits(dit: FantasyTalkingModel, device: torch.device, num_frames: int, height: int, width: int,
                    settings: GenerationSettings, placement: str = "resident", gpu_memory: float | None = None,
-                   layout: ParallelLayout | None = None) -> str:
+                   layout: ParallelLayout | None = None, names: Mapping[str, str] = CLI_NAMES) -> str:
     """Where the DiT will compute for this run, checked before any model moves (``runtime/memory.py``).
 
     With a ``gpu_memory`` budget (GiB): resident when it fits, else streamed, else an error. Without: ``placement``
     as given, refused when it cannot fit in the free memory of a CUDA ``device`` (weights already there count as
     free: a pool worker keeps them there between runs). ``height`` x ``width`` are the video's pixels. In a
     parallel ``layout`` the check is one process's: its share of the passes and of the video tokens; with
-    ``fsdp`` the weights are ``"sharded"`` (the one placement then; blocks cannot also stream).
+    ``fsdp`` the weights are ``"sharded"`` (the one placement then; blocks cannot also stream). ``names``: how a
+    refusal spells the options (``runtime.parallel.CLI_NAMES`` or ``NODE_NAMES``).
     """
     check_fp8_matmul_model(dit, settings.fp8_matmul)
     layout = layout or ParallelLayout()
-    check_offload_fits_layout(layout, placement == "streamed" and gpu_memory is None)  # a budget picks the placement
+    check_offload_fits_layout(layout, placement == "streamed" and gpu_memory is None, names)  # a budget picks it
     passes = -(-settings.max_passes() // layout.cfg)  # this process's share of a step's passes
     rows = passes if settings.batch_passes else 1
     cached = passes if settings.step_cache > 0 else 0
@@ -377,10 +379,10 @@ def sample_latents_in_worker(
     ``gpu_memory`` say (:func:`check_dit_fits`). Each worker checks its own GPU's memory before sampling and all
     agree (a refusal reaches the host in one line). Arguments as in :func:`sample_latents`, on the CPU; returns
     the latents on the CPU (rank 0's are kept)."""
-    check_loras_fit_layout(run.layout, bool(loras))
+    check_loras_fit_layout(run.layout, bool(loras), NODE_NAMES)  # the pool is the sampler node's route
     height, width = image_latents.shape[3] * 8, image_latents.shape[4] * 8
     placement = run.agree(lambda: check_dit_fits(dit, run.device, num_frames, height, width, settings, placement,
-                                                 gpu_memory, run.layout))
+                                                 gpu_memory, run.layout, NODE_NAMES))
     model = dit.with_loras(loras) if loras else dit
     home = next(dit.parameters()).device
     placed = (on_device(model.audio_proj, run.device) if placement == "sharded"

@@ -112,7 +112,7 @@ def test_the_check_of_a_parallel_run_is_one_process_share():
 
     from fantasytalking_core.errors import SettingsError
     from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits
-    from fantasytalking_core.runtime.parallel import ParallelLayout
+    from fantasytalking_core.runtime.parallel import NODE_NAMES, ParallelLayout
 
     dit = SimpleNamespace(transformer=build_transformer(resolve_config("wan2.1_i2v_14b_720p"), empty=True).to(
         torch.bfloat16), dtype=torch.bfloat16)
@@ -127,6 +127,9 @@ def test_the_check_of_a_parallel_run_is_one_process_share():
     with pytest.raises(SettingsError, match="fsdp already splits the weights over the GPUs, so the blocks do not "
                                             "also stream; turn off --offload-blocks"):
         check_dit_fits(dit, cpu, 81, 720, 1280, batched, "streamed", layout=ParallelLayout(ulysses=2, fsdp=True))
+    with pytest.raises(SettingsError, match="^parallel cfg=1,ring=1,ulysses=2,fsdp: .* turn off offload_blocks"):
+        check_dit_fits(dit, cpu, 81, 720, 1280, batched, "streamed", layout=ParallelLayout(ulysses=2, fsdp=True),
+                       names=NODE_NAMES)  # in the sampler node's words
     assert check_dit_fits(dit, cpu, 81, 720, 1280, batched, "streamed", gpu_memory=80,
                           layout=ParallelLayout(ulysses=2, fsdp=True)) == "sharded"
 
