@@ -34,8 +34,8 @@ from bench_gpu import audio_token_count, build_random_model, full_scale, tiny_sc
 from harness import GIB  # noqa: E402
 
 from fantasytalking_core.pipeline import GenerationSettings, sample_latents  # noqa: E402
-from fantasytalking_core.runtime.parallel import (ParallelRun, init_process_group_from_env,  # noqa: E402
-                                                  parse_parallel)
+from fantasytalking_core.runtime.parallel import (ParallelRun, check_offload_fits_layout,  # noqa: E402
+                                                  init_process_group_from_env, parse_parallel)
 from fantasytalking_core.runtime.placement import dit_on_device, on_device  # noqa: E402
 
 
@@ -57,10 +57,12 @@ def main() -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--steps", type=int, default=4, help="sampling steps timed (the first includes warm-up)")
     parser.add_argument("--attention", default="sdpa", help="runtime/attention.py kernel (ring needs flash/sage)")
+    parser.add_argument("--offload-blocks", action="store_true", help="each rank streams its blocks from the CPU")
     parser.add_argument("--out", type=Path, default=Path("bench_parallel.json"))
     args = parser.parse_args()
 
     layout = parse_parallel(args.layout)
+    check_offload_fits_layout(layout, args.offload_blocks)
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     init_process_group_from_env(args.device)
@@ -69,7 +71,7 @@ def main() -> int:
     scale = full_scale() if args.scale == "full" else tiny_scale()
     dtype = torch.bfloat16 if args.scale == "full" else torch.float32
     torch.manual_seed(0)  # the same weights on every rank
-    model = build_random_model(scale, device, dtype)
+    model = build_random_model(scale, torch.device("cpu") if args.offload_blocks else device, dtype)
     run.prepare(model.transformer)
     inputs = run_inputs(scale, device)
     settings = GenerationSettings(steps=args.steps, seed=1, attention=args.attention)
@@ -82,7 +84,8 @@ def main() -> int:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    placed = on_device(model.audio_proj, device) if run.weights_sharded else dit_on_device(model, device)
+    placement = "streamed" if args.offload_blocks else "resident"
+    placed = on_device(model.audio_proj, device) if run.weights_sharded else dit_on_device(model, device, placement)
     dist.barrier()
     start = time.perf_counter()
     with placed:
@@ -91,11 +94,11 @@ def main() -> int:
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak)
-    row = {"layout": str(layout), "scale": scale.name, "device": torch.cuda.get_device_name(device)
+    row = {"layout": str(layout), "placement": "sharded" if run.weights_sharded else placement, "scale": scale.name, "device": torch.cuda.get_device_name(device)
            if device.type == "cuda" else "cpu", "world_size": dist.get_world_size(), "steps_s": steps,
            "median_step_s": statistics.median(steps[1:] or steps), "peak_gib_per_rank": peaks,
            "video": f"{scale.num_frames} frames, latent {scale.latent_hw}", "torch": torch.__version__}
-    if run.is_main and args.scale == "tiny" and not run.weights_sharded and layout.sequence == 1:
+    if run.is_main and args.scale == "tiny" and not run.weights_sharded and layout.sequence == 1:  # any placement
         with dit_on_device(model, device):  # the same model and inputs in this one process
             alone = sample_latents(model, *inputs, settings).float().cpu()
         row["max_abs_diff_vs_one_process"] = float((latent - alone).abs().max())
