@@ -1,14 +1,16 @@
 """The sampler's worker processes for a ``parallel`` layout, one per GPU, kept between runs.
 
 Starting the workers costs a model load each (minutes for the 14B model), so the pool stays for the next run with
-the same model files and layout, and is closed when either changes, when a run leaves it stuck, or when ComfyUI
-exits. One pool at a time: a second layout would need the same GPUs.
+the same model files and layout, and is closed when either changes, when a run leaves it stuck, when ComfyUI
+exits, or when the model it was started for is dropped (ComfyUI's "Free model and node cache"). One pool at a
+time: a second layout would need the same GPUs.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import weakref
 
 import torch
 
@@ -21,7 +23,7 @@ from fantasytalking_core.runtime.parallel import (NODE_NAMES, check_layout, chec
 from fantasytalking_core.runtime.pool import SamplerPool, check_layout_fits
 
 logger = logging.getLogger(__name__)
-_pool: tuple[tuple, SamplerPool] | None = None  # (what it was started for, the pool)
+_pool: tuple[tuple, SamplerPool, weakref.finalize] | None = None  # (started for, the pool, its model's finalizer)
 
 
 def check_parallel_text(text: str) -> str | None:
@@ -74,24 +76,45 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, se
     keep_on_device = not (offload_blocks or gpu_memory_gb)
     key = (model.source, str(layout), device.type, backend, keep_on_device)
     if _pool is not None and _pool[0] == key and _pool[1].alive:
+        _pool = (key, _pool[1], _closed_with(model, _pool[1], _pool[2]))
         return _pool[1]
     close_sampler_pool()
     logger.info("%s: starting %d workers (%s), each loading %s", where, layout.world_size, backend,
                 model.source.dit)
     try:
-        _pool = (key, SamplerPool(layout, model.source.load, device.type, backend=backend,
-                                  keep_on_device=keep_on_device))
+        pool = SamplerPool(layout, model.source.load, device.type, backend=backend, keep_on_device=keep_on_device)
     except FantasyTalkingError as exc:  # a refusal, or a worker that could not load the model
         raise type(exc)(f"FantasyTalking Sampler: {exc}") from None
-    return _pool[1]
+    _pool = (key, pool, _closed_with(model, pool))
+    return pool
+
+
+def _closed_with(model: FantasyTalkingModel, pool: SamplerPool, finalizer: weakref.finalize | None = None
+                 ) -> weakref.finalize:
+    """Close ``pool`` when ``model`` is dropped (ComfyUI's "Free model and node cache", or another model loaded
+    in the Model Loader), so that its workers' GPU memory goes with the model they copy; moved from the model
+    ``finalizer`` watches when a pool is reused for a newly loaded model of the same files."""
+    if finalizer is not None:
+        watched = finalizer.peek()
+        if watched is not None and watched[0] is model:
+            return finalizer
+        finalizer.detach()
+    return weakref.finalize(model, _close_if_current, pool)
+
+
+def _close_if_current(pool: SamplerPool) -> None:
+    if _pool is not None and _pool[1] is pool:
+        close_sampler_pool()
 
 
 def close_sampler_pool() -> None:
     """Stop the workers, if any (their models go with them)."""
     global _pool
     if _pool is not None:
-        _pool[1].close()
+        _, pool, finalizer = _pool
         _pool = None
+        finalizer.detach()
+        pool.close()
 
 
 atexit.register(close_sampler_pool)

@@ -745,6 +745,35 @@ def check_missing_model_refused(comfy: ComfyUI, path: Path, report: Report) -> N
                f"\"{next((e['details'] for n in reply.get('node_errors', {}).values() for e in n['errors']), '?')}\"")
 
 
+def pool_workers(pid: int) -> list[int]:
+    """Process ids of the sampler's pool workers: the server's children that multiprocessing's spawn started."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    workers = []
+    for child in children:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(int(child))
+        except OSError:  # it ended meanwhile
+            pass
+    return workers
+
+
+def check_free_closes_workers(comfy: ComfyUI, report: Report) -> None:
+    """ComfyUI's "Free model and node cache" (POST /free) drops the loaded model; the pool's workers, which hold
+    copies of it (on their GPUs), stop with it."""
+    before = pool_workers(comfy.process.pid)
+    if not report.check(len(before) == 2, f"parallel: the 2 pool workers are alive after a parallel run ({before})"):
+        return
+    status, _ = comfy.post("/free", {"unload_models": True, "free_memory": True})
+    deadline = time.monotonic() + 90
+    while pool_workers(comfy.process.pid) and time.monotonic() < deadline:
+        time.sleep(1)
+    left = pool_workers(comfy.process.pid)
+    if report.check(status == 200 and not left,
+                    f"'Free model and node cache' (/free) stops the pool's workers ({status}; left: {left})"):
+        report.say(f"/free (unload models, free memory): the 2 pool workers {before} stopped with the model")
+
+
 def check_interrupt(comfy: ComfyUI, path: Path, report: Report, overrides: dict | None = None) -> None:
     """/interrupt after the sampler's first step stops it there (with ``overrides``, e.g. a parallel layout whose
     worker processes must stop too); the server answers afterwards."""
@@ -952,6 +981,7 @@ def main() -> int:
         if workflows:
             check_interrupt(comfy, workflows[0], report)
             check_interrupt(comfy, workflows[0], report, {"parallel": "cfg=2"})
+            check_free_closes_workers(comfy, report)
         check_status_on_nodes(comfy, WORKFLOWS / "api" / "talking_portrait.json", workdir, report)
     finally:
         comfy.stop()

@@ -76,6 +76,33 @@ def test_each_worker_follows_the_one_gpu_memory_options(loaded_model, monkeypatc
         nodes.parallel.close_sampler_pool()
 
 
+def test_the_workers_go_when_their_model_is_dropped_and_stay_for_a_reload_of_the_same_files(official_dir,
+                                                                                            monkeypatch):
+    """ComfyUI's "Free model and node cache" drops the loaded model: its pool's workers (and their GPU memory) go
+    with it. A pool reused for the same files loaded again follows the new model, not the dropped one."""
+    import gc
+
+    import nodes.parallel
+    from fantasytalking_core.loaders.model_source import ModelSource
+
+    source = ModelSource(str(official_dir / "dit" / "dit.safetensors"),
+                         str(official_dir / "dit" / "fantasytalking.ckpt"), None, torch.float32)
+    monkeypatch.setattr(nodes.parallel, "SamplerPool", lambda *args, **kw: StartedPool(*args, **kw))
+    try:
+        first = source.load()
+        pool = sampler_pool(first, "cfg=2", CPU, GenerationSettings())
+        again = source.load()  # the same files, loaded anew after a cache reset
+        assert sampler_pool(again, "cfg=2", CPU, GenerationSettings()) is pool
+        del first
+        gc.collect()
+        assert pool.alive and nodes.parallel._pool is not None  # the model it serves now is still there
+        del again
+        gc.collect()
+        assert not pool.alive and nodes.parallel._pool is None
+    finally:
+        nodes.parallel.close_sampler_pool()
+
+
 def test_offload_blocks_with_fsdp_is_refused_in_the_nodes_words(loaded_model, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(SettingsError, match=r"^FantasyTalking Sampler: parallel cfg=1,ring=1,ulysses=2,fsdp: fsdp "
