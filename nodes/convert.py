@@ -24,7 +24,7 @@ from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -493,9 +493,10 @@ def sample_segments(
     dit_placement: str = "resident",
     gpu_memory: float | None = None,
     pool: SamplerPool | None = None,
-) -> tuple[SegmentPlan, Iterator[torch.Tensor]]:
+) -> SegmentRun:
     """The whole recording ``voice`` in segments on one frame grid (``sampling.segments.generate_segments``, the
-    library's segment loop) with ComfyUI's VAE: (the plan, an iterator of frame chunks [f, H, W, 3] in 0..1).
+    library's segment loop) with ComfyUI's VAE: the plan, an iterator of frame chunks [f, H, W, 3] in 0..1, and
+    where the model computes (:class:`SegmentRun`).
 
     ``progress(step, total)`` counts the steps of all segments (it may raise to interrupt); ``make_room`` is
     called before the memory check and before each move of the DiT to ``device`` (ComfyUI unloads its own
@@ -541,7 +542,42 @@ def sample_segments(
     chunks = generate_segments(plan, features.features, reference, options, condition=condition, sample=sample,
                                decode=lambda latents: decode_frames(identity.vae, latents).cpu(),
                                steps=settings.steps, progress=progress)
-    return plan, chunks
+    return SegmentRun(plan, chunks, where_it_computes(placement, device, gpu_memory, pool))
+
+
+class SegmentRun(NamedTuple):
+    """What :func:`sample_segments` returns: the plan, the frame chunks (the work happens as they are consumed)
+    and where the model computes, in words for the node's display."""
+
+    plan: SegmentPlan
+    chunks: Iterator[torch.Tensor]
+    where: str
+
+
+def where_it_computes(placement: str | None, device: torch.device, gpu_memory: float | None,
+                      pool: SamplerPool | None) -> str:
+    """Where the DiT computes, for the sampler's display: its placement on ``device`` (a budget's choice named as
+    such), or the pool's workers and how each places its copy."""
+    budget = f"within the {gpu_memory:g} GB budget" if gpu_memory else ""
+    if pool is None:
+        how = "whole on" if placement == "resident" else "streamed block by block to"
+        return f"model {how} {device}" + (f" ({budget})" if budget else "")
+    if pool.layout.fsdp:
+        each = "its share of the weights on its GPU"
+    elif pool.keep_on_device:
+        each = "its copy of the model kept on its GPU"
+    else:
+        each = f"placing its copy {budget}" if budget else "streaming its copy block by block"
+    return f"parallel {pool.layout}: {pool.layout.world_size} workers ({pool.backend}), each {each}"
+
+
+def describe_sampling(plan: SegmentPlan, steps: int, where: str, path: Path | None) -> str:
+    """The sampler's display: the frames, segments and steps it made, where the model computed, and the file a
+    long video went to."""
+    segments = ("1 segment" if len(plan) == 1 else
+                f"{len(plan)} segments of up to {plan.segment_frames} frames")
+    written = f"\nwritten to {path.name} (above max_image_frames)" if path is not None else ""
+    return f"{plan.num_frames} frames in {segments}, {steps} steps each; {where}{written}"
 
 
 def render_video(plan: SegmentPlan, chunks: Iterator[torch.Tensor], voice: EncodedAudio, max_image_frames: int,

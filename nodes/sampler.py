@@ -22,8 +22,8 @@ from fantasytalking_core.sampling.step_cache import FIRST_STEPS, LAST_STEPS, MAX
 
 from . import io_types
 from .parallel import check_parallel_text, sampler_pool
-from .convert import (PREVIEW_FRAMES, check_segment_inputs, conditioning_to_text, image_gigabytes, render_video,
-                      sample_segments, segment_options, segment_plan)
+from .convert import (PREVIEW_FRAMES, check_segment_inputs, conditioning_to_text, describe_sampling, image_gigabytes,
+                      render_video, sample_segments, segment_options, segment_plan)
 
 logger = logging.getLogger(__name__)
 DEFAULTS = GenerationSettings()
@@ -196,10 +196,10 @@ class Sampler(io.ComfyNode):
         width, height = identity.frame_size
         pool = sampler_pool(model, parallel, device, settings, parallel_workers, offload_blocks, gpu_memory_gb,
                             (segment_plan(audio_features, options).longest, height, width))
-        plan, chunks = sample_segments(model, text_pos, text_neg, identity, audio_features, settings, options,
-                                       device, progress, make_room=mm.unload_all_models,
-                                       dit_placement="streamed" if offload_blocks else "resident",
-                                       gpu_memory=gpu_memory_gb or None, pool=pool)
+        plan, chunks, where = sample_segments(model, text_pos, text_neg, identity, audio_features, settings,
+                                              options, device, progress, make_room=mm.unload_all_models,
+                                              dit_placement="streamed" if offload_blocks else "resident",
+                                              gpu_memory=gpu_memory_gb or None, pool=pool)
         saved: list[ui.SavedResult] = []
 
         def output_path() -> Path:
@@ -211,15 +211,16 @@ class Sampler(io.ComfyNode):
         video = render_video(plan, chunks, audio_features, max_image_frames, output_path)
         audio, fps = audio_features.audio, audio_features.features.fps
         images = video.images.to(mm.intermediate_device())
+        status = ui.PreviewText(describe_sampling(plan, steps, where, video.path)).as_dict()
         if video.path is None:
             whole = InputImpl.VideoFromComponents(Types.VideoComponents(images=images, audio=audio,
                                                                         frame_rate=Fraction(fps)))
-            return io.NodeOutput(images, audio, fps, whole)
+            return io.NodeOutput(images, audio, fps, whole, ui=status)
         gigabytes = image_gigabytes(plan.num_frames, width, height)
         logger.info("FantasyTalking Sampler: %d frames (%.1f GB as IMAGE, above max_image_frames %d) in %d segments, "
                     "written to %s", plan.num_frames, gigabytes, max_image_frames, len(plan), video.path)
         return io.NodeOutput(images, audio, fps, InputImpl.VideoFromFile(str(video.path)),
-                             ui=ui.PreviewVideo(saved))
+                             ui={**ui.PreviewVideo(saved).as_dict(), **status})
 
 
 NODES = [Sampler]

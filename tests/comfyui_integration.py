@@ -828,10 +828,12 @@ STATUS_SHOWN = """((ids) => ids.every(id => {
 
 def check_status_on_nodes(comfy: ComfyUI, path: Path, workdir: Path, report: Report) -> None:
     """Run a workflow from the real front end (headless Chromium) and check that each node's status text (the
-    frame count, the face status) is drawn on the node, then keep a screenshot."""
+    frame count, the face status, what the sampler made and where its model computed) is drawn on the node, then
+    keep a screenshot."""
     prompt = load_api_workflow(path)
     watched = {node_id: node["class_type"] for node_id, node in prompt.items()
-               if node["class_type"] in ("FantasyTalkingAudioEncode", "FantasyTalkingIdentityEncode")}
+               if node["class_type"] in ("FantasyTalkingAudioEncode", "FantasyTalkingIdentityEncode",
+                                         "FantasyTalkingSampler")}
     for node in prompt.values():  # inputs no earlier run used, so these nodes run (a cached node sends no text)
         if node["class_type"] == "FantasyTalkingAudioEncode":
             node["inputs"]["max_frames"] = 77
@@ -860,6 +862,9 @@ def check_status_on_nodes(comfy: ComfyUI, path: Path, workdir: Path, report: Rep
                  f"{path.stem} from the front end: Audio Encode shows its frame count on the node ({values.get(audio_id)!r})")
     report.check("video frames" in (values.get(identity_id) or ""),
                  f"{path.stem} from the front end: Identity Encode shows its face status ({values.get(identity_id)!r})")
+    sampler_id = next(k for k, v in watched.items() if v == "FantasyTalkingSampler")
+    report.check("steps each; model whole on cpu" in (values.get(sampler_id) or ""),
+                 f"{path.stem} from the front end: the Sampler shows what it made and where ({values.get(sampler_id)!r})")
     report.check(bool(shown), "the status text boxes are visible in the page (in the DOM, with a size)")
     report.say(f"node status in the front end: {values}; screenshot {picture}")
 

@@ -115,8 +115,8 @@ def comfy_conditioning(tokens: torch.Tensor, rows: int = 512) -> list:
 def node_frames(model, text_pos, text_neg, identity, encoded, settings, progress=None, make_room=None):
     """The sampler node's frames for a video that fits one segment: its own route (segments, kept as IMAGE)."""
     options = convert.segment_options(81, 9, "last_frame")
-    plan, chunks = convert.sample_segments(model, text_pos, text_neg, identity, encoded, settings, options, CPU,
-                                           progress, make_room)
+    plan, chunks, _ = convert.sample_segments(model, text_pos, text_neg, identity, encoded, settings, options,
+                                              CPU, progress, make_room)
     video = convert.render_video(plan, chunks, encoded, 10**6, lambda: pytest.fail("no file for one segment"))
     assert len(plan) == 1 and video.path is None
     return video.images
@@ -462,7 +462,7 @@ def test_a_video_that_fits_one_segment_is_the_single_clip_bit_for_bit_in_every_m
     today = node_frames(models.dit, text, text, identity, encoded, settings)
     for chaining in ("last_frame", "motion_frames", "pinned_latents"):
         options = convert.segment_options(13, 5, chaining)
-        plan, chunks = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU)
+        plan, chunks, _ = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU)
         video = convert.render_video(plan, chunks, encoded, 100, lambda: pytest.fail("no file for 13 frames"))
         assert len(plan) == 1 and video.path is None
         assert torch.equal(video.images, today)
@@ -474,13 +474,13 @@ def test_long_video_as_images_or_as_an_mp4_with_the_voice(models, face, tmp_path
     text, identity, encoded, settings = node_inputs(models, face, long_voice())
     options = convert.segment_options(13, 5, "pinned_latents")
     calls = []
-    plan, chunks = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU,
-                                           lambda i, n: calls.append((i, n)))
+    plan, chunks, _ = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU,
+                                              lambda i, n: calls.append((i, n)))
     video = convert.render_video(plan, chunks, encoded, 29, lambda: pytest.fail("29 frames fit max_image_frames"))
     assert len(plan) == 3 and video.path is None and video.images.shape == (29, 32, 32, 3)
     assert calls == [(i, 6) for i in range(1, 7)]  # one bar over 2 steps x 3 segments
 
-    plan, chunks = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU)
+    plan, chunks, _ = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU)
     written = convert.render_video(plan, chunks, encoded, 28, lambda: tmp_path / "out" / "long_00001_.mp4")
     assert written.path == tmp_path / "out" / "long_00001_.mp4"
     assert torch.equal(written.images, video.images[::2])  # 15 preview frames: every ceil(29 / 16) = 2nd
@@ -501,7 +501,7 @@ def test_long_video_interrupted_leaves_no_file(models, face, tmp_path):
         if step == 2:  # inside the second segment, after the first was written
             raise Interrupted
 
-    plan, chunks = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU, stop)
+    plan, chunks, _ = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU, stop)
     with pytest.raises(Interrupted):
         convert.render_video(plan, chunks, encoded, 0, lambda: tmp_path / "long.mp4")
     assert list(tmp_path.iterdir()) == [] and models.dit.device == CPU
@@ -518,15 +518,19 @@ def test_a_long_video_through_a_guidance_pool_is_the_one_process_video(models, m
 
     text, identity, encoded, settings = node_inputs(models, face, long_voice())
     options = convert.segment_options(13, 5, "pinned_latents")
-    plan, chunks = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU)
+    plan, chunks, where = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU)
     reference = convert.render_video(plan, chunks, encoded, 100, lambda: pytest.fail("kept as images")).images
+    assert where == "model whole on cpu"
 
     model = ModelSource(str(model_files.dit), str(model_files.adapter), None, torch.float32).load()
     try:
         pool = sampler_pool(model, "cfg=2", CPU, settings, backend)
         calls, room = [], []
-        plan, chunks = convert.sample_segments(model, text, text, identity, encoded, settings, options, CPU,
-                                               lambda i, n: calls.append((i, n)), lambda: room.append(1), pool=pool)
+        plan, chunks, where = convert.sample_segments(model, text, text, identity, encoded, settings, options,
+                                                      CPU, lambda i, n: calls.append((i, n)),
+                                                      lambda: room.append(1), pool=pool)
+        assert where == (f"parallel cfg=2,ring=1,ulysses=1: 2 workers ({backend}), each its copy of the model "
+                         "kept on its GPU")
         video = convert.render_video(plan, chunks, encoded, 100, lambda: pytest.fail("kept as images"))
         assert calls == [(i, 6) for i in range(1, 7)]  # one bar over 2 steps x 3 segments, from the workers
         assert len(room) == 4  # before the run and before each segment (ComfyUI's VAE ran in between)
@@ -555,3 +559,38 @@ def test_segment_inputs_are_checked_before_the_run_with_one_line():
 
 def test_image_memory_estimate_of_ten_minutes_at_512():
     assert round(convert.image_gigabytes(13805, 512, 512), 1) == 43.4  # the max_image_frames tooltip's figure
+
+
+def test_the_sampler_says_what_it_made_and_where_the_model_computed():
+    """The sampler node's display: frames, segments, steps, the placement (a budget's choice named as such) or
+    the pool's workers and how each places its copy, and the file a long video went to."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from fantasytalking_core.audio.timeline import plan_segments
+    from fantasytalking_core.runtime.parallel import parse_parallel
+
+    cuda = torch.device("cuda", 0)
+    assert convert.where_it_computes("resident", cuda, None, None) == "model whole on cuda:0"
+    assert convert.where_it_computes("streamed", cuda, 24.0, None) == ("model streamed block by block to cuda:0 "
+                                                                       "(within the 24 GB budget)")
+
+    def pool(text, keep=True):
+        return SimpleNamespace(layout=parse_parallel(text), backend="ray", keep_on_device=keep)
+
+    assert convert.where_it_computes(None, cuda, None, pool("cfg=3")) == ("parallel cfg=3,ring=1,ulysses=1: 3 "
+                                                                          "workers (ray), each its copy of the "
+                                                                          "model kept on its GPU")
+    assert convert.where_it_computes(None, cuda, None, pool("cfg=2", False)).endswith(
+        "each streaming its copy block by block")
+    assert convert.where_it_computes(None, cuda, 16.0, pool("cfg=2", False)).endswith(
+        "each placing its copy within the 16 GB budget")
+    assert convert.where_it_computes(None, cuda, None, pool("ulysses=4,fsdp")).endswith(
+        "4 workers (ray), each its share of the weights on its GPU")
+
+    one, long = plan_segments(73, 23.0, 160, 81, 1), plan_segments(325, 23.0, 700, 81, 1)
+    assert convert.describe_sampling(one, 30, "model whole on cuda:0", None) == (
+        "73 frames in 1 segment, 30 steps each; model whole on cuda:0")
+    assert convert.describe_sampling(long, 4, "x", Path("/out/long_00001_.mp4")) == (
+        "325 frames in 5 segments of up to 81 frames, 4 steps each; x\nwritten to long_00001_.mp4 (above "
+        "max_image_frames)")
