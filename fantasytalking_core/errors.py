@@ -31,3 +31,18 @@ class SettingsError(FantasyTalkingError, ValueError):
 
 class MissingDependencyError(FantasyTalkingError, ImportError):
     """An optional package a feature needs is not installed (e.g. no wheel for this platform); says how to get it."""
+
+
+def reworded(error: FantasyTalkingError | type[FantasyTalkingError], message: str) -> FantasyTalkingError:
+    """An error of ``error``'s class with ``message`` (e.g. the original prefixed with where it happened), one line
+    for the user whatever arguments the class's constructor takes (made without calling it, from an instance;
+    from a class alone, the base class)."""
+    kind = error if isinstance(error, type) else type(error)
+    try:
+        return kind(message)
+    except TypeError:
+        if isinstance(error, type):
+            return FantasyTalkingError(message)
+        new = kind.__new__(kind, message)  # BaseException.__new__ sets args; the constructor is not called
+        new.__dict__.update(error.__dict__)
+        return new

@@ -557,17 +557,19 @@ class SegmentRun(NamedTuple):
 def where_it_computes(placement: str | None, device: torch.device, gpu_memory: float | None,
                       pool: SamplerPool | None) -> str:
     """Where the DiT computes, for the sampler's display: its placement on ``device`` (a budget's choice named as
-    such), or the pool's workers and how each places its copy."""
-    budget = f"within the {gpu_memory:g} GB budget" if gpu_memory else ""
+    such; a budget applies to GPUs only), or the pool's workers and how each places its copy."""
+    on_gpu = (pool.device_type if pool is not None else torch.device(device).type) == "cuda"
+    budget = f"within the {gpu_memory:g} GiB budget" if gpu_memory and on_gpu else ""
     if pool is None:
         how = "whole on" if placement == "resident" else "streamed block by block to"
         return f"model {how} {device}" + (f" ({budget})" if budget else "")
+    home = "its GPU" if on_gpu else "the CPU"
     if pool.layout.fsdp:
-        each = "its share of the weights on its GPU"
+        each = f"its share of the weights on {home}"
     elif pool.keep_on_device:
-        each = "its copy of the model kept on its GPU"
+        each = f"its copy of the model kept on {home}"
     else:
-        each = f"placing its copy {budget}" if budget else "streaming its copy block by block"
+        each = f"placing its copy {budget}" if budget else f"streaming its copy block by block to {home}"
     return f"parallel {pool.layout}: {pool.layout.world_size} workers ({pool.backend}), each {each}"
 
 

@@ -14,10 +14,9 @@ import weakref
 
 import torch
 
-from fantasytalking_core.errors import FantasyTalkingError, SettingsError
+from fantasytalking_core.errors import FantasyTalkingError, SettingsError, reworded
 from fantasytalking_core.model.transformer import FantasyTalkingModel
 from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits
-from fantasytalking_core.runtime.memory import InsufficientMemoryError
 from fantasytalking_core.runtime.parallel import (NODE_NAMES, check_layout, check_loras_fit_layout,
                                                   check_offload_fits_layout, parse_parallel)
 from fantasytalking_core.runtime.pool import SamplerPool, check_layout_fits
@@ -64,15 +63,16 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, se
         check_loras_fit_layout(layout, bool(model.loras), NODE_NAMES)
         check_offload_fits_layout(layout, offload_blocks and not gpu_memory_gb, NODE_NAMES)
     except SettingsError as exc:
-        raise SettingsError(f"FantasyTalking Sampler: {exc}") from None
+        raise reworded(exc, f"FantasyTalking Sampler: {exc}") from None
     if model.source is None:
         raise SettingsError(f"{where}: each worker loads the model from its files, and this model did not come "
                             "from FantasyTalking Model Loader; load it there.")
     if gpu_memory_gb and video is not None:  # the budget, known before the workers load (their GPUs: per clip)
         try:
-            check_dit_fits(model, torch.device("cpu"), *video, settings, gpu_memory=gpu_memory_gb, layout=layout)
-        except (InsufficientMemoryError, SettingsError) as exc:
-            raise type(exc)(f"{where}: {exc}") from None
+            check_dit_fits(model, torch.device("cpu"), *video, settings, gpu_memory=gpu_memory_gb, layout=layout,
+                           names=NODE_NAMES)
+        except FantasyTalkingError as exc:
+            raise reworded(exc, f"{where}: {exc}") from None
     keep_on_device = not (offload_blocks or gpu_memory_gb)
     key = (model.source, str(layout), device.type, backend, keep_on_device)
     if _pool is not None and _pool[0] == key and _pool[1].alive:
@@ -84,22 +84,24 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, se
     try:
         pool = SamplerPool(layout, model.source.load, device.type, backend=backend, keep_on_device=keep_on_device)
     except FantasyTalkingError as exc:  # a refusal, or a worker that could not load the model
-        raise type(exc)(f"FantasyTalking Sampler: {exc}") from None
+        raise reworded(exc, f"FantasyTalking Sampler: {exc}") from None
     _pool = (key, pool, _closed_with(model, pool))
     return pool
 
 
 def _closed_with(model: FantasyTalkingModel, pool: SamplerPool, finalizer: weakref.finalize | None = None
                  ) -> weakref.finalize:
-    """Close ``pool`` when ``model`` is dropped (ComfyUI's "Free model and node cache", or another model loaded
-    in the Model Loader), so that its workers' GPU memory goes with the model they copy; moved from the model
-    ``finalizer`` watches when a pool is reused for a newly loaded model of the same files."""
+    """Close ``pool`` when ``model``'s weights are dropped (ComfyUI's "Free model and node cache", or another model
+    loaded in the Model Loader), so that its workers' GPU memory goes with the model they copy; moved from the
+    weights ``finalizer`` watches when a pool is reused for a newly loaded model of the same files. The weights,
+    not the model object: a LoRA node's model is a new object over the same weights, dropped whenever the LoRA
+    changes, while the pool stays right for it."""
     if finalizer is not None:
         watched = finalizer.peek()
-        if watched is not None and watched[0] is model:
+        if watched is not None and watched[0] is model.transformer:
             return finalizer
         finalizer.detach()
-    return weakref.finalize(model, _close_if_current, pool)
+    return weakref.finalize(model.transformer, _close_if_current, pool)
 
 
 def _close_if_current(pool: SamplerPool) -> None:

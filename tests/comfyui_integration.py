@@ -816,6 +816,10 @@ STATUS_READ = """((ids) => Object.fromEntries(ids.map(id => {
   const w = node && (node.widgets || []).find(w => w.name === "fantasytalking_status");
   return [id, w ? String(w.value) : null];
 })))"""
+STATUS_SENT = """(async (ids) => {
+  const prompt = (await app.graphToPrompt()).output;  // what the next Run would send
+  return ids.filter(id => prompt[id] && "fantasytalking_status" in prompt[id].inputs);
+})"""
 STATUS_SHOWN = """((ids) => ids.every(id => {
   const node = app.graph.getNodeById(Number(id));
   const w = node && (node.widgets || []).find(w => w.name === "fantasytalking_status");
@@ -850,6 +854,7 @@ def check_status_on_nodes(comfy: ComfyUI, path: Path, workdir: Path, report: Rep
             time.sleep(1)
         time.sleep(1)  # let the canvas draw
         shown = browser.js(f"{STATUS_SHOWN}({json.dumps(list(watched))})")
+        sent = browser.js(f"{STATUS_SENT}({json.dumps(list(watched))})")
         browser.js("app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [0, 0]; app.canvas.setDirty(true, true)")
         time.sleep(0.5)
         picture = workdir / "node_status.png"
@@ -866,6 +871,8 @@ def check_status_on_nodes(comfy: ComfyUI, path: Path, workdir: Path, report: Rep
     report.check("steps each; model whole on cpu" in (values.get(sampler_id) or ""),
                  f"{path.stem} from the front end: the Sampler shows what it made and where ({values.get(sampler_id)!r})")
     report.check(bool(shown), "the status text boxes are visible in the page (in the DOM, with a size)")
+    report.check(sent == [], f"the status texts are not sent with the next prompt (they would change the nodes' "
+                             f"cache keys and run them again): sent by {sent}")
     report.say(f"node status in the front end: {values}; screenshot {picture}")
 
 

@@ -207,3 +207,19 @@ def test_node_bad_input(case):
         call()
     message = str(caught.value)
     assert "\n" not in message and words in message, message
+
+
+def test_an_error_reworded_keeps_its_class_whatever_its_constructor():
+    """errors.reworded: the worker pool and the sampler node prefix where an error happened, and the user's one
+    line must come out even for an error class whose constructor takes other arguments."""
+    from fantasytalking_core.errors import FantasyTalkingError, ModelNotFoundError, reworded
+
+    class Detailed(FantasyTalkingError):
+        def __init__(self, path: str, reason: str):
+            super().__init__(f"{path}: {reason}")
+
+    plain = reworded(ModelNotFoundError("x not found"), "worker 1: x not found")
+    assert type(plain) is ModelNotFoundError and str(plain) == "worker 1: x not found"
+    detailed = reworded(Detailed("/m", "bad"), "worker 1: /m: bad")
+    assert type(detailed) is Detailed and str(detailed) == "worker 1: /m: bad"
+    assert type(reworded(Detailed, "rank 1: /m: bad")) is FantasyTalkingError  # only the class: the base one

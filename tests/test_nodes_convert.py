@@ -530,7 +530,7 @@ def test_a_long_video_through_a_guidance_pool_is_the_one_process_video(models, m
                                                       CPU, lambda i, n: calls.append((i, n)),
                                                       lambda: room.append(1), pool=pool)
         assert where == (f"parallel cfg=2,ring=1,ulysses=1: 2 workers ({backend}), each its copy of the model "
-                         "kept on its GPU")
+                         "kept on the CPU")
         video = convert.render_video(plan, chunks, encoded, 100, lambda: pytest.fail("kept as images"))
         assert calls == [(i, 6) for i in range(1, 7)]  # one bar over 2 steps x 3 segments, from the workers
         assert len(room) == 4  # before the run and before each segment (ComfyUI's VAE ran in between)
@@ -570,21 +570,25 @@ def test_the_sampler_says_what_it_made_and_where_the_model_computed():
     from fantasytalking_core.audio.timeline import plan_segments
     from fantasytalking_core.runtime.parallel import parse_parallel
 
-    cuda = torch.device("cuda", 0)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert convert.where_it_computes("resident", cuda, None, None) == "model whole on cuda:0"
     assert convert.where_it_computes("streamed", cuda, 24.0, None) == ("model streamed block by block to cuda:0 "
-                                                                       "(within the 24 GB budget)")
+                                                                       "(within the 24 GiB budget)")
+    assert convert.where_it_computes("resident", cpu, 24.0, None) == "model whole on cpu"  # a budget: GPUs only
 
-    def pool(text, keep=True):
-        return SimpleNamespace(layout=parse_parallel(text), backend="ray", keep_on_device=keep)
+    def pool(text, keep=True, device_type="cuda"):
+        return SimpleNamespace(layout=parse_parallel(text), backend="ray", keep_on_device=keep,
+                               device_type=device_type)
 
     assert convert.where_it_computes(None, cuda, None, pool("cfg=3")) == ("parallel cfg=3,ring=1,ulysses=1: 3 "
                                                                           "workers (ray), each its copy of the "
                                                                           "model kept on its GPU")
+    assert convert.where_it_computes(None, cpu, None, pool("cfg=2", device_type="cpu")).endswith(
+        "each its copy of the model kept on the CPU")
     assert convert.where_it_computes(None, cuda, None, pool("cfg=2", False)).endswith(
-        "each streaming its copy block by block")
+        "each streaming its copy block by block to its GPU")
     assert convert.where_it_computes(None, cuda, 16.0, pool("cfg=2", False)).endswith(
-        "each placing its copy within the 16 GB budget")
+        "each placing its copy within the 16 GiB budget")
     assert convert.where_it_computes(None, cuda, None, pool("ulysses=4,fsdp")).endswith(
         "4 workers (ray), each its share of the weights on its GPU")
 

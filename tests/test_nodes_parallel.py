@@ -79,7 +79,8 @@ def test_each_worker_follows_the_one_gpu_memory_options(loaded_model, monkeypatc
 def test_the_workers_go_when_their_model_is_dropped_and_stay_for_a_reload_of_the_same_files(official_dir,
                                                                                             monkeypatch):
     """ComfyUI's "Free model and node cache" drops the loaded model: its pool's workers (and their GPU memory) go
-    with it. A pool reused for the same files loaded again follows the new model, not the dropped one."""
+    with it. A pool reused for the same files loaded again follows the new model, not the dropped one; a LoRA
+    node's model (a new object over the same weights) dropped when the LoRA changes leaves the pool."""
     import gc
 
     import nodes.parallel
@@ -96,6 +97,11 @@ def test_the_workers_go_when_their_model_is_dropped_and_stay_for_a_reload_of_the
         del first
         gc.collect()
         assert pool.alive and nodes.parallel._pool is not None  # the model it serves now is still there
+        with_lora = again.with_loras([])  # a LoRA node's model: a new object over the same weights
+        assert sampler_pool(with_lora, "cfg=2", CPU, GenerationSettings()) is pool
+        del with_lora  # the LoRA changed: ComfyUI drops that object, the weights stay loaded
+        gc.collect()
+        assert pool.alive
         del again
         gc.collect()
         assert not pool.alive and nodes.parallel._pool is None

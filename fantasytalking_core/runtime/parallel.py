@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import FantasyTalkingError, SettingsError
+from ..errors import FantasyTalkingError, SettingsError, reworded
 
 PARALLEL_AXES = ("cfg", "ring", "ulysses")
 # attention kernels (runtime/attention.py names) that return the log-sum-exp ring attention merges blocks with
@@ -228,7 +228,7 @@ class ParallelRun:
                 raise own
             raise RuntimeError(f"rank {rank} failed: {kind}: {message}")
         alike = len(found) == len(failures) and all(f == found[0][1] for _, f in found)
-        raise kind(message if alike else f"rank {rank}: {message}")
+        raise reworded(kind, message if alike else f"rank {rank}: {message}")
 
     def passes_of(self, passes: Sequence[Pass]) -> tuple[Pass, ...]:
         """The passes this rank's sequence group computes: pass j goes to group j mod cfg."""

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from ..errors import FantasyTalkingError, MissingDependencyError, SettingsError
+from ..errors import FantasyTalkingError, MissingDependencyError, SettingsError, reworded
 from .parallel import ParallelLayout, ParallelRun
 
 POOL_BACKENDS = ("processes", "ray")
@@ -159,7 +159,7 @@ def _worker(rank: int, world: int, master: tuple[str, int], layout: ParallelLayo
             model.to(run.device)
         results.put((0, "ready", rank, None))
     except FantasyTalkingError as exc:  # e.g. its machine lacks the model files: say which machine
-        results.put(_failure(0, rank, type(exc)(f"pool worker {rank} on {socket.gethostname()}: {exc}")))
+        results.put(_failure(0, rank, reworded(exc, f"pool worker {rank} on {socket.gethostname()}: {exc}")))
         return
     except BaseException as exc:
         results.put(_failure(0, rank, exc))
@@ -258,7 +258,7 @@ class SamplerPool:
         if backend not in POOL_BACKENDS:
             raise SettingsError(f"worker pool backend must be one of {POOL_BACKENDS}, got {backend!r}.")
         self.layout, self.timeout_s, self.backend = layout, timeout_s, backend
-        self.keep_on_device = keep_on_device
+        self.keep_on_device, self.device_type = keep_on_device, device_type
         self.failure_grace_s = failure_grace_s
         self._call = 0  # the id of the current call (0: start-up); messages of other calls are stale
         self._pending = False

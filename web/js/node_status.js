@@ -18,7 +18,8 @@ app.registerExtension({
       let widget = this.widgets?.find((w) => w.name === STATUS);
       if (!widget) {
         widget = ComfyWidgets.STRING(this, STATUS, ["STRING", { multiline: true }], app).widget;
-        widget.serialize = false;
+        widget.serialize = false; // not saved with the workflow
+        widget.options = { ...widget.options, serialize: false }; // nor sent with the prompt (else a new cache key)
         if (widget.inputEl) {
           widget.inputEl.readOnly = true;
           widget.inputEl.style.opacity = 0.85;
