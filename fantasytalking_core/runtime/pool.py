@@ -245,7 +245,8 @@ class SamplerPool:
         timeout_s: the longest the workers may stay silent: to start, or between two steps of a call (or for a
             whole call that reports no progress).
         backend: ``"processes"`` (spawned on this machine, worker r on GPU r) or ``"ray"`` (Ray actors with one
-            GPU each, on this machine or a Ray cluster).
+            GPU each, or one CPU for CPU workers, wherever the Ray cluster has them free; refused when it has
+            fewer).
         failure_grace_s: once a worker has failed, how long the others get to answer before the pool is closed
             as stuck (they may wait in a collective the failed one left).
         keep_on_device: each worker's DiT waits on its GPU between calls; False: on the CPU, for calls that
