@@ -94,8 +94,9 @@ def main() -> int:
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak)
-    row = {"layout": str(layout), "placement": "sharded" if run.weights_sharded else placement, "scale": scale.name, "device": torch.cuda.get_device_name(device)
-           if device.type == "cuda" else "cpu", "world_size": dist.get_world_size(), "steps_s": steps,
+    row = {"layout": str(layout), "placement": "sharded" if run.weights_sharded else placement, "scale": scale.name,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "world_size": dist.get_world_size(), "steps_s": steps,
            "median_step_s": statistics.median(steps[1:] or steps), "peak_gib_per_rank": peaks,
            "video": f"{scale.num_frames} frames, latent {scale.latent_hw}", "torch": torch.__version__}
     if run.is_main and args.scale == "tiny" and not run.weights_sharded and layout.sequence == 1:  # any placement

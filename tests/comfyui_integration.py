@@ -869,7 +869,8 @@ def check_status_on_nodes(comfy: ComfyUI, path: Path, workdir: Path, report: Rep
                  f"{path.stem} from the front end: Identity Encode shows its face status ({values.get(identity_id)!r})")
     sampler_id = next(k for k, v in watched.items() if v == "FantasyTalkingSampler")
     report.check("steps each; model whole on cpu" in (values.get(sampler_id) or ""),
-                 f"{path.stem} from the front end: the Sampler shows what it made and where ({values.get(sampler_id)!r})")
+                 f"{path.stem} from the front end: the Sampler shows what it made and where "
+                 f"({values.get(sampler_id)!r})")
     report.check(bool(shown), "the status text boxes are visible in the page (in the DOM, with a size)")
     report.check(sent == [], f"the status texts are not sent with the next prompt (they would change the nodes' "
                              f"cache keys and run them again): sent by {sent}")

@@ -142,8 +142,8 @@ def check_loras_fit_layout(layout: ParallelLayout, has_loras: bool, names: Mappi
     (``runtime.placement.dit_on_device``), which weights sharded over GPUs never pass through, so they would be
     dropped without a word. ``names`` as in :func:`check_layout`."""
     if layout.fsdp and has_loras:
-        raise SettingsError(f"{names['parallel']} {layout}: LoRAs are not applied to weights sharded over GPUs; leave out "
-                            "fsdp or the LoRAs.")
+        raise SettingsError(f"{names['parallel']} {layout}: LoRAs are not applied to weights sharded over GPUs; "
+                            "leave out fsdp or the LoRAs.")
 
 
 def check_offload_fits_layout(layout: ParallelLayout, offload_blocks: bool, names: Mapping[str, str] = CLI_NAMES

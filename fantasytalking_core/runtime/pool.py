@@ -16,8 +16,9 @@ at that same step, to stop together, so none waits in a collective the others le
 call, and the host re-raises its exception.
 A worker's own user-facing error (a :class:`~..errors.FantasyTalkingError`, e.g. a LoRA refusal) reaches the
 host as that error, in one line (``pipeline.sample_latents_in_worker`` checks each worker's GPU memory before a
-clip, and all workers agree on a refusal); anything else as :class:`WorkerError` with the worker's traceback. The others may then wait in a
-collective the failed worker left: after ``failure_grace_s`` the pool is closed and must be started again.
+clip, and all workers agree on a refusal); anything else as :class:`WorkerError` with the worker's traceback.
+The others may then wait in a collective the failed worker left: after ``failure_grace_s`` the pool is closed
+and must be started again.
 Workers die with the process that started them (Linux; Ray actors with their owner).
 """
 
