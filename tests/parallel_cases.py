@@ -175,30 +175,17 @@ def refuse_in_pool(model, run) -> None:
     raise SettingsError(f"refused on rank {run.rank}: not enough GPU memory for 4093 frames")
 
 
-def refuse_on_rank_1(model, run) -> str:
-    """A check that only rank 1 refuses (as its GPU alone lacks memory), agreed on by every rank before the first
-    collective of the run, which rank 0 then never reaches."""
-    from fantasytalking_core.runtime.memory import InsufficientMemoryError
-
+def check_fails_on_rank_1(model, run, error: Exception) -> str:
+    """A check that fails on rank 1 alone with ``error`` (a refusal, as when its GPU alone lacks memory, or an
+    error that is no refusal, as a driver call failing), agreed on by every rank before the first collective of
+    the run, which rank 0 would otherwise wait in alone."""
     def check() -> str:
         if run.rank == 1:
-            raise InsufficientMemoryError("This run needs about 40.1 GiB of GPU memory but GPU 1 has 12.0 GiB free.")
+            raise error
         return "resident"
 
     placement = run.agree(check)
     torch.distributed.all_reduce(torch.ones(1))  # a collective rank 1 would never join without the agreement
-    return placement
-
-
-def check_breaks_on_rank_1(model, run) -> str:
-    """A check that fails on rank 1 alone with an error that is no refusal (a driver call failing, say)."""
-    def check() -> str:
-        if run.rank == 1:
-            raise ValueError("cudaMemGetInfo failed on rank 1")
-        return "resident"
-
-    placement = run.agree(check)
-    torch.distributed.all_reduce(torch.ones(1))
     return placement
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_cases import (agree_on_rank, check_breaks_on_rank_1, dying_load, fail_on_rank_1, failing_load,
-                            load_model, refuse_in_pool, refuse_on_rank_1, sample, sample_in_pool,
+from parallel_cases import (agree_on_rank, check_fails_on_rank_1, dying_load, fail_on_rank_1, failing_load,
+                            load_model, refuse_in_pool, sample, sample_in_pool,
                             sample_in_pool_with_progress, worker_pid)
 
 from fantasytalking_core.errors import SettingsError
@@ -141,11 +141,12 @@ def test_a_refusal_of_one_worker_alone_is_agreed_by_all_instead_of_leaving_the_o
 
     started = time.monotonic()
     with pytest.raises(InsufficientMemoryError, match=r"^rank 1: This run needs about 40.1 GiB of GPU memory"):
-        pool.call(refuse_on_rank_1)
+        pool.call(check_fails_on_rank_1, InsufficientMemoryError("This run needs about 40.1 GiB of GPU memory but "
+                                                                 "GPU 1 has 12.0 GiB free."))
     assert time.monotonic() - started < pool.failure_grace_s and pool.alive
     started = time.monotonic()  # an error that is no refusal, on rank 1 alone: shared the same way
     with pytest.raises(WorkerError, match=r"ValueError: cudaMemGetInfo failed on rank 1"):
-        pool.call(check_breaks_on_rank_1)
+        pool.call(check_fails_on_rank_1, ValueError("cudaMemGetInfo failed on rank 1"))
     assert time.monotonic() - started < pool.failure_grace_s and pool.alive
     assert pool.call(agree_on_rank) == "fine on rank 0"
 
