@@ -101,9 +101,9 @@ def _generate(args: argparse.Namespace) -> int:
             dtype = torch.float32
         else:
             explicit = {part: getattr(args, part) for part in EXPLICIT_FILES}
-            if not args.models and not all(explicit.values()):
+            if not args.models and not any(explicit.values()):
                 raise FantasyTalkingError("--models is required (your ComfyUI/models folder), or use --tiny.")
-            files = find_model_files(args.models, **explicit)
+            files = find_model_files(args.models, EXPLICIT_FLAGS, **explicit)
             if is_480p(files.dit):
                 print(f"note: {files.dit.name} is Wan2.1-I2V-14B-480P; the released FantasyTalking adapter was trained "
                       "on 720P (it runs on 480P, not the released pairing).", file=sys.stderr)
@@ -217,7 +217,9 @@ EXPLICIT_FILES = {
     "image_encoder": "the CLIP ViT-H/14 vision file (clip_vision_h.safetensors)",
     "vae": "the Wan2.1 VAE file",
 }
-FLAG_NAMES = {"image_encoder": "--clip-vision"}
+# model part -> its flag
+EXPLICIT_FLAGS = {part: "--clip-vision" if part == "image_encoder" else "--" + part.replace("_", "-")
+                  for part in EXPLICIT_FILES}
 
 
 def _read_loras(specs: list[str]) -> list:
@@ -286,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tiny", action="store_true", help="check the installation with tiny random models (output is noise)")
     files = gen.add_argument_group("model files, each chosen explicitly (overrides what --models finds)")
     for part, what in EXPLICIT_FILES.items():
-        files.add_argument(FLAG_NAMES.get(part, "--" + part.replace("_", "-")), dest=part, help=what)
+        files.add_argument(EXPLICIT_FLAGS[part], dest=part, help=what)
     gen.add_argument("--prompt", default=d.prompt)
     gen.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT)
     gen.add_argument("--seed", type=int, default=d.seed)

@@ -129,6 +129,21 @@ def test_no_models_and_no_tiny(inputs, tmp_path, capsys):
     assert_one_clear_line(err, "--models is required", rc)
 
 
+def test_model_files_given_one_by_one_need_no_models_folder_and_the_missing_ones_are_named_by_flag(
+        inputs, tmp_path, capsys):
+    """--dit and --adapter without --models: the run goes on to find the other parts, and each one missing is
+    named by the flag that gives it (not "--models is required")."""
+    dit, adapter = tmp_path / "my_dit.safetensors", tmp_path / "adapter.ckpt"
+    dit.write_bytes(b""), adapter.write_bytes(b"")
+    argv = [a for a in generate_args(inputs, tmp_path / "x.mp4") if a != "--tiny"]
+    rc, err = run_main([*argv, "--dit", str(dit), "--adapter", str(adapter)], capsys)
+    assert rc == 2 and "Traceback" not in err and "--models is required" not in err
+    for flag in ("--wav2vec2", "--text-encoder", "--clip-vision", "--vae"):
+        assert f"not given; pass {flag} with its file" in err
+    assert "pass --dit" not in err and "pass --adapter" not in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_parity_on_a_folder_that_is_no_fixture_set(tmp_path, capsys):
     rc, err = run_main(["parity", str(tmp_path)], capsys)
     assert_one_clear_line(err, "is not a fixture set", rc)

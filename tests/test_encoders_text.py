@@ -280,3 +280,9 @@ def test_a_comfyui_models_folder_needs_no_tokenizer_folder_when_the_umt5_file_ca
                "spiece_model": torch.from_numpy(np.frombuffer(_sentencepiece_model(), dtype=np.uint8).copy())},
               str(text_encoder))
     assert find_model_files(tmp_path).tokenizer == text_encoder
+    # the same files given one by one, without a models folder and without a tokenizer: it is in the umT5 file
+    parts = {"dit": "diffusion_models/wan2.1_i2v_720p_14B_fp16.safetensors", "adapter":
+             "fantasytalking/fantasytalking_model.ckpt", "image_encoder": "clip_vision/clip_vision_h.safetensors",
+             "vae": "vae/wan_2.1_vae.safetensors", "wav2vec2": "audio_encoders/wav2vec2-base-960h.safetensors"}
+    files = find_model_files(None, text_encoder=text_encoder, **{k: tmp_path / v for k, v in parts.items()})
+    assert files.tokenizer == text_encoder and files.vae == tmp_path / parts["vae"]

@@ -5,6 +5,7 @@ Every missing file is reported at once, with where it goes and where it comes fr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,10 +112,13 @@ def is_480p(dit: str | Path) -> bool:
     return "480p" in f"{path.parent.name}/{path.name}".lower()
 
 
-def find_model_files(models_dir: str | Path | None, **explicit: str | Path | None) -> ModelFiles:
+def find_model_files(models_dir: str | Path | None, names: Mapping[str, str] | None = None,
+                     **explicit: str | Path | None) -> ModelFiles:
     """Locate every part under ``models_dir`` (a ComfyUI ``models/`` folder or the official ``models/``).
 
-    ``explicit`` files (e.g. ``dit=...``, the command line's ``--dit``) take precedence and need no ``models_dir``.
+    ``explicit`` files (e.g. ``dit=...``, the command line's ``--dit``) take precedence and need no ``models_dir``;
+    ``names``: how the caller's user gives each part (``{"dit": "--dit", ...}``), for the message when one is
+    missing and there is no ``models_dir`` (default: the keyword, ``dit=``).
     When both a 720P and a 480P DiT are present, 720P is picked. Raises :class:`MissingModelsError` listing each
     missing part, the folder it belongs in and where to download it.
     """
@@ -133,9 +137,12 @@ def find_model_files(models_dir: str | Path | None, **explicit: str | Path | Non
         path = Path(given) if given is not None else (_find(root, spec) if root is not None else None)
         if path is None and name == "tokenizer" and embedded_tokenizer(found.get("text_encoder", "")) is not None:
             path = found["text_encoder"]  # ComfyUI's umT5 file carries its tokenizer
-        if path is None:
-            where = root / spec["folder"] if root is not None else f"<models>/{spec['folder']}"
-            missing.append(f"  - {spec['what']}: put it in {where}/  (from {spec['source']})")
+        if path is None and root is not None:
+            missing.append(f"  - {spec['what']}: put it in {root / spec['folder']}/  (from {spec['source']})")
+        elif path is None:  # no models folder: each file was to be given on its own
+            given_as = (names or {}).get(name, f"{name}=")
+            missing.append(f"  - {spec['what']}: not given; pass {given_as} with its file, or a models folder that "
+                           f"has it in {spec['folder']}/  (from {spec['source']})")
         else:
             found[name] = path
     if missing:
