@@ -173,3 +173,76 @@ def test_every_model_file_says_where_to_download_it(ui_file):
             assert entry["url"].startswith("https://huggingface.co/") and entry["directory"], entry
             checked += 1
     assert checked >= 5
+
+
+WIDGET_TYPES = {"Int", "Float", "Boolean", "String", "Combo"}  # inputs the front end draws as widgets
+
+
+def _schema_inputs() -> dict[str, dict[str, str]]:
+    """node_id -> {input name: io type} of every FantasyTalking node, read from nodes/*.py (no ComfyUI here)."""
+    import ast
+
+    trees = [ast.parse(path.read_text()) for path in (ROOT / "nodes").glob("*.py")]
+
+    def is_input(node):
+        return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "Input"
+
+    # helpers that make an input (``adapter_input()``): their name -> the Input call they return
+    makers = {f.name: next(c for c in ast.walk(f) if is_input(c))
+              for tree in trees for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+              and any(is_input(c) for c in ast.walk(f))}
+    schemas = {}
+    for call in (c for tree in trees for c in ast.walk(tree) if isinstance(c, ast.Call)):
+        keywords = {kw.arg: kw.value for kw in call.keywords}
+        node_id, inputs = keywords.get("node_id"), keywords.get("inputs")
+        if not (isinstance(node_id, ast.Constant) and isinstance(inputs, ast.List)):
+            continue
+        made = [item if is_input(item) else makers[item.func.id] for item in inputs.elts]
+        schemas[node_id.value] = {item.args[0].value: item.func.value.attr for item in made}
+    return schemas
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
+def test_our_nodes_in_the_workflows_have_every_widget_their_schema_has(ui_file):
+    """A workflow built before an input was added lacks it (the front end then fills in the default on load, but
+    the file no longer shows the graph it runs): rebuild with tools/build_example_workflows.py."""
+    schemas = _schema_inputs()
+    assert len(schemas) == len(OUR_NODE_IDS) and schemas["FantasyTalkingSampler"]["steps"] == "Int"
+    api = json.loads((WORKFLOWS / "api" / ui_file.name).read_text(encoding="utf-8"))
+    for node_id, node in api.items():
+        schema = schemas.get(node["class_type"])
+        if schema is None:
+            continue
+        widgets = {name for name, kind in schema.items() if kind in WIDGET_TYPES}
+        assert set(node["inputs"]) <= set(schema), f"{node_id} {node['class_type']}: inputs it no longer has"
+        assert widgets <= set(node["inputs"]), f"{node_id} {node['class_type']}: missing {widgets - set(node['inputs'])}"
+
+
+@pytest.fixture(scope="module")
+def builder():
+    """tools/build_example_workflows.py: the description each workflow file was built from."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_example_workflows", ROOT / "tools" / "build_example_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
+def test_each_workflow_file_is_what_its_builder_describes(ui_file, builder):
+    """Every value and link the builder sets, and its note, are in the file (a build that carried a value or a note
+    over from the workflow built before it shows here)."""
+    described = builder.WORKFLOWS[ui_file.stem]()
+    api = json.loads((WORKFLOWS / "api" / ui_file.name).read_text(encoding="utf-8"))
+    ui = json.loads(ui_file.read_text(encoding="utf-8"))
+    bypassed = set(described.get("bypass", []))
+    assert set(api) == set(described["api"]) - bypassed
+    for node_id, node in api.items():
+        assert node["class_type"] == described["api"][node_id]["class_type"]
+        for name, value in described["api"][node_id]["inputs"].items():
+            while isinstance(value, list) and value[0] in bypassed:  # the front end links past a bypassed node
+                value = next(v for v in described["api"][value[0]]["inputs"].values() if isinstance(v, list))
+            assert node["inputs"][name] == value, f"{ui_file.stem}: {node_id}.{name}"
+    (note,) = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "MarkdownNote"]
+    assert note == described["note"]

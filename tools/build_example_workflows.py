@@ -143,7 +143,7 @@ def face_crop_paste_back() -> dict:
     nodes["9"]["inputs"].update(image=["17", 0], crop_info=["17", 1])
     nodes["13"] = {"class_type": "FantasyTalkingMotion",
                    "inputs": {"face_intensity": 0.7, "body_intensity": 0.4, "affect_audio_cfg": False}}
-    nodes["14"]["inputs"]["motion"] = ["13", 0]
+    nodes["14"]["inputs"].update(motion=["13", 0], filename_prefix="FantasyTalking/face_crop_paste_back")
     nodes["18"] = {"class_type": "FantasyTalkingFacePasteBack",
                    "inputs": {"images": ["14", 0], "crop_info": ["17", 1], "feather": 16}}
     nodes["15"]["inputs"]["images"] = ["18", 0]
@@ -193,7 +193,8 @@ Same numbers as the FantasyTalking Sampler on the same weights (docs/comfyui.md 
 - Audio Encode's num_frames sets WanImageToVideo's length; its audio and fps go to Create Video.
 - A LoRA: enable the bypassed LoraLoaderModelOnly (Ctrl+B). Step-distilled LoRAs: cfg 1 in the guider.
 - CLIP Vision Encode + WanImageToVideo approximate the official image preprocessing (the pack route's Identity
-  Encode is exact).
+  Encode is exact). At 512x512 both center-crop a portrait of another shape; for the official framing set
+  WanImageToVideo's width and height to the portrait's shape (multiples of 16) and CLIP Vision Encode's crop to none.
 
 Model files (ComfyUI/models/...): diffusion_models: wan2.1_i2v_720p_14B_fp16.safetensors (or fp8 / GGUF);
 fantasytalking: fantasytalking_model.ckpt; audio_encoders: wav2vec2-base-960h.safetensors; text_encoders:
@@ -354,17 +355,19 @@ def main() -> int:
     write_inputs(base / "input")
     comfy = ComfyUI(tree, find_python(tree), base, work_dir() / "comfyui-build-workflows.log")
     try:
-        browser = Browser(comfy.url, VIEW)
-        try:
-            browser.js(CLOSE_DIALOGS)
-            browser.js("app.extensionManager.focusMode = true")
-            for setting, value in (("Comfy.Minimap.Visible", False), ("Comfy.Graph.CanvasInfo", False)):
-                browser.js(f"app.extensionManager.setting.set({json.dumps(setting)}, {json.dumps(value)})")
-            for name, make in WORKFLOWS.items():
+        for name, make in WORKFLOWS.items():
+            # a fresh front end (own profile) per workflow: one page keeps widget values by node id from the graph
+            # it showed before (a note's text, a prefix the next graph leaves at its default)
+            browser = Browser(comfy.url, VIEW)
+            try:
+                browser.js(CLOSE_DIALOGS)
+                browser.js("app.extensionManager.focusMode = true")
+                for setting, value in (("Comfy.Minimap.Visible", False), ("Comfy.Graph.CanvasInfo", False)):
+                    browser.js(f"app.extensionManager.setting.set({json.dumps(setting)}, {json.dumps(value)})")
                 save(name, *build(browser, name, make()))
-                print(f"wrote example_workflows/{name}.json, api/{name}.json, {name}.jpg")
-        finally:
-            browser.close()
+            finally:
+                browser.close()
+            print(f"wrote example_workflows/{name}.json, api/{name}.json, {name}.jpg")
     finally:
         comfy.stop()
     return 0

@@ -49,7 +49,7 @@ class ParallelLayout:
     Attributes:
         cfg: sequence groups that compute different guidance passes of a step (at most the passes per step: 3).
         ring: ranks of ring attention in each sequence group (needs an attention backend that returns the
-            log-sum-exp: flash, sage, cuDNN; not PyTorch's native SDPA).
+            log-sum-exp: flash or sage; not PyTorch's native SDPA).
         ulysses: ranks of Ulysses attention in each sequence group (must divide the head count, 40 for the 14B).
         fsdp: shard the DiT's weights over each sequence group (FSDP2 ``fully_shard``: every block's weights are
             gathered just before it runs and freed after), for GPUs that cannot hold the whole model.
