@@ -39,6 +39,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .audio.io import load_audio
+    from .audio.rules import check_long_enough
     from .errors import SettingsError
     from .face.motion import MotionIntensity
     from .face.workflow import FaceCropOptions, prepare_job, run_job
@@ -57,14 +58,13 @@ def _generate(args: argparse.Namespace) -> int:
 
         layout = parse_parallel(args.parallel)
     check_output_path(args.out)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise FantasyTalkingError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu.")
+    _check_device(args.device)
     settings = GenerationSettings(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         steps=args.steps if args.steps is not None else DISTILLED["steps"] if args.distilled else GenerationSettings.steps,
         cfg=args.cfg if args.cfg is not None else DISTILLED["cfg"] if args.distilled else GenerationSettings.cfg,
         audio_cfg=args.audio_cfg, audio_scale=args.audio_scale, fps=args.fps,
-        max_frames=args.max_frames or GenerationSettings.max_frames,
+        max_frames=GenerationSettings.max_frames if args.max_frames is None else args.max_frames,
         image_size=args.image_size, shift=args.shift, batch_passes=args.batch_passes, vae_tile=args.vae_tile,
         audio_guidance_range=(args.audio_guidance_start, args.audio_guidance_end),
         motion=MotionIntensity(args.face_intensity, args.body_intensity, args.motion_audio_cfg),
@@ -79,6 +79,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise SettingsError(str(exc)) from None
     portrait = load_image(args.image)
     recording = load_audio(args.audio)  # decoded once, for these checks and for the run
+    check_long_enough(recording.duration_s)
     muxed_rate = aac_sample_rate(recording.sample_rate)
     if muxed_rate != recording.sample_rate:
         print(f"note: the {recording.sample_rate} Hz recording goes into the mp4 at {muxed_rate} Hz (AAC's rates).",
@@ -145,6 +146,24 @@ def _generate(args: argparse.Namespace) -> int:
         # the video is written whatever this finds; segmented runs hand over frames already sampled across it
         print(identity_report(reference, shown, stride=1 if segmented else 4)[1])
     return 0
+
+
+def _check_device(device: str) -> None:
+    """Refuse a ``--device`` this program cannot compute on, before any model loads: ``cpu``, or ``cuda`` /
+    ``cuda:N`` with that GPU present."""
+    import torch
+
+    try:
+        where = torch.device(device)
+    except (RuntimeError, ValueError):
+        where = None
+    if where is None or where.type not in ("cpu", "cuda"):
+        raise FantasyTalkingError(f"--device {device}: use cpu, or cuda (cuda:N for the N-th GPU).")
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise FantasyTalkingError(f"--device {device}: no CUDA GPU is available here; use --device cpu.")
+    if where.type == "cuda" and where.index is not None and where.index >= torch.cuda.device_count():
+        raise FantasyTalkingError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                  f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
 
 
 def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settings: GenerationSettings) -> None:
@@ -384,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # bad input: one clear line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the writers have dropped their partial files on the way out
+        print("interrupted: stopped by the user (no partial video is left).", file=sys.stderr)
+        return 130
     finally:
         _leave_process_group()
 

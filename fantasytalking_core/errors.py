@@ -29,6 +29,10 @@ class SettingsError(FantasyTalkingError, ValueError):
     """A generation setting out of its range (steps, guidance range, intensities, sizes)."""
 
 
+class OutputWriteError(FantasyTalkingError, OSError):
+    """The output file cannot be written (no permission, no space, a name too long for the file system)."""
+
+
 class MissingDependencyError(FantasyTalkingError, ImportError):
     """An optional package a feature needs is not installed (e.g. no wheel for this platform); says how to get it."""
 

@@ -9,6 +9,7 @@ device only while it works (``runtime/placement.py``). :func:`sample_latents` is
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -43,7 +44,7 @@ from .sampling.denoise import generate_latents
 from .sampling.euler import PassMap
 from .sampling.guidance import GuidanceConfig, max_passes
 from .sampling.schedule import flow_match_sigmas
-from .sampling.segments import SegmentOptions, generate_segments
+from .sampling.segments import MAX_SEED, SegmentOptions, generate_segments, segment_seed
 from .sampling.step_cache import check_step_cache
 
 ProgressFn = Callable[[int, int], None]
@@ -103,7 +104,12 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         """Check every setting before any work, so a bad value fails in a second, not after the models load."""
         start, end = self.audio_guidance_range
+        numbers = {"fps": self.fps, "shift": self.shift, "cfg": self.cfg, "audio_cfg": self.audio_cfg,
+                   "audio_scale": self.audio_scale}
         problems = [
+            *((not math.isfinite(value), f"{name} must be a finite number, got {value}")
+              for name, value in numbers.items()),
+            (not 0 <= self.seed <= MAX_SEED, f"seed must be a whole number from 0 to {MAX_SEED}, got {self.seed}"),
             (self.steps < 1, f"steps must be at least 1, got {self.steps}"),
             (self.fps <= 0, f"fps must be positive, got {self.fps}"),
             (self.shift <= 0, f"shift must be positive (5 official), got {self.shift}"),
@@ -115,7 +121,7 @@ class GenerationSettings:
         ]
         for bad, message in problems:
             if bad:
-                raise SettingsError(message + ".")
+                raise SettingsError(message + ".")  # the first problem: a NaN fails every later comparison too
         check_max_frames(self.max_frames)  # the DiT's reach in time and space (model/limits.py)
         check_image_size(self.image_size)
         check_attention(self.attention)  # an uninstalled kernel library fails here, not after the models load
@@ -278,7 +284,7 @@ class FantasyTalkingPipeline:
                    report: ProgressFn | None, pinned: torch.Tensor | None) -> torch.Tensor:
             with self._dit_on_device(placement):
                 return sample_latents(m.dit, text_pos, text_neg, clip_tokens, y, features, num_frames,
-                                      replace(settings, seed=settings.seed + index), report, num_tokens, pinned,
+                                      replace(settings, seed=segment_seed(settings.seed, index)), report, num_tokens, pinned,
                                       self.map_passes)
 
         frames = generate_segments(plan, voice.features, pixels, options, condition=condition, sample=sample,

@@ -44,7 +44,7 @@ from fantasytalking_core.audio.timeline import SegmentPlan, plan_segments
 from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.long_video import stream_to_file
 from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits, sample_latents, sample_latents_in_worker
-from fantasytalking_core.sampling.segments import SegmentOptions, generate_segments
+from fantasytalking_core.sampling.segments import SegmentOptions, generate_segments, segment_seed
 from fantasytalking_core.runtime.placement import dit_on_device, on_device
 from fantasytalking_core.runtime.pool import SamplerPool
 
@@ -530,7 +530,7 @@ def sample_segments(
                report: ProgressFn | None, pinned: torch.Tensor | None) -> torch.Tensor:
         if make_room is not None:
             make_room()  # ComfyUI's VAE ran in between; the workers' GPUs include this process's
-        segment = replace(settings, seed=settings.seed + index)
+        segment = replace(settings, seed=segment_seed(settings.seed, index))
         if pool is not None:
             return pool.call(sample_latents_in_worker, text_pos, text_neg, identity.clip_tokens, y, audio,
                              num_frames, segment, num_tokens, pinned, model.loras, progress=report,

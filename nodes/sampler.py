@@ -17,7 +17,7 @@ from fantasytalking_core.model.limits import MAX_FRAMES, MAX_VIDEO_FRAMES
 from fantasytalking_core.pipeline import GenerationSettings
 from fantasytalking_core.runtime.attention import ATTENTION_BACKENDS
 from fantasytalking_core.runtime.pool import POOL_BACKENDS
-from fantasytalking_core.sampling.segments import CHAININGS
+from fantasytalking_core.sampling.segments import CHAININGS, MAX_SEED
 from fantasytalking_core.sampling.step_cache import FIRST_STEPS, LAST_STEPS, MAX_THRESHOLD
 
 from . import io_types
@@ -73,7 +73,7 @@ class Sampler(io.ComfyNode):
                 io.Float.Input("shift", default=DEFAULTS.shift, min=0.1, max=20.0, step=0.1,
                                tooltip="Flow-matching sigma shift (5 official); higher spends more steps on coarse "
                                        "motion."),
-                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Seed of the starting noise (drawn on the CPU: the same noise on any machine)."),
                 io.Boolean.Input("batch_passes", default=DEFAULTS.batch_passes, advanced=True,
                                  tooltip="Run the 2-3 model passes of a step as one batch: faster on a GPU with "

@@ -30,10 +30,11 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
-    """face.png (60x90), voice.wav (0.5 s, 16 kHz), empty.wav (no samples), noise.wav (not audio), a folder."""
+    """face.png (60x90), voice.wav (0.5 s, 16 kHz), empty.wav (no samples), short.wav (10 samples), noise.wav (not
+    audio), a folder."""
     d = tmp_path_factory.mktemp("in")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 60, 3), dtype=np.uint8)).save(d / "face.png")
-    for name, seconds in (("voice.wav", 0.5), ("empty.wav", 0.0)):
+    for name, seconds in (("voice.wav", 0.5), ("empty.wav", 0.0), ("short.wav", 10 / 16000)):
         samples = (0.3 * np.sin(np.arange(int(seconds * 16000)) / 7) * 32767).astype(np.int16)
         with wave.open(str(d / name), "wb") as w:
             w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(samples.tobytes())
@@ -99,6 +100,23 @@ COMMAND_LINE_CASES = {
     "step cache negative": (["--step-cache", "-0.1"], {}, "step_cache must be a number from 0 (off) to 1"),
     "step cache nan": (["--step-cache", "nan"], {}, "step_cache must be a number from 0 (off) to 1"),
     "step cache above 1": (["--step-cache", "2"], {}, "got 2.0"),
+    "fps not a number": (["--fps", "nan"], {}, "fps must be a finite number, got nan"),
+    "fps infinite": (["--fps", "inf"], {}, "fps must be a finite number, got inf"),
+    "shift not a number": (["--shift", "nan"], {}, "shift must be a finite number"),
+    "cfg not a number": (["--cfg", "nan"], {}, "cfg must be a finite number"),
+    "audio cfg infinite": (["--audio-cfg", "inf"], {}, "audio_cfg must be a finite number"),
+    "audio scale infinite": (["--audio-scale", "inf"], {}, "audio_scale must be a finite number"),
+    "seed past 64 bits": (["--seed", str(2**64)], {}, "seed must be a whole number from 0 to 18446744073709551615"),
+    "seed negative": (["--seed", "-1"], {}, "seed must be a whole number from 0 to"),
+    "gpu memory budget not a number": (["--gpu-memory", "nan"], {}, "--gpu-memory must be a positive number of GiB"),
+    "max frames zero": (["--max-frames", "0"], {}, "max_frames must be"),
+    "face margin negative": (["--face-box", "5,5,30,30", "--face-margin", "-1"], {},
+                             "the face margin must be a number >= 0"),
+    "face margin not a number": (["--face-box", "5,5,30,30", "--face-margin", "nan"], {},
+                                 "the face margin must be a number >= 0"),
+    "device unknown": (["--device", "bogus"], {}, "--device bogus: use cpu, or cuda"),
+    "device of another kind": (["--device", "mps"], {}, "--device mps: use cpu, or cuda"),
+    "audio shorter than one wav2vec2 token": ([], dict(audio="short.wav"), "wav2vec2 needs at least 25 ms"),
 }
 
 
@@ -115,12 +133,39 @@ def test_command_line_bad_input(case, inputs, tmp_path, capsys):
     ("folder", "is a folder: give a file name in it"),
     ("talking.gif", "not a video file name"),
     ("face.png/talking.mp4", "is a file, not a folder"),
+    ("a" * 241 + ".mp4", "The output file name is 245 bytes long; shorten it to at most 237"),
+    ("/proc/talking.mp4", "/proc does not take new files"),  # no file can be made there, root or not
 ])
 def test_an_output_path_the_writer_would_fail_on_is_refused_up_front(inputs, out, words, capsys):
     before = sorted(p.name for p in inputs.iterdir())
     rc, err = run_main(generate_args(inputs, inputs / out), capsys)
     assert_one_clear_line(err, words, rc)
     assert sorted(p.name for p in inputs.iterdir()) == before
+
+
+def test_an_image_too_large_for_pillow_is_one_line(inputs, tmp_path, capsys, monkeypatch):
+    """Pillow refuses images past twice its pixel limit (DecompressionBombError, not an OSError); the 60x90
+    portrait stands in for a huge one under a lower limit."""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    rc, err = run_main(generate_args(inputs, tmp_path / "x.mp4"), capsys)
+    assert_one_clear_line(err, "is too large to open", rc)
+    assert "downscale it" in err and list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_is_one_line_and_the_shell_status_of_an_interrupt(inputs, tmp_path, capsys, monkeypatch):
+    """KeyboardInterrupt while the video is made: no traceback, exit status 130 (128 + SIGINT), no file."""
+    from fantasytalking_core import long_video
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(long_video, "write_long_video", interrupted)
+    rc, err = run_main(generate_args(inputs, tmp_path / "x.mp4"), capsys)
+    lines = err.strip().splitlines()
+    assert rc == 130 and "Traceback" not in err and lines[-1].startswith("interrupted: stopped by the user")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_no_models_and_no_tiny(inputs, tmp_path, capsys):

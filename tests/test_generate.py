@@ -322,3 +322,25 @@ def test_what_sharded_weights_cannot_do_is_refused_before_any_model_loads(inputs
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "random tiny models" not in proc.stderr and not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.parametrize("part", ["tokenizer", "wav2vec2"])
+def test_a_wrong_small_part_is_refused_before_the_dit_loads(tmp_path, monkeypatch, part):
+    """The parts load smallest first: an empty folder given as the tokenizer or wav2vec2 fails in seconds, before
+    the 14B DiT is read."""
+    from dataclasses import replace
+
+    import torch
+
+    from fantasytalking_core.errors import FantasyTalkingError
+    from fantasytalking_core.loaders import wan_dit
+    from fantasytalking_core.loaders.model_paths import load_models
+    from fantasytalking_core.tiny import make_tiny_models
+
+    files = make_tiny_models(tmp_path / "models")
+    (tmp_path / "empty").mkdir()
+    read = []
+    monkeypatch.setattr(wan_dit, "load_wan_dit", lambda *args, **kwargs: read.append(args))
+    with pytest.raises(FantasyTalkingError):
+        load_models(replace(files, **{part: tmp_path / "empty"}), compute_dtype=torch.float32)
+    assert read == []

@@ -44,3 +44,13 @@ def test_unreadable_pickles_are_a_clear_error(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(ModelFileError, match="not a readable torch checkpoint"):
         open_checkpoint(path)
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'{"weight_map": [1]}', b"\xff\xfe\x00 binary", b'{"other": {}}',
+                                     b'{"weight_map": {"blocks.0.w": 3}}'])
+def test_a_shard_index_that_is_not_one_is_a_clear_error(tmp_path, content):
+    """Not JSON, not text, or JSON of another layout: a ModelFileError naming the file, never a TypeError."""
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match=r"model\.safetensors\.index\.json is not a safetensors shard index"):
+        open_checkpoint(path)

@@ -59,3 +59,16 @@ def test_resize_is_lanczos_to_the_edge_then_bicubic_to_multiples_of_16():
     assert ours.shape == (3, 192, 320)
     expected = torch.from_numpy(np.asarray(official, dtype=np.float32)).permute(2, 0, 1) * (2 / 255) - 1
     assert torch.equal(ours, expected)
+
+
+def test_a_phone_photo_is_read_upright(tmp_path):
+    """EXIF orientation 6 (the camera was turned: view rotated 90 degrees clockwise), as ComfyUI's Load Image reads it."""
+    stored = np.zeros((40, 60, 3), dtype=np.uint8)  # 60 wide, 40 high as stored
+    stored[:, :10] = 255  # a white band on the stored left edge: the top once turned upright
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = np.asarray(load_image(tmp_path / "phone.jpg"))
+    assert upright.shape == (60, 40, 3)
+    assert upright[:10].mean() > 200 and upright[20:].mean() < 50

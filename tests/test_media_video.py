@@ -67,3 +67,17 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial_file(tmp_path, 
     monkeypatch.setattr(av.AudioFrame, "from_ndarray", real)
     write_video(target, torch.rand(6, 16, 16, 3), 23)  # a complete write replaces it
     assert len(probe(target)[2]) == 6 and sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+
+
+def test_a_folder_that_cannot_take_the_file_is_a_clear_error_after_the_check(tmp_path):
+    """The output folder passed the up-front check, then became a file before the first frame: one clear error
+    (OutputWriteError, an OSError), nothing left behind."""
+    from fantasytalking_core.errors import OutputWriteError
+    from fantasytalking_core.media.video import VideoStreamWriter
+
+    target = tmp_path / "later" / "out.mp4"
+    writer = VideoStreamWriter(target, 23)
+    (tmp_path / "later").write_bytes(b"a file where the folder was to be")
+    with pytest.raises(OutputWriteError, match="cannot be written"), writer:
+        writer.write(torch.rand(2, 16, 16, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["later"]

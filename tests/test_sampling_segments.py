@@ -1,5 +1,7 @@
 """Long recordings in segments: tiny models end to end, chaining modes, progress/interrupt, colour match, crossfade."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -299,3 +301,17 @@ def test_command_line_segments_by_default_and_max_frames_keeps_the_single_clip(t
         assert sum(1 for _ in a.decode(video=0)) == 29 and sum(1 for _ in b.decode(video=0)) == 13
     proc = generate("bad.mp4", "--segment-frames", "12")
     assert proc.returncode == 2 and "segment_frames must be 4n+1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_segment_seeds_wrap_at_64_bits(pipe, face, monkeypatch):
+    """Segment i is seeded ``seed + i`` modulo 2**64: the top seed ComfyUI's widget offers runs past segment 0."""
+    from fantasytalking_core.sampling import denoise
+    from fantasytalking_core.sampling.segments import MAX_SEED
+
+    seeds = []
+    real = denoise.initial_noise
+    monkeypatch.setattr(denoise, "initial_noise", lambda shape, seed: seeds.append(seed) or real(shape, seed))
+    options = SegmentOptions(segment_frames=13, motion_frames=5)
+    stream = pipe.stream(face, voice(0.8), replace(SETTINGS, seed=MAX_SEED, steps=1), options)
+    assert len(stream.plan) == 2
+    assert len(list(stream.frames)) == 2 and seeds == [MAX_SEED, 0]

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..errors import AudioInputError
 from ..model.limits import check_video_frames
 from .io import TARGET_SAMPLE_RATE
 
@@ -68,6 +69,16 @@ def wav2vec2_num_tokens(
             return 0
         n = (n - k) // s + 1
     return n
+
+
+def check_long_enough(duration_s: float, conv_kernel: tuple[int, ...] | list[int] = (10, 3, 3, 3, 3, 2, 2),
+                      conv_stride: tuple[int, ...] | list[int] = (5, 2, 2, 2, 2, 2, 2)) -> None:
+    """An AudioInputError when a recording of ``duration_s`` seconds is shorter than one wav2vec2 token's receptive
+    field (25 ms for wav2vec2-base): known from the decoded file, before any model loads."""
+    field, _ = receptive_field(conv_kernel, conv_stride)
+    if duration_s * SAMPLE_RATE < field:
+        raise AudioInputError(f"The audio is {1000 * duration_s:.1f} ms long; wav2vec2 needs at least "
+                              f"{1000 * field / SAMPLE_RATE:.0f} ms to hear anything. Give a longer recording.")
 
 
 def receptive_field(conv_kernel: tuple[int, ...] | list[int], conv_stride: tuple[int, ...] | list[int]) -> tuple[int, int]:

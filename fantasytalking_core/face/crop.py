@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 import torch.nn.functional as F
 
-from ..errors import FaceNotFoundError, ImageInputError, MissingDependencyError, ModelNotFoundError
+from ..errors import FaceNotFoundError, ImageInputError, MissingDependencyError, ModelNotFoundError, SettingsError
 
 DEFAULT_MARGIN = 0.6  # extra side length around the face box, as a fraction of the face size on each side
 DETECTION_THRESHOLD = 0.5  # dlib HOG score below which a detection is ignored (weak, often not a face)
@@ -179,8 +179,8 @@ def box_from_mask(mask: torch.Tensor) -> FaceBox:
 def square_crop(face: FaceBox, image_height: int, image_width: int, margin: float = DEFAULT_MARGIN) -> CropInfo:
     """A square around ``face``: side = face size x (1 + 2 margin), centred on the face, shifted to stay inside the
     image where it fits, and never larger than the image's shorter side unless the face itself needs it."""
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}.")
+    if not margin >= 0:  # NaN too
+        raise SettingsError(f"the face margin must be a number >= 0 (0.6 by default), got {margin}.")
     side = max(face.x1 - face.x0, face.y1 - face.y0) * (1 + 2 * margin)
     size = int(round(min(side, max(min(image_height, image_width), face.x1 - face.x0, face.y1 - face.y0))))
     cx, cy = (face.x0 + face.x1) / 2, (face.y0 + face.y1) / 2

@@ -167,16 +167,16 @@ def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, 
     from .wan_dit import load_wan_dit
 
     cfg = files.configs
+    # smallest first: a wrong tokenizer or audio encoder is reported in seconds, not after the 14B DiT has loaded
+    tokenizer = load_tokenizer(files.tokenizer)
+    wav2vec2 = load_wav2vec2(files.wav2vec2, config=cfg.get("wav2vec2"))
+    vae = load_vae(files.vae, config=cfg.get("vae"))
+    image_encoder = load_image_encoder(files.image_encoder, config=cfg.get("image_encoder"), dtype=torch.float32)
+    text_encoder = load_text_encoder(files.text_encoder, config=cfg.get("text_encoder"), dtype=compute_dtype)
     dit = load_wan_dit(files.dit, config=cfg.get("dit"), dtype=compute_dtype, fp8_storage=fp8_storage,
                        compute_dtype=compute_dtype)
-    return FantasyTalkingModels(
-        dit=load_audio_adapter(files.adapter, dit),
-        vae=load_vae(files.vae, config=cfg.get("vae")),
-        text_encoder=load_text_encoder(files.text_encoder, config=cfg.get("text_encoder"), dtype=compute_dtype),
-        tokenizer=load_tokenizer(files.tokenizer),
-        image_encoder=load_image_encoder(files.image_encoder, config=cfg.get("image_encoder"), dtype=torch.float32),
-        wav2vec2=load_wav2vec2(files.wav2vec2, config=cfg.get("wav2vec2")),
-    )
+    return FantasyTalkingModels(dit=load_audio_adapter(files.adapter, dit), vae=vae, text_encoder=text_encoder,
+                                tokenizer=tokenizer, image_encoder=image_encoder, wav2vec2=wav2vec2)
 
 
 __all__ = ["MissingModelsError", "ModelFiles", "find_model_files", "is_480p", "load_models"]

@@ -123,10 +123,11 @@ def _shard_map(path: Path) -> dict[str, Path]:
             )
         index = candidates[0]
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise ModelFileError(f"{index} is not a safetensors shard index (no 'weight_map'): {exc}") from None
-    files = {k: index.parent / v for k, v in weight_map.items()}
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = {str(k): index.parent / v for k, v in weight_map.items()}
+    except (ValueError, LookupError, TypeError, AttributeError) as exc:  # not JSON, not text, not the layout
+        raise ModelFileError(f"{index} is not a safetensors shard index (a JSON object whose 'weight_map' maps "
+                             f"each key to its shard file): {type(exc).__name__}: {exc}") from None
     missing = sorted({str(p) for p in files.values() if not p.exists()})
     if missing:
         raise ModelNotFoundError(f"Shard set {index.name} is incomplete; missing: {', '.join(missing)}")

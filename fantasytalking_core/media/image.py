@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageInputError
 
@@ -45,14 +45,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as 8-bit RGB, with a clear error for a missing or non-image file."""
+    """Open an image file as 8-bit RGB, upright as viewers show it (a phone photo's EXIF orientation applied, as
+    ComfyUI's Load Image does), with a clear error for a missing, non-image or oversized file."""
     path = Path(path)
     if not path.is_file():
         raise ImageInputError(f"{path} is a folder, not an image file." if path.is_dir() else f"Image not found: {path}")
     try:
         with Image.open(path) as image:
             image.load()
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as exc:  # Pillow refuses images this large as a possible attack
+        raise ImageInputError(f"{path} is too large to open ({exc}); downscale it (the video is at most "
+                              "image_size pixels on its longest side anyway).") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageInputError(f"{path} is not a readable image ({exc}). Use a PNG, JPEG or WebP portrait.") from None
 

@@ -7,6 +7,7 @@ interrupted write never leaves a partial video and never damages an existing one
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from fractions import Fraction
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from ..audio.io import resample
-from ..errors import SettingsError
+from ..errors import OutputWriteError, SettingsError
 
 AAC_MAX_SAMPLE_RATE = 48000
 """Highest rate the sound is muxed at, in Hz: FFmpeg's AAC encoder refuses 176.4/192 kHz, and nothing above
@@ -24,6 +25,8 @@ AAC_SAMPLE_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100,
 """The rates (Hz, up to :data:`AAC_MAX_SAMPLE_RATE`) FFmpeg's AAC encoder opens with."""
 
 
+PARTIAL_NAME_EXTRA = len(".") + len(".12345678.partial")
+"""Bytes the temporary name (``.<stem>.<8 hex>.partial<suffix>``) adds to the output's file name."""
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".m4v")
 """File name endings whose containers take H.264 video with AAC sound (FFmpeg picks the container by the name)."""
 
@@ -40,6 +43,19 @@ def check_output_path(path: str | Path) -> Path:
     folder = next(p for p in path.parents if p.exists())  # the first part of the path that exists
     if not folder.is_dir():
         raise SettingsError(f"The output {path} cannot be created: {folder} is a file, not a folder.")
+    try:
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not every file system or platform says
+        longest = 255
+    if len(path.name.encode()) + PARTIAL_NAME_EXTRA > longest:
+        raise SettingsError(f"The output file name is {len(path.name.encode())} bytes long; shorten it to at most "
+                            f"{longest - PARTIAL_NAME_EXTRA} (the file system's limit, less the temporary name's).")
+    try:  # a file created and removed at once: the folder takes new files (permissions, read-only mounts)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OutputWriteError(f"The output {path} cannot be written: {folder} does not take new files "
+                               f"({exc.strerror or exc}); choose another folder.") from None
     return path
 
 
@@ -131,9 +147,12 @@ class VideoStreamWriter:
     def _open(self, height: int, width: int) -> None:
         import av
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._size = (height + height % 2, width + width % 2)
-        self._container = av.open(str(self.temp), mode="w")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._container = av.open(str(self.temp), mode="w")
+        except OSError as exc:  # PyAV's errors are OSErrors too
+            raise OutputWriteError(f"The output {self.path} cannot be written ({exc.strerror or exc}).") from None
         self._video = self._container.add_stream("libx264", rate=self.rate)
         self._video.height, self._video.width = self._size
         self._video.pix_fmt, self._video.options = "yuv420p", {"crf": str(self.crf)}
@@ -157,7 +176,10 @@ class VideoStreamWriter:
         for frame in pixels:
             if frame.shape[:2] != (height, width):
                 frame = np.pad(frame, ((0, height - frame.shape[0]), (0, width - frame.shape[1]), (0, 0)), mode="edge")
-            self._container.mux(self._video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            try:
+                self._container.mux(self._video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            except OSError as exc:  # no space left on the disk, typically
+                raise OutputWriteError(f"The video {self.path} could not be written ({exc.strerror or exc}).") from None
         self.frames_written += len(pixels)
 
     def close(self) -> Path:
@@ -172,6 +194,9 @@ class VideoStreamWriter:
             self._container.close()
             self._container = None
             os.replace(self.temp, self.path)  # atomic on one file system: readers see the old file or the whole new one
+        except OSError as exc:  # no space left, the folder gone or made read-only meanwhile
+            self.abort()
+            raise OutputWriteError(f"The video {self.path} could not be written ({exc.strerror or exc}).") from None
         except BaseException:
             self.abort()
             raise
@@ -185,7 +210,10 @@ class VideoStreamWriter:
             except Exception:  # closing a half-written container may fail; the file goes anyway
                 pass
             self._container = None
-        self.temp.unlink(missing_ok=True)
+        try:
+            self.temp.unlink(missing_ok=True)
+        except OSError:  # never made (e.g. its folder could not be), so nothing is left behind either
+            pass
 
     def __enter__(self) -> "VideoStreamWriter":
         return self

@@ -13,6 +13,7 @@ with ``fsdp`` its share of the blocks' weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -120,7 +121,7 @@ def check_gpu_memory(estimate: MemoryEstimate, device: torch.device, what: str, 
 def check_budget(budget_gib: float | None, name: str = "gpu_memory") -> float | None:
     """A GPU memory budget in GiB as given (None: no budget), or a SettingsError naming ``name`` (the option as the
     user typed it) when it is not positive."""
-    if budget_gib is not None and budget_gib <= 0:
+    if budget_gib is not None and not 0 < budget_gib < math.inf:  # NaN fails this too
         raise SettingsError(f"{name} must be a positive number of GiB, got {budget_gib:g}.")
     return budget_gib
 

@@ -30,7 +30,7 @@ Seams: the overlap frames are the previous segment's (already shown on screen wh
 ``crossfade`` blends them with the new segment's versions of the same frames. ``color_match`` moves every
 segment's Lab mean/std toward the portrait's, against slow colour and brightness drift; frames given to the next
 segment are the matched ones, so a correction carries forward instead of being undone at each seam.
-Seeds: segment i uses ``seed + i`` (the first segment is the single clip's seed, so a recording that fits one
+Seeds: segment i uses ``seed + i`` (modulo 2**64; the first segment is the single clip's seed, so a recording that fits one
 segment gives today's video bit for bit).
 """
 
@@ -50,6 +50,13 @@ from ..model.limits import MAX_FRAMES
 Chaining = Literal["last_frame", "motion_frames", "pinned_latents"]
 CHAININGS: tuple[str, ...] = ("last_frame", "motion_frames", "pinned_latents")
 ProgressFn = Callable[[int, int], None]
+MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds; ComfyUI's seed widgets go up to this
+
+
+def segment_seed(seed: int, index: int) -> int:
+    """The noise seed of segment ``index`` (0-based) of a run seeded ``seed``: ``seed + index``, wrapped into the
+    64 bits a generator takes (a seed near the top of ComfyUI's range stays valid in later segments)."""
+    return (seed + index) % (MAX_SEED + 1)
 
 
 @dataclass(frozen=True)
