@@ -44,7 +44,7 @@ from .sampling.denoise import generate_latents
 from .sampling.euler import PassMap
 from .sampling.guidance import GuidanceConfig, max_passes
 from .sampling.schedule import flow_match_sigmas
-from .sampling.segments import MAX_SEED, SegmentOptions, generate_segments, segment_seed
+from .sampling.segments import MAX_SEED, MIN_SEED, SegmentOptions, generate_segments, segment_seed
 from .sampling.step_cache import check_step_cache
 
 ProgressFn = Callable[[int, int], None]
@@ -109,7 +109,8 @@ class GenerationSettings:
         problems = [
             *((not math.isfinite(value), f"{name} must be a finite number, got {value}")
               for name, value in numbers.items()),
-            (not 0 <= self.seed <= MAX_SEED, f"seed must be a whole number from 0 to {MAX_SEED}, got {self.seed}"),
+            (not isinstance(self.seed, int) or not MIN_SEED <= self.seed <= MAX_SEED,
+             f"seed must be a whole number from {MIN_SEED} to {MAX_SEED}, got {self.seed}"),
             (self.steps < 1, f"steps must be at least 1, got {self.steps}"),
             (self.fps <= 0, f"fps must be positive, got {self.fps}"),
             (self.shift <= 0, f"shift must be positive (5 official), got {self.shift}"),
@@ -121,7 +122,8 @@ class GenerationSettings:
         ]
         for bad, message in problems:
             if bad:
-                raise SettingsError(message + ".")  # the first problem: a NaN fails every later comparison too
+                raise SettingsError(message + ".")  # the finite checks come first: NaN passes ``x <= 0``
+        self.seed %= MAX_SEED + 1  # a negative seed is the generator's same seed counted from 2**64
         check_max_frames(self.max_frames)  # the DiT's reach in time and space (model/limits.py)
         check_image_size(self.image_size)
         check_attention(self.attention)  # an uninstalled kernel library fails here, not after the models load

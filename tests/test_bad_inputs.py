@@ -106,8 +106,8 @@ COMMAND_LINE_CASES = {
     "cfg not a number": (["--cfg", "nan"], {}, "cfg must be a finite number"),
     "audio cfg infinite": (["--audio-cfg", "inf"], {}, "audio_cfg must be a finite number"),
     "audio scale infinite": (["--audio-scale", "inf"], {}, "audio_scale must be a finite number"),
-    "seed past 64 bits": (["--seed", str(2**64)], {}, "seed must be a whole number from 0 to 18446744073709551615"),
-    "seed negative": (["--seed", "-1"], {}, "seed must be a whole number from 0 to"),
+    "seed past 64 bits": (["--seed", str(2**64)], {}, "seed must be a whole number from -9223372036854775808 to 18446744073709551615"),
+    "seed below 64 bits": (["--seed", str(-(2**63) - 1)], {}, "seed must be a whole number from -9223372036854775808"),
     "gpu memory budget not a number": (["--gpu-memory", "nan"], {}, "--gpu-memory must be a positive number of GiB"),
     "max frames zero": (["--max-frames", "0"], {}, "max_frames must be"),
     "face margin negative": (["--face-box", "5,5,30,30", "--face-margin", "-1"], {},
@@ -135,6 +135,7 @@ def test_command_line_bad_input(case, inputs, tmp_path, capsys):
     ("face.png/talking.mp4", "is a file, not a folder"),
     ("a" * 241 + ".mp4", "The output file name is 245 bytes long; shorten it to at most 237"),
     ("/proc/talking.mp4", "/proc does not take new files"),  # no file can be made there, root or not
+    ("\udce9" * 240 + ".mp4", "is 244 bytes long"),  # not UTF-8 (a Linux name's raw bytes): counted, no traceback
 ])
 def test_an_output_path_the_writer_would_fail_on_is_refused_up_front(inputs, out, words, capsys):
     before = sorted(p.name for p in inputs.iterdir())
@@ -155,17 +156,21 @@ def test_an_image_too_large_for_pillow_is_one_line(inputs, tmp_path, capsys, mon
 
 
 def test_ctrl_c_is_one_line_and_the_shell_status_of_an_interrupt(inputs, tmp_path, capsys, monkeypatch):
-    """KeyboardInterrupt while the video is made: no traceback, exit status 130 (128 + SIGINT), no file."""
-    from fantasytalking_core import long_video
+    """KeyboardInterrupt while the video is written (every frame in its temporary file, the voice being muxed): no
+    traceback, exit status 130 (128 + SIGINT), no file left."""
+    from fantasytalking_core.media import video
+
+    partial = []
 
     def interrupted(*args, **kwargs):
+        partial.extend(p for p in tmp_path.iterdir() if p.name.endswith(".partial.mp4") and p.stat().st_size)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(long_video, "write_long_video", interrupted)
+    monkeypatch.setattr(video, "_mux_audio", interrupted)
     rc, err = run_main(generate_args(inputs, tmp_path / "x.mp4"), capsys)
     lines = err.strip().splitlines()
     assert rc == 130 and "Traceback" not in err and lines[-1].startswith("interrupted: stopped by the user")
-    assert list(tmp_path.iterdir()) == []
+    assert len(partial) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_no_models_and_no_tiny(inputs, tmp_path, capsys):

@@ -315,3 +315,14 @@ def test_segment_seeds_wrap_at_64_bits(pipe, face, monkeypatch):
     stream = pipe.stream(face, voice(0.8), replace(SETTINGS, seed=MAX_SEED, steps=1), options)
     assert len(stream.plan) == 2
     assert len(list(stream.frames)) == 2 and seeds == [MAX_SEED, 0]
+
+
+def test_a_negative_seed_is_the_generators_same_seed_counted_from_2_to_the_64():
+    """torch's generators take -2**63..2**64-1, a negative seed s giving the noise of s + 2**64: kept as that."""
+    from fantasytalking_core.errors import SettingsError
+    from fantasytalking_core.sampling.segments import MAX_SEED
+
+    assert GenerationSettings(seed=-1).seed == MAX_SEED and GenerationSettings(seed=7).seed == 7
+    for bad in (1.5, -(2**63) - 1, 2**64):
+        with pytest.raises(SettingsError, match="seed must be a whole number"):
+            GenerationSettings(seed=bad)

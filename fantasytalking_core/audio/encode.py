@@ -35,8 +35,8 @@ from transformers import Wav2Vec2Model
 from ..errors import AudioInputError, ModelFileError
 from . import io as audio_io
 from .io import DecodedAudio, ResampleBackend
-from .rules import DEFAULT_FPS, DEFAULT_MAX_FRAMES, SAMPLE_RATE, crop_for_frames, frames_for_duration, receptive_field, \
-    wav2vec2_num_tokens
+from .rules import (DEFAULT_FPS, DEFAULT_MAX_FRAMES, SAMPLE_RATE, check_long_enough, crop_for_frames,
+                    frames_for_duration, receptive_field, wav2vec2_num_tokens)
 from .wav2vec2 import FIX_HINT
 
 logger = logging.getLogger(__name__)
@@ -195,13 +195,8 @@ def encode_audio(
     cfg = model.config
     field, hop = receptive_field(cfg.conv_kernel, cfg.conv_stride)
     wave = waveform_16k.detach().to("cpu", torch.float32)
+    check_long_enough(wave.shape[0], cfg.conv_kernel, cfg.conv_stride)
     num_tokens = wav2vec2_num_tokens(wave.shape[0], cfg.conv_kernel, cfg.conv_stride)
-    if num_tokens < 1:
-        raise AudioInputError(
-            f"The audio is {1000 * wave.shape[0] / SAMPLE_RATE:.1f} ms long; wav2vec2 needs at least "
-            f"{1000 * field / SAMPLE_RATE:.0f} ms ({field} samples at 16 kHz) to make one feature. "
-            "Give a longer recording."
-        )
     audio_io.validate_waveform(wave[None], SAMPLE_RATE, "16 kHz waveform")
 
     tokens_per_second = SAMPLE_RATE / hop

@@ -18,6 +18,8 @@ from .io import TARGET_SAMPLE_RATE
 SAMPLE_RATE = TARGET_SAMPLE_RATE
 DEFAULT_FPS = 23
 DEFAULT_MAX_FRAMES = 81
+BASE_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)  # wav2vec2-base's feature-encoder conv stack (samples per layer)
+BASE_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
 
 
 def frames_for_duration(duration_s: float, fps: float = DEFAULT_FPS, max_frames: int | None = DEFAULT_MAX_FRAMES) -> int:
@@ -55,8 +57,8 @@ def crop_for_frames(waveform_16k: torch.Tensor, num_frames: int, fps: float = DE
 
 def wav2vec2_num_tokens(
     num_samples: int,
-    conv_kernel: tuple[int, ...] | list[int] = (10, 3, 3, 3, 3, 2, 2),
-    conv_stride: tuple[int, ...] | list[int] = (5, 2, 2, 2, 2, 2, 2),
+    conv_kernel: tuple[int, ...] | list[int] = BASE_CONV_KERNEL,
+    conv_stride: tuple[int, ...] | list[int] = BASE_CONV_STRIDE,
 ) -> int:
     """Tokens L that wav2vec2's conv stack makes from ``num_samples`` (0 when the input is too short).
 
@@ -71,14 +73,16 @@ def wav2vec2_num_tokens(
     return n
 
 
-def check_long_enough(duration_s: float, conv_kernel: tuple[int, ...] | list[int] = (10, 3, 3, 3, 3, 2, 2),
-                      conv_stride: tuple[int, ...] | list[int] = (5, 2, 2, 2, 2, 2, 2)) -> None:
-    """An AudioInputError when a recording of ``duration_s`` seconds is shorter than one wav2vec2 token's receptive
-    field (25 ms for wav2vec2-base): known from the decoded file, before any model loads."""
+def check_long_enough(num_samples: int, conv_kernel: tuple[int, ...] | list[int] = BASE_CONV_KERNEL,
+                      conv_stride: tuple[int, ...] | list[int] = BASE_CONV_STRIDE) -> None:
+    """An AudioInputError when ``num_samples`` at 16 kHz (fractional for a recording at another rate) are fewer
+    than one wav2vec2 token's receptive field (400 samples, 25 ms, for wav2vec2-base): known from the decoded
+    file, before any model loads."""
     field, _ = receptive_field(conv_kernel, conv_stride)
-    if duration_s * SAMPLE_RATE < field:
-        raise AudioInputError(f"The audio is {1000 * duration_s:.1f} ms long; wav2vec2 needs at least "
-                              f"{1000 * field / SAMPLE_RATE:.0f} ms to hear anything. Give a longer recording.")
+    if num_samples < field:
+        raise AudioInputError(f"The audio is {1000 * num_samples / SAMPLE_RATE:.1f} ms long; wav2vec2 needs at least "
+                              f"{1000 * field / SAMPLE_RATE:.0f} ms ({field} samples at 16 kHz) to make one feature. "
+                              "Give a longer recording.")
 
 
 def receptive_field(conv_kernel: tuple[int, ...] | list[int], conv_stride: tuple[int, ...] | list[int]) -> tuple[int, int]:

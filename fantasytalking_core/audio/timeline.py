@@ -34,12 +34,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .rules import SAMPLE_RATE, crop_samples_for_frames, receptive_field, wav2vec2_num_tokens
+from .rules import (BASE_CONV_KERNEL, BASE_CONV_STRIDE, SAMPLE_RATE, crop_samples_for_frames, receptive_field,
+                    wav2vec2_num_tokens)
 
 DEFAULT_SEGMENT_FRAMES = 81  # the official clip length (infer.py max_num_frames), the length the model was trained on
 DEFAULT_MOTION_FRAMES = 9  # frames shared between segments in motion_frames chaining (3 latent frames)
 # wav2vec2-base: one token per 320 samples at 16 kHz (the conv stack's total stride)
-TOKENS_PER_SECOND = SAMPLE_RATE / receptive_field((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))[1]
+TOKENS_PER_SECOND = SAMPLE_RATE / receptive_field(BASE_CONV_KERNEL, BASE_CONV_STRIDE)[1]
 
 
 def _check_4n1(name: str, value: int, minimum: int) -> None:

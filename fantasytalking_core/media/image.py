@@ -55,8 +55,7 @@ def load_image(path: str | Path) -> Image.Image:
             image.load()
             return to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as exc:  # Pillow refuses images this large as a possible attack
-        raise ImageInputError(f"{path} is too large to open ({exc}); downscale it (the video is at most "
-                              "image_size pixels on its longest side anyway).") from None
+        raise ImageInputError(f"{path} is too large to open ({exc}); downscale it.") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageInputError(f"{path} is not a readable image ({exc}). Use a PNG, JPEG or WebP portrait.") from None
 

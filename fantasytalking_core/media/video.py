@@ -47,8 +47,12 @@ def check_output_path(path: str | Path) -> Path:
         longest = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # not every file system or platform says
         longest = 255
-    if len(path.name.encode()) + PARTIAL_NAME_EXTRA > longest:
-        raise SettingsError(f"The output file name is {len(path.name.encode())} bytes long; shorten it to at most "
+    # the name's length as the file system counts it: UTF-16 units on Windows, bytes elsewhere
+    windows = os.name == "nt"
+    length = len(path.name.encode("utf-16-le")) // 2 if windows else len(os.fsencode(path.name))
+    if length + PARTIAL_NAME_EXTRA > longest:
+        unit = "characters" if windows else "bytes"
+        raise SettingsError(f"The output file name is {length} {unit} long; shorten it to at most "
                             f"{longest - PARTIAL_NAME_EXTRA} (the file system's limit, less the temporary name's).")
     try:  # a file created and removed at once: the folder takes new files (permissions, read-only mounts)
         with tempfile.TemporaryFile(dir=folder):

@@ -51,6 +51,7 @@ Chaining = Literal["last_frame", "motion_frames", "pinned_latents"]
 CHAININGS: tuple[str, ...] = ("last_frame", "motion_frames", "pinned_latents")
 ProgressFn = Callable[[int, int], None]
 MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds; ComfyUI's seed widgets go up to this
+MIN_SEED = -(2**63)  # torch also takes negative ones: seed s gives the noise of s + 2**64
 
 
 def segment_seed(seed: int, index: int) -> int:
