@@ -131,3 +131,11 @@ def test_a_small_face_in_a_large_photo_is_found(astronaut):
     canvas[600:728, 700:828] = _resized(astronaut, 128, 128)
     face = pick_face(detect_faces(canvas))
     assert face.x0 < 700 + 220 / 4 < face.x1 and face.y0 < 600 + 123 / 4 < face.y1
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (16, 5000), (3, 3)])
+def test_a_tiny_or_very_flat_picture_has_no_face_instead_of_a_dlib_error(height, width):
+    """The last resort, dlib's CNN, searches a copy at most 640 px long: 16x5000 becomes 2x640, under the CNN's
+    filter, which dlib refuses with a multi-line C++ error; such a picture simply has no face."""
+    pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    assert detect_faces(pixels) == []

@@ -130,6 +130,7 @@ def detect_faces(image: torch.Tensor | np.ndarray, upsample: int = 1,
 
 
 CNN_SIDE = 640  # the CNN searches a copy with this longest side, doubled once: faces down to ~40 px of that copy
+CNN_MIN_SIDE = 20  # a copy narrower than this holds no face it could find (dlib refuses copies under 4 px)
 
 
 def _detect_cnn(pixels: np.ndarray) -> list[FaceBox]:
@@ -141,6 +142,8 @@ def _detect_cnn(pixels: np.ndarray) -> list[FaceBox]:
     scale = min(1.0, CNN_SIDE / max(height, width))
     small = pixels if scale == 1.0 else np.asarray(
         Image.fromarray(pixels).resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR))
+    if min(small.shape[:2]) < CNN_MIN_SIDE:  # a tiny or very flat picture: nothing to find
+        return []
     found = detector(np.ascontiguousarray(small), 1)
     faces = [FaceBox(d.rect.left() / scale, d.rect.top() / scale, (d.rect.right() + 1) / scale,
                      (d.rect.bottom() + 1) / scale, d.confidence) for d in found]

@@ -141,4 +141,5 @@ def choose_placement(transformer: torch.nn.Module, num_frames: int, height: int,
     how = "With its weights sharded" if sharded else "Even streaming the DiT's blocks"
     raise InsufficientMemoryError(
         f"{how} this run needs about {estimate.total / GIB:.2f} GiB of GPU memory, more "
-        f"than the {budget_gib:g} GiB budget: a smaller image size or fewer frames (or segments) fit.")
+        f"than the {budget_gib:g} GiB budget: a larger budget (if the GPU has the room), a smaller image size or "
+        "fewer frames (or segments) fit.")
