@@ -174,8 +174,10 @@ def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settin
     import torch
 
     from .errors import SettingsError
-    from .runtime.parallel import check_layout, check_loras_fit_layout, check_offload_fits_layout
+    from .runtime.parallel import (check_layout, check_loras_fit_layout, check_offload_fits_layout,
+                                   process_group_backend)
 
+    process_group_backend(torch.device(args.device).type)  # NCCL for GPUs: not in Windows builds of PyTorch
     check_loras_fit_layout(layout, bool(args.lora))
     check_offload_fits_layout(layout, args.offload_blocks and args.gpu_memory is None)
     if torch.device(args.device).type != "cuda" and layout.sequence > 1:

@@ -301,11 +301,15 @@ def test_more_processes_than_gpus_on_a_machine_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)  # as PyTorch for Linux with CUDA
     args = argparse.Namespace(device="cuda", lora=[], offload_blocks=False, gpu_memory=None)  # as argparse gives them
     with pytest.raises(SettingsError, match="torchrun started 4 processes on this machine, which has 2 GPU"):
         _check_parallel_run(parse_parallel("cfg=2,ulysses=2"), args, GenerationSettings())
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of 2 GPUs: fits
     _check_parallel_run(parse_parallel("cfg=2,ulysses=2"), args, GenerationSettings())
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)  # PyTorch for Windows: no NCCL
+    with pytest.raises(SettingsError, match=r"Several GPUs need NCCL, .* run on Linux \(on Windows: in WSL2\)"):
+        _check_parallel_run(parse_parallel("cfg=2,ulysses=2"), args, GenerationSettings())
 
 
 @pytest.mark.parametrize("option, message", [

@@ -111,9 +111,22 @@ def test_the_workers_go_when_their_model_is_dropped_and_stay_for_a_reload_of_the
 
 def test_offload_blocks_with_fsdp_is_refused_in_the_nodes_words(loaded_model, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)  # as PyTorch for Linux with CUDA
     with pytest.raises(SettingsError, match=r"^FantasyTalking Sampler: parallel cfg=1,ring=1,ulysses=2,fsdp: fsdp "
                                             r"already splits the weights .* turn off offload_blocks, or leave out"):
         sampler_pool(loaded_model, "ulysses=2,fsdp", torch.device("cuda"), GenerationSettings(), "processes", True)
+
+
+def test_gpu_workers_without_nccl_are_refused_before_any_worker_starts(loaded_model, monkeypatch):
+    """PyTorch for Windows has no NCCL: two GPUs of this machine cannot form a process group."""
+    import nodes.parallel
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    monkeypatch.setattr(nodes.parallel, "SamplerPool", None)  # starting workers would fail the test
+    with pytest.raises(SettingsError, match=r"^FantasyTalking Sampler: Several GPUs need NCCL, which this PyTorch "
+                                            r"build lacks .* or on one GPU without a parallel layout\.$"):
+        sampler_pool(loaded_model, "cfg=2", torch.device("cuda"), GenerationSettings())
 
 
 def test_a_budget_that_even_streaming_exceeds_is_refused_before_any_worker_starts(loaded_model, monkeypatch):

@@ -155,6 +155,18 @@ def check_offload_fits_layout(layout: ParallelLayout, offload_blocks: bool, name
                             f"blocks do not also stream; turn off {names['offload']}, or leave out fsdp.")
 
 
+def process_group_backend(device_type: str) -> str:
+    """The torch.distributed backend of processes computing on ``device_type``: NCCL for CUDA, gloo for the CPU;
+    a SettingsError when this PyTorch build lacks it (PyTorch ships NCCL on Linux only, not on Windows or macOS)."""
+    if not dist.is_available():
+        raise SettingsError("Several processes need torch.distributed, which this PyTorch build lacks; install the "
+                            "PyTorch build for Linux or Windows from pytorch.org, or run in one process.")
+    if device_type == "cuda" and not dist.is_nccl_available():
+        raise SettingsError("Several GPUs need NCCL, which this PyTorch build lacks (PyTorch has it on Linux only): "
+                            "run on Linux (on Windows: in WSL2), or on one GPU without a parallel layout.")
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
 def init_process_group_from_env(device_type: str, timeout_s: float = 1800) -> None:
     """Join the process group ``torchrun`` describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...):
     NCCL for CUDA, gloo for the CPU. A no-op when the group exists already."""
@@ -163,7 +175,7 @@ def init_process_group_from_env(device_type: str, timeout_s: float = 1800) -> No
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise SettingsError("--parallel needs processes started by torchrun, e.g. torchrun --nproc-per-node 3 -m "
                             "fantasytalking_core generate ... --parallel cfg=3.")
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(process_group_backend(device_type), timeout=timedelta(seconds=timeout_s))
 
 
 class ParallelRun:

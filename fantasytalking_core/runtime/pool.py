@@ -42,7 +42,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ..errors import FantasyTalkingError, MissingDependencyError, SettingsError, reworded
-from .parallel import ParallelLayout, ParallelRun
+from .parallel import ParallelLayout, ParallelRun, process_group_backend
 
 POOL_BACKENDS = ("processes", "ray")
 FAILURE_GRACE_S = 30.0
@@ -125,12 +125,15 @@ def _free_port() -> int:
 
 def check_layout_fits(layout: ParallelLayout, device_type: str, available: int | None = None) -> None:
     """Refuse a layout that needs more devices than there are (one per worker): ``available`` GPUs (CPUs for CPU
-    workers) the workers can use; default: this machine's GPUs, and CPU workers are not counted."""
+    workers) the workers can use; default: this machine's GPUs, and CPU workers are not counted, and the workers
+    being on this machine, its PyTorch must have their process-group backend (NCCL for GPUs)."""
     if device_type == "cuda":
         gpus = torch.cuda.device_count() if available is None else available
         if layout.world_size > gpus:
             raise SettingsError(f"parallel layout {layout} needs {layout.world_size} GPUs (cfg x ring x ulysses, one "
                                 f"per worker); {gpus} are available.")
+        if available is None:
+            process_group_backend(device_type)
         return
     if layout.sequence > 1 and torch.accelerator.device_count() == 0:
         raise SettingsError(f"parallel layout {layout}: ring/ulysses split the video tokens over GPUs; on the CPU "
@@ -151,7 +154,7 @@ def _worker(rank: int, world: int, master: tuple[str, int], layout: ParallelLayo
         if device_type == "cuda":
             torch.cuda.set_device(gpu)
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
+        dist.init_process_group(process_group_backend(device_type), rank=rank, world_size=world,
                                 timeout=timedelta(minutes=30))
         run = ParallelRun(layout, device_type)
         model = load()
