@@ -138,7 +138,7 @@ def check_windows(root: Path) -> Iterator[ParityResult]:
     if note := absent_files(root, "windows.json"):
         yield missing("windows", note)
         return
-    cases = json.loads((root / "windows.json").read_text())["cases"]
+    cases = json.loads((root / "windows.json").read_text(encoding="utf-8"))["cases"]
     for i, case in enumerate(cases):
         w = audio_windows_for_frames(case["audio_tokens"], case["num_frames"])
         name = f"windows/{i}:N{case['num_frames']}_L{case['audio_tokens']}_{case['case']}"
@@ -156,7 +156,7 @@ def check_frame_rule(root: Path) -> Iterator[ParityResult]:
     if note := absent_files(root, "windows.json"):
         yield missing("frame_rule", note)
         return
-    table = json.loads((root / "windows.json").read_text())
+    table = json.loads((root / "windows.json").read_text(encoding="utf-8"))
     rule = table.get("frame_rule", {}).get("results", [])
     if not rule:
         yield missing("frame_rule", "windows.json has no frame_rule.results")
@@ -227,7 +227,7 @@ def check_sampling(root: Path, model: FantasyTalkingModel, inputs: dict, windows
     if note := absent_files(root, "sampling.json", "sampling.safetensors"):
         yield missing("sampling", note)
         return
-    settings = json.loads((root / "sampling.json").read_text())
+    settings = json.loads((root / "sampling.json").read_text(encoding="utf-8"))
     ref = load_file(root / "sampling.safetensors")
     steps = settings["num_inference_steps"]
     sigmas = flow_match_sigmas(steps, settings.get("sigma_shift", 5.0))
@@ -305,7 +305,7 @@ def is_precision_set(root: Path) -> bool:
     if not ((root / "outputs.safetensors").is_file() and stats.is_file()):
         return False
     try:
-        return BF16_STATS_KEY in json.loads(stats.read_text())
+        return BF16_STATS_KEY in json.loads(stats.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return False
 
@@ -353,7 +353,7 @@ def reference_passes(outputs: dict[str, torch.Tensor], prefix: str = "fp32_") ->
 def check_precision_set(root: Path) -> Iterator[ParityResult]:
     """float32 parity of every pass (``fp32/*``) and the bf16 error ratio of every pass and derived quantity
     that ``stats.json`` holds an official error for (``bf16/*``)."""
-    stats = json.loads((root / "stats.json").read_text())
+    stats = json.loads((root / "stats.json").read_text(encoding="utf-8"))
     inputs = load_file(root / "inputs.safetensors")
     ref = reference_passes(load_file(root / "outputs.safetensors"))
     ours32 = precision_set_passes(load_precision_set_model(root, torch.float32), inputs, stats)
@@ -389,7 +389,7 @@ def run_parity(root: str | Path) -> Iterator[ParityResult]:
         return
     inputs = load_file(root / "inputs.safetensors")
     windows = audio_windows_for_frames(inputs["audio_features"].shape[1],
-                                       json.loads((root / "inputs.json").read_text())["num_frames"])
+                                       json.loads((root / "inputs.json").read_text(encoding="utf-8"))["num_frames"])
     yield from check_dit(root, model, inputs, windows)
     yield from check_sampling(root, model, inputs, windows)
     yield from check_encoders(root)

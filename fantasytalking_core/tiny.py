@@ -19,7 +19,7 @@ TINY_DIR = Path(__file__).parent / "configs" / "tiny"
 
 def tiny_configs() -> dict[str, dict]:
     """The tiny architectures (one JSON per part in ``configs/tiny``)."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted(TINY_DIR.glob("*.json"))}
+    return {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(TINY_DIR.glob("*.json"))}
 
 
 def make_tokenizer(folder: Path, vocab_size: int = 384) -> Path:

@@ -51,6 +51,8 @@ def test_a_layout_that_does_not_fit_the_gpus_present_is_refused_before_starting(
         SamplerPool(ParallelLayout(cfg=2), load_model, "cuda", backend="ray")
     with pytest.raises(SettingsError, match="ring/ulysses split the video tokens over GPUs; on the CPU use cfg=N"):
         SamplerPool(ParallelLayout(ulysses=2), load_model, "cpu")
+    with pytest.raises(SettingsError, match="workers run on CUDA GPUs or on the CPU, not on mps; leave parallel empty"):
+        SamplerPool(ParallelLayout(cfg=2), load_model, "mps")  # a Mac's one GPU, no process-group backend for it
     with pytest.raises(SettingsError, match=r"backend must be one of \('processes', 'ray'\), got 'threads'"):
         SamplerPool(ParallelLayout(cfg=2), load_model, "cpu", backend="threads")
 

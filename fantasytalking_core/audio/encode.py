@@ -235,7 +235,8 @@ def encode_audio(
         f1 = min(f0 + frames0_per_block, frames0_total)
         y = conv0.conv(normalized(f0 * s0, (f1 - 1) * s0 + k0))[0].float()  # [C0, f1 - f0]
         var_b, mean_b = torch.var_mean(y, dim=1, correction=0)
-        n_b, mean_b, m2_b = y.shape[1], mean_b.double(), var_b.double() * y.shape[1]
+        # float64 on the CPU: Apple's MPS has no float64 (the statistics are [C0] vectors: no cost)
+        n_b, mean_b, m2_b = y.shape[1], mean_b.cpu().double(), var_b.cpu().double() * y.shape[1]
         if ch_mean is None:
             count, ch_mean, ch_m2 = n_b, mean_b, m2_b
         else:
@@ -249,8 +250,9 @@ def encode_audio(
     # that half-precision models normalise as accurately as torch's GroupNorm (which upcasts internally).
     gn = conv0.layer_norm
     inv_std = 1.0 / torch.sqrt(ch_m2 / count + gn.eps)
-    gn_scale = (gn.weight.double() * inv_std).to(device, torch.float32)[:, None]
-    gn_shift = (gn.bias.double() - ch_mean * gn.weight.double() * inv_std).to(device, torch.float32)[:, None]
+    weight, bias = gn.weight.detach().cpu().double(), gn.bias.detach().cpu().double()
+    gn_scale = (weight * inv_std).to(device, torch.float32)[:, None]
+    gn_shift = (bias - ch_mean * weight * inv_std).to(device, torch.float32)[:, None]
 
     # Pass 2: exact conv front end + feature projection, block by block.
     hidden = torch.empty(num_tokens, cfg.hidden_size, dtype=dtype, device=device)

@@ -47,7 +47,7 @@ def _folder_config(folder: Path) -> dict | None:
     if not file.is_file():
         return None
     try:
-        config = json.loads(file.read_text())
+        config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"Cannot read {file} ({exc}): fix or re-download it, or remove it to use the bundled "
                              "Wan2.1-I2V-14B config.") from None

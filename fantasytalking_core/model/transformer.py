@@ -72,7 +72,7 @@ def resolve_config(config: str | Path | dict | None) -> dict:
         if path.is_dir():
             path = path / "config.json"
         try:
-            config = json.loads(path.read_text())
+            config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise ModelFileError(f"Cannot read DiT config {path}: {exc}") from None
     config = dict(config)

@@ -127,6 +127,9 @@ def check_layout_fits(layout: ParallelLayout, device_type: str, available: int |
     """Refuse a layout that needs more devices than there are (one per worker): ``available`` GPUs (CPUs for CPU
     workers) the workers can use; default: this machine's GPUs, and CPU workers are not counted, and the workers
     being on this machine, its PyTorch must have their process-group backend (NCCL for GPUs)."""
+    if device_type not in ("cuda", "cpu"):  # e.g. Apple's MPS: one GPU, no process-group backend for it
+        raise SettingsError(f"parallel layout {layout}: workers run on CUDA GPUs or on the CPU, not on "
+                            f"{device_type}; leave parallel empty.")
     if device_type == "cuda":
         gpus = torch.cuda.device_count() if available is None else available
         if layout.world_size > gpus:
