@@ -48,6 +48,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .media.video import aac_sample_rate, check_output_path
     from .pipeline import DISTILLED, FantasyTalkingPipeline, GenerationSettings, save_result
     from .loaders.lora import check_lora_fits
+    from .runtime.compile import check_compile
     from .runtime.memory import check_budget
     from .sampling.segments import SegmentOptions
 
@@ -59,6 +60,7 @@ def _generate(args: argparse.Namespace) -> int:
         layout = parse_parallel(args.parallel)
     check_output_path(args.out)
     _check_device(args.device)
+    check_compile(args.compile, torch.device(args.device).type)
     settings = GenerationSettings(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         steps=args.steps if args.steps is not None else DISTILLED["steps"] if args.distilled else GenerationSettings.steps,

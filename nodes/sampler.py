@@ -16,6 +16,7 @@ from fantasytalking_core.audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SE
 from fantasytalking_core.model.limits import MAX_FRAMES, MAX_VIDEO_FRAMES
 from fantasytalking_core.pipeline import GenerationSettings
 from fantasytalking_core.runtime.attention import ATTENTION_BACKENDS
+from fantasytalking_core.runtime.compile import check_compile
 from fantasytalking_core.runtime.pool import POOL_BACKENDS
 from fantasytalking_core.sampling.segments import CHAININGS, MAX_SEED
 from fantasytalking_core.sampling.step_cache import FIRST_STEPS, LAST_STEPS, MAX_THRESHOLD
@@ -193,6 +194,7 @@ class Sampler(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()
 
         device = mm.get_torch_device()
+        check_compile(compile, device.type, "compile")  # before the workers or the model move: no Triton, no compile
         width, height = identity.frame_size
         pool = sampler_pool(model, parallel, device, settings, parallel_workers, offload_blocks, gpu_memory_gb,
                             (segment_plan(audio_features, options).longest, height, width))

@@ -121,3 +121,22 @@ def test_the_step_cache_decides_outside_the_compiled_blocks(tiny_model, official
     assert torch.equal(captured, eager)
     assert counters["stats"]["unique_graphs"] == 2  # audio on / off: the per-block decisions compiled nothing
     assert sum(counters["graph_break"].values()) == 0
+
+
+def test_compiling_for_a_gpu_without_triton_is_refused_up_front(monkeypatch):
+    """inductor generates GPU code with Triton, which PyTorch for Windows lacks: refused before any model loads,
+    in the words of the command line or of the node; the CPU (C++ code) and compile off need no Triton."""
+    import importlib.util
+
+    from fantasytalking_core.errors import MissingDependencyError
+    from fantasytalking_core.runtime.compile import check_compile
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    with pytest.raises(MissingDependencyError, match=r"^--compile on a GPU needs Triton, .*triton-windows\), or turn "
+                                                     r"--compile off\.$"):
+        check_compile(True, "cuda")
+    with pytest.raises(MissingDependencyError, match="^compile on a GPU needs Triton"):
+        check_compile(True, "cuda", "compile")
+    check_compile(True, "cpu")
+    check_compile(False, "cuda")

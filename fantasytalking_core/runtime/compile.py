@@ -26,6 +26,19 @@ from torch import nn
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # eager / aot_eager: capture without code generation (tests)
 
 
+def check_compile(enabled: bool, device_type: str, option: str = "--compile") -> None:
+    """Refuse, before any model loads, compiling the blocks for a CUDA GPU without Triton (inductor's GPU code
+    generator; the Windows builds of PyTorch come without it), instead of failing at the first step. ``option``:
+    the setting as its user names it."""
+    import importlib.util
+
+    if enabled and device_type == "cuda" and importlib.util.find_spec("triton") is None:
+        from ..errors import MissingDependencyError
+
+        raise MissingDependencyError(f"{option} on a GPU needs Triton, which is not installed: pip install triton "
+                                     f"(on Windows: pip install triton-windows), or turn {option} off.")
+
+
 @contextmanager
 def compiled_blocks(transformer: nn.Module, enabled: bool = True, backend: str = "inductor",
                     mode: str | None = None) -> Iterator[nn.Module]:
