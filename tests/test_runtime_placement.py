@@ -75,3 +75,21 @@ def test_the_device_is_where_inputs_go_while_streaming(tiny_model):
     with pytest.raises(ValueError, match="placement"):
         with dit_on_device(tiny_model, torch.device("cpu"), "everywhere"):
             pass
+
+
+def test_fp8_weights_are_refused_on_apples_gpus_before_they_move(tiny_model):
+    """MPS has no float8: a DiT kept in fp8 stops with what to load instead, and nothing moved."""
+    from fantasytalking_core.errors import SettingsError
+
+    weight = next(tiny_model.transformer.parameters())
+    kept = weight.data
+    weight.data = kept.to(torch.float8_e4m3fn)
+    try:
+        with pytest.raises(SettingsError, match="fp8.*Apple's GPUs \\(MPS\\) cannot hold: load it with weight_dtype"):
+            with dit_on_device(tiny_model, torch.device("mps")):
+                pass
+        assert weight.device.type == "cpu"
+    finally:
+        weight.data = kept
+    with dit_on_device(tiny_model, torch.device("cpu")):  # other weights, other devices: as before
+        pass
