@@ -33,7 +33,7 @@ per section. Every section is isolated (an error is recorded and the next one ru
 come and the JSON at ``--out`` is rewritten after each section; sections are skipped when the time budget
 (``--budget-s``) runs low, and a watchdog ends the run shortly after it.
 
-On one GPU (H100 80 GB), from the repository root; the package need not be installed, but diffusers (>= 0.35),
+On one GPU (H100 80 GB), from the repository root; the package need not be installed, but diffusers (>= 0.41),
 transformers, accelerate and safetensors must import (about 4 to 6 minutes with the default budget of 480 s):
     PYTHONPATH=. python3 benchmarks/bench_gpu.py --out bench_gpu.json
 Check it anywhere with the tiny bundled config (every section; CPU is fine):

@@ -49,7 +49,7 @@ package shells in ``sys.modules``, because their ``__init__`` files import all o
 encoders, prompters needing ftfy/regex, pipelines needing torchvision, the modelscope downloader), none of which
 one DiT step uses. Nothing else is stubbed (``tqdm``, imported by ``wan_video_dit.py``, comes with transformers).
 
-Full size, one GPU (H200 or H100; needs torch, diffusers >= 0.35, accelerate, safetensors; about 2 minutes):
+Full size, one GPU (H200 or H100; needs torch, diffusers >= 0.41, accelerate, safetensors; about 2 minutes):
     PYTHONPATH=. python3 benchmarks/bench_official.py --out official.json
 Smoke test on a CPU (tiny DiT, float32, exact check, < 1 minute):
     PYTHONPATH=. python3 benchmarks/bench_official.py --tiny --out /tmp/official_tiny.json

@@ -194,7 +194,8 @@ class Sampler(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()
 
         device = mm.get_torch_device()
-        check_compile(compile, device.type, "compile")  # before the workers or the model move: no Triton, no compile
+        if not (parallel.strip() and parallel_workers == "ray"):  # Ray workers compile on their own machines
+            check_compile(compile, device.type, "compile")  # before the workers or the model move
         width, height = identity.frame_size
         pool = sampler_pool(model, parallel, device, settings, parallel_workers, offload_blocks, gpu_memory_gb,
                             (segment_plan(audio_features, options).longest, height, width))

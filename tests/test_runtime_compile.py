@@ -140,3 +140,5 @@ def test_compiling_for_a_gpu_without_triton_is_refused_up_front(monkeypatch):
         check_compile(True, "cuda", "compile")
     check_compile(True, "cpu")
     check_compile(False, "cuda")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a))
+    check_compile(True, "cuda")  # a GPU with Triton compiles

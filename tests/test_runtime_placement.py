@@ -89,7 +89,7 @@ def test_fp8_weights_are_refused_on_apples_gpus_before_they_move(tiny_model):
             with dit_on_device(tiny_model, torch.device("mps")):
                 pass
         assert weight.device.type == "cpu"
+        with dit_on_device(tiny_model, torch.device("cpu")):  # fp8 on another device: as before
+            pass
     finally:
         weight.data = kept
-    with dit_on_device(tiny_model, torch.device("cpu")):  # other weights, other devices: as before
-        pass

@@ -82,7 +82,7 @@ def dit_on_device(model: FantasyTalkingModel, device: torch.device, placement: s
         from ..errors import SettingsError
 
         raise SettingsError("The DiT's weights are kept in 8 bits (fp8), which Apple's GPUs (MPS) cannot hold: load "
-                            "it with weight_dtype default, bf16 or fp16 (without --fp8 on the command line).")
+                            "it with weight_dtype default, bf16 or fp16.")
     # LoRA layers first, on the device the weights wait on, so that they move (or stream) with their blocks
     with (applied_loras(model.transformer, model.loras, model.dtype),
           streamed_blocks(model, device) if placement == "streamed" else on_device(model, device) as placed):

@@ -82,5 +82,6 @@ def step_of_sigma(sample_sigmas: torch.Tensor, sigma: torch.Tensor | float) -> i
     """0-based index of the step evaluated at noise level ``sigma`` in a run over ``sample_sigmas`` [steps + 1]
     (a sampler calls its model at ``sample_sigmas[i]``, i < steps; the nearest level counts, for rounding)."""
     sigma = float(torch.as_tensor(sigma).reshape(-1)[0])
-    levels = torch.as_tensor(sample_sigmas).detach().cpu().double().reshape(-1)[:-1]  # float64: not on MPS
+    levels = (sample_sigmas.detach().cpu().double() if isinstance(sample_sigmas, torch.Tensor)  # float64: not on MPS
+              else torch.as_tensor(sample_sigmas, dtype=torch.float64)).reshape(-1)[:-1]
     return int((levels - sigma).abs().argmin())
