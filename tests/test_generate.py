@@ -222,7 +222,9 @@ def test_torchrun_with_two_guidance_ranks_writes_the_single_process_video(inputs
 
     args = ["--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--tiny", "--steps", "2",
             "--image-size", "32", "--seed", "3", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # one thread, and MKL's reproducible mode (CNR, strict): without it a GEMM may round differently with the memory
+    # alignment of its inputs, which differs between processes (once in a full suite run the frames differed)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
     single = subprocess.run([sys.executable, "-m", "fantasytalking_core", "generate", *args, "--out",
                              str(tmp_path / "one.mp4")], capture_output=True, text=True, env=env, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
