@@ -39,7 +39,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .audio.io import load_audio
-    from .audio.rules import check_long_enough
+    from .audio.rules import SAMPLE_RATE, check_long_enough
     from .errors import SettingsError
     from .face.motion import MotionIntensity
     from .face.workflow import FaceCropOptions, prepare_job, run_job
@@ -81,7 +81,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise SettingsError(str(exc)) from None
     portrait = load_image(args.image)
     recording = load_audio(args.audio)  # decoded once, for these checks and for the run
-    check_long_enough(recording.duration_s * 16000)  # samples at wav2vec2's 16 kHz
+    check_long_enough(recording.duration_s * SAMPLE_RATE)  # samples at wav2vec2's 16 kHz
     muxed_rate = aac_sample_rate(recording.sample_rate)
     if muxed_rate != recording.sample_rate:
         print(f"note: the {recording.sample_rate} Hz recording goes into the mp4 at {muxed_rate} Hz (AAC's rates).",

@@ -73,7 +73,7 @@ def wav2vec2_num_tokens(
     return n
 
 
-def check_long_enough(num_samples: int, conv_kernel: tuple[int, ...] | list[int] = BASE_CONV_KERNEL,
+def check_long_enough(num_samples: float, conv_kernel: tuple[int, ...] | list[int] = BASE_CONV_KERNEL,
                       conv_stride: tuple[int, ...] | list[int] = BASE_CONV_STRIDE) -> None:
     """An AudioInputError when ``num_samples`` at 16 kHz (fractional for a recording at another rate) are fewer
     than one wav2vec2 token's receptive field (400 samples, 25 ms, for wav2vec2-base): known from the decoded
