@@ -14,9 +14,10 @@ from .errors import FantasyTalkingError
 if TYPE_CHECKING:  # imported where used: `--help` and bad input stay fast
     from .audio.io import DecodedAudio
     from .face.workflow import PreparedJob
-    from .pipeline import FantasyTalkingPipeline, GenerationSettings
+    from .pipeline import FantasyTalkingPipeline
     from .runtime.parallel import ParallelLayout, ParallelRun
     from .sampling.segments import SegmentOptions
+    from .settings import GenerationSettings
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -46,13 +47,13 @@ def _generate(args: argparse.Namespace) -> int:
     from .loaders.model_paths import find_model_files, is_480p, load_models
     from .media.image import load_image
     from .media.video import aac_sample_rate, check_output_path
-    from .pipeline import DISTILLED, FantasyTalkingPipeline, GenerationSettings, save_result
-    from .loaders.lora import check_lora_fits
     from .runtime.compile import check_compile
     from .runtime.memory import check_budget
     from .sampling.segments import SegmentOptions
+    from .settings import DISTILLED, GenerationSettings
 
-    # cheap checks first: bad settings, a bad image or audio path fail before any model is loaded
+    # cheap checks first: bad settings, a bad image or audio path fail before any model is loaded, and before
+    # diffusers and transformers are imported (seconds): only torch is imported so far
     layout = None
     if args.parallel:
         from .runtime.parallel import parse_parallel
@@ -91,9 +92,12 @@ def _generate(args: argparse.Namespace) -> int:
         box = _parse_box(args.face_box, portrait.width, portrait.height) if args.face_box else None
         crop = FaceCropOptions(args.face_index, args.face_margin, args.face_feather, args.face_fallback, box)
     job = prepare_job(portrait, settings, crop)  # the face is found (or not) before any model loads
-    loras = _read_loras(args.lora)
     if layout is not None:
         _check_parallel_run(layout, args, settings)
+    loras = _read_loras(args.lora)
+    from .loaders.lora import check_lora_fits
+    from .pipeline import FantasyTalkingPipeline, save_result
+
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     with tempfile.TemporaryDirectory() as scratch:
         if args.tiny:
@@ -248,6 +252,8 @@ EXPLICIT_FLAGS = {part: "--clip-vision" if part == "image_encoder" else "--" + p
 def _read_loras(specs: list[str]) -> list:
     """``--lora FILE[:STRENGTH]`` values -> ``WanLora``s, read (and their format checked) before any model loads;
     names made unique by position."""
+    if not specs:
+        return []
     from .loaders.lora import read_wan_lora
 
     loras = []
@@ -298,9 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("dir", help="directory laid out like tests/fixtures/official or tests/fixtures/official_bf16")
     parity.set_defaults(func=_parity)
 
-    from .encoders.text import DEFAULT_NEGATIVE_PROMPT
-    from .pipeline import GenerationSettings
     from .sampling.step_cache import FIRST_STEPS, LAST_STEPS
+    from .settings import DEFAULT_NEGATIVE_PROMPT, GenerationSettings
 
     d = GenerationSettings()
     gen = sub.add_parser("generate", help="portrait + voice -> talking video (mp4 with sound)")

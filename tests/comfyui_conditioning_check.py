@@ -52,7 +52,7 @@ SAFETENSORS_DTYPES = {"torch.float16": "F16", "torch.float32": "F32", "torch.uin
 def prompts() -> dict[str, str]:
     """The prompts checked: Wan's cleaning matters for the first (curly quotes, entity, doubled spaces), the second
     is the default negative prompt (full-width punctuation that ftfy folds), the third is past 512 tokens."""
-    from fantasytalking_core.encoders.text import DEFAULT_NEGATIVE_PROMPT
+    from fantasytalking_core.settings import DEFAULT_NEGATIVE_PROMPT
 
     return {"short": "\u201cA woman\u201d  talks &amp; smiles, looking  at the camera.",
             "negative": DEFAULT_NEGATIVE_PROMPT,

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fantasytalking_core.errors import ModelFileError, ModelNotFoundError
+from fantasytalking_core.settings import DEFAULT_NEGATIVE_PROMPT
 from fantasytalking_core.tiny import make_tokenizer
 from fantasytalking_core.encoders.text import (
-    DEFAULT_NEGATIVE_PROMPT,
     clean_prompt,
     encode_prompt,
     load_text_encoder,

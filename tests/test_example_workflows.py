@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fantasytalking_core.encoders.text import DEFAULT_NEGATIVE_PROMPT
+from fantasytalking_core.settings import DEFAULT_NEGATIVE_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "example_workflows"

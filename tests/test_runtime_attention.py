@@ -6,7 +6,6 @@ import torch
 from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.model import adapter
 from fantasytalking_core.pipeline import GenerationSettings, sample_latents
-from fantasytalking_core.runtime import attention
 from fantasytalking_core.runtime.attention import ATTENTION_BACKENDS, check_attention
 
 
@@ -14,10 +13,12 @@ def test_unknown_or_uninstalled_kernels_are_refused_before_any_work(monkeypatch)
     with pytest.raises(SettingsError, match="attention must be one of sdpa, flash, sage, xformers"):
         GenerationSettings(attention="fastest")
 
+    from diffusers.models import attention_dispatch
+
     def missing(name):
         raise RuntimeError(f"backend {name} is not usable")
 
-    monkeypatch.setattr(attention, "attention_backend", missing)  # as diffusers reports a missing package
+    monkeypatch.setattr(attention_dispatch, "attention_backend", missing)  # as diffusers reports a missing package
     with pytest.raises(SettingsError, match="needs the flash-attn package .* or use sdpa"):
         check_attention("flash")
 

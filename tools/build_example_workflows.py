@@ -38,7 +38,7 @@ from comfyui_integration import (
     write_models,
 )
 
-from fantasytalking_core.encoders.text import DEFAULT_NEGATIVE_PROMPT
+from fantasytalking_core.settings import DEFAULT_NEGATIVE_PROMPT
 
 OUT = ROOT / "example_workflows"
 DOCS = ROOT / "docs"

@@ -31,13 +31,6 @@ from ..loaders.state_dict import open_checkpoint, strip_prefix
 T5_CONFIG = "umt5_xxl_encoder.json"
 TEXT_LEN = 512
 
-# The negative prompt FantasyTalking's infer.py passes by default (Wan's standard Chinese negative prompt).
-DEFAULT_NEGATIVE_PROMPT = (
-    "人物静止不动，静止，色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，"
-    "低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
-    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
-)
-
 _INFO_KEYS = {"construct", "_class_name", "_name", "architectures", "model_type", "transformers_version"}
 _FIX = ("Choose the umT5-XXL text encoder of Wan2.1 (ComfyUI's umt5_xxl_fp16.safetensors / "
         "umt5_xxl_fp8_e4m3fn_scaled.safetensors, or Wan's models_t5_umt5-xxl-enc-bf16.pth), or pass the config "

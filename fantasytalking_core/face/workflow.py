@@ -20,7 +20,8 @@ from ..media.image import frame_size, load_image
 from .crop import FaceBox, crop_image, detect_faces, paste_back, pick_face, square_crop
 
 if TYPE_CHECKING:
-    from ..pipeline import FantasyTalkingPipeline, GenerationResult, GenerationSettings
+    from ..pipeline import FantasyTalkingPipeline, GenerationResult
+    from ..settings import GenerationSettings
 
 ProgressFn = Callable[[int, int], None]
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from diffusers.models.attention_dispatch import attention_backend
-
 from ..errors import SettingsError
 
 # user-facing name -> diffusers' backend name, and what it needs
@@ -26,6 +24,10 @@ def check_attention(name: str) -> str:
     """``name`` if it is offered and usable here, else a SettingsError naming what it needs and the default."""
     if name not in ATTENTION_BACKENDS:
         raise SettingsError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}.")
+    if name == "sdpa":  # always there; the default needs no diffusers import (settings are checked before it)
+        return name
+    from diffusers.models.attention_dispatch import attention_backend
+
     try:
         with attention_backend(ATTENTION_BACKENDS[name][0]):
             pass
@@ -38,5 +40,7 @@ def check_attention(name: str) -> str:
 @contextmanager
 def using_attention(name: str) -> Iterator[None]:
     """Run the DiT forwards inside the block on attention backend ``name`` (see :data:`ATTENTION_BACKENDS`)."""
+    from diffusers.models.attention_dispatch import attention_backend
+
     with attention_backend(ATTENTION_BACKENDS[check_attention(name)][0]):
         yield

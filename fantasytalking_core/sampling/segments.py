@@ -43,7 +43,6 @@ from typing import Literal
 import torch
 
 from ..audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES, SegmentPlan
-from ..encoders.vae import known_latents
 from ..media.color import match_color
 from ..model.limits import MAX_FRAMES
 
@@ -154,6 +153,8 @@ def generate_segments(
         raise ValueError(f"the plan overlaps segments by {plan.overlap} frames, the options by {options.overlap}.")
     if features.shape[0] != plan.num_tokens:
         raise ValueError(f"features have {features.shape[0]} tokens, the plan was made for {plan.num_tokens}.")
+    from ..encoders.vae import known_latents  # here: the settings checks import this module without diffusers
+
     total = steps * len(plan)
     reference_rgb = (reference.float().cpu().permute(1, 2, 0) + 1) / 2  # [H, W, 3] in 0..1
     tail: torch.Tensor | None = None  # the previous segment's frames from this segment's start on
