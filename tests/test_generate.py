@@ -1,9 +1,11 @@
 """The main job end to end: `python -m fantasytalking_core generate --tiny` writes an mp4 with sound."""
 
+import io
 import os
 import subprocess
 import sys
 import wave
+from contextlib import redirect_stderr, redirect_stdout
 
 import av
 import numpy as np
@@ -24,8 +26,24 @@ def inputs(tmp_path_factory):
     return d
 
 
-def generate(*args):
+def generate(*args) -> subprocess.CompletedProcess:
+    """``python -m fantasytalking_core generate ARGS`` as its own process: the program itself, exit code and all."""
     return subprocess.run([sys.executable, "-m", "fantasytalking_core", "generate", *args], capture_output=True, text=True)
+
+
+def generate_here(*args) -> subprocess.CompletedProcess:
+    """The same command line run in this process (``cli.main``, which ``python -m`` calls): what it prints and
+    returns, without a new interpreter importing torch, diffusers and transformers again (seconds per run). The
+    program-level tests (``generate``, test_bad_inputs.py) keep their own process."""
+    from fantasytalking_core.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(["generate", *args])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_tiny_run_writes_h264_with_aac_matching_the_video(inputs, tmp_path):
@@ -58,15 +76,16 @@ def test_tiny_run_writes_h264_with_aac_matching_the_video(inputs, tmp_path):
     ("face.png", "missing.wav", "not found"),
 ])
 def test_bad_inputs_give_one_line_and_non_zero_exit(inputs, tmp_path, image, audio, message):
-    proc = generate("--image", str(inputs / image), "--audio", str(inputs / audio), "--out", str(tmp_path / "x.mp4"), "--tiny")
+    proc = generate_here("--image", str(inputs / image), "--audio", str(inputs / audio), "--out",
+                         str(tmp_path / "x.mp4"), "--tiny")
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_missing_models_are_all_listed(inputs, tmp_path):
-    proc = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out", str(tmp_path / "x.mp4"),
-                    "--models", str(tmp_path))
+    proc = generate_here("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
+                         str(tmp_path / "x.mp4"), "--models", str(tmp_path))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     for where in ("diffusion_models", "fantasytalking", "text_encoders", "clip_vision", "vae", "audio_encoders"):
         assert f"{tmp_path / where}" in proc.stderr
@@ -122,7 +141,7 @@ def test_explicit_dit_flag_reaches_the_loader_and_480p_is_noted(inputs, tmp_path
         _touch(tmp_path / rel)
     dit = tmp_path / "wan2.1_i2v_480p_14B_bf16.safetensors"
     _touch(dit)
-    proc = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
+    proc = generate_here("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
                     str(tmp_path / "x.mp4"), "--models", str(tmp_path), "--dit", str(dit))
     # the empty file is found and loaded (then refused by the strict loader): the flag reached the loader
     assert "720P" in proc.stderr and dit.name in proc.stderr
@@ -146,13 +165,13 @@ def test_finds_the_official_layout(tmp_path):
 
 def test_face_box_crops_and_pastes_back_at_the_portrait_size(inputs, tmp_path):
     out = tmp_path / "boxed.mp4"
-    proc = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out", str(out),
+    proc = generate_here("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out", str(out),
                     "--tiny", "--steps", "1", "--image-size", "32", "--face-box", "10,20,40,60")
     assert proc.returncode == 0, proc.stderr[-2000:]
     with av.open(str(out)) as c:
         frame = next(c.decode(video=0)).to_ndarray(format="rgb24")
     assert frame.shape == (90, 60, 3)  # the full portrait, not the 32-pixel generation size
-    bad = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out", str(out),
+    bad = generate_here("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out", str(out),
                    "--tiny", "--face-box", "40,20,10,60")
     assert bad.returncode != 0 and "x1 > x0" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -165,8 +184,8 @@ def test_face_box_crops_and_pastes_back_at_the_portrait_size(inputs, tmp_path):
         __import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU, so --device cuda is valid")),
 ])
 def test_bad_settings_fail_before_any_model_loads(inputs, tmp_path, args, message):
-    proc = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out", str(tmp_path / "x.mp4"),
-                    "--tiny", *args)
+    proc = generate_here("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
+                         str(tmp_path / "x.mp4"), "--tiny", *args)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
     assert "--tiny: random tiny models" not in proc.stderr  # failed before making any model
 
@@ -198,7 +217,7 @@ def test_a_lora_changes_the_video_and_a_foreign_one_is_refused_before_the_encode
     videos = []
     for name, extra in (("plain", []), ("lora", ["--lora", f"{lora}:1.5"])):
         out = tmp_path / f"{name}.mp4"
-        proc = generate(*args, "--out", str(out), *extra)
+        proc = generate_here(*args, "--out", str(out), *extra)
         assert proc.returncode == 0, proc.stderr[-2000:]
         with av.open(str(out)) as c:
             videos.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]).astype(int))
@@ -209,16 +228,16 @@ def test_a_lora_changes_the_video_and_a_foreign_one_is_refused_before_the_encode
     save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 5120),
                "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(5120, 4)}, tmp_path / "14b.safetensors")
     out = tmp_path / "foreign.mp4"
-    proc = generate(*args, "--out", str(out), "--lora", str(tmp_path / "14b.safetensors"))
+    proc = generate_here(*args, "--out", str(out), "--lora", str(tmp_path / "14b.safetensors"))
     assert proc.returncode != 0 and "match no layer" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
-    proc = generate(*args, "--out", str(out), "--lora", f"{lora}:strong")
+    proc = generate_here(*args, "--out", str(out), "--lora", f"{lora}:strong")
     assert proc.returncode != 0 and "FILE:STRENGTH" in proc.stderr and "random tiny models" not in proc.stderr
 
 
 @pytest.mark.parametrize("extra, steps", [(["--distilled"], 4), (["--distilled", "--steps", "2"], 2)])
 def test_distilled_preset_takes_four_steps_unless_told(inputs, tmp_path, extra, steps):
-    proc = generate("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--tiny",
+    proc = generate_here("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--tiny",
                     "--image-size", "32", "--max-frames", "5", "--out", str(tmp_path / "d.mp4"), *extra)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f" {steps}/{steps} " in proc.stderr and f"/{30}" not in proc.stderr  # the progress bar's total
@@ -302,16 +321,16 @@ def test_torchrun_with_two_guidance_ranks_writes_the_single_process_video(inputs
     ("ulysses=2", 2, "ring/ulysses split the video tokens over GPUs (one per process); on the CPU use cfg=N alone"),
     ("tensor=2", 2, "unknown axis 'tensor'"),
 ])
-def test_parallel_layouts_that_cannot_run_are_one_line(inputs, tmp_path, layout, world, message):
+def test_parallel_layouts_that_cannot_run_are_one_line(inputs, tmp_path, monkeypatch, layout, world, message):
     """Refused before any model loads, one line each, as rank 0 of ``world`` torchrun processes sees it (None:
     started without torchrun)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     if world is not None:
-        env.update(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0")
-    proc = subprocess.run([sys.executable, "-m", "fantasytalking_core", "generate", "--image",
-                           str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
-                           str(tmp_path / "x.mp4"), "--tiny", "--device", "cpu", "--parallel", layout],
-                          capture_output=True, text=True, env=env, timeout=300)
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", str(world)), ("LOCAL_RANK", "0")):
+            monkeypatch.setenv(name, value)
+    proc = generate_here("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
+                         str(tmp_path / "x.mp4"), "--tiny", "--device", "cpu", "--parallel", layout)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"] and message in proc.stderr
     assert not (tmp_path / "x.mp4").exists()
@@ -348,15 +367,15 @@ def test_more_processes_than_gpus_on_a_machine_is_one_clear_error(monkeypatch):
     ("--offload-blocks", "fsdp already splits the weights over the GPUs, so the blocks do not also stream; turn "
                          "off --offload-blocks, or leave out fsdp"),
 ])
-def test_what_sharded_weights_cannot_do_is_refused_before_any_model_loads(inputs, tmp_path, option, message):
+def test_what_sharded_weights_cannot_do_is_refused_before_any_model_loads(inputs, tmp_path, monkeypatch, option,
+                                                                         message):
     from test_loaders_lora import kijai_lora
 
     extra = [option, str(kijai_lora(tmp_path / "style.safetensors")[0])] if option == "--lora" else [option]
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
-    proc = subprocess.run([sys.executable, "-m", "fantasytalking_core", "generate", "--image",
-                           str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
-                           str(tmp_path / "x.mp4"), "--tiny", "--device", "cpu", "--parallel", "cfg=2,fsdp",
-                           *extra], capture_output=True, text=True, env=env, timeout=300)
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    proc = generate_here("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
+                         str(tmp_path / "x.mp4"), "--tiny", "--device", "cpu", "--parallel", "cfg=2,fsdp", *extra)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "random tiny models" not in proc.stderr and not (tmp_path / "x.mp4").exists()
