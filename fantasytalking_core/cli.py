@@ -46,20 +46,21 @@ def _generate(args: argparse.Namespace) -> int:
     from .face.workflow import FaceCropOptions, prepare_job, run_job
     from .loaders.model_paths import find_model_files, is_480p, load_models
     from .media.image import load_image
-    from .media.video import aac_sample_rate, check_output_path
+    from .media.video import aac_sample_rate, check_crf, check_output_path
     from .runtime.compile import check_compile
     from .runtime.memory import check_budget
     from .sampling.segments import SegmentOptions
     from .settings import DISTILLED, GenerationSettings
 
     # cheap checks first: bad settings, a bad image or audio path fail before any model is loaded, and before
-    # diffusers and transformers are imported (seconds): only torch is imported so far
+    # diffusers and transformers are imported (seconds; none of them is imported yet)
     layout = None
     if args.parallel:
         from .runtime.parallel import parse_parallel
 
         layout = parse_parallel(args.parallel)
     check_output_path(args.out)
+    check_crf(args.crf)
     _check_device(args.device)
     check_compile(args.compile, torch.device(args.device).type)
     settings = GenerationSettings(
@@ -136,13 +137,13 @@ def _generate(args: argparse.Namespace) -> int:
                 bar.update(1)
 
             report = write_long_video(pipe, job, recording, options, args.out,
-                                      tick, sample_frames=64 if args.identity_check else 0)
+                                      tick, sample_frames=64 if args.identity_check else 0, crf=args.crf)
         out, shown = report.path, report.samples
         print(f"wrote {out} ({report.plan.num_frames} frames at {report.fps:g} fps, {len(report.plan)} segment(s))")
     else:
         with tqdm(total=settings.steps, desc="denoising", unit="step") as bar:
             result = run_job(pipe, job, recording, progress=lambda i, n: bar.update(1))
-        out = save_result(result, args.out)
+        out = save_result(result, args.out, args.crf)
         print(f"wrote {out} ({len(result.frames)} frames at {result.fps:g} fps)")
         shown = result.frames
     if args.identity_check:
@@ -304,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("dir", help="directory laid out like tests/fixtures/official or tests/fixtures/official_bf16")
     parity.set_defaults(func=_parity)
 
+    from .media.video import DEFAULT_CRF
     from .sampling.step_cache import FIRST_STEPS, LAST_STEPS
     from .settings import DEFAULT_NEGATIVE_PROMPT, GenerationSettings
 
@@ -366,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "3 GPUs) or cfg=3,ulysses=2 (each pass's video tokens over 2 of 6 GPUs); axes cfg, ring, "
                           "ulysses, their product = the process count; add ,fsdp to shard the DiT's weights over "
                           "each group's ring/ulysses GPUs; only rank 0 writes the video")
+    gen.add_argument("--crf", type=int, default=DEFAULT_CRF,
+                     help=f"H.264 quality of the mp4: 0 (lossless, for upscaling or editing; not every player plays it) "
+                          f"to 51 (smallest file); {DEFAULT_CRF} looks lossless for most content")
     gen.add_argument("--vae-tile", type=int, default=None, help="decode in tiles of this many pixels")
     from .audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES
     from .sampling.segments import CHAININGS

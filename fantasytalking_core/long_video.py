@@ -18,7 +18,7 @@ import torch
 from .audio.io import DecodedAudio
 from .audio.timeline import SegmentPlan
 from .face.workflow import PreparedJob
-from .media.video import VideoStreamWriter
+from .media.video import DEFAULT_CRF, VideoStreamWriter
 from .pipeline import FantasyTalkingPipeline
 from .sampling.segments import SegmentOptions
 
@@ -45,15 +45,17 @@ def write_long_video(
     path: str | os.PathLike,
     progress: ProgressFn | None = None,
     sample_frames: int = 0,
+    crf: int = DEFAULT_CRF,
 ) -> LongVideoReport:
     """Generate ``job`` (from ``face.workflow.prepare_job``) on ``audio`` in segments and stream it to ``path``.
 
     ``progress(step, total)`` counts every segment's steps and may raise to interrupt (the file is then not
-    written). Only the current segment's frames (and ``sample_frames`` kept frames) are in memory.
+    written). Only the current segment's frames (and ``sample_frames`` kept frames) are in memory. ``crf``: the
+    H.264 quality (``media.video.write_video``).
     """
     stream = pipe.stream(job.image, audio, job.settings, options, progress)
     return stream_to_file((job.finish(chunk) for chunk in stream.frames), stream.plan, path, stream.audio,
-                          stream.sample_rate, sample_frames)
+                          stream.sample_rate, sample_frames, crf)
 
 
 def stream_to_file(
@@ -63,6 +65,7 @@ def stream_to_file(
     audio: torch.Tensor | None,
     sample_rate: int | None,
     sample_frames: int = 0,
+    crf: int = DEFAULT_CRF,
 ) -> LongVideoReport:
     """Write a segmented video's frame chunks (``pipeline.stream`` or ``sampling.segments.generate_segments``) to
     an mp4 with the voice as they come, through :class:`~.media.video.VideoStreamWriter`.
@@ -73,12 +76,13 @@ def stream_to_file(
         plan: the segments (its fps is the video's).
         audio: [C, T] float waveform in -1..1, or None for a silent video; sample_rate: its rate in Hz.
         sample_frames: keep up to this many frames spread evenly over the video (every ceil(F / n)-th, from 0).
+        crf: H.264 quality (``media.video.write_video``).
     """
     report = LongVideoReport(path, plan, plan.fps)
     every = -(-plan.num_frames // sample_frames) if sample_frames else 0  # ceil: at most sample_frames
     kept, shown = [], 0
     start = time.perf_counter()
-    with VideoStreamWriter(path, plan.fps, audio, sample_rate) as writer:
+    with VideoStreamWriter(path, plan.fps, audio, sample_rate, crf) as writer:
         for frames in chunks:
             writer.write(frames)
             if every:

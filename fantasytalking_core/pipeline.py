@@ -29,7 +29,7 @@ from .encoders.vae import decode_latents, image_to_video_condition, known_frames
 from .errors import SettingsError
 from .face.motion import audio_cfg_for, audio_scale_map
 from .media.image import comfy_image_to_pil, image_to_tensor, load_image
-from .media.video import write_video
+from .media.video import DEFAULT_CRF, write_video
 from .model.transformer import FantasyTalkingModel
 from .runtime.attention import using_attention
 from .runtime.compile import compiled_blocks
@@ -355,6 +355,7 @@ def sample_latents(
         )
 
 
-def save_result(result: GenerationResult, path: str | Path) -> Path:
-    """Write ``result`` as an H.264 mp4 with the voice muxed as AAC."""
-    return write_video(path, result.frames, result.fps, result.audio, result.sample_rate)
+def save_result(result: GenerationResult, path: str | Path, crf: int = DEFAULT_CRF) -> Path:
+    """Write ``result`` as an H.264 mp4 (quality ``crf``, see ``media.video.write_video``) with the voice muxed
+    as AAC."""
+    return write_video(path, result.frames, result.fps, result.audio, result.sample_rate, crf)

@@ -1,8 +1,8 @@
 """What a user chooses for one video (:class:`GenerationSettings`, defaults: the official ``infer.py``) and the
 official negative prompt, checked as soon as they are made.
 
-Kept apart from ``pipeline.py`` and free of diffusers and transformers, so that a command line or node with a bad
-setting fails in a moment, before the heavy libraries (let alone any model) load.
+Kept apart from ``pipeline.py`` and free of diffusers and transformers, so that the command line answers a bad
+setting in a moment, before the heavy libraries (let alone any model) load.
 """
 
 from __future__ import annotations

@@ -33,8 +33,9 @@ def generate(*args) -> subprocess.CompletedProcess:
 
 def generate_here(*args) -> subprocess.CompletedProcess:
     """The same command line run in this process (``cli.main``, which ``python -m`` calls): what it prints and
-    returns, without a new interpreter importing torch, diffusers and transformers again (seconds per run). The
-    program-level tests (``generate``, test_bad_inputs.py) keep their own process."""
+    returns, without a new interpreter importing torch, diffusers and transformers again (seconds per run). What
+    the process adds (warnings and log lines on stderr, the exit status) is checked where the program itself is
+    run: ``generate`` here, and test_bad_inputs.py's program-level tests."""
     from fantasytalking_core.cli import main
 
     out, err = io.StringIO(), io.StringIO()
@@ -195,6 +196,7 @@ def test_bad_settings_fail_before_any_model_loads(inputs, tmp_path, args, messag
     (["--image", "missing.png"], "Image not found"),
     (["--audio", "missing.wav"], "not found"),
     (["--out", "."], "is a folder"),
+    (["--crf", "52"], "crf must be a whole number from 0 (lossless) to 51"),
 ])
 def test_bad_input_is_told_before_diffusers_and_transformers_are_imported(inputs, tmp_path, args, message):
     """Their import takes seconds (longer than the check itself by far): a typo is answered in a moment."""
@@ -204,7 +206,7 @@ def test_bad_input_is_told_before_diffusers_and_transformers_are_imported(inputs
               "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules)); sys.exit(code)")
     proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "[]"
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout.strip() == "[]"
 
 
 def test_a_lora_changes_the_video_and_a_foreign_one_is_refused_before_the_encoders(inputs, tmp_path):
@@ -250,19 +252,22 @@ def frames_of(path) -> np.ndarray:
 
 
 # Two processes may round float32 differently in the last bits (no library promises bitwise equal GEMMs across
-# processes or CPUs; CI once saw it), which moves a few pixel values by one level and H.264 (CRF 18) may then
-# re-decide a block by a few levels: far above 40 dB PSNR. A wrong pass is far below: measured with the tiny model
-# at 32 px, ignoring the negative prompt (cfg 1) gives 35 dB, another seed or no audio 18 dB.
-SAME_VIDEO_PSNR_DB = 40.0
+# processes or CPUs; a CI run once saw different frames). In a lossless video (--crf 0) that moves a pixel value by
+# one level only where it lies within about 1e-4 of a rounding boundary: about 1e-4 of the values, each by at most
+# 4 levels once converted to yuv420p and back. A rank wired wrongly moves many more, measured with the tiny model at
+# 32 px: 16% of the values for a rank ignoring the negative prompt (cfg 1), 0.5% for a 2% wrong text guidance scale
+# (cfg 4.9 for 5). Whether each pass's latents are exactly one process's is proven in test_runtime_parallel.py.
+MOST_VALUES_OFF = 1e-3  # ten times the rounding estimate, five times below the smallest wiring error measured
+MOST_LEVELS_OFF = 4
 
 
 def assert_same_video(frames: np.ndarray, reference: np.ndarray, context: str = "") -> None:
-    """``frames`` are ``reference`` (both [F, H, W, 3] uint8) up to float rounding between processes."""
+    """``frames`` are ``reference`` (both [F, H, W, 3] uint8 of lossless videos) up to float rounding between
+    processes (see above)."""
     assert frames.shape == reference.shape, f"frames {frames.shape} against {reference.shape}. {context}"
-    mse = float(np.mean((frames.astype(float) - reference) ** 2))
-    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-    assert psnr >= SAME_VIDEO_PSNR_DB, (  # what a failure needs to be understood: how far, and what was said
-        f"{psnr:.1f} dB PSNR, at most {np.abs(frames.astype(int) - reference).max()} of 255 off. {context}")
+    off = np.abs(frames.astype(int) - reference)
+    assert (off > 0).mean() <= MOST_VALUES_OFF and off.max() <= MOST_LEVELS_OFF, (  # what a failure needs
+        f"{(off > 0).mean():.2%} of the values differ, by at most {off.max()} levels. {context}")
 
 
 def test_torchrun_with_two_guidance_ranks_writes_the_single_process_video(inputs, tmp_path):
@@ -273,7 +278,7 @@ def test_torchrun_with_two_guidance_ranks_writes_the_single_process_video(inputs
     from distributed import free_port
 
     args = ["--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--tiny", "--steps", "2",
-            "--image-size", "32", "--seed", "3", "--device", "cpu"]
+            "--image-size", "32", "--seed", "3", "--device", "cpu", "--crf", "0"]  # lossless: see assert_same_video
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it
     single = subprocess.run([sys.executable, "-m", "fantasytalking_core", "generate", *args, "--out",
                              str(tmp_path / "one.mp4")], capture_output=True, text=True, env=env, timeout=600)

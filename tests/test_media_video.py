@@ -81,3 +81,24 @@ def test_a_folder_that_cannot_take_the_file_is_a_clear_error_after_the_check(tmp
     with pytest.raises(OutputWriteError, match="cannot be written"), writer:
         writer.write(torch.rand(2, 16, 16, 3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["later"]
+
+
+def test_crf_zero_is_lossless_and_a_crf_off_the_scale_is_refused(tmp_path):
+    """crf 0 keeps the frames (grey ones, whose colour yuv420p does not subsample: up to its limited-range luma
+    steps), the default keeps them closely, 51 loses more; a crf off x264's scale is one line."""
+    from fantasytalking_core.errors import SettingsError
+
+    grey = torch.rand(5, 16, 16, 1, generator=torch.Generator().manual_seed(0))
+    frames = grey.expand(5, 16, 16, 3).contiguous()  # noise: nothing for H.264 to predict
+    source = (frames * 255).round()
+    off = {}
+    for crf in (0, 18, 51):
+        path = write_video(tmp_path / f"crf{crf}.mp4", frames, 23, crf=crf)
+        with av.open(str(path)) as c:
+            decoded = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in c.decode(video=0)])
+        off[crf] = (decoded.float() - source).abs().max().item()
+    assert off[0] <= 1 < off[18] < off[51]  # limited-range luma: half a Y step each way, then rounding
+    for bad in (-1, 52, 1.5, True):
+        with pytest.raises(SettingsError, match=r"crf must be a whole number from 0 \(lossless\) to 51"):
+            write_video(tmp_path / "bad.mp4", frames, 23, crf=bad)
+    assert not (tmp_path / "bad.mp4").exists()

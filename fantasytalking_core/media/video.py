@@ -69,13 +69,26 @@ def aac_sample_rate(sample_rate: int) -> int:
     return next((rate for rate in AAC_SAMPLE_RATES if rate >= sample_rate), AAC_MAX_SAMPLE_RATE)
 
 
+DEFAULT_CRF = 18
+"""H.264 quality (constant rate factor) of the videos written: looks lossless for most content."""
+MAX_CRF = 51  # x264's scale: 0 is lossless (in yuv420p), 51 the smallest file
+
+
+def check_crf(crf: int) -> int:
+    """``crf`` when it is a whole number on x264's 0..51 scale, else a SettingsError saying the scale."""
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= MAX_CRF:
+        raise SettingsError(f"crf must be a whole number from 0 (lossless) to {MAX_CRF} (smallest file), got {crf}; "
+                            f"{DEFAULT_CRF} looks lossless for most content.")
+    return crf
+
+
 def write_video(
     path: str | Path,
     frames: torch.Tensor,
     fps: float,
     audio: torch.Tensor | None = None,
     sample_rate: int | None = None,
-    crf: int = 18,
+    crf: int = DEFAULT_CRF,
 ) -> Path:
     """Encode ``frames`` as H.264 (yuv420p) and mux ``audio`` as AAC, fitted to the video's duration (trimmed, or
     padded with silence: the frame rule may make the video up to ~4 frames longer than the recording).
@@ -86,7 +99,8 @@ def write_video(
         audio: [C, T] or [T] float waveform in -1..1, or None for a silent video.
         sample_rate: audio sample rate in Hz (needed with ``audio``); a rate AAC does not take is resampled to
             :func:`aac_sample_rate`.
-        crf: H.264 quality (lower is better; 18 is visually lossless for most content).
+        crf: H.264 quality, 0 (lossless; not every player plays such files) .. 51; lower is better, the default
+            18 looks lossless for most content.
     Returns:
         The written path; it only appears (or is replaced) once the whole file is written.
     """
@@ -132,13 +146,14 @@ class VideoStreamWriter:
         audio: [C, T] or [T] float waveform in -1..1 (the whole recording), or None for a silent video.
         sample_rate: audio sample rate in Hz (needed with ``audio``); a rate AAC does not take is resampled to
             :func:`aac_sample_rate`.
-        crf: H.264 quality.
+        crf: H.264 quality (see :func:`write_video`).
     """
 
     def __init__(self, path: str | Path, fps: float, audio: torch.Tensor | None = None,
-                 sample_rate: int | None = None, crf: int = 18):
+                 sample_rate: int | None = None, crf: int = DEFAULT_CRF):
         if audio is not None and not sample_rate:
             raise ValueError("audio needs its sample_rate.")
+        check_crf(crf)
         self.path = check_output_path(path)
         self.rate = Fraction(fps).limit_denominator(1001)
         self.audio, self.sample_rate, self.crf = audio, sample_rate, crf
