@@ -369,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "ulysses, their product = the process count; add ,fsdp to shard the DiT's weights over "
                           "each group's ring/ulysses GPUs; only rank 0 writes the video")
     gen.add_argument("--crf", type=int, default=DEFAULT_CRF,
-                     help=f"H.264 quality of the mp4: 0 (lossless, for upscaling or editing; not every player plays it) "
-                          f"to 51 (smallest file); {DEFAULT_CRF} looks lossless for most content")
+                     help="H.264 quality of the mp4: 0 (lossless, for upscaling or editing; not every player "
+                          f"plays it) to 51 (smallest file); {DEFAULT_CRF} looks lossless for most content")
     gen.add_argument("--vae-tile", type=int, default=None, help="decode in tiles of this many pixels")
     from .audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES
     from .sampling.segments import CHAININGS
