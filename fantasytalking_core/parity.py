@@ -25,6 +25,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -119,6 +120,11 @@ def compare_exact(name: str, ours: object, ref: object) -> ParityResult:
     return ParityResult(name, err, err, 0.0, err == 0)
 
 
+def _read_json(path: Path) -> Any:
+    """A fixture set's JSON file, read as UTF-8 whatever the system's default encoding."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def _find(folder: Path, names: tuple[str, ...]) -> Path:
     for name in names:
         if (folder / name).exists():
@@ -138,7 +144,7 @@ def check_windows(root: Path) -> Iterator[ParityResult]:
     if note := absent_files(root, "windows.json"):
         yield missing("windows", note)
         return
-    cases = json.loads((root / "windows.json").read_text(encoding="utf-8"))["cases"]
+    cases = _read_json(root / "windows.json")["cases"]
     for i, case in enumerate(cases):
         w = audio_windows_for_frames(case["audio_tokens"], case["num_frames"])
         name = f"windows/{i}:N{case['num_frames']}_L{case['audio_tokens']}_{case['case']}"
@@ -156,7 +162,7 @@ def check_frame_rule(root: Path) -> Iterator[ParityResult]:
     if note := absent_files(root, "windows.json"):
         yield missing("frame_rule", note)
         return
-    table = json.loads((root / "windows.json").read_text(encoding="utf-8"))
+    table = _read_json(root / "windows.json")
     rule = table.get("frame_rule", {}).get("results", [])
     if not rule:
         yield missing("frame_rule", "windows.json has no frame_rule.results")
@@ -227,7 +233,7 @@ def check_sampling(root: Path, model: FantasyTalkingModel, inputs: dict, windows
     if note := absent_files(root, "sampling.json", "sampling.safetensors"):
         yield missing("sampling", note)
         return
-    settings = json.loads((root / "sampling.json").read_text(encoding="utf-8"))
+    settings = _read_json(root / "sampling.json")
     ref = load_file(root / "sampling.safetensors")
     steps = settings["num_inference_steps"]
     sigmas = flow_match_sigmas(steps, settings.get("sigma_shift", 5.0))
@@ -305,7 +311,7 @@ def is_precision_set(root: Path) -> bool:
     if not ((root / "outputs.safetensors").is_file() and stats.is_file()):
         return False
     try:
-        return BF16_STATS_KEY in json.loads(stats.read_text(encoding="utf-8"))
+        return BF16_STATS_KEY in _read_json(stats)
     except json.JSONDecodeError:
         return False
 
@@ -353,7 +359,7 @@ def reference_passes(outputs: dict[str, torch.Tensor], prefix: str = "fp32_") ->
 def check_precision_set(root: Path) -> Iterator[ParityResult]:
     """float32 parity of every pass (``fp32/*``) and the bf16 error ratio of every pass and derived quantity
     that ``stats.json`` holds an official error for (``bf16/*``)."""
-    stats = json.loads((root / "stats.json").read_text(encoding="utf-8"))
+    stats = _read_json(root / "stats.json")
     inputs = load_file(root / "inputs.safetensors")
     ref = reference_passes(load_file(root / "outputs.safetensors"))
     ours32 = precision_set_passes(load_precision_set_model(root, torch.float32), inputs, stats)
@@ -389,7 +395,7 @@ def run_parity(root: str | Path) -> Iterator[ParityResult]:
         return
     inputs = load_file(root / "inputs.safetensors")
     windows = audio_windows_for_frames(inputs["audio_features"].shape[1],
-                                       json.loads((root / "inputs.json").read_text(encoding="utf-8"))["num_frames"])
+                                       _read_json(root / "inputs.json")["num_frames"])
     yield from check_dit(root, model, inputs, windows)
     yield from check_sampling(root, model, inputs, windows)
     yield from check_encoders(root)

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runs import run_here
 from PIL import Image
 
-from fantasytalking_core.cli import main
 from fantasytalking_core.errors import FantasyTalkingError
 from nodes.convert import (check_wan21_vae, clip_vision_tokens, conditioning_to_text, crop_face, encode_audio,
                            reference_pixels, segment_options)
@@ -56,14 +56,10 @@ def assert_one_clear_line(stderr: str, words: str, rc: int | None) -> None:
     assert lines[0].startswith("error: ") and words in lines[0], lines[0]
 
 
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    """``cli.main`` as the program runs it; argparse's usage errors exit through SystemExit."""
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    captured = capsys.readouterr()
-    return rc, captured.err
+def run_main(argv: list[str]) -> tuple[int, str]:
+    """``cli.main`` as the program runs it, in this process: its exit code and what it printed on stderr."""
+    proc = run_here(argv)
+    return proc.returncode, proc.stderr
 
 
 # (arguments after the defaults of generate_args, keyword arguments of generate_args, words in the one line)
@@ -121,10 +117,10 @@ COMMAND_LINE_CASES = {
 
 
 @pytest.mark.parametrize("case", COMMAND_LINE_CASES)
-def test_command_line_bad_input(case, inputs, tmp_path, capsys):
+def test_command_line_bad_input(case, inputs, tmp_path):
     extra, where, words = COMMAND_LINE_CASES[case]
     out = tmp_path / "talking.mp4"
-    rc, err = run_main(generate_args(inputs, out, *extra, **where), capsys)
+    rc, err = run_main(generate_args(inputs, out, *extra, **where))
     assert_one_clear_line(err, words, rc)
     assert "--tiny" not in err and list(tmp_path.iterdir()) == []  # no model made, no file written
 
@@ -137,25 +133,25 @@ def test_command_line_bad_input(case, inputs, tmp_path, capsys):
     ("/proc/talking.mp4", "/proc does not take new files"),  # no file can be made there, root or not
     ("\udce9" * 240 + ".mp4", "is 244 bytes long"),  # not UTF-8 (a Linux name's raw bytes): counted, no traceback
 ])
-def test_an_output_path_the_writer_would_fail_on_is_refused_up_front(inputs, out, words, capsys):
+def test_an_output_path_the_writer_would_fail_on_is_refused_up_front(inputs, out, words):
     before = sorted(p.name for p in inputs.iterdir())
-    rc, err = run_main(generate_args(inputs, inputs / out), capsys)
+    rc, err = run_main(generate_args(inputs, inputs / out))
     assert_one_clear_line(err, words, rc)
     assert sorted(p.name for p in inputs.iterdir()) == before
 
 
-def test_an_image_too_large_for_pillow_is_one_line(inputs, tmp_path, capsys, monkeypatch):
+def test_an_image_too_large_for_pillow_is_one_line(inputs, tmp_path, monkeypatch):
     """Pillow refuses images past twice its pixel limit (DecompressionBombError, not an OSError); the 60x90
     portrait stands in for a huge one under a lower limit."""
     from PIL import Image as PILImage
 
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
-    rc, err = run_main(generate_args(inputs, tmp_path / "x.mp4"), capsys)
+    rc, err = run_main(generate_args(inputs, tmp_path / "x.mp4"))
     assert_one_clear_line(err, "is too large to open", rc)
     assert "downscale it" in err and list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_is_one_line_and_the_shell_status_of_an_interrupt(inputs, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_is_one_line_and_the_shell_status_of_an_interrupt(inputs, tmp_path, monkeypatch):
     """KeyboardInterrupt while the video is written (every frame in its temporary file, the voice being muxed): no
     traceback, exit status 130 (128 + SIGINT), no file left."""
     from fantasytalking_core.media import video
@@ -167,26 +163,26 @@ def test_ctrl_c_is_one_line_and_the_shell_status_of_an_interrupt(inputs, tmp_pat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(video, "_mux_audio", interrupted)
-    rc, err = run_main(generate_args(inputs, tmp_path / "x.mp4"), capsys)
+    rc, err = run_main(generate_args(inputs, tmp_path / "x.mp4"))
     lines = err.strip().splitlines()
     assert rc == 130 and "Traceback" not in err and lines[-1].startswith("interrupted: stopped by the user")
     assert len(partial) == 1 and list(tmp_path.iterdir()) == []
 
 
-def test_no_models_and_no_tiny(inputs, tmp_path, capsys):
+def test_no_models_and_no_tiny(inputs, tmp_path):
     argv = [a for a in generate_args(inputs, tmp_path / "x.mp4") if a != "--tiny"]
-    rc, err = run_main(argv, capsys)
+    rc, err = run_main(argv)
     assert_one_clear_line(err, "--models is required", rc)
 
 
 def test_model_files_given_one_by_one_need_no_models_folder_and_the_missing_ones_are_named_by_flag(
-        inputs, tmp_path, capsys):
+        inputs, tmp_path):
     """--dit and --adapter without --models: the run goes on to find the other parts, and each one missing is
     named by the flag that gives it (not "--models is required")."""
     dit, adapter = tmp_path / "my_dit.safetensors", tmp_path / "adapter.ckpt"
     dit.write_bytes(b""), adapter.write_bytes(b"")
     argv = [a for a in generate_args(inputs, tmp_path / "x.mp4") if a != "--tiny"]
-    rc, err = run_main([*argv, "--dit", str(dit), "--adapter", str(adapter)], capsys)
+    rc, err = run_main([*argv, "--dit", str(dit), "--adapter", str(adapter)])
     assert rc == 2 and "Traceback" not in err and "--models is required" not in err
     for flag in ("--wav2vec2", "--text-encoder", "--clip-vision", "--vae"):
         assert f"not given; pass {flag} with its file" in err
@@ -194,8 +190,8 @@ def test_model_files_given_one_by_one_need_no_models_folder_and_the_missing_ones
     assert not (tmp_path / "x.mp4").exists()
 
 
-def test_parity_on_a_folder_that_is_no_fixture_set(tmp_path, capsys):
-    rc, err = run_main(["parity", str(tmp_path)], capsys)
+def test_parity_on_a_folder_that_is_no_fixture_set(tmp_path):
+    rc, err = run_main(["parity", str(tmp_path)])
     assert_one_clear_line(err, "is not a fixture set", rc)
 
 

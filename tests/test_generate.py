@@ -1,15 +1,14 @@
 """The main job end to end: `python -m fantasytalking_core generate --tiny` writes an mp4 with sound."""
 
-import io
 import os
 import subprocess
 import sys
 import wave
-from contextlib import redirect_stderr, redirect_stdout
 
 import av
 import numpy as np
 import pytest
+from cli_runs import run_here
 from PIL import Image
 
 from fantasytalking_core.loaders.model_paths import MissingModelsError, find_model_files
@@ -32,19 +31,8 @@ def generate(*args) -> subprocess.CompletedProcess:
 
 
 def generate_here(*args) -> subprocess.CompletedProcess:
-    """The same command line run in this process (``cli.main``, which ``python -m`` calls): what it prints and
-    returns, without a new interpreter importing torch, diffusers and transformers again (seconds per run). What
-    the process adds (warnings and log lines on stderr, the exit status) is checked where the program itself is
-    run: ``generate`` here, and test_bad_inputs.py's program-level tests."""
-    from fantasytalking_core.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main(["generate", *args])
-        except SystemExit as exc:  # argparse's usage errors
-            code = exc.code
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    """The same command line run in this process (``cli_runs.run_here``)."""
+    return run_here(["generate", *args])
 
 
 def test_tiny_run_writes_h264_with_aac_matching_the_video(inputs, tmp_path):
@@ -77,8 +65,8 @@ def test_tiny_run_writes_h264_with_aac_matching_the_video(inputs, tmp_path):
     ("face.png", "missing.wav", "not found"),
 ])
 def test_bad_inputs_give_one_line_and_non_zero_exit(inputs, tmp_path, image, audio, message):
-    proc = generate_here("--image", str(inputs / image), "--audio", str(inputs / audio), "--out",
-                         str(tmp_path / "x.mp4"), "--tiny")
+    proc = generate("--image", str(inputs / image), "--audio", str(inputs / audio), "--out",
+                    str(tmp_path / "x.mp4"), "--tiny")
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

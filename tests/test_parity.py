@@ -2,23 +2,26 @@
 wrong stored output (or a precision bound the package misses) makes it fail with a non-zero exit."""
 
 import json
+import subprocess
+import sys
 
 import pytest
+from cli_runs import run_here
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fantasytalking_core.cli import main
 
 
-def run_cli(path, capsys):
-    """``python -m fantasytalking_core parity PATH`` run here (``cli.main``): exit code, JSON lines, stderr."""
-    rc = main(["parity", str(path)])
-    out, err = capsys.readouterr()
-    return rc, [json.loads(line) for line in out.splitlines()], err
+def run_cli(path):
+    """``python -m fantasytalking_core parity PATH`` in this process (``cli_runs.run_here``): exit code, the JSON
+    lines, stderr."""
+    proc = run_here(["parity", str(path)])
+    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
 
 
-def test_official_set_passes_every_item(official_dir, capsys):
-    rc, lines, _ = run_cli(official_dir, capsys)
+def test_official_set_passes_every_item(official_dir):
+    rc, lines, _ = run_cli(official_dir)
     assert rc == 0
     names = {line["name"] for line in lines}
     assert {"dit/pred_audio1_masked", "dit/pred_audio1_unmasked", "sampling/final_latent", "vae/decoded",
@@ -98,9 +101,12 @@ def test_a_missing_stored_output_fails_instead_of_being_skipped(dit_set, tmp_pat
     assert not lines["sampling/step1.pred_pos_audio"]["pass"] and lines["sampling/step0.pred_pos_audio"]["pass"]
 
 
-def test_not_a_fixture_set_is_one_clear_line(tmp_path, capsys):
-    rc, lines, err = run_cli(tmp_path, capsys)
-    assert rc == 2 and lines == [] and err.strip().startswith("error:") and len(err.strip().splitlines()) == 1
+def test_not_a_fixture_set_is_one_clear_line(tmp_path):
+    """The program itself (its own process, unlike the tests above): one line, exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "fantasytalking_core", "parity", str(tmp_path)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.strip().startswith("error:")
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_items_whose_files_are_missing_fail_with_a_note_instead_of_being_skipped(dit_set, tmp_path, capsys):

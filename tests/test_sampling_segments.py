@@ -276,7 +276,7 @@ def test_command_line_segments_by_default_and_max_frames_keeps_the_single_clip(t
     import wave
 
     import av
-    from test_generate import generate_here
+    from cli_runs import run_here
 
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "f.png")
     samples = (voice(1.2)["waveform"].flatten().numpy() * 32767).astype(np.int16)
@@ -284,8 +284,8 @@ def test_command_line_segments_by_default_and_max_frames_keeps_the_single_clip(t
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(samples.tobytes())
 
     def generate(out, *extra):
-        return generate_here("--tiny", "--steps", "1", "--image-size", "32", "--image", str(tmp_path / "f.png"),
-                             "--audio", str(tmp_path / "v.wav"), "--out", str(tmp_path / out), *extra)
+        return run_here(["generate", "--tiny", "--steps", "1", "--image-size", "32", "--image", str(tmp_path / "f.png"),
+                         "--audio", str(tmp_path / "v.wav"), "--out", str(tmp_path / out), *extra])
 
     proc = generate("long.mp4", "--segment-frames", "13", "--motion-frames", "5", "--chaining", "motion_frames",
                     "--crossfade", "--color-match", "0.5")
