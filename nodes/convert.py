@@ -43,6 +43,7 @@ from fantasytalking_core.model.transformer import IMAGE_TOKENS, FantasyTalkingMo
 from fantasytalking_core.audio.timeline import SegmentPlan, plan_segments
 from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.long_video import stream_to_file
+from fantasytalking_core.media.video import DEFAULT_CRF
 from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits, sample_latents, sample_latents_in_worker
 from fantasytalking_core.sampling.segments import SegmentOptions, generate_segments, segment_seed
 from fantasytalking_core.runtime.placement import dit_on_device, on_device
@@ -583,14 +584,14 @@ def describe_sampling(plan: SegmentPlan, steps: int, where: str, path: Path | No
 
 
 def render_video(plan: SegmentPlan, chunks: Iterator[torch.Tensor], voice: EncodedAudio, max_image_frames: int,
-                 output_path: Callable[[], str | Path]) -> SampledVideo:
+                 output_path: Callable[[], str | Path], crf: int = DEFAULT_CRF) -> SampledVideo:
     """Consume the chunks of :func:`sample_segments`: a video of at most ``max_image_frames`` frames is kept as
-    IMAGE frames; a longer one streams into the mp4 at ``output_path()`` with the voice muxed (library
-    ``long_video.stream_to_file``: memory bounded by one segment, a temporary file renamed at the end, so an
-    interrupted or failed run leaves no file), keeping :data:`PREVIEW_FRAMES` frames."""
+    IMAGE frames; a longer one streams into the mp4 at ``output_path()`` with the voice muxed, at H.264 quality
+    ``crf`` (library ``long_video.stream_to_file``: memory bounded by one segment, a temporary file renamed at the
+    end, so an interrupted or failed run leaves no file), keeping :data:`PREVIEW_FRAMES` frames."""
     if plan.num_frames <= max_image_frames:
         return SampledVideo(torch.cat(list(chunks)), None, plan)
     audio = voice.audio
     report = stream_to_file(chunks, plan, output_path(), audio["waveform"][0], int(audio["sample_rate"]),
-                            PREVIEW_FRAMES)
+                            PREVIEW_FRAMES, crf)
     return SampledVideo(report.samples, Path(report.path), plan)

@@ -13,6 +13,7 @@ import folder_paths
 from comfy_api.latest import InputImpl, Types, io, ui
 
 from fantasytalking_core.audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES
+from fantasytalking_core.media.video import DEFAULT_CRF, MAX_CRF
 from fantasytalking_core.model.limits import MAX_FRAMES, MAX_VIDEO_FRAMES
 from fantasytalking_core.pipeline import GenerationSettings
 from fantasytalking_core.runtime.attention import ATTENTION_BACKENDS
@@ -149,6 +150,11 @@ class Sampler(io.ComfyNode):
                                        "(needs pip install ray): Ray actors on the GPUs of the Ray cluster this "
                                        "ComfyUI joins (set RAY_ADDRESS before starting it), several machines "
                                        "included; without a cluster Ray starts one on this machine."),
+                io.Int.Input("crf", default=DEFAULT_CRF, min=0, max=MAX_CRF, optional=True, advanced=True,
+                             tooltip="H.264 quality of the mp4 written for a video longer than max_image_frames: "
+                                     "0 lossless (large; not every player plays it), 18 visually lossless, 23 "
+                                     "FFmpeg's default, 51 smallest. Frames that come out as images are not "
+                                     "encoded here: Save Video sets their quality."),
             ],
             outputs=[
                 io.Image.Output(display_name="images",
@@ -177,7 +183,7 @@ class Sampler(io.ComfyNode):
                 crossfade: bool = False, max_image_frames: int = MAX_IMAGE_FRAMES,
                 filename_prefix: str = "FantasyTalking/long", compile: bool = False,
                 fp8_matmul: bool = False, step_cache: float = 0.0, parallel: str = "",
-                parallel_workers: str = "processes") -> io.NodeOutput:
+                parallel_workers: str = "processes", crf: int = DEFAULT_CRF) -> io.NodeOutput:
         options = segment_options(segment_frames, motion_frames, chaining, color_match, crossfade)
         settings = GenerationSettings(
             seed=seed, steps=steps, shift=shift, cfg=cfg, audio_cfg=audio_cfg, audio_scale=audio_scale,
@@ -211,7 +217,7 @@ class Sampler(io.ComfyNode):
             saved.append(ui.SavedResult(f"{name}_{counter:05}_.mp4", subfolder, io.FolderType.output))
             return Path(folder) / saved[0].filename
 
-        video = render_video(plan, chunks, audio_features, max_image_frames, output_path)
+        video = render_video(plan, chunks, audio_features, max_image_frames, output_path, crf)
         audio, fps = audio_features.audio, audio_features.features.fps
         images = video.images.to(mm.intermediate_device())
         status = ui.PreviewText(describe_sampling(plan, steps, where, video.path)).as_dict()
