@@ -85,8 +85,8 @@ def stream_to_file(
     with VideoStreamWriter(path, plan.fps, audio, sample_rate, crf) as writer:
         for frames in chunks:
             writer.write(frames)
-            if every:
-                kept += [frames[i - shown] for i in range(shown, shown + len(frames)) if i % every == 0]
+            if every:  # copies: a view would keep its whole segment in memory to the end
+                kept += [frames[i - shown].clone() for i in range(shown, shown + len(frames)) if i % every == 0]
             shown += len(frames)
             now = time.perf_counter()
             report.segment_seconds.append(now - start)

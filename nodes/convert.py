@@ -17,11 +17,10 @@ ComfyUI's VAE.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import replace
 from pathlib import Path
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -324,7 +323,6 @@ def paste_face(frames: torch.Tensor, crop: FaceCrop, feather: int = 16) -> torch
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@functools.cache
 def check_identity(reference: torch.Tensor, images: torch.Tensor,
                    every_nth_frame: int = 4) -> tuple[float | None, float | None, str]:
     """Identity Check's outputs: (mean, min similarity, the text shown on the node) of every n-th frame of
@@ -583,6 +581,22 @@ def describe_sampling(plan: SegmentPlan, steps: int, where: str, path: Path | No
     return f"{plan.num_frames} frames in {segments}, {steps} steps each; {where}{written}"
 
 
+def join_frames(chunks: Iterable[torch.Tensor], num_frames: int) -> torch.Tensor:
+    """The chunks [f, H, W, 3] as one [num_frames, H, W, 3] tensor, each copied in and let go as it comes
+    (``torch.cat`` of the list would hold every chunk and the joined copy at once: twice the frames' memory)."""
+    frames, filled = None, 0
+    for chunk in chunks:
+        if frames is None:
+            frames = chunk.new_empty((num_frames, *chunk.shape[1:]))
+        if filled + len(chunk) > num_frames:
+            raise RuntimeError(f"the segments made more than the plan's {num_frames} frames")
+        frames[filled: filled + len(chunk)] = chunk
+        filled += len(chunk)
+    if filled != num_frames:
+        raise RuntimeError(f"the segments made {filled} frames, the plan {num_frames}")
+    return frames
+
+
 def render_video(plan: SegmentPlan, chunks: Iterator[torch.Tensor], voice: EncodedAudio, max_image_frames: int,
                  output_path: Callable[[], str | Path], crf: int = DEFAULT_CRF) -> SampledVideo:
     """Consume the chunks of :func:`sample_segments`: a video of at most ``max_image_frames`` frames is kept as
@@ -590,7 +604,7 @@ def render_video(plan: SegmentPlan, chunks: Iterator[torch.Tensor], voice: Encod
     ``crf`` (library ``long_video.stream_to_file``: memory bounded by one segment, a temporary file renamed at the
     end, so an interrupted or failed run leaves no file), keeping :data:`PREVIEW_FRAMES` frames."""
     if plan.num_frames <= max_image_frames:
-        return SampledVideo(torch.cat(list(chunks)), None, plan)
+        return SampledVideo(join_frames(chunks, plan.num_frames), None, plan)
     audio = voice.audio
     report = stream_to_file(chunks, plan, output_path(), audio["waveform"][0], int(audio["sample_rate"]),
                             PREVIEW_FRAMES, crf)

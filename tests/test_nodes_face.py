@@ -80,3 +80,19 @@ def test_identity_check_reports_no_face_instead_of_failing_the_job(photo):
     mean, minimum, text = check_identity(photo, torch.cat([photo, torch.full_like(photo, 0.5)]), every_nth_frame=1)
     assert mean == pytest.approx(1.0, abs=1e-4) and minimum == pytest.approx(1.0, abs=1e-4)
     assert text.startswith("identity similarity: mean 1.000") and "1 without a detectable face" in text
+
+
+def test_identity_check_keeps_no_video_between_runs(photo):
+    # it was once memoised on the tensors: every checked video stayed in RAM, and a tensor changed in place got
+    # the old answer
+    import gc
+    import weakref
+
+    frames = photo.clone()
+    assert check_identity(photo, frames, every_nth_frame=1)[0] == pytest.approx(1.0, abs=1e-4)
+    frames.copy_(photo.flip(2))  # the same tensor, another video: the mirrored face
+    assert check_identity(photo, frames, every_nth_frame=1)[0] < 0.999
+    gone = weakref.ref(frames)
+    del frames
+    gc.collect()
+    assert gone() is None
