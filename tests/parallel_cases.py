@@ -53,8 +53,9 @@ def run_inputs() -> dict:
     }
 
 
-def sample(model, map_passes=None, batch_passes: bool = False, progress=None) -> torch.Tensor:
-    """[1, 16, 5, 6, 8] float32 denoised latent of the 2-step run (3 passes at step 0, 2 at step 1)."""
+def sample(model, map_passes=None, batch_passes: bool = False, progress=None, steps: int = 2,
+           step_cache: float = 0.0) -> torch.Tensor:
+    """[1, 16, 5, 6, 8] float32 denoised latent of the run (2 steps: 3 passes at step 0, 2 at step 1)."""
     from fantasytalking_core.sampling.denoise import generate_latents
     from fantasytalking_core.sampling.guidance import GuidanceConfig
     from fantasytalking_core.sampling.schedule import flow_match_sigmas
@@ -62,8 +63,9 @@ def sample(model, map_passes=None, batch_passes: bool = False, progress=None) ->
     x = run_inputs()
     return generate_latents(model, x["text_pos"], x["text_neg"], x["clip_tokens"], x["image_latents"],
                             x["audio_features"], NUM_FRAMES, guidance=GuidanceConfig(4.5, 3.0, 0.0, 0.5),
-                            sigmas=flow_match_sigmas(2, 5.0), seed=3, audio_scale=x["audio_scale"],
-                            batch_passes=batch_passes, map_passes=map_passes, progress=progress)
+                            sigmas=flow_match_sigmas(steps, 5.0), seed=3, audio_scale=x["audio_scale"],
+                            batch_passes=batch_passes, map_passes=map_passes, progress=progress,
+                            step_cache=step_cache)
 
 
 def allow_cpu_context_parallel() -> None:
@@ -102,7 +104,8 @@ class Case:
     an fp8 scaled DiT file whose weights stay fp8 (None: the float32 fixture), a ``torch.compile`` backend
     for the blocks of the parallel run (None: eager; the reference stays eager), and whether the parallel run's
     blocks stream (diffusers' group offloading hooks beside the context-parallel ones; the reference stays
-    resident)."""
+    resident), and a step-cache threshold with the steps to run (0: no cache, 2 steps; the reference runs the
+    same)."""
 
     layout: str
     dtype: torch.dtype = torch.float32
@@ -111,6 +114,17 @@ class Case:
     fp8_file: str | None = None
     compile: str | None = None
     streamed: bool = False
+    step_cache: float = 0.0
+    steps: int = 2
+
+
+def count_skips(model, skips: list[bool]) -> None:
+    """Append to ``skips``, at every DiT forward, whether the step cache skipped blocks 1..N-1."""
+    def record(block, args):
+        cache = block.block_cache  # (call, index, is_last) during a cached forward, else None
+        skips.append(bool(cache and cache[0].skipped))
+
+    model.transformer.blocks[1].register_forward_pre_hook(record)
 
 
 def run_case(rank: int, world: int, case: Case, out: Path) -> None:
@@ -143,18 +157,24 @@ def run_case(rank: int, world: int, case: Case, out: Path) -> None:
         except TokenLayoutError as exc:
             (out / f"rank{rank}.err").write_text(str(exc))
         return
-    calls = []
+    calls, skips = [], []
     model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))  # rows per DiT pass
+    count_skips(model, skips)
+    settings = {"steps": case.steps, "step_cache": case.step_cache}
     with (streamed_blocks(model, torch.device("cpu")) if case.streamed else nullcontext(),
           compiled_blocks(model.transformer, case.compile is not None, case.compile or "inductor")):
-        torch.save(sample(model, run.map_passes, case.batch_passes), out / f"rank{rank}.pt")
+        torch.save(sample(model, run.map_passes, case.batch_passes, **settings), out / f"rank{rank}.pt")
     if case.compile is not None:
         from torch._dynamo.utils import counters
 
         (out / f"rank{rank}.graphs").write_text(str(counters["stats"]["unique_graphs"]))
     (out / f"rank{rank}.passes").write_text(str(sum(calls)))
+    (out / f"rank{rank}.skips").write_text(str(sum(skips)))
     if rank == 0:
-        torch.save(sample(load_model(case.dtype, case.fp8_file), None, case.batch_passes), out / "reference.pt")
+        reference, skips = load_model(case.dtype, case.fp8_file), []
+        count_skips(reference, skips)
+        torch.save(sample(reference, None, case.batch_passes, **settings), out / "reference.pt")
+        (out / "reference.skips").write_text(str(sum(skips)))
 
 
 def sample_in_pool(model, run, batch_passes: bool = False) -> torch.Tensor:

@@ -51,10 +51,11 @@ def test_layouts_that_do_not_fit_the_run_are_refused():
         check_layout(ParallelLayout(cfg=2, fsdp=True), 2, 3)
 
 
-def run_layout(tmp_path, world: int, case: Case) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+def run_layout(tmp_path, world: int, case: Case, timeout: float = 600
+               ) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
     """The single-process reference, every rank's result of ``case`` on ``world`` gloo ranks, and the passes
     (batch rows through the DiT) each rank computed."""
-    run_ranks(run_case, world, case, tmp_path, timeout=600)
+    run_ranks(run_case, world, case, tmp_path, timeout=timeout)
     ranks = range(world)
     return (torch.load(tmp_path / "reference.pt"), [torch.load(tmp_path / f"rank{r}.pt") for r in ranks],
             [int((tmp_path / f"rank{r}.passes").read_text()) for r in ranks])
@@ -88,6 +89,18 @@ def test_ulysses_over_two_ranks_equals_one_process(tmp_path, dtype):
     for latent in ranks:
         torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
     assert passes == [5, 5]  # both ranks run every pass, each on half of the tokens
+
+
+@pytest.mark.parametrize("layout", ["ulysses=2", "ring=2"])
+def test_the_step_cache_decides_alike_on_every_rank_of_a_split_pass(tmp_path, layout):
+    # each rank once decided from its own half of the tokens: one skipped the blocks, the other ran them and
+    # waited in their all-to-alls for ever. Summed over the ranks, the change is one process's: the same
+    # forwards skip (8 steps, 3 may skip; at 0.4 the tiny model's changes lie at least 0.01 from it)
+    reference, ranks, _ = run_layout(tmp_path, 2, Case(layout, step_cache=0.4, steps=8), timeout=240)  # ~15 s
+    skips = [int((tmp_path / f"{name}.skips").read_text()) for name in ("reference", "rank0", "rank1")]
+    assert skips[0] > 0 and skips == [skips[0]] * 3
+    for latent in ranks:
+        assert (latent - reference).abs().max() <= 1e-5
 
 
 def test_streamed_blocks_under_ulysses_equal_one_process(tmp_path):

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -35,11 +36,19 @@ class PassResiduals:
     tail: torch.Tensor
 
 
-def relative_change(residual: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """[B] mean|residual - reference| / mean|reference| per row, in float32 (rows of [B, S, D])."""
+def relative_change(residual: torch.Tensor, reference: torch.Tensor,
+                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """[B] mean|residual - reference| / mean|reference| per row, in float32 (rows of [B, S, D]).
+
+    ``group``: the ranks that hold the other tokens of these rows (context parallelism). Both sums are then summed
+    over them first, so every rank gets the whole rows' change, as one process would (to rounding), and all of
+    them decide alike: ranks that disagree would skip blocks whose collectives the others wait in.
+    """
     reference = reference.float()
-    diff = (residual.float() - reference).abs().flatten(1).mean(1)
-    return diff / reference.abs().flatten(1).mean(1).clamp_min(torch.finfo(torch.float32).tiny)
+    sums = torch.stack([(residual.float() - reference).abs().flatten(1).sum(1), reference.abs().flatten(1).sum(1)])
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+    return sums[0] / sums[1].clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class BlockCacheCall:
@@ -52,6 +61,8 @@ class BlockCacheCall:
         threshold: largest relative change of the block-0 residual that still reuses the stored tail (> 0).
         allow_skip: False on steps that must run every block (they still store their residuals).
     Attributes:
+        sequence_group: the ranks holding the rest of this forward's tokens under context parallelism (set by the
+            model's forward; None: this process has every token), over which the change is summed.
         changes: [B] relative change per row once block 0 ran (None while no reference exists).
         skipped: whether blocks 1..N-1 were skipped (None until block 0 ran).
     """
@@ -59,6 +70,7 @@ class BlockCacheCall:
     def __init__(self, state: MutableMapping[Hashable, PassResiduals], keys: Sequence[Hashable], threshold: float,
                  allow_skip: bool = True):
         self.state, self.keys, self.threshold, self.allow_skip = state, tuple(keys), threshold, allow_skip
+        self.sequence_group: dist.ProcessGroup | None = None
         self.changes: list[float] | None = None
         self.skipped: bool | None = None
         self._first_out: torch.Tensor | None = None
@@ -88,7 +100,7 @@ class BlockCacheCall:
         stored = [self.state.get(key) for key in self.keys]
         if all(s is not None for s in stored):
             reference = torch.cat([s.first for s in stored]).to(residual.device)
-            self.changes = relative_change(residual, reference).tolist()
+            self.changes = relative_change(residual, reference, self.sequence_group).tolist()
         self.skipped = bool(self.allow_skip and self.changes is not None and max(self.changes) < self.threshold)
         if not self.skipped:
             self._first_residual = residual  # stored with the tail once the last block ran

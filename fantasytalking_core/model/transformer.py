@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from diffusers import WanTransformer3DModel
 from torch import nn
 
@@ -105,17 +106,29 @@ def pad_text(context: torch.Tensor, text_len: int = TEXT_LEN) -> torch.Tensor:
     return torch.nn.functional.pad(context, (0, 0, 0, text_len - context.shape[1]))
 
 
+def context_parallel_config(transformer: nn.Module):
+    """diffusers' ``ContextParallelConfig`` that ``enable_parallelism`` gave ``transformer``, or None."""
+    return getattr(getattr(transformer, "_parallel_config", None), "context_parallel_config", None)
+
+
 def check_token_split(transformer: nn.Module, tokens: int) -> None:
     """Under diffusers' context parallelism with equal shards (not its ``*_anything`` modes), refuse a sequence of
     ``tokens`` video tokens that does not split evenly over the ring x ulysses ranks, before any rank splits it
     (diffusers would stop with a bare assertion)."""
-    cp = getattr(getattr(transformer, "_parallel_config", None), "context_parallel_config", None)
+    cp = context_parallel_config(transformer)
     if cp is None or cp.ulysses_anything or cp.ring_anything:
         return
     ranks = cp.ring_degree * cp.ulysses_degree
     if tokens % ranks:
         raise TokenLayoutError(f"{tokens} video tokens do not split evenly over the {ranks} ring x ulysses ranks; "
                                "choose a frame count or image size whose token count they divide, or other degrees.")
+
+
+def sequence_group(transformer: nn.Module) -> dist.ProcessGroup | None:
+    """The process group of the ranks that split each pass's video tokens (diffusers' context parallelism: the
+    ring x ulysses mesh, flattened as its sharders split the sequence); None without it."""
+    cp = context_parallel_config(transformer)
+    return None if cp is None else cp._flattened_mesh.get_group()
 
 
 class FantasyTalkingModel(nn.Module):
@@ -220,6 +233,8 @@ class FantasyTalkingModel(nn.Module):
         check_token_split(self.transformer, latents.shape[2] // p_t * per_frame)
         if audio is not None:
             audio = replace(audio, tokens_per_frame=per_frame)
+        if cache is not None:
+            cache.sequence_group = sequence_group(self.transformer)  # every rank of a split pass decides alike
         with self.conditioned_on(audio), skipping_blocks(self.transformer.blocks, cache), \
                 attention_backends(self.device, dtype):
             # called as a module in either policy, so hooks on the transformer (offloading) always apply
