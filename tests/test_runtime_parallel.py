@@ -47,6 +47,22 @@ def test_layouts_that_do_not_fit_the_run_are_refused():
                                             "attention 'sdpa' does not return; use --attention flash or sage"):
         check_layout(ParallelLayout(ring=2), 2, 3, 40, "sdpa")
     check_layout(ParallelLayout(ring=2), 2, 3, 40, "flash")
+    for layout in ("ulysses=2", "ring=2"):  # diffusers would attend over each rank's own tokens, without a word
+        with pytest.raises(SettingsError, match=f"{layout}.*attention 'xformers' cannot do .* use --attention "
+                                                "sdpa or flash or sage"):
+            check_layout(parse_parallel(layout), 2, 3, 40, "xformers")
+    check_layout(ParallelLayout(cfg=2), 2, 3, 40, "xformers")  # whole passes per rank: any kernel
+
+
+def test_the_kernels_offered_under_ring_and_ulysses_are_those_diffusers_can_split():
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    from fantasytalking_core.runtime.attention import ATTENTION_BACKENDS
+    from fantasytalking_core.runtime.parallel import RING_ATTENTION, SPLIT_ATTENTION
+
+    splittable = {name for name, (backend, _) in ATTENTION_BACKENDS.items()
+                  if backend in _AttentionBackendRegistry._supports_context_parallel}
+    assert set(SPLIT_ATTENTION) == splittable and set(RING_ATTENTION) < splittable
     with pytest.raises(SettingsError, match="fsdp shards the weights over the ring x ulysses ranks"):
         check_layout(ParallelLayout(cfg=2, fsdp=True), 2, 3)
 

@@ -32,6 +32,9 @@ from ..errors import FantasyTalkingError, SettingsError, reworded
 PARALLEL_AXES = ("cfg", "ring", "ulysses")
 # attention kernels (runtime/attention.py names) that return the log-sum-exp ring attention merges blocks with
 RING_ATTENTION = ("flash", "sage")
+SPLIT_ATTENTION = ("sdpa", "flash", "sage")
+"""The attention kernels (``runtime/attention.py`` names) diffusers can split over ring or ulysses ranks; with any
+other (xformers) it runs each rank's attention over that rank's own tokens alone, without a word."""
 
 Pass = tuple[str, bool]  # (prompt, audio on), as sampling.guidance names a DiT pass
 PassRunner = Callable[[tuple[Pass, ...]], list[torch.Tensor]]
@@ -128,6 +131,10 @@ def check_layout(layout: ParallelLayout, world_size: int, max_passes: int, num_h
     if layout.fsdp and layout.sequence == 1:
         raise SettingsError(f"{option} {layout}: fsdp shards the weights over the ring x ulysses ranks of a "
                             "sequence group; with one rank per group add ring or ulysses, or leave fsdp out.")
+    if layout.sequence > 1 and attention is not None and attention not in SPLIT_ATTENTION:
+        raise SettingsError(f"{option} {layout}: ring and ulysses split each attention over the ranks, which "
+                            f"attention {attention!r} cannot do (each rank would attend to its own share of the "
+                            f"video only); use {names['attention']} {' or '.join(SPLIT_ATTENTION)}.")
     if layout.ring > 1 and attention is not None and attention not in RING_ATTENTION:
         raise SettingsError(f"{option} ring={layout.ring}: ring attention merges blocks by their log-sum-exp, "
                             f"which attention {attention!r} does not return; use {names['attention']} "
