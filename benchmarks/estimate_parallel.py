@@ -34,6 +34,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the memory table imports the library
 
 LAYERS, DIM, FFN, CONTEXT, HEADS = 40, 5120, 13824, 769, 40
 PASSES = 3

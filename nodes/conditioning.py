@@ -39,7 +39,8 @@ class IdentityEncode(io.ComfyNode):
                                                 "tells Motion Intensity where the face is."),
                 io.Boolean.Input("locate_face", default=True, advanced=True,
                                  tooltip="Without a face crop, find the face in the portrait so Motion Intensity "
-                                         "can tell face from body (whole frame if none is found)."),
+                                         "can tell face from body (whole frame if none is found, or without "
+                                         "dlib)."),
             ],
             outputs=[io_types.Identity.Output(display_name="identity",
                                               tooltip="Portrait at the video size, its CLIP tokens, the VAE and the "
@@ -52,7 +53,7 @@ class IdentityEncode(io.ComfyNode):
         identity = encode_identity(image, vae, clip_vision_output, image_size, crop_info, locate_face,
                                    clip_vision=clip_vision, load_model=mm.load_model_gpu)
         width, height = identity.frame_size
-        face = "no face region" if identity.face_box is None else "face region found"
+        face = identity.face_note
         clip = "official CLIP tokens" if clip_vision is not None else "approximate CLIP tokens (CLIP Vision Encode)"
         return io.NodeOutput(identity, ui=ui.PreviewText(f"video frames {width}x{height} px, {face}, {clip}"))
 

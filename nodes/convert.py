@@ -17,7 +17,9 @@ ComfyUI's VAE.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -29,7 +31,8 @@ import torch
 
 from fantasytalking_core.audio.encode import AudioFeatures, extract_audio_features
 from fantasytalking_core.audio.rules import crop_samples_for_frames
-from fantasytalking_core.errors import AudioInputError, FaceNotFoundError, ImageInputError, ModelFileError
+from fantasytalking_core.errors import (AudioInputError, FantasyTalkingError, FaceNotFoundError, ImageInputError,
+                                        MissingDependencyError, ModelFileError)
 from fantasytalking_core.model.adapter import TEXT_LEN
 from fantasytalking_core.face.crop import (CropInfo, box_from_mask, crop_image, detect_faces, paste_back, pick_face,
                                            square_crop)
@@ -46,7 +49,11 @@ from fantasytalking_core.media.video import DEFAULT_CRF
 from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits, sample_latents, sample_latents_in_worker
 from fantasytalking_core.sampling.segments import SegmentOptions, generate_segments, segment_seed
 from fantasytalking_core.runtime.placement import dit_on_device, on_device
-from fantasytalking_core.runtime.pool import SamplerPool
+from fantasytalking_core.runtime.attention import check_attention
+from fantasytalking_core.runtime.compile import check_compile
+from fantasytalking_core.runtime.pool import POOL_BACKENDS, SamplerPool
+
+from .parallel import check_parallel_text
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +83,16 @@ class Identity:
         pixels: [1, H, W, 3] float32 in 0..1, the portrait at the video frame size (sides multiples of 16).
         clip_tokens: [1, 257, C] CLIP vision penultimate tokens of the portrait.
         vae: ComfyUI's Wan2.1 VAE; the sampler encodes the conditioning video and decodes the frames with it.
-        face_box: (x0, y0, x1, y1) of the face in video-frame pixels when a face crop made the portrait, else None.
+        face_box: (x0, y0, x1, y1) of the face in video-frame pixels (from the face crop, or found in the portrait),
+            else None.
+        face_note: how the face region was found, or why not (shown on the node).
     """
 
     pixels: torch.Tensor
     clip_tokens: torch.Tensor
     vae: Any
     face_box: tuple[float, float, float, float] | None = None
+    face_note: str = ""
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -250,16 +260,20 @@ def encode_identity(image: torch.Tensor, vae: Any, clip_vision_output: Any, imag
     check_wan21_vae(vae)
     pixels = reference_pixels(image, image_size)
     height, width = pixels.shape[1:3]
-    face_box = None
+    face_box, note = None, "no face region"
     if crop is not None and crop.info is not None:
-        face_box = crop.info.face_in(width, height)
+        face_box, note = crop.info.face_in(width, height), "face region from the face crop"
     elif locate_face:  # on the full-resolution portrait: a face too small at the video size is still found
-        faces = detect_faces(image[0].float().cpu())
+        try:
+            faces = detect_faces(image[0].float().cpu())
+        except MissingDependencyError:  # a help, not a requirement: the basic workflow runs without dlib
+            faces, note = [], "face not located (dlib is not installed: pip install dlib-bin), whole frame"
         scale = (width / image.shape[2], height / image.shape[1])
-        face_box = faces[0].scaled(*scale).as_tuple() if faces else None
+        if faces:
+            face_box, note = faces[0].scaled(*scale).as_tuple(), "face region found"
     tokens = (official_clip_tokens(clip_vision, pixels, load_model) if clip_vision is not None
               else clip_vision_tokens(clip_vision_output))
-    return Identity(pixels, tokens, vae, face_box)
+    return Identity(pixels, tokens, vae, face_box, note)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -323,12 +337,13 @@ def paste_face(frames: torch.Tensor, crop: FaceCrop, feather: int = 16) -> torch
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def check_identity(reference: torch.Tensor, images: torch.Tensor,
-                   every_nth_frame: int = 4) -> tuple[float | None, float | None, str]:
+def check_identity(reference: torch.Tensor, images: torch.Tensor, every_nth_frame: int = 4,
+                   progress: ProgressFn | None = None) -> tuple[float | None, float | None, str]:
     """Identity Check's outputs: (mean, min similarity, the text shown on the node) of every n-th frame of
     ``images`` [F, H, W, 3] against the first ``reference`` image [B, H, W, 3] (both 0..1). No face to measure
-    gives (None, None, why): the node never fails a job whose video is already made."""
-    score, text = identity_report(reference[0], images, stride=every_nth_frame)
+    (or no dlib) gives (None, None, why): the node never fails a job whose video is already made. ``progress``:
+    called after each checked frame (the node's bar and Cancel)."""
+    score, text = identity_report(reference[0], images, stride=every_nth_frame, progress=progress)
     return (None, None, text) if score is None else (score.mean, score.minimum, text)
 
 
@@ -450,16 +465,63 @@ def segment_plan(voice: EncodedAudio, options: SegmentOptions) -> SegmentPlan:
                          options.overlap)
 
 
-def check_segment_inputs(segment_frames: int, motion_frames: int, chaining: str, color_match: float,
-                         max_image_frames: int) -> bool | str:
-    """The sampler's ``validate_inputs``: True, or the one-line message (ComfyUI shows it before the run)."""
-    if max_image_frames < 0:
-        return f"FantasyTalking Sampler: max_image_frames must be 0 or more, got {max_image_frames}."
+def guidance_range_problem(node: str, start: float | None, end: float | None) -> str | None:
+    """The line for an audio guidance step range outside 0 <= start <= end <= 1, or None (also while either end is
+    not known yet: None)."""
+    if None in (start, end) or 0 <= start <= end <= 1:
+        return None
+    return (f"{node}: audio_guidance_start and audio_guidance_end must satisfy 0 <= start <= end <= 1 (shares of "
+            f"the steps), got {start} and {end}.")
+
+
+def check_sampler_inputs(*, segment_frames: int | None = None, motion_frames: int | None = None,
+                         chaining: str | None = None, color_match: float | None = None,
+                         max_image_frames: int | None = None, audio_guidance_start: float | None = None,
+                         audio_guidance_end: float | None = None, attention: str | None = None,
+                         compile: bool | None = None, parallel: str | None = None, parallel_workers: str | None = None,
+                         filename_prefix: str | None = None, device_type: str = "cpu",
+                         output_dir: str | None = None) -> str | None:
+    """The sampler's inputs that are known before the run, checked in its ``validate_inputs`` (ComfyUI shows the
+    line before any node runs, so before any model loads) and again in ``execute``: None when this run can use
+    them, else one line naming the node, the input and the fix.
+
+    An input given as None is not known yet: ComfyUI passes None at validation for a widget fed by a link, and
+    ``execute`` checks its value. ComfyUI skips its own range and dropdown checks for the inputs a
+    ``validate_inputs`` takes, so the ranges and choices are checked here. ``device_type``: where the sampler runs
+    (``compile`` needs Triton on CUDA); ``output_dir``: ComfyUI's output folder, which ``filename_prefix`` must
+    stay in.
+    """
+    node = "FantasyTalking Sampler"
+    if max_image_frames is not None and max_image_frames < 0:
+        return f"{node}: max_image_frames must be 0 or more, got {max_image_frames}."
+    if None not in (segment_frames, motion_frames, chaining, color_match):
+        try:
+            segment_options(segment_frames, motion_frames, chaining, color_match)
+        except SettingsError as error:
+            return str(error)
+    if guidance_range_problem(node, audio_guidance_start, audio_guidance_end):
+        return guidance_range_problem(node, audio_guidance_start, audio_guidance_end)
+    if parallel is not None and check_parallel_text(parallel):
+        return check_parallel_text(parallel)
+    if parallel_workers is not None and parallel_workers not in POOL_BACKENDS:
+        return f"{node}: parallel_workers must be one of {', '.join(POOL_BACKENDS)}, got {parallel_workers!r}."
+    ray_workers = bool(parallel and parallel.strip()) and parallel_workers == "ray"
+    if ray_workers and importlib.util.find_spec("ray") is None:
+        return f"{node}: parallel_workers ray needs the ray package (pip install ray), or choose processes."
     try:
-        segment_options(segment_frames, motion_frames, chaining, color_match)
-    except SettingsError as error:
-        return str(error)
-    return True
+        if attention is not None:
+            check_attention(attention)
+        if compile and not ray_workers:  # Ray workers compile on their own machines
+            check_compile(True, device_type, "compile")
+    except FantasyTalkingError as error:
+        return f"{node}: {error}"
+    if filename_prefix is not None and output_dir is not None:
+        root = os.path.abspath(output_dir)
+        folder = os.path.abspath(os.path.join(root, os.path.dirname(os.path.normpath(filename_prefix))))
+        if os.path.commonpath([root, folder]) != root:
+            return (f"{node}: filename_prefix {filename_prefix!r} leads outside ComfyUI's output folder; give a "
+                    "path inside it, such as FantasyTalking/long.")
+    return None
 
 
 @dataclass

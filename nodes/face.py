@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import comfy.model_management as mm
+import comfy.utils
 from comfy_api.latest import io, ui
 
 from fantasytalking_core.face.crop import DEFAULT_MARGIN
@@ -91,7 +93,13 @@ class IdentityCheck(io.ComfyNode):
 
     @classmethod
     def execute(cls, reference, images, every_nth_frame: int) -> io.NodeOutput:
-        mean, minimum, text = check_identity(reference, images, every_nth_frame)
+        bar = comfy.utils.ProgressBar(-(-len(images) // every_nth_frame))
+
+        def progress(done: int, total: int) -> None:  # a frame without a face takes seconds on a CPU
+            bar.update_absolute(done, total)
+            mm.throw_exception_if_processing_interrupted()
+
+        mean, minimum, text = check_identity(reference, images, every_nth_frame, progress)
         return io.NodeOutput(mean, minimum, ui=ui.PreviewText(text))
 
 

@@ -10,6 +10,7 @@ import torch
 from comfy_api.latest import io
 
 from fantasytalking_core.audio.wav2vec2 import load_wav2vec2
+from fantasytalking_core.errors import ModelFileError
 from fantasytalking_core.loaders.lora import check_lora_fits, read_wan_lora
 from fantasytalking_core.loaders.model_source import ModelSource
 
@@ -67,6 +68,32 @@ def wav2vec2_path(name: str) -> Path | None:
                             folder_paths.get_folder_paths(TRANSFORMERS_FOLDER))
 
 
+def lora_path(name: str) -> str | None:
+    return folder_paths.get_full_path("loras", name)
+
+
+def missing_file(node: str, model_name: str | None = None, adapter_name: str | None = None,
+                 wav2vec2_name: str | None = None, lora_name: str | None = None) -> str | None:
+    """The line for the first chosen file that is not in its models folder, or None. A name given as None is not
+    checked: ComfyUI validates a widget fed by a link as None, and the node's ``execute`` checks its value."""
+    for name, find, what, folder in (
+            (model_name, dit_path, "diffusion model", "models/diffusion_models"),
+            (adapter_name, adapter_path, "adapter", "models/fantasytalking"),
+            (wav2vec2_name, wav2vec2_path, "wav2vec2 model", "models/audio_encoders or models/transformers"),
+            (lora_name, lora_path, "LoRA", "models/loras")):
+        if name is not None and find(name) is None:
+            return f"{node}: {what} '{name}' is not in {folder}."
+    return None
+
+
+def check_files(node: str, model_name: str | None = None, adapter_name: str | None = None,
+                wav2vec2_name: str | None = None, lora_name: str | None = None) -> None:
+    """:func:`missing_file` for ``execute``, where every name is known: ModelFileError with its line."""
+    problem = missing_file(node, model_name, adapter_name, wav2vec2_name, lora_name)
+    if problem:
+        raise ModelFileError(problem)
+
+
 class ModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -84,8 +111,8 @@ class ModelLoader(io.ComfyNode):
                 adapter_input(),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Precision the DiT weights are kept in. default: compute_dtype, whatever the "
-                                       "file stores (GGUF stays quantized). fp8_e4m3fn: 8-bit storage, about 14 GB "
-                                       "for the 14B model instead of 28 GB in bf16, upcast layer by layer."),
+                                       "file stores (GGUF stays quantized). fp8_e4m3fn: 8-bit storage, about 17 GiB "
+                                       "for the 14B model instead of 32 GiB in bf16, upcast layer by layer."),
                 io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="bf16", advanced=True,
                                tooltip="Precision of the arithmetic. bf16 is the official setting (the adapter was "
                                        "trained and released with it); fp16 or fp32 only as a deliberate choice."),
@@ -95,15 +122,12 @@ class ModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name: str, adapter_name: str) -> bool | str:
-        if dit_path(model_name) is None:
-            return f"FantasyTalking Model Loader: diffusion model '{model_name}' is not in models/diffusion_models."
-        if adapter_path(adapter_name) is None:
-            return f"FantasyTalking Model Loader: adapter '{adapter_name}' is not in models/fantasytalking."
-        return True
+    def validate_inputs(cls, model_name: str | None, adapter_name: str | None) -> bool | str:
+        return missing_file("FantasyTalking Model Loader", model_name, adapter_name) or True
 
     @classmethod
     def execute(cls, model_name: str, adapter_name: str, weight_dtype: str, compute_dtype: str) -> io.NodeOutput:
+        check_files("FantasyTalking Model Loader", model_name, adapter_name)
         source = ModelSource(dit_path(model_name), adapter_path(adapter_name), WEIGHT_DTYPES[weight_dtype],
                              COMPUTE_DTYPES[compute_dtype])
         return io.NodeOutput(source.load())
@@ -131,14 +155,12 @@ class Wav2Vec2Loader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name: str) -> bool | str:
-        if wav2vec2_path(model_name) is None:
-            return (f"FantasyTalking wav2vec2 Loader: '{model_name}' is not in models/audio_encoders or "
-                    "models/transformers.")
-        return True
+    def validate_inputs(cls, model_name: str | None) -> bool | str:
+        return missing_file("FantasyTalking wav2vec2 Loader", wav2vec2_name=model_name) or True
 
     @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
+        check_files("FantasyTalking wav2vec2 Loader", wav2vec2_name=model_name)
         return io.NodeOutput(load_wav2vec2(wav2vec2_path(model_name)))
 
 
@@ -165,15 +187,14 @@ class LoraLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, lora_name: str) -> bool | str:
-        if folder_paths.get_full_path("loras", lora_name) is None:
-            return f"FantasyTalking LoRA: '{lora_name}' is not in models/loras."
-        return True
+    def validate_inputs(cls, lora_name: str | None) -> bool | str:
+        return missing_file("FantasyTalking LoRA", lora_name=lora_name) or True
 
     @classmethod
     def execute(cls, model, lora_name: str, strength: float) -> io.NodeOutput:
+        check_files("FantasyTalking LoRA", lora_name=lora_name)
         name = f"{Path(lora_name).stem}_{len(model.loras)}"  # unique along a chain, even for the same file twice
-        lora = read_wan_lora(folder_paths.get_full_path("loras", lora_name), strength, name=name)
+        lora = read_wan_lora(lora_path(lora_name), strength, name=name)
         check_lora_fits(lora, model.transformer)  # refused here, before the sampler moves anything
         return io.NodeOutput(model.with_loras([lora]))
 

@@ -84,13 +84,22 @@ def resolve_wav2vec2(choice: str, audio_roots: Iterable[str | Path], transformer
     if choice.startswith(TRANSFORMERS_PREFIX):
         rel = choice[len(TRANSFORMERS_PREFIX):]
         for root in transformers_roots:
-            folder = Path(root) / rel
-            if (folder / "config.json").is_file():
+            folder = _inside(root, rel)
+            if folder is not None and (folder / "config.json").is_file():
                 return folder
         return None
     for root in audio_roots:
-        path = Path(root) / choice
-        if path.is_file():
-            inside_folder = path.parent != Path(root) and (path.parent / "config.json").is_file()
+        path = _inside(root, choice)
+        if path is not None and path.is_file():
+            inside_folder = path.parent != Path(os.path.abspath(root)) and (path.parent / "config.json").is_file()
             return path.parent if inside_folder else path
     return None
+
+
+def _inside(root: str | Path, relative: str) -> Path | None:
+    """``root / relative`` when it stays inside ``root``, else None: a prompt sent to ComfyUI's API may name any
+    path (ComfyUI skips its dropdown check for inputs a ``validate_inputs`` takes), and a loader reads only its
+    models folders. Symbolic links inside the folder are followed as usual."""
+    root = os.path.abspath(root)
+    path = os.path.abspath(os.path.join(root, relative))
+    return Path(path) if os.path.commonpath([root, path]) == root and path != root else None

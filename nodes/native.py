@@ -16,8 +16,10 @@ import comfy.model_patcher
 import comfy.samplers
 from comfy_api.latest import io
 
+from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.loaders.adapter import read_audio_adapter
 from fantasytalking_core.model.adapter import AudioAdapter
+from fantasytalking_core.model.limits import MAX_FRAMES
 from fantasytalking_core.model.wan_native import AUDIO_CHUNKS, AUDIO_CHUNKS_KEY, AudioCrossAttention, native_audio
 from fantasytalking_core.sampling.guidance import (
     NEG,
@@ -31,7 +33,8 @@ from fantasytalking_core.sampling.guidance import (
 from fantasytalking_core.sampling.schedule import DEFAULT_SHIFT, DEFAULT_STEPS, flow_match_sigmas
 
 from . import io_types
-from .loaders import WEIGHT_DTYPES, adapter_input, adapter_path
+from .convert import guidance_range_problem
+from .loaders import WEIGHT_DTYPES, adapter_input, adapter_path, check_files, missing_file
 
 ADDITIONAL_MODELS_KEY = "fantasytalking_audio_adapter"
 AUDIO_ON = {"FantasyTalking Guider / Dual CFG Guider (cond1)": "dual_cfg", "KSampler / CFG Guider (positive)": "cfg"}
@@ -102,13 +105,12 @@ class AdapterLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, adapter_name: str) -> bool | str:
-        if adapter_path(adapter_name) is None:
-            return f"FantasyTalking Adapter Loader: adapter '{adapter_name}' is not in models/fantasytalking."
-        return True
+    def validate_inputs(cls, adapter_name: str | None) -> bool | str:
+        return missing_file("FantasyTalking Adapter Loader", adapter_name=adapter_name) or True
 
     @classmethod
     def execute(cls, adapter_name: str, weight_dtype: str) -> io.NodeOutput:
+        check_files("FantasyTalking Adapter Loader", adapter_name=adapter_name)
         adapter = read_audio_adapter(adapter_path(adapter_name), dtype=WEIGHT_DTYPES[weight_dtype],
                                      device=mm.unet_offload_device())
         return io.NodeOutput(core_patcher(adapter, load_device=mm.get_torch_device(),
@@ -145,6 +147,10 @@ class ApplyAudio(io.ComfyNode):
         weights: AudioAdapter = adapter.model
         blocks = native_wan_blocks(model, weights)
         features = audio_features.features
+        if features.num_frames > MAX_FRAMES:
+            raise SettingsError(f"FantasyTalking Apply Audio: the voice is {features.num_frames} frames; this route "
+                                f"samples one clip of at most {MAX_FRAMES}. Lower Audio Encode's max_frames, or use "
+                                "FantasyTalking Sampler, which makes longer videos in segments.")
         audio = native_audio(weights, features.features, features.num_frames, audio_scale, AUDIO_CHUNKS[AUDIO_ON[audio_on]])
         patched = model.clone()
         for i, block in enumerate(blocks):
@@ -203,14 +209,16 @@ class Guider(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, audio_guidance_start: float, audio_guidance_end: float) -> bool | str:
-        if audio_guidance_start > audio_guidance_end:
-            return "FantasyTalking Guider: audio_guidance_start is after audio_guidance_end; swap them."
-        return True
+    def validate_inputs(cls, audio_guidance_start: float | None, audio_guidance_end: float | None) -> bool | str:
+        # ComfyUI skips its own 0..1 check for the inputs a validate_inputs takes; None: fed by a link
+        return guidance_range_problem("FantasyTalking Guider", audio_guidance_start, audio_guidance_end) or True
 
     @classmethod
     def execute(cls, model, positive, negative, cfg: float, audio_cfg: float, audio_guidance_start: float,
                 audio_guidance_end: float) -> io.NodeOutput:
+        problem = guidance_range_problem("FantasyTalking Guider", audio_guidance_start, audio_guidance_end)
+        if problem:
+            raise SettingsError(problem)
         if not has_audio_patch(model):
             raise ValueError("FantasyTalking Guider: the model carries no FantasyTalking audio; connect it through "
                              "FantasyTalking Apply Audio.")

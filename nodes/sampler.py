@@ -15,16 +15,16 @@ from comfy_api.latest import InputImpl, Types, io, ui
 from fantasytalking_core.audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES
 from fantasytalking_core.media.video import DEFAULT_CRF, MAX_CRF
 from fantasytalking_core.model.limits import MAX_FRAMES, MAX_VIDEO_FRAMES
+from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.pipeline import GenerationSettings
 from fantasytalking_core.runtime.attention import ATTENTION_BACKENDS
-from fantasytalking_core.runtime.compile import check_compile
 from fantasytalking_core.runtime.pool import POOL_BACKENDS
 from fantasytalking_core.sampling.segments import CHAININGS, MAX_SEED
 from fantasytalking_core.sampling.step_cache import FIRST_STEPS, LAST_STEPS, MAX_THRESHOLD
 
 from . import io_types
-from .parallel import check_parallel_text, sampler_pool
-from .convert import (PREVIEW_FRAMES, check_segment_inputs, conditioning_to_text, describe_sampling, image_gigabytes,
+from .parallel import sampler_pool
+from .convert import (PREVIEW_FRAMES, check_sampler_inputs, conditioning_to_text, describe_sampling, image_gigabytes,
                       render_video, sample_segments, segment_options, segment_plan)
 
 logger = logging.getLogger(__name__)
@@ -169,10 +169,21 @@ class Sampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, segment_frames: int, motion_frames: int, chaining: str, color_match: float,
-                        max_image_frames: int, parallel: str = "") -> bool | str:
-        return check_parallel_text(parallel) or check_segment_inputs(segment_frames, motion_frames, chaining,
-                                                                     color_match, max_image_frames)
+    def validate_inputs(cls, audio_guidance_start: float | None = DEFAULTS.audio_guidance_range[0],
+                        audio_guidance_end: float | None = DEFAULTS.audio_guidance_range[1],
+                        segment_frames: int | None = DEFAULT_SEGMENT_FRAMES,
+                        motion_frames: int | None = DEFAULT_MOTION_FRAMES, chaining: str | None = "last_frame",
+                        color_match: float | None = 0.0, max_image_frames: int | None = MAX_IMAGE_FRAMES,
+                        attention: str | None = "sdpa", compile: bool | None = False, parallel: str | None = "",
+                        parallel_workers: str | None = "processes",
+                        filename_prefix: str | None = "FantasyTalking/long") -> bool | str:
+        # before any node runs: a value this run cannot use is told before the models load (None: fed by a link)
+        return check_sampler_inputs(
+            segment_frames=segment_frames, motion_frames=motion_frames, chaining=chaining, color_match=color_match,
+            max_image_frames=max_image_frames, audio_guidance_start=audio_guidance_start,
+            audio_guidance_end=audio_guidance_end, attention=attention, compile=compile, parallel=parallel,
+            parallel_workers=parallel_workers, filename_prefix=filename_prefix,
+            device_type=mm.get_torch_device().type, output_dir=folder_paths.get_output_directory()) or True
 
     @classmethod
     def execute(cls, model, positive, negative, identity, audio_features, steps: int, cfg: float, audio_cfg: float,
@@ -184,6 +195,15 @@ class Sampler(io.ComfyNode):
                 filename_prefix: str = "FantasyTalking/long", compile: bool = False,
                 fp8_matmul: bool = False, step_cache: float = 0.0, parallel: str = "",
                 parallel_workers: str = "processes", crf: int = DEFAULT_CRF) -> io.NodeOutput:
+        device = mm.get_torch_device()
+        problem = check_sampler_inputs(  # again: the inputs fed by links were not known at validation
+            segment_frames=segment_frames, motion_frames=motion_frames, chaining=chaining, color_match=color_match,
+            max_image_frames=max_image_frames, audio_guidance_start=audio_guidance_start,
+            audio_guidance_end=audio_guidance_end, attention=attention, compile=compile, parallel=parallel,
+            parallel_workers=parallel_workers, filename_prefix=filename_prefix, device_type=device.type,
+            output_dir=folder_paths.get_output_directory())
+        if problem:
+            raise SettingsError(problem)
         options = segment_options(segment_frames, motion_frames, chaining, color_match, crossfade)
         settings = GenerationSettings(
             seed=seed, steps=steps, shift=shift, cfg=cfg, audio_cfg=audio_cfg, audio_scale=audio_scale,
@@ -199,9 +219,6 @@ class Sampler(io.ComfyNode):
             bar.update_absolute(step, total)
             mm.throw_exception_if_processing_interrupted()
 
-        device = mm.get_torch_device()
-        if not (parallel.strip() and parallel_workers == "ray"):  # Ray workers compile on their own machines
-            check_compile(compile, device.type, "compile")  # before the workers or the model move
         width, height = identity.frame_size
         pool = sampler_pool(model, parallel, device, settings, parallel_workers, offload_blocks, gpu_memory_gb,
                             (segment_plan(audio_features, options).longest, height, width))

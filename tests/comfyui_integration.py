@@ -733,7 +733,12 @@ def check_parallel(comfy: ComfyUI, path: Path, output: Path, durations: dict, re
                  f"parallel cfg=2 with a 0.5 GB budget: stopped with its reason ({messages[-400:]})")
 
 
-def check_missing_model_refused(comfy: ComfyUI, path: Path, report: Report) -> None:
+def check_refused_before_the_run(comfy: ComfyUI, path: Path, report: Report) -> None:
+    """Inputs no run can use are refused by validation (HTTP 400, before any model loads), in one line that names
+    the input; an input fed by a link is checked when its node runs, in one line as well."""
+    def node_error(reply: dict) -> str:
+        return next((e["details"] for n in reply.get("node_errors", {}).values() for e in n["errors"]), "?")
+
     prompt = load_api_workflow(path)
     _, loader = node_of(prompt, "FantasyTalkingModelLoader")
     loader["inputs"]["model_name"] = "absent_model.safetensors"
@@ -742,7 +747,31 @@ def check_missing_model_refused(comfy: ComfyUI, path: Path, report: Report) -> N
     ok = status == 400 and "not in models/diffusion_models" in text
     report.check(ok, f"missing model refused before the run ({status} {text[:400]})")
     report.say(f"validate_inputs: a missing model_name is refused before the run: HTTP {status}, "
-               f"\"{next((e['details'] for n in reply.get('node_errors', {}).values() for e in n['errors']), '?')}\"")
+               f"\"{node_error(reply)}\"")
+    for inputs, words in (({"audio_guidance_start": 0.8, "audio_guidance_end": 0.2}, "0 <= start <= end <= 1"),
+                          ({"attention": "flash"}, "attention 'flash' needs the flash-attn package"),
+                          ({"filename_prefix": "../../elsewhere/long"}, "leads outside ComfyUI's output folder")):
+        prompt = load_api_workflow(path)
+        _, sampler = node_of(prompt, "FantasyTalkingSampler")
+        sampler["inputs"].update(inputs)
+        status, reply = submit(comfy, prompt, "fantasytalking-validate")
+        report.check(status == 400 and words in node_error(reply) and "Traceback" not in json.dumps(reply),
+                     f"sampler {inputs} refused before the run ({status} {node_error(reply)[:300]})")
+    report.say("validate_inputs: a reversed audio guidance range, an uninstalled attention kernel and a "
+               "filename_prefix outside the output folder are refused before the run (HTTP 400)")
+    prompt = load_api_workflow(path)  # segment_frames fed by a link: unknown at validation, refused when it runs
+    sampler_id, sampler = node_of(prompt, "FantasyTalkingSampler")
+    prompt["linked_int"] = {"class_type": "PrimitiveInt", "inputs": {"value": 80}}
+    sampler["inputs"]["segment_frames"] = ["linked_int", 0]
+    status, reply = submit(comfy, prompt, "fantasytalking-linked")
+    entry = wait_history(comfy, reply["prompt_id"]) if status == 200 else {"status": {}}
+    errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+    message = errors[0].get("exception_message", "") if errors else json.dumps(reply)[:300]
+    report.check(status == 200 and len(errors) == 1 and errors[0].get("node_id") == sampler_id
+                 and "segment_frames must be 4n+1" in message and "\n" not in message.strip(),
+                 f"segment_frames 80 fed by a link: validated, then refused by the sampler in one line ({message})")
+    report.say(f"a widget fed by a link (segment_frames 80 from an Int node) passes validation and the sampler "
+               f"refuses it when it runs: \"{message.strip()[:160]}\"")
 
 
 def pool_workers(pid: int) -> list[int]:
@@ -981,7 +1010,7 @@ def main() -> int:
         report.check(len(workflows) >= 2, f"API-format example workflows found ({[w.name for w in workflows]})")
         report.say(f"speed overrides on every workflow: {SPEED_OVERRIDES}")
         if workflows:
-            check_missing_model_refused(comfy, workflows[0], report)
+            check_refused_before_the_run(comfy, workflows[0], report)
         for path in workflows:
             if "FantasyTalkingSampler" in path.read_text():
                 run_workflow(comfy, path, base / "output", durations, report)

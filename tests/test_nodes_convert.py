@@ -7,6 +7,8 @@ and out, raw latents).
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -434,6 +436,20 @@ def test_identity_locates_the_face_on_the_full_resolution_portrait():
     assert identity.frame_size == (64, 64)
     x0, y0, x1, y1 = identity.face_box
     assert x0 < 220 / 8 < x1 and y0 < 123 / 8 < y1 and 6 < x1 - x0 < 18
+    assert identity.face_note == "face region found"
+
+
+def test_identity_without_dlib_uses_the_whole_frame_and_says_why(monkeypatch):
+    # locate_face is on by default: without dlib (no wheel for Windows on ARM) the basic workflow once failed here
+    from fantasytalking_core.errors import MissingDependencyError
+
+    def no_dlib(image):
+        raise MissingDependencyError("Face detection needs dlib.")
+
+    monkeypatch.setattr(convert, "detect_faces", no_dlib)
+    clip = CLIPVisionOutput(penultimate_hidden_states=torch.randn(1, 257, 8))
+    identity = encode_identity(torch.rand(1, 64, 64, 3), ComfyLikeVAE(None), clip, 64, locate_face=True)
+    assert identity.face_box is None and "dlib is not installed: pip install dlib-bin" in identity.face_note
 
 
 # ---- long recordings: segments, IMAGE frames or a streamed mp4 ------------------------------------------------------
@@ -553,19 +569,56 @@ def test_a_long_video_through_a_guidance_pool_is_the_one_process_video(models, m
     torch.testing.assert_close(video.images, reference, rtol=0, atol=1e-4)
 
 
-def test_segment_inputs_are_checked_before_the_run_with_one_line():
-    assert convert.check_segment_inputs(81, 9, "last_frame", 0.0, 1500) is True
-    assert convert.check_segment_inputs(5, 1, "pinned_latents", 1.0, 0) is True
-    bad = {(80, 9, "last_frame", 0.0, 1500): "segment_frames must be 4n+1",
-           (4097, 9, "last_frame", 0.0, 1500): "segment_frames 4097 is above 4093",
-           (81, 8, "motion_frames", 0.0, 1500): "motion_frames must be 4m+1",
-           (13, 13, "pinned_latents", 0.0, 1500): "less than segment_frames (13)",
-           (81, 9, "overlap", 0.0, 1500): "chaining must be one of last_frame, motion_frames, pinned_latents",
-           (81, 9, "last_frame", 1.5, 1500): "color_match must be in 0..1",
-           (81, 9, "last_frame", 0.0, -1): "max_image_frames must be 0 or more"}
-    for args, words in bad.items():
-        message = convert.check_segment_inputs(*args)
+SAMPLER_INPUTS = dict(segment_frames=81, motion_frames=9, chaining="last_frame", color_match=0.0,
+                      max_image_frames=1500, audio_guidance_start=0.0, audio_guidance_end=1.0, attention="sdpa",
+                      compile=False, parallel="", parallel_workers="processes", filename_prefix="FantasyTalking/long")
+
+
+def test_sampler_inputs_are_checked_before_the_run_with_one_line(tmp_path, monkeypatch):
+    def check(device_type="cpu", **changes):
+        return convert.check_sampler_inputs(**{**SAMPLER_INPUTS, **changes}, device_type=device_type,
+                                            output_dir=str(tmp_path))
+
+    assert check() is None
+    assert check(segment_frames=5, motion_frames=1, chaining="pinned_latents", color_match=1.0, max_image_frames=0,
+                 audio_guidance_start=0.25, audio_guidance_end=0.25, parallel="cfg=3",
+                 filename_prefix="talk/%date%/x") is None
+    bad = {(("segment_frames", 80),): "segment_frames must be 4n+1",
+           (("segment_frames", 4097),): "segment_frames 4097 is above 4093",
+           (("motion_frames", 8), ("chaining", "motion_frames")): "motion_frames must be 4m+1",
+           (("segment_frames", 13), ("motion_frames", 13), ("chaining", "pinned_latents")):
+               "less than segment_frames (13)",
+           (("chaining", "overlap"),): "chaining must be one of last_frame, motion_frames, pinned_latents",
+           (("color_match", 1.5),): "color_match must be in 0..1",
+           (("max_image_frames", -1),): "max_image_frames must be 0 or more",
+           # these once passed validation and failed after the models had loaded
+           (("audio_guidance_start", 0.6), ("audio_guidance_end", 0.2)): "must satisfy 0 <= start <= end <= 1",
+           (("audio_guidance_end", 1.5),): "must satisfy 0 <= start <= end <= 1",
+           (("attention", "flash"),): "attention 'flash' needs the flash-attn package",
+           (("attention", "magic"),): "attention must be one of sdpa, flash, sage, xformers",
+           (("compile", True), ("device_type", "cuda")): "compile on a GPU needs Triton",
+           (("parallel", "cfg=two"),): "cfg needs a whole number",
+           (("parallel_workers", "threads"),): "parallel_workers must be one of processes, ray",
+           (("filename_prefix", "../../elsewhere/long"),): "leads outside ComfyUI's output folder"}
+    for changes, words in bad.items():
+        message = check(**dict(changes))
         assert message.startswith("FantasyTalking Sampler: ") and words in message and "\n" not in message, message
+    assert check(compile=True, device_type="cuda", parallel="cfg=2", parallel_workers="ray") is None  # on the workers
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real_find_spec(name, *a))
+    assert "needs the ray package (pip install ray)" in check(parallel="cfg=2", parallel_workers="ray")
+    assert check(parallel="", parallel_workers="ray") is None  # no workers to start
+
+
+def test_sampler_inputs_fed_by_links_are_checked_when_known():
+    # ComfyUI validates a widget fed by a link as None: once a crash in validation ("'NoneType' object has no
+    # attribute 'strip'"); its value is checked when the node runs
+    unknown = {name: None for name in SAMPLER_INPUTS}
+    assert convert.check_sampler_inputs(**unknown, output_dir="/tmp") is None
+    assert "must satisfy 0 <= start" in convert.check_sampler_inputs(**{**unknown, "audio_guidance_start": 0.8,
+                                                                        "audio_guidance_end": 0.1})
+    assert convert.check_sampler_inputs(**{**unknown, "audio_guidance_start": 0.8}) is None  # the end comes later
 
 
 def test_image_memory_estimate_of_ten_minutes_at_512():

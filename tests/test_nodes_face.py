@@ -96,3 +96,33 @@ def test_identity_check_keeps_no_video_between_runs(photo):
     del frames
     gc.collect()
     assert gone() is None
+
+
+def test_identity_check_shows_progress_and_stops_when_cancelled(photo):
+    # a frame without a face takes seconds on a CPU: the node's bar moves per checked frame, and Cancel stops it
+    calls = []
+    frames = torch.cat([photo, photo, photo])
+    check_identity(photo, frames, every_nth_frame=2, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 2), (2, 2)]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(done, total):
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        check_identity(photo, frames, every_nth_frame=1, progress=cancel)
+
+
+def test_identity_check_without_dlib_gives_no_score_instead_of_failing_the_job(photo, monkeypatch):
+    from fantasytalking_core.errors import MissingDependencyError
+    from fantasytalking_core.face import identity
+
+    def no_dlib():
+        raise MissingDependencyError("Face detection needs dlib (pip install dlib).")
+
+    monkeypatch.setattr(identity, "import_dlib", no_dlib)
+    mean, minimum, text = check_identity(photo, photo, every_nth_frame=1)
+    assert (mean, minimum) == (None, None)
+    assert text == "identity check: no score: Face detection needs dlib (pip install dlib)."

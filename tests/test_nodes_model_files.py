@@ -65,3 +65,17 @@ def test_resolve_wav2vec2_files_folders_and_missing(tmp_path):
     assert resolve_wav2vec2("transformers/facebook/wav2vec2-base-960h", *roots) == hub
     assert resolve_wav2vec2("transformers/facebook/absent", *roots) is None
     assert resolve_wav2vec2("absent.safetensors", *roots) is None
+
+
+def test_resolve_wav2vec2_stays_in_its_models_folders(tmp_path):
+    # an API prompt may name any path (ComfyUI skips its dropdown check for inputs validate_inputs takes)
+    audio, transformers = tmp_path / "models" / "audio_encoders", tmp_path / "models" / "transformers"
+    audio.mkdir(parents=True)
+    (tmp_path / "secret.safetensors").write_bytes(b"")
+    outside = make_hf_folder(tmp_path / "elsewhere", "wav2vec2")
+    roots = ([audio], [transformers])
+    assert resolve_wav2vec2(str(tmp_path / "secret.safetensors"), *roots) is None  # absolute
+    assert resolve_wav2vec2("../../secret.safetensors", *roots) is None
+    assert resolve_wav2vec2("transformers/../../../elsewhere", *roots) is None
+    assert resolve_wav2vec2(str(outside / "config.json"), *roots) is None
+    assert outside.is_dir() and (tmp_path / "secret.safetensors").is_file()  # they exist: only the folder rule refuses

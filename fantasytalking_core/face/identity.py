@@ -8,12 +8,13 @@ with its 5-point landmarks. Scores are in [-1, 1]; the same person typically sco
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..errors import FaceNotFoundError
+from ..errors import FaceNotFoundError, MissingDependencyError
 from .crop import _as_uint8, detect_faces, face_model_dir, import_dlib, pick_face
 
 class FaceEmbedder:
@@ -52,29 +53,36 @@ class IdentityScore:
 
 
 def identity_similarity(reference: torch.Tensor | np.ndarray, frames: torch.Tensor, embedder: FaceEmbedder | None = None,
-                        stride: int = 1) -> IdentityScore:
-    """Face-embedding similarity of every ``stride``-th frame ([F, H, W, 3] in 0..1) to the reference [H, W, 3]."""
+                        stride: int = 1, progress: Callable[[int, int], None] | None = None) -> IdentityScore:
+    """Face-embedding similarity of every ``stride``-th frame ([F, H, W, 3] in 0..1) to the reference [H, W, 3].
+
+    ``progress(done, total)`` is called after each checked frame (a frame without a face takes seconds on a CPU);
+    an exception it raises (an interrupt) stops the check."""
     embedder = embedder or FaceEmbedder()
     ref = embedder.embed(reference)
+    checked = frames[::stride]
     scores = []
-    for frame in frames[::stride]:
+    for frame in checked:
         try:
             scores.append(float(embedder.embed(frame) @ ref))
         except FaceNotFoundError:
             scores.append(float("nan"))
+        if progress is not None:
+            progress(len(scores), len(checked))
     found = [s for s in scores if s == s]
     if not found:
         raise FaceNotFoundError("No face was found in any output frame, so identity cannot be measured.")
     return IdentityScore(tuple(scores), float(np.mean(found)), float(np.min(found)), len(scores) - len(found))
 
 
-def identity_report(reference: torch.Tensor | np.ndarray, frames: torch.Tensor,
-                    stride: int = 1) -> tuple[IdentityScore | None, str]:
+def identity_report(reference: torch.Tensor | np.ndarray, frames: torch.Tensor, stride: int = 1,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[IdentityScore | None, str]:
     """:func:`identity_similarity` as a report that never fails the job: (score, its summary), or (None, why) when
-    the reference or every checked frame has no face. The check runs after the video exists (beside Save Video,
-    or after the command line wrote the mp4), and a measurement with nothing to measure must not cost it."""
+    the reference or every checked frame has no face, or dlib is not installed. The check runs after the video
+    exists (beside Save Video, or after the command line wrote the mp4), and a measurement with nothing to measure
+    must not cost it. An exception from ``progress`` (an interrupt) still stops it."""
     try:
-        score = identity_similarity(reference, frames, stride=stride)
-    except FaceNotFoundError as exc:
+        score = identity_similarity(reference, frames, stride=stride, progress=progress)
+    except (FaceNotFoundError, MissingDependencyError) as exc:
         return None, f"identity check: no score: {exc}"
     return score, score.summary()
