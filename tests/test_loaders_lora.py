@@ -3,7 +3,7 @@ strength, for one run only; a LoRA that does not fit the DiT is refused, never s
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows
 from fantasytalking_core.errors import ModelFileError
@@ -135,6 +135,23 @@ def test_files_that_are_no_wan_lora_are_refused(tmp_path):
     save_file({"diffusion_model.blocks.0.self_attn.q.weight": torch.zeros(4, 4)}, tmp_path / "full.safetensors")
     with pytest.raises(ModelFileError, match="full.safetensors"):
         read_wan_lora(tmp_path / "full.safetensors")
+
+
+def test_whole_weight_differences_are_read_when_zero_and_refused_otherwise(tmp_path):
+    # diffusers' conversion drops norm and other whole-weight .diff entries with an info line; a file whose dropped
+    # entries are not zero was once applied in part, without a word
+    path, _ = kijai_lora(tmp_path / "base.safetensors", blocks=(0,), with_head=False)
+    state = dict(load_file(path))
+    zeros = {"diffusion_model.blocks.0.norm3.diff": torch.zeros(DIM),
+             "diffusion_model.blocks.0.self_attn.norm_q.diff_b": torch.zeros(DIM),
+             "diffusion_model.patch_embedding.diff": torch.zeros(DIM, 36, 1, 2, 2)}
+    save_file({**state, **zeros}, tmp_path / "zeros.safetensors")
+    assert read_wan_lora(tmp_path / "zeros.safetensors").state_dict.keys() == read_wan_lora(path).state_dict.keys()
+    for key, tensor in zeros.items():
+        save_file({**state, **zeros, key: tensor + 0.01}, tmp_path / "diff.safetensors")
+        with pytest.raises(ModelFileError, match=r"changes 1 weights as a whole \(e.g. " + key.replace(".", r"\.")
+                           + r"\).*core LoraLoaderModelOnly"):
+            read_wan_lora(tmp_path / "diff.safetensors")
 
 
 def test_fp8_weights_keep_the_lora_in_the_compute_dtype(tmp_path, lora_file):

@@ -3,8 +3,9 @@
 Formats (all converted by diffusers' ``WanLoraLoaderMixin.lora_state_dict``, so a format diffusers learns works
 here too): ComfyUI / kijai files (``diffusion_model.blocks.N.self_attn.q.lora_down.weight`` or ``lora_A``, with
 ``alpha`` and ``diff_b`` bias updates; lightx2v's step-distillation LoRAs are this format), musubi-tuner files
-(``lora_unet_blocks_N_...``) and diffusers' own (``transformer.blocks.N.attn1.to_q.lora_A.weight``). Norm ``.diff``
-entries (zeros in the files seen) are dropped by that conversion, as diffusers does.
+(``lora_unet_blocks_N_...``) and diffusers' own (``transformer.blocks.N.attn1.to_q.lora_A.weight``). That
+conversion drops whole-weight differences (``.diff``, and ``.diff_b`` of norms): all zeros in the files seen, and
+then nothing is lost; a file whose dropped differences are not zero is refused, never half applied.
 
 Strict: every LoRA matrix must land on a Linear of this DiT with matching sizes, else the file is refused with the
 keys that match nothing (a LoRA for another model, say Wan 2.2 or the 1.3B, must not be a silent no-op).
@@ -65,8 +66,22 @@ def read_wan_lora(path: str | Path, strength: float = 1.0, name: str | None = No
         odd = [k for k in state_dict if not k.endswith(_MATRIX_SUFFIXES)][:3]
         raise ModelFileError(f"{path.name} holds no LoRA matrices this pack can apply"
                              + (f" (e.g. {', '.join(odd)})" if odd else "") + ".")
+    dropped = dropped_differences(raw, state_dict)
+    if dropped:
+        raise ModelFileError(f"{path.name} changes {len(dropped)} weights as a whole (e.g. {', '.join(dropped[:3])}), "
+                             "which this pack's LoRA support cannot apply (only LoRA matrices and bias updates); "
+                             "in ComfyUI, load it with the core LoraLoaderModelOnly on the native Wan route "
+                             "(FantasyTalking Apply Audio), which applies them.")
     state_dict = {k if k.startswith(PREFIX) else PREFIX + k: v for k, v in state_dict.items()}
     return WanLora(name or path.stem, state_dict, strength)
+
+
+def dropped_differences(raw: dict[str, torch.Tensor], converted: dict[str, torch.Tensor]) -> list[str]:
+    """The whole-weight and bias differences (``.diff``, ``.diff_b``) of ``raw`` that are not zero and did not
+    reach ``converted`` (diffusers' conversion moves the ones it applies, the same tensors, and drops the rest)."""
+    kept = {id(tensor) for tensor in converted.values()}
+    return [key for key, tensor in raw.items()
+            if key.endswith((".diff", ".diff_b")) and id(tensor) not in kept and bool(tensor.any())]
 
 
 def check_lora_fits(lora: WanLora, transformer: nn.Module) -> None:
