@@ -14,6 +14,7 @@ from .errors import FantasyTalkingError
 if TYPE_CHECKING:  # imported where used: `--help` and bad input stay fast
     from .audio.io import DecodedAudio
     from .face.workflow import PreparedJob
+    from .loaders.model_paths import ModelFiles
     from .pipeline import FantasyTalkingPipeline
     from .runtime.parallel import ParallelLayout, ParallelRun
     from .sampling.segments import SegmentOptions
@@ -115,6 +116,8 @@ def _generate(args: argparse.Namespace) -> int:
             if is_480p(files.dit):
                 print(f"note: {files.dit.name} is Wan2.1-I2V-14B-480P; the released FantasyTalking adapter was trained "
                       "on 720P (it runs on 480P, not the released pairing).", file=sys.stderr)
+        if layout is not None:
+            _check_layout_fits_model(layout, files, settings)  # before minutes of loading on every rank
         models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8 or args.fp8_matmul)
     if loras:
         for lora in loras:
@@ -202,6 +205,16 @@ def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settin
             raise SettingsError(f"--parallel {layout}: torchrun started {here} processes on this machine, which has "
                                 f"{gpus} GPU(s); one GPU per process: start at most {gpus} here (--nproc-per-node), "
                                 "the rest on other machines.")
+
+
+def _check_layout_fits_model(layout: ParallelLayout, files: ModelFiles, settings: GenerationSettings) -> None:
+    """Refuse a ``--parallel`` layout whose Ulysses degree does not divide the DiT's head count (40 for the 14B
+    model), read from its config before any weight loads."""
+    from .loaders.wan_dit import dit_config
+    from .runtime.parallel import check_layout
+
+    heads = dit_config(files.dit, files.configs.get("dit"))["num_attention_heads"]
+    check_layout(layout, layout.world_size, settings.max_passes(), heads, settings.attention)
 
 
 def _join_parallel_run(layout: ParallelLayout, args: argparse.Namespace) -> ParallelRun:

@@ -54,6 +54,25 @@ def test_layouts_that_do_not_fit_the_run_are_refused():
     check_layout(ParallelLayout(cfg=2), 2, 3, 40, "xformers")  # whole passes per rank: any kernel
 
 
+def test_the_command_line_checks_ulysses_against_the_models_heads_before_loading(tmp_path):
+    # the head count was once checked only after every rank had loaded the DiT (minutes, 33 GB each)
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from fantasytalking_core.cli import _check_layout_fits_model
+    from fantasytalking_core.settings import GenerationSettings
+
+    (tmp_path / "wan2.1_i2v_720p_14B_bf16.safetensors").write_bytes(b"")  # never read: the bundled 14B config
+    files = SimpleNamespace(dit=tmp_path / "wan2.1_i2v_720p_14B_bf16.safetensors", configs={})
+    _check_layout_fits_model(parse_parallel("cfg=3,ulysses=4"), files, GenerationSettings())
+    with pytest.raises(SettingsError, match="ulysses=3: Ulysses splits the 40 attention heads"):
+        _check_layout_fits_model(parse_parallel("ulysses=3"), files, GenerationSettings())
+    fixture = Path(__file__).parent / "fixtures" / "official" / "dit"
+    tiny = SimpleNamespace(dit=fixture / "dit.safetensors", configs={"dit": fixture / "config.json"})
+    with pytest.raises(SettingsError, match="ulysses=4: Ulysses splits the 2 attention heads"):
+        _check_layout_fits_model(parse_parallel("ulysses=4"), tiny, GenerationSettings())
+
+
 def test_the_kernels_offered_under_ring_and_ulysses_are_those_diffusers_can_split():
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 

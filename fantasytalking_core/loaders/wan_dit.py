@@ -72,6 +72,14 @@ def _resolve_files(path: Path) -> tuple[Path, Path]:
     raise ModelNotFoundError(f"No model weights (.safetensors, shard index, .gguf, .pth) in folder {path}.")
 
 
+def dit_config(path: str | Path, config: str | Path | dict | None = None) -> dict:
+    """The config :func:`load_wan_dit` builds the DiT at ``path`` from, read before any weight (a parallel layout
+    checks the head count with it): ``config`` when given, else the config in the model's folder if any, else the
+    bundled Wan2.1-I2V-14B config."""
+    _, folder = _resolve_files(Path(path))
+    return resolve_config(config if config is not None else _folder_config(folder))  # an explicit one wins
+
+
 def load_wan_dit(
     path: str | Path,
     config: str | Path | dict | None = None,
@@ -91,8 +99,8 @@ def load_wan_dit(
         fp8_storage: keep the block Linear weights as float8_e4m3fn in memory and upcast them to
             ``compute_dtype`` layer by layer at run time (half the memory of bf16).
     """
-    file, folder = _resolve_files(Path(path))
-    config = resolve_config(config if config is not None else _folder_config(folder))  # an explicit one wins
+    file, _ = _resolve_files(Path(path))
+    config = dit_config(path, config)
     if file.name.lower().endswith(".gguf"):
         # quantized weights stay as stored; ``dtype`` (if a float type) sets what the rest is kept and computed in
         float_dtype = dtype if dtype is not None and dtype not in FP8_DTYPES else compute_dtype
