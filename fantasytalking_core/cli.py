@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -422,18 +424,41 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+class Terminated(Exception):
+    """SIGTERM arrived (``kill``, ``timeout``, a job scheduler, ``docker stop``, torchrun stopping its workers)."""
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the writers drop their partial files on the way out (it killed the process
+    # with them left behind); only the main thread may set a handler
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return args.func(args)
     except (FantasyTalkingError, FileNotFoundError) as exc:
         # bad input: one clear line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a fault to see whole
+            raise
+        print(f"error: {exc.strerror}: {exc.filename}; check the path (a name of at most 255 bytes, a folder that "
+              "exists and can be written to).", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C: the writers have dropped their partial files on the way out
         print("interrupted: stopped by the user (no partial video is left).", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated: stopped by SIGTERM (no partial video is left).", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as the shell reports it
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         _leave_process_group()
 
 

@@ -33,6 +33,11 @@ class OutputWriteError(FantasyTalkingError, OSError):
     """The output file cannot be written (no permission, no space, a name too long for the file system)."""
 
 
+class NonFiniteError(FantasyTalkingError, FloatingPointError):
+    """Sampling reached NaN or infinite values (fp16 overflow, settings far outside their ranges): the video would
+    be black."""
+
+
 class MissingDependencyError(FantasyTalkingError, ImportError):
     """An optional package a feature needs is not installed (e.g. no wheel for this platform); says how to get it."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .audio.rules import FPS_RANGE
 from .errors import SettingsError
 from .face.motion import MotionIntensity
 from .model.limits import check_image_size, check_max_frames
@@ -87,7 +88,8 @@ class GenerationSettings:
             (not isinstance(self.seed, int) or not MIN_SEED <= self.seed <= MAX_SEED,
              f"seed must be a whole number from {MIN_SEED} to {MAX_SEED}, got {self.seed}"),
             (self.steps < 1, f"steps must be at least 1, got {self.steps}"),
-            (self.fps <= 0, f"fps must be positive, got {self.fps}"),
+            (not FPS_RANGE[0] <= self.fps <= FPS_RANGE[1],
+             f"fps must be from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g} frames per second (23 official), got {self.fps}"),
             (self.shift <= 0, f"shift must be positive (5 official), got {self.shift}"),
             (not 0 <= start <= end <= 1, f"the audio guidance range must satisfy 0 <= start <= end <= 1, got "
                                          f"[{start}, {end}]"),

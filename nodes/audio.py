@@ -6,7 +6,7 @@ import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io, ui
 
-from fantasytalking_core.audio.rules import DEFAULT_FPS, DEFAULT_MAX_FRAMES
+from fantasytalking_core.audio.rules import DEFAULT_FPS, DEFAULT_MAX_FRAMES, FPS_RANGE
 from fantasytalking_core.model.limits import MAX_VIDEO_FRAMES
 
 from . import io_types
@@ -28,7 +28,7 @@ class AudioEncode(io.ComfyNode):
                                                 "Audio."),
                 # step = round: some front-end versions keep only as many decimals as the step has (step 1 turned
                 # 12.5 into 13), and 23.976 needs three
-                io.Float.Input("fps", default=float(DEFAULT_FPS), min=1.0, max=120.0, step=0.001, round=0.001,
+                io.Float.Input("fps", default=float(DEFAULT_FPS), min=FPS_RANGE[0], max=FPS_RANGE[1], step=0.001, round=0.001,
                                tooltip="Video frame rate in frames per second, fractions allowed (12.5, 23.976); "
                                        "FantasyTalking was trained at 23."),
                 io.Int.Input("max_frames", default=DEFAULT_MAX_FRAMES, min=5, max=MAX_VIDEO_FRAMES, step=4,

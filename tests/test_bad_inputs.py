@@ -74,7 +74,8 @@ COMMAND_LINE_CASES = {
     "audio has no samples": ([], dict(audio="empty.wav"), "holds no samples"),
     "steps zero": (["--steps", "0"], {}, "steps must be at least 1"),
     "steps not a number": (["--steps", "abc"], {}, "invalid int value: 'abc'"),
-    "fps zero": (["--fps", "0"], {}, "fps must be positive"),
+    "fps zero": (["--fps", "0"], {}, "fps must be from 1 to 120 frames per second"),
+    "fps far too high": (["--fps", "1000"], {}, "fps must be from 1 to 120 frames per second"),
     "shift zero": (["--shift", "0"], {}, "shift must be positive"),
     "max frames not 4n+1": (["--max-frames", "80"], {}, "max_frames must be 4n+1"),
     "max frames past the RoPE": (["--max-frames", "4097"], {}, "max_frames 4097 is above 4093"),
@@ -167,6 +168,38 @@ def test_ctrl_c_is_one_line_and_the_shell_status_of_an_interrupt(inputs, tmp_pat
     lines = err.strip().splitlines()
     assert rc == 130 and "Traceback" not in err and lines[-1].startswith("interrupted: stopped by the user")
     assert len(partial) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_leaves_no_partial_video(inputs, tmp_path, monkeypatch):
+    """kill, timeout, job schedulers and docker stop send SIGTERM, which once killed the run with its temporary
+    file left behind: it unwinds as Ctrl-C does, exit status 143 (128 + SIGTERM), and the handler is put back."""
+    import os
+    import signal
+
+    from fantasytalking_core.media import video
+
+    partial = []
+
+    def terminated(*args, **kwargs):
+        partial.extend(p for p in tmp_path.iterdir() if p.name.endswith(".partial.mp4") and p.stat().st_size)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(video, "_mux_audio", terminated)
+    rc, err = run_main(generate_args(inputs, tmp_path / "x.mp4"))
+    assert rc == 143 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("terminated: stopped by")
+    assert len(partial) == 1 and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("flag", ["--out", "--image", "--audio"])
+def test_a_file_name_longer_than_the_system_allows_is_one_line(inputs, tmp_path, flag):
+    long = str(tmp_path / ("n" * 300 + ".mp4"))
+    argv = generate_args(inputs, tmp_path / "x.mp4")
+    argv[argv.index(flag) + 1] = long
+    rc, err = run_main(argv)
+    assert_one_clear_line(err, "", rc)
+    assert ("File name too long" in err or "at most 255 bytes" in err) and list(tmp_path.iterdir()) == []
 
 
 def test_no_models_and_no_tiny(inputs, tmp_path):

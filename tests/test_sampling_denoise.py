@@ -48,3 +48,16 @@ def test_latent_frames_must_fit_the_video_frames(tiny_model, official):
     with pytest.raises(ValueError, match="latent frames"):
         generate_latents(tiny_model, x["context_pos"], x["context_neg"], x["clip_feature"], x["y"], x["audio_features"][0],
                          settings["num_frames"] + 4, guidance=GuidanceConfig(), sigmas=flow_match_sigmas(1), seed=0)
+
+
+def test_a_run_that_reaches_nan_or_infinity_stops_at_that_step(tiny_model, official):
+    # cfg 1e308 once gave an all-black video and exit status 0; fp16 overflow does the same on a GPU
+    from fantasytalking_core.errors import NonFiniteError
+
+    settings, x, _ = official
+    seen = []
+    with pytest.raises(NonFiniteError, match="sampling step 1 of 3 gave NaN or infinite values, so the video would "
+                                             "be black; keep cfg, audio_cfg, shift and audio_scale near"):
+        run(tiny_model, settings, x, sigmas=flow_match_sigmas(3, 5.0), guidance=GuidanceConfig(cfg=1e308),
+            progress=lambda i, n: seen.append(i))
+    assert seen == []  # stopped before the progress of the broken step

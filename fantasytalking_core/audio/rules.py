@@ -17,6 +17,9 @@ from .io import TARGET_SAMPLE_RATE
 
 SAMPLE_RATE = TARGET_SAMPLE_RATE
 DEFAULT_FPS = 23
+FPS_RANGE = (1.0, 120.0)
+"""Frame rates offered (frames per second; the official one is 23): below 1 a second of voice has no frame of its own,
+above 120 a clip covers too little of the recording to move."""
 DEFAULT_MAX_FRAMES = 81
 BASE_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)  # wav2vec2-base's feature-encoder conv stack (samples per layer)
 BASE_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import NonFiniteError
 from ..audio.windows import audio_windows_for_frames, gather_audio_windows, latent_frame_count
 from ..model.transformer import FantasyTalkingModel
 from .euler import DiTConditions, PassMap, PinnedLatents, guided_velocity, initial_noise, sample_flow_euler
@@ -20,6 +21,17 @@ ProgressFn = Callable[[int, int], None]
 
 
 @torch.no_grad()
+def check_finite(latents: torch.Tensor, step: int, steps: int, dtype: torch.dtype) -> None:
+    """Stop at the step (0-based ``step`` of ``steps``) whose result holds NaN or infinity: every later step would
+    keep it, and the decoded video would be black. ``dtype``: the DiT's compute dtype, named in the advice."""
+    if bool(torch.isfinite(latents).all()):
+        return
+    advice = ("fp16 overflows in this model: use bf16, " if dtype == torch.float16 else "") + \
+        "keep cfg, audio_cfg, shift and audio_scale near their defaults"
+    raise NonFiniteError(f"sampling step {step + 1} of {steps} gave NaN or infinite values, so the video would be "
+                         f"black; {advice}.")
+
+
 def generate_latents(
     dit: FantasyTalkingModel,
     text_pos: torch.Tensor,
@@ -85,7 +97,12 @@ def generate_latents(
     cache = StepCache(threshold, steps) if threshold > 0 else None
     velocity = guided_velocity(dit, cond, guidance, steps, batch_passes=batch_passes, step_cache=cache,
                                map_passes=map_passes)
-    on_step = None if progress is None else (lambda d: progress(d["i"] + 1, steps))
+
+    def on_step(state: dict) -> None:
+        check_finite(state["x"], state["i"], steps, dit.dtype)
+        if progress is not None:
+            progress(state["i"] + 1, steps)
+
     pinned = None
     if pinned_latents is not None:
         count = pinned_latents.shape[2]
