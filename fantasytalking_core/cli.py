@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from .errors import FantasyTalkingError
+from .errors import FantasyTalkingError, SettingsError
 
 if TYPE_CHECKING:  # imported where used: `--help` and bad input stay fast
     from .audio.io import DecodedAudio
@@ -43,8 +43,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .audio.io import load_audio
-    from .audio.rules import SAMPLE_RATE, check_long_enough
-    from .errors import SettingsError
+    from .audio.rules import SAMPLE_RATE, check_long_enough, frames_for_duration, recording_warnings
     from .face.motion import MotionIntensity
     from .face.workflow import FaceCropOptions, prepare_job, run_job
     from .loaders.model_paths import find_model_files, is_480p, load_models
@@ -63,6 +62,7 @@ def _generate(args: argparse.Namespace) -> int:
 
         layout = parse_parallel(args.parallel)
     check_output_path(args.out)
+    _check_inputs_are_not_the_output(args)
     check_crf(args.crf)
     _check_device(args.device)
     check_compile(args.compile, torch.device(args.device).type)
@@ -87,6 +87,10 @@ def _generate(args: argparse.Namespace) -> int:
     portrait = load_image(args.image)
     recording = load_audio(args.audio)  # decoded once, for these checks and for the run
     check_long_enough(recording.duration_s * SAMPLE_RATE)  # samples at wav2vec2's 16 kHz
+    frames = frames_for_duration(recording.duration_s, settings.fps, settings.max_frames if not segmented else None)
+    for warning in recording_warnings(float(recording.waveform.abs().max()), recording.duration_s, settings.fps,
+                                      frames):
+        print(f"warning: {warning}.", file=sys.stderr)  # now, not minutes later after the models have loaded
     muxed_rate = aac_sample_rate(recording.sample_rate)
     if muxed_rate != recording.sample_rate:
         print(f"note: the {recording.sample_rate} Hz recording goes into the mp4 at {muxed_rate} Hz (AAC's rates).",
@@ -185,7 +189,6 @@ def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settin
 
     import torch
 
-    from .errors import SettingsError
     from .runtime.parallel import (check_layout, check_loras_fit_layout, check_offload_fits_layout,
                                    process_group_backend)
 
@@ -207,6 +210,21 @@ def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settin
             raise SettingsError(f"--parallel {layout}: torchrun started {here} processes on this machine, which has "
                                 f"{gpus} GPU(s); one GPU per process: start at most {gpus} here (--nproc-per-node), "
                                 "the rest on other machines.")
+
+
+def _check_inputs_are_not_the_output(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` that is the ``--image`` or the ``--audio`` file (a finished run replaced it), and model
+    flags beside ``--tiny``, which makes its own models and would not read them (a user would think them checked)."""
+    out = Path(args.out)
+    for flag, value in (("--image", args.image), ("--audio", args.audio)):
+        if out.exists() and Path(value).exists() and out.samefile(value):
+            raise SettingsError(f"--out is the {flag} file {value}; the video would replace it: write it elsewhere.")
+    if args.tiny:
+        given = [flag for flag, value in (("--models", args.models), *((EXPLICIT_FLAGS[part], getattr(args, part))
+                                                                         for part in EXPLICIT_FILES)) if value]
+        if given:
+            raise SettingsError(f"--tiny makes its own random models and would not read {', '.join(given)}: leave "
+                                "--tiny out to run your model files, or leave those flags out.")
 
 
 def _check_layout_fits_model(layout: ParallelLayout, files: ModelFiles, settings: GenerationSettings) -> None:
@@ -424,6 +442,15 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _in_flag_terms(message: str, args: argparse.Namespace) -> str:
+    """``message`` with a leading setting name as the library spells it (``max_frames must be ...``, ``image_size
+    16385 is above ...``) written as the flag the user typed (``--max-frames``)."""
+    name, _, rest = message.partition(" ")
+    if name in vars(args) and name != "func" and (rest.startswith("must ") or rest[:1].isdigit()):
+        return f"--{name.replace('_', '-')} {rest}"
+    return message
+
+
 class Terminated(Exception):
     """SIGTERM arrived (``kill``, ``timeout``, a job scheduler, ``docker stop``, torchrun stopping its workers)."""
 
@@ -442,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (FantasyTalkingError, FileNotFoundError) as exc:
         # bad input: one clear line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_in_flag_terms(str(exc), args)}", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.filename is None:  # not about a path the user gave: a fault to see whole

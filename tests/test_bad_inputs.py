@@ -72,19 +72,19 @@ COMMAND_LINE_CASES = {
     "audio is noise bytes": ([], dict(audio="noise.wav"), "not an audio or video file"),
     "audio is a folder": ([], dict(audio="folder"), "is a folder, not an audio file"),
     "audio has no samples": ([], dict(audio="empty.wav"), "holds no samples"),
-    "steps zero": (["--steps", "0"], {}, "steps must be at least 1"),
+    "steps zero": (["--steps", "0"], {}, "--steps must be at least 1"),
     "steps not a number": (["--steps", "abc"], {}, "invalid int value: 'abc'"),
-    "fps zero": (["--fps", "0"], {}, "fps must be from 1 to 120 frames per second"),
-    "fps far too high": (["--fps", "1000"], {}, "fps must be from 1 to 120 frames per second"),
-    "shift zero": (["--shift", "0"], {}, "shift must be positive"),
-    "max frames not 4n+1": (["--max-frames", "80"], {}, "max_frames must be 4n+1"),
-    "max frames past the RoPE": (["--max-frames", "4097"], {}, "max_frames 4097 is above 4093"),
-    "image size too small": (["--image-size", "8"], {}, "image_size must be at least 16"),
-    "image size past the RoPE": (["--image-size", "16385"], {}, "image_size 16385 is above 16384"),
+    "fps zero": (["--fps", "0"], {}, "--fps must be from 1 to 120 frames per second"),
+    "fps far too high": (["--fps", "1000"], {}, "--fps must be from 1 to 120 frames per second"),
+    "shift zero": (["--shift", "0"], {}, "--shift must be positive"),
+    "max frames not 4n+1": (["--max-frames", "80"], {}, "--max-frames must be 4n+1"),
+    "max frames past the RoPE": (["--max-frames", "4097"], {}, "--max-frames 4097 is above 4093"),
+    "image size too small": (["--image-size", "8"], {}, "--image-size must be at least 16"),
+    "image size past the RoPE": (["--image-size", "16385"], {}, "--image-size 16385 is above 16384"),
     "guidance range reversed": (["--audio-guidance-start", "0.8", "--audio-guidance-end", "0.2"], {},
                                 "audio guidance range"),
-    "vae tile": (["--vae-tile", "100"], {}, "vae_tile must be a multiple of 32"),
-    "negative audio scale": (["--audio-scale", "-1"], {}, "audio_scale must be >= 0"),
+    "vae tile": (["--vae-tile", "100"], {}, "--vae-tile must be a multiple of 32"),
+    "negative audio scale": (["--audio-scale", "-1"], {}, "--audio-scale must be >= 0"),
     "face intensity": (["--face-intensity", "2"], {}, "face intensity"),
     "face box outside": (["--face-box", "5000,5000,6000,6000"], {}, "lies outside the 60x90 portrait"),
     "face box without area": (["--face-box", "40,20,10,60"], {}, "x1 > x0 and y1 > y0"),
@@ -94,19 +94,19 @@ COMMAND_LINE_CASES = {
     "gpu memory budget not positive": (["--gpu-memory", "0"], {}, "--gpu-memory must be a positive number of GiB"),
     "attention not offered": (["--attention", "fastest"], {}, "attention must be one of sdpa, flash, sage, xformers"),
     "no face to crop": (["--face-crop"], {}, "--face-box x0,y0,x1,y1, or add --face-fallback"),
-    "step cache negative": (["--step-cache", "-0.1"], {}, "step_cache must be a number from 0 (off) to 1"),
-    "step cache nan": (["--step-cache", "nan"], {}, "step_cache must be a number from 0 (off) to 1"),
+    "step cache negative": (["--step-cache", "-0.1"], {}, "--step-cache must be a number from 0 (off) to 1"),
+    "step cache nan": (["--step-cache", "nan"], {}, "--step-cache must be a number from 0 (off) to 1"),
     "step cache above 1": (["--step-cache", "2"], {}, "got 2.0"),
-    "fps not a number": (["--fps", "nan"], {}, "fps must be a finite number, got nan"),
-    "fps infinite": (["--fps", "inf"], {}, "fps must be a finite number, got inf"),
-    "shift not a number": (["--shift", "nan"], {}, "shift must be a finite number"),
-    "cfg not a number": (["--cfg", "nan"], {}, "cfg must be a finite number"),
-    "audio cfg infinite": (["--audio-cfg", "inf"], {}, "audio_cfg must be a finite number"),
-    "audio scale infinite": (["--audio-scale", "inf"], {}, "audio_scale must be a finite number"),
-    "seed past 64 bits": (["--seed", str(2**64)], {}, "seed must be a whole number from -9223372036854775808 to 18446744073709551615"),
-    "seed below 64 bits": (["--seed", str(-(2**63) - 1)], {}, "seed must be a whole number from -9223372036854775808"),
+    "fps not a number": (["--fps", "nan"], {}, "--fps must be a finite number, got nan"),
+    "fps infinite": (["--fps", "inf"], {}, "--fps must be a finite number, got inf"),
+    "shift not a number": (["--shift", "nan"], {}, "--shift must be a finite number"),
+    "cfg not a number": (["--cfg", "nan"], {}, "--cfg must be a finite number"),
+    "audio cfg infinite": (["--audio-cfg", "inf"], {}, "--audio-cfg must be a finite number"),
+    "audio scale infinite": (["--audio-scale", "inf"], {}, "--audio-scale must be a finite number"),
+    "seed past 64 bits": (["--seed", str(2**64)], {}, "--seed must be a whole number from -9223372036854775808 to 18446744073709551615"),
+    "seed below 64 bits": (["--seed", str(-(2**63) - 1)], {}, "--seed must be a whole number from -9223372036854775808"),
     "gpu memory budget not a number": (["--gpu-memory", "nan"], {}, "--gpu-memory must be a positive number of GiB"),
-    "max frames zero": (["--max-frames", "0"], {}, "max_frames must be"),
+    "max frames zero": (["--max-frames", "0"], {}, "--max-frames must be"),
     "face margin negative": (["--face-box", "5,5,30,30", "--face-margin", "-1"], {},
                              "the face margin must be a number >= 0"),
     "face margin not a number": (["--face-box", "5,5,30,30", "--face-margin", "nan"], {},
@@ -114,6 +114,13 @@ COMMAND_LINE_CASES = {
     "device unknown": (["--device", "bogus"], {}, "--device bogus: use cpu, or cuda"),
     "device of another kind": (["--device", "mps"], {}, "--device mps: use cpu, or cuda"),
     "audio shorter than one wav2vec2 token": ([], dict(audio="short.wav"), "wav2vec2 needs at least 25 ms"),
+    # these once went through: a face index below 0, a negative feather, model flags --tiny would not read
+    "face index negative": (["--face-crop", "--face-fallback", "--face-index", "-1"], {},
+                            "the face index must be 0 (the largest face) or more, got -1"),
+    "face feather negative": (["--face-box", "5,5,30,30", "--face-feather", "-5"], {},
+                              "the face feather must be 0 pixels (a hard edge) or more, got -5"),
+    "face margin negative, face detected": (["--face-crop", "--face-margin", "-1"], {},
+                                            "the face margin must be a number >= 0"),
 }
 
 
@@ -200,6 +207,48 @@ def test_a_file_name_longer_than_the_system_allows_is_one_line(inputs, tmp_path,
     rc, err = run_main(argv)
     assert_one_clear_line(err, "", rc)
     assert ("File name too long" in err or "at most 255 bytes" in err) and list(tmp_path.iterdir()) == []
+
+
+def test_a_silent_recording_is_told_before_the_models_load(tmp_path, monkeypatch):
+    # the warning came from the audio encoder, minutes into a run with real weights
+    from fantasytalking_core.errors import FantasyTalkingError
+    from fantasytalking_core.loaders import model_paths
+
+    def not_loading(*args, **kwargs):
+        raise FantasyTalkingError("the models would load now")
+
+    Image.new("RGB", (64, 64), "grey").save(tmp_path / "face.png")
+    with wave.open(str(tmp_path / "silent.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(bytes(2 * 16000))
+    monkeypatch.setattr(model_paths, "load_models", not_loading)
+    rc, err = run_main(generate_args(tmp_path, tmp_path / "x.mp4", audio="silent.wav"))
+    lines = err.strip().splitlines()
+    assert "warning: the recording is digital silence: the face will not speak." in lines
+    assert lines[-1] == "error: the models would load now" and rc == 2
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--models", "/nonexistent"], "--tiny makes its own random models and would not read --models"),
+    (["--dit", "/nonexistent.safetensors", "--vae", "/x"], "would not read --dit, --vae"),
+])
+def test_model_flags_beside_tiny_are_refused(inputs, tmp_path, extra, words):
+    # they were ignored with exit 0, so a user believed the model files checked
+    rc, err = run_main(generate_args(inputs, tmp_path / "x.mp4", *extra))
+    assert_one_clear_line(err, words, rc)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--audio", "--image"])
+def test_the_output_may_not_replace_an_input(inputs, tmp_path, flag):
+    # --audio same.mp4 --out same.mp4 once replaced the recording with the video
+    source = inputs / ("voice.wav" if flag == "--audio" else "face.png")
+    same = tmp_path / "same.mp4"
+    same.write_bytes(source.read_bytes())
+    argv = generate_args(inputs, same)
+    argv[argv.index(flag) + 1] = str(same)
+    rc, err = run_main(argv)
+    assert_one_clear_line(err, f"--out is the {flag} file", rc)
+    assert same.read_bytes() == source.read_bytes()
 
 
 def test_no_models_and_no_tiny(inputs, tmp_path):

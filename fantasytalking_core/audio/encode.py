@@ -36,7 +36,7 @@ from ..errors import AudioInputError, ModelFileError
 from . import io as audio_io
 from .io import DecodedAudio, ResampleBackend
 from .rules import (DEFAULT_FPS, DEFAULT_MAX_FRAMES, SAMPLE_RATE, check_long_enough, crop_for_frames,
-                    frames_for_duration, receptive_field, wav2vec2_num_tokens)
+                    frames_for_duration, receptive_field, recording_warnings, wav2vec2_num_tokens)
 from .wav2vec2 import FIX_HINT
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ NORM_EPS = 1e-7
 # memory stays ~1.1 GB for a base model on CPU (SDPA attention does not materialise the 3000x3000 score matrix)
 # and the attention cost is still small next to the linear layers. 10 s of overlap gives every kept token >= 5 s
 # of context on each side of a seam, at 1.2x the cost of no overlap.
-QUIET_PEAK = 0.01  # -40 dBFS: a speech recording peaks far above; below, wav2vec2 mostly hears the noise floor
 DEFAULT_CHUNK_SECONDS = 60.0
 DEFAULT_OVERLAP_SECONDS = 10.0
 # The exact convolutional front end runs on blocks of this many seconds of output; it only bounds memory
@@ -311,19 +310,9 @@ class AudioFeatures:
         return self.num_frames / self.fps
 
     def warnings(self) -> list[str]:
-        """What the user should know before a long run: a (near-)silent recording, one shorter than a latent frame."""
-        found = []
+        """What the user should know before a long run (:func:`~.rules.recording_warnings`)."""
         peak = float(self.waveform_16k.abs().max()) if self.waveform_16k.numel() else 0.0
-        if peak == 0.0:
-            found.append("the recording is digital silence: the face will not speak")
-        elif peak < QUIET_PEAK:
-            found.append(f"the recording is nearly silent (peak {20 * math.log10(peak):.0f} dBFS): wav2vec2 hears "
-                         "mostly noise, so the lips will move at random; use a louder recording")
-        latent_frame_s = 4 / self.fps  # Wan's VAE packs 4 video frames into one latent frame
-        if self.duration_s < latent_frame_s:
-            found.append(f"the recording ({self.duration_s:.2f} s) is shorter than one latent frame ({latent_frame_s:.2f} s "
-                         f"at {self.fps:g} fps): the {self.num_frames}-frame video is mostly padding")
-        return found
+        return recording_warnings(peak, self.duration_s, self.fps, self.num_frames)
 
 
 def extract_audio_features(

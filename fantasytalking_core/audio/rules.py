@@ -88,6 +88,25 @@ def check_long_enough(num_samples: float, conv_kernel: tuple[int, ...] | list[in
                               "Give a longer recording.")
 
 
+QUIET_PEAK = 0.01  # -40 dBFS: a speech recording peaks far above; below, wav2vec2 mostly hears the noise floor
+
+
+def recording_warnings(peak: float, duration_s: float, fps: float, num_frames: int) -> list[str]:
+    """What the user should know before a long run, from the recording's peak (full scale 1), its length in
+    seconds and the video's fps and frame count: (near-)silence, a recording shorter than a latent frame."""
+    found = []
+    if peak == 0.0:
+        found.append("the recording is digital silence: the face will not speak")
+    elif peak < QUIET_PEAK:
+        found.append(f"the recording is nearly silent (peak {20 * math.log10(peak):.0f} dBFS): wav2vec2 hears "
+                     "mostly noise, so the lips will move at random; use a louder recording")
+    latent_frame_s = 4 / fps  # Wan's VAE packs 4 video frames into one latent frame
+    if duration_s < latent_frame_s:
+        found.append(f"the recording ({duration_s:.2f} s) is shorter than one latent frame ({latent_frame_s:.2f} s "
+                     f"at {fps:g} fps): the {num_frames}-frame video is mostly padding")
+    return found
+
+
 def receptive_field(conv_kernel: tuple[int, ...] | list[int], conv_stride: tuple[int, ...] | list[int]) -> tuple[int, int]:
     """(samples one output token sees, samples between consecutive tokens) of a conv stack: (400, 320) for base."""
     field, hop = 1, 1

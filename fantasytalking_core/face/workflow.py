@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ..audio.io import DecodedAudio
+from ..errors import SettingsError
 from ..media.image import frame_size, load_image
 from .crop import FaceBox, crop_image, detect_faces, paste_back, pick_face, square_crop
 
@@ -42,6 +43,15 @@ class FaceCropOptions:
     feather: int = 16
     fallback_whole_image: bool = False
     box: tuple[float, float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse, before any face is looked for, values no crop can use (margin NaN passes ``< 0``: ``not >=``)."""
+        if self.index < 0:
+            raise SettingsError(f"the face index must be 0 (the largest face) or more, got {self.index}.")
+        if not self.margin >= 0:
+            raise SettingsError(f"the face margin must be a number >= 0 (0.6 by default), got {self.margin}.")
+        if self.feather < 0:
+            raise SettingsError(f"the face feather must be 0 pixels (a hard edge) or more, got {self.feather}.")
 
 
 @dataclass
