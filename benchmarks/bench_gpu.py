@@ -56,6 +56,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+try:
+    import resource  # peak host memory; not on Windows
+except ImportError:
+    resource = None
+
 import diffusers
 import torch
 import torch.nn.functional as F
@@ -450,9 +455,26 @@ def section_inputs(ctx: Context) -> dict[str, Any]:
     }
 
 
-def with_throughput(result: dict[str, Any], flops: float) -> dict[str, Any]:
-    """Add the estimated matrix FLOPs and the rate they were done at."""
-    return {**result, "est_tflop": flops / 1e12, "tflops": flops / result["median_s"] / 1e12}
+DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+"""Dense bf16 peak of the GPUs measured so far (NVIDIA's data sheets, SXM parts), for the model FLOP utilisation."""
+
+
+def with_throughput(result: dict[str, Any], flops: float, tokens: int) -> dict[str, Any]:
+    """Add the estimated matrix FLOPs, the rate they were done at, the video tokens per second (``tokens``: those
+    of the timed call, every pass of it) and, on a GPU of :data:`DENSE_BF16_TFLOPS`, the model FLOP utilisation."""
+    tflops = flops / result["median_s"] / 1e12
+    out = {**result, "est_tflop": flops / 1e12, "tflops": tflops, "tokens_per_s": tokens / result["median_s"]}
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        peak = next((tf for gpu, tf in DENSE_BF16_TFLOPS.items() if gpu in name), None)
+        if peak is not None:
+            out["mfu"] = tflops / peak
+    return out
+
+
+def main_tokens(ctx: Context, batch: int = 1) -> int:
+    """Video tokens of ``batch`` passes at the main size."""
+    return ctx.scale.video_tokens(ctx.scale.latent_hw, batch)
 
 
 def main_pass_flops(ctx: Context, batch: int = 1) -> float:
@@ -462,7 +484,7 @@ def main_pass_flops(ctx: Context, batch: int = 1) -> float:
 
 def section_dit_pass(ctx: Context) -> dict[str, Any]:
     model, inputs = ctx.need_model()
-    return with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx))
+    return with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx), main_tokens(ctx))
 
 
 def guidance_step(ctx: Context, batch_passes: bool) -> dict[str, Any]:
@@ -474,7 +496,7 @@ def guidance_step(ctx: Context, batch_passes: bool) -> dict[str, Any]:
     passes = len(passes_for_step(0, STEPS, guidance))
     result = ctx.time(lambda: velocity(inputs.latents, 0, sigma))
     return {
-        **with_throughput(result, main_pass_flops(ctx, passes)),
+        **with_throughput(result, main_pass_flops(ctx, passes), main_tokens(ctx, passes)),
         "passes": passes,
         f"est_{STEPS}_steps_s": STEPS * result["median_s"],
     }
@@ -530,7 +552,7 @@ def backend_pass(ctx: Context, name: str) -> dict[str, Any]:
     model, inputs = ctx.need_model()
     probe = probe_backend(ctx, name)
     with prefer_backend(name):
-        result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx))
+        result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx), main_tokens(ctx))
     return {**result, "strict_probe": probe, "used_for_self_attention": probe["self_attention"] == "ok"}
 
 
@@ -683,7 +705,7 @@ def fp8_storage_(ctx: Context) -> tuple[int, float | None]:
 def section_dit_pass_fp8_storage(ctx: Context) -> dict[str, Any]:
     model, inputs = ctx.need_model()
     layers, before = fp8_storage_(ctx)
-    result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx))
+    result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx), main_tokens(ctx))
     return {**result, "fp8_linears": layers, "resident_gib_bf16": before}
 
 
@@ -701,7 +723,7 @@ def section_dit_pass_fp8_matmul(ctx: Context) -> dict[str, Any]:
     layers, _ = fp8_storage_(ctx)
     upcast = dit_pass(model, inputs).float()
     scaling = enter_(ctx, fp8_matmuls(model, ctx.device))
-    result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx))
+    result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx), main_tokens(ctx))
     error = relative_error(dit_pass(model, inputs).float(), upcast)
     return {**result, "fp8_linears": layers, "scaling": scaling, "rel_error_vs_upcast": error}
 
@@ -722,7 +744,7 @@ def section_compiled_blocks(ctx: Context) -> dict[str, Any]:
     counters.clear()
     ctx.defer(torch._dynamo.reset)
     enter_(ctx, compiled_blocks(model.transformer))
-    result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx))
+    result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx), main_tokens(ctx))
     return {
         **result,
         "compile_s_est": result["warmup_s"] - ctx.args.warmup * result["median_s"],
@@ -782,7 +804,7 @@ def section_dit_pass_720p(ctx: Context) -> dict[str, Any]:
         result = ctx.time(lambda: dit_pass(model, inputs), repeats=ctx.args.repeats_large)
     flops = pass_flops(ctx.scale, latent_hw, inputs.audio.windows.shape[2])
     return {
-        **with_throughput(result, flops),
+        **with_throughput(result, flops, ctx.scale.video_tokens(latent_hw)),
         "backend": backend,
         "latents": list(inputs.latents.shape),
         "video_tokens": ctx.scale.video_tokens(latent_hw),
@@ -804,7 +826,7 @@ def section_group_offload(ctx: Context) -> dict[str, Any]:
         use_stream=ctx.cuda,
     )
     setup_s = time.perf_counter() - start
-    result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx))
+    result = with_throughput(ctx.time(lambda: dit_pass(model, inputs)), main_pass_flops(ctx), main_tokens(ctx))
     return {**result, "setup_s": setup_s, "use_stream": ctx.cuda}
 
 
@@ -886,6 +908,8 @@ def run_section(ctx: Context, section: Section, reserve_s: float) -> dict[str, A
         result["restore_errors"] = restore_errors
     free_memory(ctx.device)
     result["section_wall_s"] = time.perf_counter() - start
+    if resource is not None:  # the process's peak so far (Linux reports KiB)
+        result["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
 
 
