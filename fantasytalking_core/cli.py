@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
     gen.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                      help="compute precision of the DiT and umT5 whatever the files store (bf16: the official setting)")
-    gen.add_argument("--fp8", action="store_true", help="keep the DiT's block weights in fp8 (half the memory)")
+    gen.add_argument("--fp8", action="store_true",
+                     help="keep the DiT's block weights in fp8 (half the memory); an fp8 file stays fp8 without it")
     gen.add_argument("--fp8-matmul", action="store_true",
                      help="fp8 weights (implies --fp8) computed with real fp8 matrix multiplies on GPUs of compute "
                           "capability 8.9+ (RTX 40xx, H100): faster, a little less exact; elsewhere as --fp8")

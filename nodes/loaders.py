@@ -110,9 +110,11 @@ class ModelLoader(io.ComfyNode):
                                        "shard set."),
                 adapter_input(),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip="Precision the DiT weights are kept in. default: compute_dtype, whatever the "
-                                       "file stores (GGUF stays quantized). fp8_e4m3fn: 8-bit storage, about 17 GiB "
-                                       "for the 14B model instead of 32 GiB in bf16, upcast layer by layer."),
+                               tooltip="Precision the DiT weights are kept in. default: as the file stores them, as "
+                                       "Load Diffusion Model does (an fp8 file stays fp8, GGUF stays quantized, "
+                                       "anything else in compute_dtype). fp8_e4m3fn: 8-bit storage of any file, "
+                                       "about 17 GiB for the 14B model instead of 32 GiB in bf16, upcast layer by "
+                                       "layer."),
                 io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="bf16", advanced=True,
                                tooltip="Precision of the arithmetic. bf16 is the official setting (the adapter was "
                                        "trained and released with it); fp16 or fp32 only as a deliberate choice."),

@@ -154,9 +154,10 @@ def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, 
     """Load every part on the CPU (the pipeline moves each to the compute device while it works).
 
     The DiT (with the adapter's k/v) and umT5 compute in ``compute_dtype`` whatever their files store (fp32
-    shards, fp16, bf16, fp8, GGUF): bf16 is what the official code runs. fp8 weights stay fp8 with
-    ``fp8_storage``, GGUF weights stay quantized; both are upcast layer by layer. CLIP runs in float32 and
-    wav2vec2 in float32, as in the official code.
+    shards, fp16, bf16, fp8, GGUF): bf16 is what the official code runs. An fp8 file's weights stay fp8 (half the
+    memory, as ComfyUI keeps them), and ``fp8_storage`` stores any file's block weights in fp8; GGUF weights stay
+    quantized; both are upcast layer by layer. CLIP runs in float32 and wav2vec2 in float32, as in the official
+    code.
     """
     from ..audio.wav2vec2 import load_wav2vec2
     from ..encoders.image import load_image_encoder
@@ -164,7 +165,7 @@ def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, 
     from ..encoders.vae import load_vae
     from ..pipeline import FantasyTalkingModels
     from .adapter import load_audio_adapter
-    from .wan_dit import load_wan_dit
+    from .wan_dit import load_wan_dit, stores_fp8
 
     cfg = files.configs
     # smallest first: a wrong tokenizer or audio encoder is reported in seconds, not after the 14B DiT has loaded
@@ -173,8 +174,8 @@ def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, 
     vae = load_vae(files.vae, config=cfg.get("vae"))
     image_encoder = load_image_encoder(files.image_encoder, config=cfg.get("image_encoder"), dtype=torch.float32)
     text_encoder = load_text_encoder(files.text_encoder, config=cfg.get("text_encoder"), dtype=compute_dtype)
-    dit = load_wan_dit(files.dit, config=cfg.get("dit"), dtype=compute_dtype, fp8_storage=fp8_storage,
-                       compute_dtype=compute_dtype)
+    dit = load_wan_dit(files.dit, config=cfg.get("dit"), dtype=compute_dtype,
+                       fp8_storage=fp8_storage or stores_fp8(files.dit), compute_dtype=compute_dtype)
     return FantasyTalkingModels(dit=load_audio_adapter(files.adapter, dit), vae=vae, text_encoder=text_encoder,
                                 tokenizer=tokenizer, image_encoder=image_encoder, wav2vec2=wav2vec2)
 

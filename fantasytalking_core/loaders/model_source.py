@@ -22,7 +22,9 @@ class ModelSource:
     Attributes:
         dit: the Wan2.1-I2V DiT (any format :func:`~.wan_dit.load_wan_dit` reads).
         adapter: the FantasyTalking adapter (``fantasytalking_model.ckpt`` or its safetensors repack).
-        weight_dtype: the dtype the DiT's weights are kept in; None: ``compute_dtype`` (GGUF stays quantized).
+        weight_dtype: the dtype the DiT's weights are kept in; None: as the file stores them, as ComfyUI's Load
+            Diffusion Model keeps them: an fp8 file stays fp8 (upcast layer by layer, half the memory of bf16),
+            GGUF stays quantized, anything else is kept in ``compute_dtype``.
         compute_dtype: the dtype the DiT computes in (bf16 official).
     """
 
@@ -34,9 +36,11 @@ class ModelSource:
     def load(self) -> FantasyTalkingModel:
         """The DiT with the adapter joined, on the CPU; its ``source`` is this."""
         from .adapter import load_audio_adapter
-        from .wan_dit import load_wan_dit
+        from .wan_dit import load_wan_dit, stores_fp8
 
-        dit = load_wan_dit(self.dit, dtype=self.weight_dtype or self.compute_dtype, compute_dtype=self.compute_dtype)
+        fp8 = self.weight_dtype is None and stores_fp8(self.dit)
+        dit = load_wan_dit(self.dit, dtype=self.weight_dtype or self.compute_dtype, fp8_storage=fp8,
+                           compute_dtype=self.compute_dtype)
         model = load_audio_adapter(self.adapter, dit)
         model.source = self
         return model

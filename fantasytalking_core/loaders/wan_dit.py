@@ -72,6 +72,15 @@ def _resolve_files(path: Path) -> tuple[Path, Path]:
     raise ModelNotFoundError(f"No model weights (.safetensors, shard index, .gguf, .pth) in folder {path}.")
 
 
+def stores_fp8(path: str | Path) -> bool:
+    """Whether the DiT at ``path`` stores its weights in fp8 (ComfyUI's ``fp8_e4m3fn`` files, scaled or not), from
+    the file's header. A GGUF file does not: it stays quantized its own way."""
+    file, _ = _resolve_files(Path(path))
+    if file.name.lower().endswith(".gguf"):
+        return False
+    return any(dtype in FP8_DTYPES for dtype in open_checkpoint(file).dtypes.values())
+
+
 def dit_config(path: str | Path, config: str | Path | dict | None = None) -> dict:
     """The config :func:`load_wan_dit` builds the DiT at ``path`` from, read before any weight (a parallel layout
     checks the head count with it): ``config`` when given, else the config in the model's folder if any, else the
