@@ -908,8 +908,9 @@ def run_section(ctx: Context, section: Section, reserve_s: float) -> dict[str, A
         result["restore_errors"] = restore_errors
     free_memory(ctx.device)
     result["section_wall_s"] = time.perf_counter() - start
-    if resource is not None:  # the process's peak so far (Linux reports KiB)
-        result["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if resource is not None:  # the process's peak so far, not this section's alone (KiB; bytes on macOS)
+        result["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+            2**30 if sys.platform == "darwin" else 2**20)
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import signal
 import sys
@@ -443,6 +444,15 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+PATH_HINTS = {
+    errno.ENAMETOOLONG: "; use a shorter name (at most 255 bytes per name on most file systems).",
+    errno.ENOENT: "; check the path.",
+    errno.ENOTDIR: "; a part of the path is a file, not a folder.",
+    errno.EACCES: "; this user may not read or write there: choose another place or change its permissions.",
+}
+"""What to do about the errors of a path the user gave (the system's own text says what happened)."""
+
+
 def _in_flag_terms(message: str, args: argparse.Namespace) -> str:
     """``message`` with a leading setting name as the library spells it (``max_frames must be ...``, ``image_size
     16385 is above ...``) written as the flag the user typed (``--max-frames``)."""
@@ -452,11 +462,15 @@ def _in_flag_terms(message: str, args: argparse.Namespace) -> str:
     return message
 
 
-class Terminated(Exception):
-    """SIGTERM arrived (``kill``, ``timeout``, a job scheduler, ``docker stop``, torchrun stopping its workers)."""
+class Terminated(BaseException):
+    """SIGTERM arrived (``kill``, ``timeout``, a job scheduler, ``docker stop``, torchrun stopping its workers).
+    A BaseException, as KeyboardInterrupt: the loaders' ``except Exception`` must not turn it into a bad file."""
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:
+    # a second SIGTERM kills at once: the first waits for Python's next bytecode, which a rank blocked in a
+    # collective or a long C call may never reach
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated
 
 
@@ -475,8 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if exc.filename is None:  # not about a path the user gave: a fault to see whole
             raise
-        print(f"error: {exc.strerror}: {exc.filename}; check the path (a name of at most 255 bytes, a folder that "
-              "exists and can be written to).", file=sys.stderr)
+        hint = PATH_HINTS.get(exc.errno, "")
+        print(f"error: {exc.strerror}: {exc.filename}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the writers have dropped their partial files on the way out
         print("interrupted: stopped by the user (no partial video is left).", file=sys.stderr)

@@ -480,7 +480,7 @@ def check_sampler_inputs(*, segment_frames: int | None = None, motion_frames: in
                          audio_guidance_end: float | None = None, attention: str | None = None,
                          compile: bool | None = None, parallel: str | None = None, parallel_workers: str | None = None,
                          filename_prefix: str | None = None, device_type: str = "cpu",
-                         output_dir: str | None = None) -> str | None:
+                         output_dir: str | None = None, writes_file: bool = True) -> str | None:
     """The sampler's inputs that are known before the run, checked in its ``validate_inputs`` (ComfyUI shows the
     line before any node runs, so before any model loads) and again in ``execute``: None when this run can use
     them, else one line naming the node, the input and the fix.
@@ -489,7 +489,9 @@ def check_sampler_inputs(*, segment_frames: int | None = None, motion_frames: in
     ``execute`` checks its value. ComfyUI skips its own range and dropdown checks for the inputs a
     ``validate_inputs`` takes, so the ranges and choices are checked here. ``device_type``: where the sampler runs
     (``compile`` needs Triton on CUDA); ``output_dir``: ComfyUI's output folder, which ``filename_prefix`` must
-    stay in.
+    stay in when ``writes_file`` (the video is longer than ``max_image_frames``; the frame count is known only
+    when the node runs, so validation checks the prefix only when every video is written: ``max_image_frames``
+    0).
     """
     node = "FantasyTalking Sampler"
     if max_image_frames is not None and max_image_frames < 0:
@@ -511,17 +513,26 @@ def check_sampler_inputs(*, segment_frames: int | None = None, motion_frames: in
     try:
         if attention is not None:
             check_attention(attention)
-        if compile and not ray_workers:  # Ray workers compile on their own machines
-            check_compile(True, device_type, "compile")
+        if compile and None not in (parallel, parallel_workers) and not ray_workers:  # Ray workers compile on
+            check_compile(True, device_type, "compile")  # their own machines
     except FantasyTalkingError as error:
         return f"{node}: {error}"
-    if filename_prefix is not None and output_dir is not None:
-        root = os.path.abspath(output_dir)
-        folder = os.path.abspath(os.path.join(root, os.path.dirname(os.path.normpath(filename_prefix))))
-        if os.path.commonpath([root, folder]) != root:
+    if filename_prefix is not None and output_dir is not None and writes_file:
+        folder = os.path.join(output_dir, os.path.dirname(os.path.normpath(filename_prefix)))
+        if not inside_folder(output_dir, folder):
             return (f"{node}: filename_prefix {filename_prefix!r} leads outside ComfyUI's output folder; give a "
                     "path inside it, such as FantasyTalking/long.")
     return None
+
+
+def inside_folder(folder: str, path: str) -> bool:
+    """Whether ``path`` resolves inside ``folder`` (symbolic links followed, as ComfyUI's own check does); a path
+    on another Windows drive is not."""
+    folder, path = os.path.realpath(folder), os.path.realpath(path)
+    try:
+        return os.path.commonpath([folder, path]) == folder
+    except ValueError:  # another drive
+        return False
 
 
 @dataclass

@@ -99,7 +99,11 @@ def resolve_wav2vec2(choice: str, audio_roots: Iterable[str | Path], transformer
 def _inside(root: str | Path, relative: str) -> Path | None:
     """``root / relative`` when it stays inside ``root``, else None: a prompt sent to ComfyUI's API may name any
     path (ComfyUI skips its dropdown check for inputs a ``validate_inputs`` takes), and a loader reads only its
-    models folders. Symbolic links inside the folder are followed as usual."""
+    models folders. Judged by name, so a model file linked in from another disk still loads."""
     root = os.path.abspath(root)
-    path = os.path.abspath(os.path.join(root, relative))
-    return Path(path) if os.path.commonpath([root, path]) == root and path != root else None
+    path = os.path.abspath(os.path.join(root, relative))  # by name: a linked model file may live on another disk
+    try:
+        inside = os.path.commonpath([root, path]) == root and path != root
+    except ValueError:  # another Windows drive
+        inside = False
+    return Path(path) if inside else None

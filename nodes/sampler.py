@@ -183,7 +183,8 @@ class Sampler(io.ComfyNode):
             max_image_frames=max_image_frames, audio_guidance_start=audio_guidance_start,
             audio_guidance_end=audio_guidance_end, attention=attention, compile=compile, parallel=parallel,
             parallel_workers=parallel_workers, filename_prefix=filename_prefix,
-            device_type=mm.get_torch_device().type, output_dir=folder_paths.get_output_directory()) or True
+            device_type=mm.get_torch_device().type, output_dir=folder_paths.get_output_directory(),
+            writes_file=max_image_frames == 0) or True  # the frame count is not known yet
 
     @classmethod
     def execute(cls, model, positive, negative, identity, audio_features, steps: int, cfg: float, audio_cfg: float,
@@ -201,7 +202,8 @@ class Sampler(io.ComfyNode):
             max_image_frames=max_image_frames, audio_guidance_start=audio_guidance_start,
             audio_guidance_end=audio_guidance_end, attention=attention, compile=compile, parallel=parallel,
             parallel_workers=parallel_workers, filename_prefix=filename_prefix, device_type=device.type,
-            output_dir=folder_paths.get_output_directory())
+            output_dir=folder_paths.get_output_directory(),
+            writes_file=audio_features.features.num_frames > max_image_frames)
         if problem:
             raise SettingsError(problem)
         options = segment_options(segment_frames, motion_frames, chaining, color_match, crossfade)

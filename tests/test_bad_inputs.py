@@ -199,6 +199,25 @@ def test_sigterm_leaves_no_partial_video(inputs, tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_sigterm_while_the_models_load_is_no_bad_file(inputs, tmp_path, monkeypatch):
+    # the loaders turn any Exception from a reader into "not a readable file": SIGTERM must pass through them
+    import os
+    import signal
+
+    from fantasytalking_core.loaders import state_dict
+
+    real_open = state_dict.safe_open
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(state_dict, "safe_open", terminated)
+    rc, err = run_main(generate_args(inputs, tmp_path / "x.mp4"))
+    assert rc == 143 and err.strip().splitlines()[-1].startswith("terminated: stopped by"), err[-500:]
+    assert "not a readable" not in err and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flag", ["--out", "--image", "--audio"])
 def test_a_file_name_longer_than_the_system_allows_is_one_line(inputs, tmp_path, flag):
     long = str(tmp_path / ("n" * 300 + ".mp4"))

@@ -575,9 +575,21 @@ SAMPLER_INPUTS = dict(segment_frames=81, motion_frames=9, chaining="last_frame",
 
 
 def test_sampler_inputs_are_checked_before_the_run_with_one_line(tmp_path, monkeypatch):
+    from fantasytalking_core.errors import MissingDependencyError
+
     def check(device_type="cpu", **changes):
         return convert.check_sampler_inputs(**{**SAMPLER_INPUTS, **changes}, device_type=device_type,
                                             output_dir=str(tmp_path))
+
+    def flash_missing(name):  # the same here as on a machine with flash-attn (test_runtime_attention checks it)
+        if name == "flash":
+            raise MissingDependencyError("attention 'flash' needs the flash-attn package (pip install flash-attn)")
+        return name
+
+    real_find_spec, missing = importlib.util.find_spec, {"ray", "triton"}  # Triton: on every CUDA Linux machine
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in missing else real_find_spec(name, *a))
+    monkeypatch.setattr(convert, "check_attention", flash_missing)
 
     assert check() is None
     assert check(segment_frames=5, motion_frames=1, chaining="pinned_latents", color_match=1.0, max_image_frames=0,
@@ -595,7 +607,7 @@ def test_sampler_inputs_are_checked_before_the_run_with_one_line(tmp_path, monke
            (("audio_guidance_start", 0.6), ("audio_guidance_end", 0.2)): "must satisfy 0 <= start <= end <= 1",
            (("audio_guidance_end", 1.5),): "must satisfy 0 <= start <= end <= 1",
            (("attention", "flash"),): "attention 'flash' needs the flash-attn package",
-           (("attention", "magic"),): "attention must be one of sdpa, flash, sage, xformers",
+
            (("compile", True), ("device_type", "cuda")): "compile on a GPU needs Triton",
            (("parallel", "cfg=two"),): "cfg needs a whole number",
            (("parallel_workers", "threads"),): "parallel_workers must be one of processes, ray",
@@ -603,12 +615,13 @@ def test_sampler_inputs_are_checked_before_the_run_with_one_line(tmp_path, monke
     for changes, words in bad.items():
         message = check(**dict(changes))
         assert message.startswith("FantasyTalking Sampler: ") and words in message and "\n" not in message, message
-    assert check(compile=True, device_type="cuda", parallel="cfg=2", parallel_workers="ray") is None  # on the workers
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "ray" else real_find_spec(name, *a))
     assert "needs the ray package (pip install ray)" in check(parallel="cfg=2", parallel_workers="ray")
     assert check(parallel="", parallel_workers="ray") is None  # no workers to start
+    missing.discard("ray")  # Ray workers compile on their own machines, whose Triton is theirs
+    assert check(compile=True, device_type="cuda", parallel="cfg=2", parallel_workers="ray") is None
+    assert check(compile=True, device_type="cuda", parallel=None) is None  # fed by a link: the workers may be Ray's
+    # the prefix matters only when the video is written to a file
+    assert check(filename_prefix="../../elsewhere/long", writes_file=False) is None
 
 
 def test_sampler_inputs_fed_by_links_are_checked_when_known():
@@ -619,6 +632,8 @@ def test_sampler_inputs_fed_by_links_are_checked_when_known():
     assert "must satisfy 0 <= start" in convert.check_sampler_inputs(**{**unknown, "audio_guidance_start": 0.8,
                                                                         "audio_guidance_end": 0.1})
     assert convert.check_sampler_inputs(**{**unknown, "audio_guidance_start": 0.8}) is None  # the end comes later
+    assert "attention must be one of sdpa, flash, sage, xformers" in convert.check_sampler_inputs(
+        **{**unknown, "attention": "magic"})
 
 
 def test_image_memory_estimate_of_ten_minutes_at_512():

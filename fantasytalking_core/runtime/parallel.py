@@ -131,14 +131,14 @@ def check_layout(layout: ParallelLayout, world_size: int, max_passes: int, num_h
     if layout.fsdp and layout.sequence == 1:
         raise SettingsError(f"{option} {layout}: fsdp shards the weights over the ring x ulysses ranks of a "
                             "sequence group; with one rank per group add ring or ulysses, or leave fsdp out.")
-    if layout.sequence > 1 and attention is not None and attention not in SPLIT_ATTENTION:
-        raise SettingsError(f"{option} {layout}: ring and ulysses split each attention over the ranks, which "
-                            f"attention {attention!r} cannot do (each rank would attend to its own share of the "
-                            f"video only); use {names['attention']} {' or '.join(SPLIT_ATTENTION)}.")
     if layout.ring > 1 and attention is not None and attention not in RING_ATTENTION:
         raise SettingsError(f"{option} ring={layout.ring}: ring attention merges blocks by their log-sum-exp, "
                             f"which attention {attention!r} does not return; use {names['attention']} "
                             f"{' or '.join(RING_ATTENTION)}, or ulysses instead of ring.")
+    if layout.sequence > 1 and attention is not None and attention not in SPLIT_ATTENTION:
+        raise SettingsError(f"{option} {layout}: ring and ulysses split each attention over the ranks, which "
+                            f"attention {attention!r} cannot do (each rank would attend to its own share of the "
+                            f"video only); use {names['attention']} {' or '.join(SPLIT_ATTENTION)}.")
     if num_heads is not None and num_heads % layout.ulysses:
         raise SettingsError(f"{option} ulysses={layout.ulysses}: Ulysses splits the {num_heads} attention heads, "
                             f"so it must divide {num_heads}.")

@@ -20,7 +20,6 @@ from .step_cache import StepCache, check_step_cache
 ProgressFn = Callable[[int, int], None]
 
 
-@torch.no_grad()
 def check_finite(latents: torch.Tensor, step: int, steps: int, dtype: torch.dtype) -> None:
     """Stop at the step (0-based ``step`` of ``steps``) whose result holds NaN or infinity: every later step would
     keep it, and the decoded video would be black. ``dtype``: the DiT's compute dtype, named in the advice."""
@@ -32,6 +31,7 @@ def check_finite(latents: torch.Tensor, step: int, steps: int, dtype: torch.dtyp
                          f"black; {advice}.")
 
 
+@torch.no_grad()
 def generate_latents(
     dit: FantasyTalkingModel,
     text_pos: torch.Tensor,
