@@ -750,7 +750,8 @@ def check_refused_before_the_run(comfy: ComfyUI, path: Path, report: Report) -> 
                f"\"{node_error(reply)}\"")
     for inputs, words in (({"audio_guidance_start": 0.8, "audio_guidance_end": 0.2}, "0 <= start <= end <= 1"),
                           ({"attention": "flash"}, "attention 'flash' needs the flash-attn package"),
-                          ({"filename_prefix": "../../elsewhere/long"}, "leads outside ComfyUI's output folder")):
+                          ({"filename_prefix": "../../elsewhere/long", "max_image_frames": 0},
+                           "leads outside ComfyUI's output folder")):
         prompt = load_api_workflow(path)
         _, sampler = node_of(prompt, "FantasyTalkingSampler")
         sampler["inputs"].update(inputs)
@@ -758,7 +759,8 @@ def check_refused_before_the_run(comfy: ComfyUI, path: Path, report: Report) -> 
         report.check(status == 400 and words in node_error(reply) and "Traceback" not in json.dumps(reply),
                      f"sampler {inputs} refused before the run ({status} {node_error(reply)[:300]})")
     report.say("validate_inputs: a reversed audio guidance range, an uninstalled attention kernel and a "
-               "filename_prefix outside the output folder are refused before the run (HTTP 400)")
+               "filename_prefix outside the output folder (every video written to a file) are refused before the "
+               "run (HTTP 400)")
     prompt = load_api_workflow(path)  # segment_frames fed by a link: unknown at validation, refused when it runs
     sampler_id, sampler = node_of(prompt, "FantasyTalkingSampler")
     prompt["linked_int"] = {"class_type": "PrimitiveInt", "inputs": {"value": 80}}
