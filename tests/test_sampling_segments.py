@@ -296,7 +296,7 @@ def test_command_line_segments_by_default_and_max_frames_keeps_the_single_clip(t
     with av.open(str(tmp_path / "long.mp4")) as a, av.open(str(tmp_path / "clip.mp4")) as b:
         assert sum(1 for _ in a.decode(video=0)) == 29 and sum(1 for _ in b.decode(video=0)) == 13
     proc = generate("bad.mp4", "--segment-frames", "12")
-    assert proc.returncode == 2 and "segment_frames must be 4n+1" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "--segment-frames must be 4n+1" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_segment_seeds_wrap_at_64_bits(pipe, face, monkeypatch):
