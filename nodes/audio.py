@@ -28,7 +28,8 @@ class AudioEncode(io.ComfyNode):
                                                 "Audio."),
                 # step = round: some front-end versions keep only as many decimals as the step has (step 1 turned
                 # 12.5 into 13), and 23.976 needs three
-                io.Float.Input("fps", default=float(DEFAULT_FPS), min=FPS_RANGE[0], max=FPS_RANGE[1], step=0.001, round=0.001,
+                io.Float.Input("fps", default=float(DEFAULT_FPS), min=FPS_RANGE[0], max=FPS_RANGE[1], step=0.001,
+                               round=0.001,
                                tooltip="Video frame rate in frames per second, fractions allowed (12.5, 23.976); "
                                        "FantasyTalking was trained at 23."),
                 io.Int.Input("max_frames", default=DEFAULT_MAX_FRAMES, min=5, max=MAX_VIDEO_FRAMES, step=4,
