@@ -79,6 +79,10 @@ def _generate(args: argparse.Namespace) -> int:
         attention=args.attention, compile=args.compile, fp8_matmul=args.fp8_matmul, step_cache=args.step_cache,
     )
     check_budget(args.gpu_memory, "--gpu-memory")  # here, before any model loads (the pipeline checks it again when built)
+    if torch.device(args.device).type == "cpu" and (args.offload_blocks or args.gpu_memory is not None):
+        flag = "--offload-blocks" if args.offload_blocks else "--gpu-memory"
+        raise SettingsError(f"{flag} places the DiT on a GPU; with --device cpu it computes in RAM and {flag} would "
+                            "do nothing: leave it out, or choose --device cuda.")
     segmented = args.max_frames is None  # --max-frames asks for the official single clip
     try:
         options = SegmentOptions(args.segment_frames, args.motion_frames, args.chaining, args.color_match,

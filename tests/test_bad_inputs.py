@@ -115,6 +115,9 @@ COMMAND_LINE_CASES = {
     "device of another kind": (["--device", "mps"], {}, "--device mps: use cpu, or cuda"),
     "audio shorter than one wav2vec2 token": ([], dict(audio="short.wav"), "wav2vec2 needs at least 25 ms"),
     # these once went through: a face index below 0, a negative feather, model flags --tiny would not read
+    "offload on the cpu": (["--device", "cpu", "--offload-blocks"], {}, "--offload-blocks places the DiT on a GPU; "
+                                                                         "with --device cpu it computes in RAM"),
+    "gpu budget on the cpu": (["--device", "cpu", "--gpu-memory", "8"], {}, "--gpu-memory places the DiT on a GPU"),
     "face index negative": (["--face-crop", "--face-fallback", "--face-index", "-1"], {},
                             "the face index must be 0 (the largest face) or more, got -1"),
     "face feather negative": (["--face-box", "5,5,30,30", "--face-feather", "-5"], {},

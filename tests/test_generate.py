@@ -361,13 +361,18 @@ def test_more_processes_than_gpus_on_a_machine_is_one_clear_error(monkeypatch):
 ])
 def test_what_sharded_weights_cannot_do_is_refused_before_any_model_loads(inputs, tmp_path, monkeypatch, option,
                                                                          message):
+    import torch
     from test_loaders_lora import kijai_lora
 
     extra = [option, str(kijai_lora(tmp_path / "style.safetensors")[0])] if option == "--lora" else [option]
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
+    # a machine with 2 GPUs and NCCL, as PyTorch for Linux with CUDA: the checks run before any GPU is touched
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
     proc = generate_here("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
-                         str(tmp_path / "x.mp4"), "--tiny", "--device", "cpu", "--parallel", "cfg=2,fsdp", *extra)
+                         str(tmp_path / "x.mp4"), "--tiny", "--device", "cuda", "--parallel", "cfg=2,fsdp", *extra)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "random tiny models" not in proc.stderr and not (tmp_path / "x.mp4").exists()
