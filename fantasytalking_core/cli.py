@@ -64,6 +64,7 @@ def _generate(args: argparse.Namespace) -> int:
         layout = parse_parallel(args.parallel)
     check_output_path(args.out)
     _check_inputs_are_not_the_output(args)
+    _check_no_model_files_with_tiny(args)
     check_crf(args.crf)
     _check_device(args.device)
     check_compile(args.compile, torch.device(args.device).type)
@@ -218,12 +219,16 @@ def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settin
 
 
 def _check_inputs_are_not_the_output(args: argparse.Namespace) -> None:
-    """Refuse an ``--out`` that is the ``--image`` or the ``--audio`` file (a finished run replaced it), and model
-    flags beside ``--tiny``, which makes its own models and would not read them (a user would think them checked)."""
+    """Refuse an ``--out`` that is the ``--image`` or the ``--audio`` file (a finished run replaced it)."""
     out = Path(args.out)
     for flag, value in (("--image", args.image), ("--audio", args.audio)):
         if out.exists() and Path(value).exists() and out.samefile(value):
             raise SettingsError(f"--out is the {flag} file {value}; the video would replace it: write it elsewhere.")
+
+
+def _check_no_model_files_with_tiny(args: argparse.Namespace) -> None:
+    """Refuse model flags beside ``--tiny``, which makes its own models and would not read them (a user would think
+    them checked)."""
     if args.tiny:
         given = [flag for flag, value in (("--models", args.models), *((EXPLICIT_FLAGS[part], getattr(args, part))
                                                                          for part in EXPLICIT_FILES)) if value]

@@ -501,10 +501,10 @@ def check_sampler_inputs(*, segment_frames: int | None = None, motion_frames: in
             segment_options(segment_frames, motion_frames, chaining, color_match)
         except SettingsError as error:
             return str(error)
-    if guidance_range_problem(node, audio_guidance_start, audio_guidance_end):
-        return guidance_range_problem(node, audio_guidance_start, audio_guidance_end)
-    if parallel is not None and check_parallel_text(parallel):
-        return check_parallel_text(parallel)
+    problem = guidance_range_problem(node, audio_guidance_start, audio_guidance_end) or (
+        None if parallel is None else check_parallel_text(parallel))
+    if problem:
+        return problem
     if parallel_workers is not None and parallel_workers not in POOL_BACKENDS:
         return f"{node}: parallel_workers must be one of {', '.join(POOL_BACKENDS)}, got {parallel_workers!r}."
     ray_workers = bool(parallel and parallel.strip()) and parallel_workers == "ray"

@@ -179,11 +179,17 @@ def box_from_mask(mask: torch.Tensor) -> FaceBox:
     return FaceBox(float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1)
 
 
+def check_margin(margin: float) -> float:
+    """``margin`` (of :func:`square_crop`) when it is a number >= 0, else a SettingsError (NaN too)."""
+    if not margin >= 0:  # NaN passes ``< 0``
+        raise SettingsError(f"the face margin must be a number >= 0 ({DEFAULT_MARGIN} by default), got {margin}.")
+    return margin
+
+
 def square_crop(face: FaceBox, image_height: int, image_width: int, margin: float = DEFAULT_MARGIN) -> CropInfo:
     """A square around ``face``: side = face size x (1 + 2 margin), centred on the face, shifted to stay inside the
     image where it fits, and never larger than the image's shorter side unless the face itself needs it."""
-    if not margin >= 0:  # NaN too
-        raise SettingsError(f"the face margin must be a number >= 0 (0.6 by default), got {margin}.")
+    check_margin(margin)
     side = max(face.x1 - face.x0, face.y1 - face.y0) * (1 + 2 * margin)
     size = int(round(min(side, max(min(image_height, image_width), face.x1 - face.x0, face.y1 - face.y0))))
     cx, cy = (face.x0 + face.x1) / 2, (face.y0 + face.y1) / 2

@@ -18,7 +18,7 @@ from PIL import Image
 from ..audio.io import DecodedAudio
 from ..errors import SettingsError
 from ..media.image import frame_size, load_image
-from .crop import FaceBox, crop_image, detect_faces, paste_back, pick_face, square_crop
+from .crop import FaceBox, check_margin, crop_image, detect_faces, paste_back, pick_face, square_crop
 
 if TYPE_CHECKING:
     from ..pipeline import FantasyTalkingPipeline, GenerationResult
@@ -45,11 +45,10 @@ class FaceCropOptions:
     box: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
-        """Refuse, before any face is looked for, values no crop can use (margin NaN passes ``< 0``: ``not >=``)."""
+        """Refuse, before any face is looked for, values no crop can use."""
         if self.index < 0:
             raise SettingsError(f"the face index must be 0 (the largest face) or more, got {self.index}.")
-        if not self.margin >= 0:
-            raise SettingsError(f"the face margin must be a number >= 0 (0.6 by default), got {self.margin}.")
+        check_margin(self.margin)
         if self.feather < 0:
             raise SettingsError(f"the face feather must be 0 pixels (a hard edge) or more, got {self.feather}.")
 
