@@ -21,8 +21,9 @@ tokens cut into per-frame windows by the library's own helpers, so the real code
      fast_step_batched           the same step with its three passes as one batch
      fast_step_cache_hit         the same step when the first-block cache hits for every pass
   e. streamed_fast_step          fp8 weights streamed from CPU memory block by block, fp8 matmuls, compiled blocks
-  e. group_offload               diffusers' block-level group offloading (weights on the CPU, streamed): last,
-                                 since it moves the model
+  e. group_offload               diffusers' block-level group offloading (weights on the CPU, streamed)
+  g. memory_budget               the placement ``--gpu-memory`` picks for 24, 12 and 8 GB cards at 512x512 and
+                                 720x1280 (fp8 weights), one pass each with the process capped at the budget
 
 ``--precision`` picks how bf16 rounds (``fantasytalking_core.model.precision``): ``official`` (default, what the library
 runs: float32 residual stream, modulation and head) or ``diffusers`` (``WanTransformer3DModel.forward`` as it is).
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import signal
 import sys
@@ -97,7 +99,8 @@ from fantasytalking_core.model.transformer import (
 )
 from fantasytalking_core.runtime.compile import compiled_blocks
 from fantasytalking_core.runtime.fp8 import fp8_matmuls
-from fantasytalking_core.runtime.placement import streamed_blocks
+from fantasytalking_core.runtime.memory import InsufficientMemoryError, choose_placement, estimate_dit_memory
+from fantasytalking_core.runtime.placement import PLACEMENTS, dit_on_device, streamed_blocks
 from fantasytalking_core.sampling.euler import DiTConditions, guided_velocity
 from fantasytalking_core.sampling.guidance import GuidanceConfig, passes_for_step
 from fantasytalking_core.sampling.schedule import flow_match_sigmas, sigmas_to_timesteps
@@ -845,6 +848,76 @@ def section_streamed_fast_step(ctx: Context) -> dict[str, Any]:
     return {**guidance_step(ctx, batch_passes=False), "fp8_linears": layers, "setup_s": setup_s}
 
 
+def budget_cases(ctx: Context) -> list[tuple[float, tuple[int, int]]]:
+    """(GPU memory budget in GiB, latent height and width) of :func:`section_memory_budget`: consumer cards (24, 12
+    and 8 GB) at 512x512 and 720x1280. The tiny model has too few blocks for streaming to save memory, so its
+    budgets sit just above its resident estimates."""
+    main, large = ctx.scale.latent_hw, ctx.scale.large_latent_hw
+    if ctx.scale.time_factor:
+        return [(24.0, main), (24.0, large), (12.0, large), (12.0, main), (8.0, main)]
+    model, _ = ctx.need_model()
+    return [(1.01 * estimate_dit_memory(model.transformer, ctx.scale.num_frames, 8 * h, 8 * w).total / GIB, (h, w))
+            for h, w in (main, large)]
+
+
+@contextmanager
+def memory_cap(device: torch.device, budget_gib: float) -> Iterator[None]:
+    """Let this process allocate at most ``budget_gib`` GiB on a CUDA ``device``, as a card of that size would (the
+    caching allocator refuses beyond it); nothing elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    index = torch.cuda.current_device() if device.index is None else device.index  # the call wants an index
+    free_memory(device)
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GIB / total), index)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
+        free_memory(device)
+
+
+def section_memory_budget(ctx: Context) -> dict[str, Any]:
+    """The memory budget option (``--gpu-memory`` / the sampler's ``gpu_memory``) on smaller cards: fp8 weights (as
+    an fp8 file loads by default), the placement ``runtime.memory.choose_placement`` picks for each budget, and one
+    DiT pass (audio on) run inside ``runtime.placement.dit_on_device`` with the process capped at the budget
+    (``torch.cuda.set_per_process_memory_fraction``). Records the estimate, the measured peak and whether the pass
+    ran. A guided step runs its passes one after another, so its peak is a pass's. Last: it leaves the model on
+    the CPU."""
+    model, inputs = ctx.need_model()
+    layers, _ = fp8_storage_(ctx)
+    cases = budget_cases(ctx)
+    results: dict[str, Any] = {"fp8_linears": layers, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+    for placement in PLACEMENTS:  # resident cases first: the streamed ones leave the weights on the CPU
+        chosen = []
+        for budget, hw in cases:
+            try:
+                picked, estimate = choose_placement(model.transformer, ctx.scale.num_frames, 8 * hw[0], 8 * hw[1],
+                                                    budget)
+            except InsufficientMemoryError as exc:
+                results[f"{budget:.4g}GiB_{8 * hw[0]}x{8 * hw[1]}"] = {"status": "refused", "message": str(exc)}
+                continue
+            if picked == placement:
+                chosen.append((budget, hw, estimate))
+        if not chosen:
+            continue
+        with dit_on_device(model, ctx.device, placement):
+            for budget, hw, estimate in chosen:
+                case_inputs = inputs if hw == ctx.scale.latent_hw else make_inputs(
+                    model, ctx.scale, hw, ctx.device, ctx.args.seed)
+                with memory_cap(ctx.device, budget):
+                    entry = guarded(lambda i=case_inputs: ctx.time(lambda: dit_pass(model, i), warmup=0, repeats=1),
+                                    ctx.device)
+                entry.update(placement=placement, budget_gib=budget, estimate_gib=estimate.total / GIB,
+                             video_tokens=ctx.scale.video_tokens(hw))
+                if ctx.cuda:  # what the card must hold: the allocator's reserve, fragmentation included
+                    entry["peak_reserved_gib"] = torch.cuda.max_memory_reserved(ctx.device) / GIB
+                results[f"{budget:.4g}GiB_{8 * hw[0]}x{8 * hw[1]}"] = entry
+                del case_inputs
+    return results
+
+
 @dataclass(frozen=True)
 class Section:
     """One measurement. ``min_s``: full-size seconds it needs to be worth starting; ``cap_s``: its hard time cap;
@@ -877,6 +950,7 @@ def sections(args: argparse.Namespace) -> list[Section]:
         Section("fast_step_cache_hit", section_fast_step_cache_hit, 60, args.compile_cap_s),
         Section("group_offload", section_group_offload, 60, 180, reserved=True),
         Section("streamed_fast_step", section_streamed_fast_step, 90, 240),
+        Section("memory_budget", section_memory_budget, 90, 240),
     ]
 
 

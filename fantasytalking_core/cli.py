@@ -51,7 +51,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .media.image import load_image
     from .media.video import aac_sample_rate, check_crf, check_output_path
     from .runtime.compile import check_compile
-    from .runtime.memory import check_budget
+    from .runtime.memory import check_budget, use_expandable_segments
     from .sampling.segments import SegmentOptions
     from .settings import DISTILLED, GenerationSettings
 
@@ -68,6 +68,7 @@ def _generate(args: argparse.Namespace) -> int:
     check_crf(args.crf)
     _check_device(args.device)
     check_compile(args.compile, torch.device(args.device).type)
+    use_expandable_segments(torch.device(args.device))  # before the first CUDA allocation
     settings = GenerationSettings(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         steps=args.steps if args.steps is not None else DISTILLED["steps"] if args.distilled else GenerationSettings.steps,

@@ -12,7 +12,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SECTIONS = ("dit_pass", "guidance_step_sequential", "guidance_step_batched", "dit_pass_fp8_storage",
-            "fast_step_cache_hit")
+            "fast_step_cache_hit", "memory_budget")
 
 
 def test_bench_gpu_tiny_runs_every_section_it_is_asked_for(tmp_path):
@@ -33,3 +33,5 @@ def test_bench_gpu_tiny_runs_every_section_it_is_asked_for(tmp_path):
         assert result["tokens_per_s"] == pytest.approx(tokens / result["median_s"])
     assert sections["guidance_step_sequential"]["passes"] == 3
     assert 0 < sections["fast_step_cache_hit"]["skipped_fraction"] <= 1
+    budget_cases = [v for v in sections["memory_budget"].values() if isinstance(v, dict)]
+    assert len(budget_cases) == 2 and all(case["status"] == "ok" and case["finite"] for case in budget_cases)

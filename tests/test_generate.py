@@ -378,6 +378,28 @@ def test_what_sharded_weights_cannot_do_is_refused_before_any_model_loads(inputs
     assert "random tiny models" not in proc.stderr and not (tmp_path / "x.mp4").exists()
 
 
+def test_a_gpu_run_asks_for_expandable_segments_before_any_model_loads(inputs, tmp_path, monkeypatch):
+    import torch
+
+    from fantasytalking_core.errors import FantasyTalkingError
+    from fantasytalking_core.runtime import memory
+
+    asked = []
+
+    def stop_here(device: torch.device) -> bool:
+        asked.append(device)
+        raise FantasyTalkingError("stopped after the allocator setting")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(memory, "use_expandable_segments", stop_here)
+    proc = generate_here("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
+                         str(tmp_path / "x.mp4"), "--tiny", "--device", "cuda")
+    assert asked == [torch.device("cuda")]
+    assert proc.returncode == 2 and "stopped after the allocator setting" in proc.stderr
+    assert "random tiny models" not in proc.stderr  # nothing loaded before it
+
+
 @pytest.mark.parametrize("part", ["tokenizer", "wav2vec2"])
 def test_a_wrong_small_part_is_refused_before_the_dit_loads(tmp_path, monkeypatch, part):
     """The parts load smallest first: an empty folder given as the tokenizer or wav2vec2 fails in seconds, before

@@ -142,3 +142,34 @@ def test_bytes_on_a_device_count_only_what_is_there():
     layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
     assert bytes_on(layer, torch.device("cpu")) == (64 * 32 + 32) * 2
     assert bytes_on(layer, torch.device("meta")) == 0
+
+
+@pytest.fixture
+def allocator_calls(monkeypatch):
+    """A CUDA build of PyTorch with no allocator setting of the user's; the settings the code passes, recorded."""
+    calls = []
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    for name in memory.ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def test_a_cuda_run_gets_expandable_segments(allocator_calls):
+    # fixed segments left 3 GiB reserved but unused under a 12 GiB cap and the streamed 720p pass ran out (H200)
+    assert memory.use_expandable_segments(torch.device("cuda:0"))
+    assert allocator_calls == ["expandable_segments:True"]
+
+
+@pytest.mark.parametrize("name", memory.ALLOCATOR_ENV)
+def test_the_users_allocator_setting_is_kept(allocator_calls, monkeypatch, name):
+    monkeypatch.setenv(name, "backend:cudaMallocAsync")
+    assert not memory.use_expandable_segments(torch.device("cuda"))
+    assert allocator_calls == []
+
+
+def test_cpu_runs_and_cpu_builds_leave_the_allocator_alone(allocator_calls, monkeypatch):
+    assert not memory.use_expandable_segments(torch.device("cpu"))
+    monkeypatch.setattr(torch.version, "cuda", None)  # a ROCm or CPU build: no CUDA caching allocator to set
+    assert not memory.use_expandable_segments(torch.device("cuda"))
+    assert allocator_calls == []

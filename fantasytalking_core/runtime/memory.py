@@ -14,6 +14,7 @@ with ``fsdp`` its share of the blocks' weights.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,10 @@ import torch
 from ..errors import FantasyTalkingError, SettingsError
 
 GIB = 1024**3
-MARGIN = 1.02  # allocator fragmentation and the small tensors the model above does not count
+MARGIN = 1.02  # the small tensors the model above does not count (fragmentation: see use_expandable_segments)
 RESERVE = GIB // 2  # CUDA context, cuBLAS/cuDNN workspaces
+ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+"""Where a user configures PyTorch's allocator (the second is the older name, still the one CUDA honours in 2.9)."""
 
 
 class InsufficientMemoryError(FantasyTalkingError, MemoryError):
@@ -39,6 +42,24 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         return int((self.weights + self.activations) * MARGIN) + RESERVE
+
+
+def use_expandable_segments(device: torch.device) -> bool:
+    """Let PyTorch's CUDA caching allocator grow segments in place (``expandable_segments``) for a run on
+    ``device``, unless the user configured the allocator (:data:`ALLOCATOR_ENV`); True when it was turned on.
+
+    Why: with fixed segments a streamed 720x1280 pass of the 14B model ran out of memory under a 12 GiB cap with
+    3 GiB reserved but unused between blocks of different sizes; with expandable segments it ran (peak 9.7 GiB
+    allocated, estimate 10.2; ``docs/benchmarks.md``). Call it before the run's first CUDA allocation; ComfyUI sets
+    its own allocator (``cudaMallocAsync``), so only the command line calls it.
+    """
+    if torch.device(device).type != "cuda" or torch.version.cuda is None:
+        return False
+    if any(os.environ.get(name) for name in ALLOCATOR_ENV):
+        return False  # the user's choice
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter("expandable_segments:True")
+    return True
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
