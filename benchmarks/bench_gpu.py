@@ -99,7 +99,12 @@ from fantasytalking_core.model.transformer import (
 )
 from fantasytalking_core.runtime.compile import compiled_blocks
 from fantasytalking_core.runtime.fp8 import fp8_matmuls
-from fantasytalking_core.runtime.memory import InsufficientMemoryError, choose_placement, estimate_dit_memory
+from fantasytalking_core.runtime.memory import (
+    InsufficientMemoryError,
+    choose_placement,
+    estimate_dit_memory,
+    use_expandable_segments,
+)
 from fantasytalking_core.runtime.placement import PLACEMENTS, dit_on_device, streamed_blocks
 from fantasytalking_core.sampling.euler import DiTConditions, guided_velocity
 from fantasytalking_core.sampling.guidance import GuidanceConfig, passes_for_step
@@ -1017,6 +1022,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats-large", type=int, default=1, help="timed calls of the 720x1280 pass")
     parser.add_argument("--compile-cap-s", type=float, default=240.0, help="time cap of the compile section")
     parser.add_argument("--sections", default="", help="comma-separated subset of sections to run (default: all)")
+    parser.add_argument("--expandable-segments", action="store_true",
+                        help="turn on the CUDA allocator's expandable segments as the command line does "
+                             "(runtime.memory.use_expandable_segments); default: PyTorch's allocator as configured")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=PRECISION_POLICIES, default=OFFICIAL,
                         help="bf16 rounding policy of the DiT (official: float32 islands; diffusers: as diffusers)")
@@ -1056,6 +1064,8 @@ def main(argv: list[str] | None = None) -> int:
         report.note("error", "the full-size run needs CUDA; use --tiny to check the script on a CPU")
         log("no CUDA: the 14B model needs a GPU; run with --tiny to check the script on a CPU")
         return 2
+    if args.expandable_segments:
+        report.note("expandable_segments", use_expandable_segments(device))  # before the first allocation
     ctx = Context(args, scale, device, deadline=started + args.budget_s)
     current = {"name": "start"}
     watchdog = start_watchdog(report, current, args.budget_s + WATCHDOG_GRACE_S)
