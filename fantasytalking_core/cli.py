@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import math
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -95,8 +97,8 @@ def _generate(args: argparse.Namespace) -> int:
     recording = load_audio(args.audio)  # decoded once, for these checks and for the run
     check_long_enough(recording.duration_s * SAMPLE_RATE)  # samples at wav2vec2's 16 kHz
     frames = frames_for_duration(recording.duration_s, settings.fps, settings.max_frames if not segmented else None)
-    for warning in recording_warnings(float(recording.waveform.abs().max()), recording.duration_s, settings.fps,
-                                      frames):
+    told = recording_warnings(float(recording.waveform.abs().max()), recording.duration_s, settings.fps, frames)
+    for warning in told:
         print(f"warning: {warning}.", file=sys.stderr)  # now, not minutes later after the models have loaded
     muxed_rate = aac_sample_rate(recording.sample_rate)
     if muxed_rate != recording.sample_rate:
@@ -109,66 +111,84 @@ def _generate(args: argparse.Namespace) -> int:
     job = prepare_job(portrait, settings, crop)  # the face is found (or not) before any model loads
     if layout is not None:
         _check_parallel_run(layout, args, settings)
-    loras = _read_loras(args.lora)
-    from .loaders.lora import check_lora_fits
-    from .pipeline import FantasyTalkingPipeline, save_result
+    with _said_once(told):  # the audio encoder logs the same warnings minutes later
+        loras = _read_loras(args.lora)
+        from .loaders.lora import check_lora_fits
+        from .pipeline import FantasyTalkingPipeline, save_result
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    with tempfile.TemporaryDirectory() as scratch:
-        if args.tiny:
-            from .tiny import make_tiny_models
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        with tempfile.TemporaryDirectory() as scratch:
+            if args.tiny:
+                from .tiny import make_tiny_models
 
-            print("--tiny: random tiny models; the video will be noise, not a portrait.", file=sys.stderr)
-            files = make_tiny_models(scratch)
-            dtype = torch.float32
+                print("--tiny: random tiny models; the video will be noise, not a portrait.", file=sys.stderr)
+                files = make_tiny_models(scratch)
+                dtype = torch.float32
+            else:
+                explicit = {part: getattr(args, part) for part in EXPLICIT_FILES}
+                if not args.models and not any(explicit.values()):
+                    raise FantasyTalkingError("--models is required (your ComfyUI/models folder), or use --tiny.")
+                files = find_model_files(args.models, EXPLICIT_FLAGS, **explicit)
+                if is_480p(files.dit):
+                    print(f"note: {files.dit.name} is Wan2.1-I2V-14B-480P; the released FantasyTalking adapter was trained "
+                          "on 720P (it runs on 480P, not the released pairing).", file=sys.stderr)
+            if layout is not None:
+                _check_layout_fits_model(layout, files, settings)  # before minutes of loading on every rank
+            models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8 or args.fp8_matmul)
+        if loras:
+            for lora in loras:
+                check_lora_fits(lora, models.dit.transformer)  # a LoRA for another model fails now, not after the encoders
+            models.dit = models.dit.with_loras(loras)
+        # joined after loading: model writers (the tiny models' save_pretrained) save on rank 0 only inside a group
+        parallel = None if layout is None else _join_parallel_run(layout, args)
+        main_rank = parallel is None or parallel.is_main  # the one process that writes and reports
+        pipe = FantasyTalkingPipeline(models, args.device, "streamed" if args.offload_blocks else "resident",
+                                      args.gpu_memory, parallel)
+        if not main_rank:
+            _follow_parallel_run(pipe, job, recording, options, segmented)
+            return 0
+        if segmented:
+            from .long_video import write_long_video
+
+            with tqdm(desc="denoising", unit="step") as bar:
+                def tick(step: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(1)
+
+                report = write_long_video(pipe, job, recording, options, args.out,
+                                          tick, sample_frames=64 if args.identity_check else 0, crf=args.crf)
+            out, shown = report.path, report.samples
+            print(f"wrote {out} ({report.plan.num_frames} frames at {report.fps:g} fps, {len(report.plan)} segment(s))")
         else:
-            explicit = {part: getattr(args, part) for part in EXPLICIT_FILES}
-            if not args.models and not any(explicit.values()):
-                raise FantasyTalkingError("--models is required (your ComfyUI/models folder), or use --tiny.")
-            files = find_model_files(args.models, EXPLICIT_FLAGS, **explicit)
-            if is_480p(files.dit):
-                print(f"note: {files.dit.name} is Wan2.1-I2V-14B-480P; the released FantasyTalking adapter was trained "
-                      "on 720P (it runs on 480P, not the released pairing).", file=sys.stderr)
-        if layout is not None:
-            _check_layout_fits_model(layout, files, settings)  # before minutes of loading on every rank
-        models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8 or args.fp8_matmul)
-    if loras:
-        for lora in loras:
-            check_lora_fits(lora, models.dit.transformer)  # a LoRA for another model fails now, not after the encoders
-        models.dit = models.dit.with_loras(loras)
-    # joined after loading: model writers (the tiny models' save_pretrained) save on rank 0 only inside a group
-    parallel = None if layout is None else _join_parallel_run(layout, args)
-    main_rank = parallel is None or parallel.is_main  # the one process that writes and reports
-    pipe = FantasyTalkingPipeline(models, args.device, "streamed" if args.offload_blocks else "resident",
-                                  args.gpu_memory, parallel)
-    if not main_rank:
-        _follow_parallel_run(pipe, job, recording, options, segmented)
+            with tqdm(total=settings.steps, desc="denoising", unit="step") as bar:
+                result = run_job(pipe, job, recording, progress=lambda i, n: bar.update(1))
+            out = save_result(result, args.out, args.crf)
+            print(f"wrote {out} ({len(result.frames)} frames at {result.fps:g} fps)")
+            shown = result.frames
+        if args.identity_check:
+            from .face.identity import identity_report
+
+            reference = torch.from_numpy(np.asarray(portrait, dtype=np.float32) / 255)
+            # the video is written whatever this finds; segmented runs hand over frames already sampled across it
+            print(identity_report(reference, shown, stride=1 if segmented else 4)[1])
         return 0
-    if segmented:
-        from .long_video import write_long_video
 
-        with tqdm(desc="denoising", unit="step") as bar:
-            def tick(step: int, total: int) -> None:
-                bar.total = total
-                bar.update(1)
 
-            report = write_long_video(pipe, job, recording, options, args.out,
-                                      tick, sample_frames=64 if args.identity_check else 0, crf=args.crf)
-        out, shown = report.path, report.samples
-        print(f"wrote {out} ({report.plan.num_frames} frames at {report.fps:g} fps, {len(report.plan)} segment(s))")
-    else:
-        with tqdm(total=settings.steps, desc="denoising", unit="step") as bar:
-            result = run_job(pipe, job, recording, progress=lambda i, n: bar.update(1))
-        out = save_result(result, args.out, args.crf)
-        print(f"wrote {out} ({len(result.frames)} frames at {result.fps:g} fps)")
-        shown = result.frames
-    if args.identity_check:
-        from .face.identity import identity_report
+@contextmanager
+def _said_once(warnings: list[str]) -> Iterator[None]:
+    """Inside the block, drop the audio encoder's log lines that repeat ``warnings`` (printed before any model
+    loaded)."""
+    told = {f"Audio: {warning}." for warning in warnings}
 
-        reference = torch.from_numpy(np.asarray(portrait, dtype=np.float32) / 255)
-        # the video is written whatever this finds; segmented runs hand over frames already sampled across it
-        print(identity_report(reference, shown, stride=1 if segmented else 4)[1])
-    return 0
+    def new(record: logging.LogRecord) -> bool:
+        return record.getMessage() not in told
+
+    encoder_log = logging.getLogger("fantasytalking_core.audio.encode")  # by name: importing it loads transformers
+    encoder_log.addFilter(new)
+    try:
+        yield
+    finally:
+        encoder_log.removeFilter(new)
 
 
 def _check_device(device: str) -> None:

@@ -249,6 +249,21 @@ def test_a_silent_recording_is_told_before_the_models_load(tmp_path, monkeypatch
     assert lines[-1] == "error: the models would load now" and rc == 2
 
 
+def test_a_warning_told_before_the_models_load_is_not_logged_again(caplog):
+    # the command line printed the silence warning early and the audio encoder logged it again minutes later
+    from fantasytalking_core import cli
+    from fantasytalking_core.audio import encode
+
+    silent, quiet = "the recording is digital silence: the face will not speak", "another warning"
+    with caplog.at_level("WARNING"), cli._said_once([silent]):
+        encode.logger.warning("Audio: %s.", silent)
+        encode.logger.warning("Audio: %s.", quiet)
+    assert [r.getMessage() for r in caplog.records] == [f"Audio: {quiet}."]
+    caplog.clear()
+    encode.logger.warning("Audio: %s.", silent)  # outside the run the encoder speaks as before
+    assert [r.getMessage() for r in caplog.records] == [f"Audio: {silent}."]
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--models", "/nonexistent"], "--tiny makes its own random models and would not read --models"),
     (["--dit", "/nonexistent.safetensors", "--vae", "/x"], "would not read --dit, --vae"),
