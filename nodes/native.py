@@ -20,7 +20,13 @@ from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.loaders.adapter import read_audio_adapter
 from fantasytalking_core.model.adapter import AudioAdapter
 from fantasytalking_core.model.limits import MAX_FRAMES
-from fantasytalking_core.model.wan_native import AUDIO_CHUNKS, AUDIO_CHUNKS_KEY, AudioCrossAttention, native_audio
+from fantasytalking_core.model.wan_native import (
+    AUDIO_CHUNKS,
+    AUDIO_CHUNKS_KEY,
+    AudioCrossAttention,
+    audio_pass_conds,
+    native_audio,
+)
 from fantasytalking_core.sampling.guidance import (
     NEG,
     POS,
@@ -175,7 +181,8 @@ class AudioGuider(comfy.samplers.CFGGuider):
         sample_sigmas = model_options["transformer_options"]["sample_sigmas"]
         passes = passes_for_step(step_of_sigma(sample_sigmas, timestep), len(sample_sigmas) - 1, self.guidance)
         negative, positive = self.conds.get("negative"), self.conds.get("positive")
-        conds = [negative if NEG in passes else None, positive if POS in passes else None, positive]
+        # the audio pass under its own uuids: caches keyed by uuid (EasyCache) keep it apart from the no-audio pass
+        conds = [negative if NEG in passes else None, positive if POS in passes else None, audio_pass_conds(positive)]
         options = dict(model_options)
         options["transformer_options"] = {**model_options["transformer_options"], AUDIO_CHUNKS_KEY: (2,)}
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, options)

@@ -283,6 +283,19 @@ def run(tree: Path, work: Path) -> int:
     err = rel_err(latent, engine_latents(guidance))
     report.check("FantasyTalking Guider + Euler = engine sampler (audio guidance on half the steps)", err <= REL_TOL,
                  f"relative error {err:.2e}")
+    # caches keyed by cond uuid (core EasyCache) must see the no-audio and the audio pass as two conds
+    seen_uuids = []
+    recording = patched.clone()
+
+    def record_uuids(apply_model, args):
+        seen_uuids.append(tuple(args["c"]["transformer_options"].get("uuids", ())))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    recording.set_model_unet_function_wrapper(record_uuids)
+    run(audio_guider(recording, guidance))
+    first_step = {u for call in seen_uuids[:3] for u in call}  # step 0 runs 3 passes, batched or not
+    report.check("the guider's three passes carry three cond uuids (EasyCache keeps the audio pass apart)",
+                 len(first_step) == 3 and None not in first_step, f"uuids of step 0: {len(first_step)}")
     windowed_model = WanContextWindowsManualNode.execute(patched, 9, 4, "standard_static", 1, False, "pyramid",
                                                          False).args[0]  # 3 latent frames, 1 shared
     latent_windows = run(audio_guider(windowed_model, guidance))

@@ -4,6 +4,7 @@ diffusers processor gives, per guidance chunk, under context windows, and refuse
 import pytest
 import torch
 import torch.nn.functional as F
+from model_files import rounding_tol
 from torch import nn
 
 from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows
@@ -13,11 +14,11 @@ from fantasytalking_core.model.wan_native import (
     AUDIO_CHUNKS_KEY,
     AudioCrossAttention,
     NativeAudio,
+    audio_pass_conds,
     chunk_scales,
     conditioning_for_call,
     native_audio,
 )
-from model_files import rounding_tol
 
 FRAMES, TOKENS_PER_FRAME = 3, 9  # latent frames, 3x3 patches each
 IMAGE_LEN, TEXT_LEN = 257, 512
@@ -142,6 +143,29 @@ def test_a_causal_anchor_frame_gets_its_own_window(setup):
 def test_frame_count_mismatch_names_the_fix(setup):
     with pytest.raises(ValueError, match=r"latent has 2 latent frames .* made for 3 \(9 video frames\)"):
         native_call(setup, {"cond_or_uncond": [0], "grid_sizes": (2, 3, 3)}, x=setup["x"][:1, :18])
+
+
+def test_a_shard_of_the_tokens_is_refused_not_grouped_into_other_frames(setup):
+    # a sequence-parallel pack (Raylight's USP) gives the blocks half the tokens with grid_sizes of the whole latent:
+    # 27 tokens of 3 frames x 9, halved to 18, split evenly into 3 "frames" of 6 and ran on the wrong windows
+    from fantasytalking_core.model.adapter import TokenLayoutError
+
+    with pytest.raises(TokenLayoutError, match="not 3 latent frames x 9 tokens per frame"):
+        native_call(setup, {"cond_or_uncond": [2], "grid_sizes": (FRAMES, 3, 3)}, x=setup["x"][:1, :18])
+
+
+def test_the_audio_pass_has_its_own_uuids_stable_over_the_run():
+    # the no-audio and the audio pass shared the positive's uuid, and core EasyCache (keyed by uuid) returned the
+    # audio pass's output for the no-audio pass on cached steps
+    import uuid
+
+    text = torch.zeros(1, 4)
+    positive = [{"cross_attn": text, "uuid": uuid.uuid4()}, {"cross_attn": text, "uuid": uuid.uuid4()}]
+    audio = audio_pass_conds(positive)
+    assert [c["uuid"] for c in audio] == [c["uuid"] for c in audio_pass_conds(positive)]  # the same every step
+    assert not {c["uuid"] for c in audio} & {c["uuid"] for c in positive} and len({c["uuid"] for c in audio}) == 2
+    assert all(a["cross_attn"] is p["cross_attn"] for a, p in zip(audio, positive, strict=True))  # not copied
+    assert all("uuid" in c for c in positive) and positive[0]["uuid"] != audio[0]["uuid"]  # the originals kept
 
 
 def test_native_audio_projects_in_float32_and_cuts_the_engine_windows(setup, tiny_model):

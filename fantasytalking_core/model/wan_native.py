@@ -15,6 +15,7 @@ slots, P adapter width, H heads, D head width.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
@@ -31,8 +32,23 @@ AUDIO_CHUNKS_KEY = "fantasytalking_audio_chunks"
 # audio] as conds 0, 1, 2; KSampler / CFGGuider evaluate [positive, negative] as 0, 1.
 AUDIO_CHUNKS = {"dual_cfg": (2,), "cfg": (0,)}
 
+AUDIO_PASS_NAMESPACE = uuid.UUID("5d0c7a8e-3f1b-4f9e-9a57-2b8f6c1e0d43")
+"""Namespace of the audio pass's cond uuids (:func:`audio_pass_conds`)."""
+
 # (q, k, v, transformer_options) -> out; q/k/v/out [B, S, H*D] (ComfyUI's optimized_attention with the heads bound)
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def audio_pass_conds(positive: list[dict]) -> list[dict]:
+    """The positive prompt's conds (ComfyUI's processed conds, each with its ``uuid``) for the audio pass: the same
+    conditioning under other uuids, derived from the originals so that they stay the same over a run.
+
+    Why: the no-audio and the audio pass both evaluate the positive prompt, and ComfyUI tells conds apart by uuid
+    (``transformer_options["uuids"]``). Under one uuid, a cache keyed by it (core EasyCache) stores the audio pass's
+    output for the no-audio pass too, and audio guidance ``audio_cfg (pa - p)`` vanishes on every cached step.
+    """
+    return [{**cond, "uuid": uuid.uuid5(AUDIO_PASS_NAMESPACE, str(cond["uuid"]))} if cond.get("uuid") else cond
+            for cond in positive]
 
 
 @dataclass(frozen=True)
@@ -87,14 +103,17 @@ def window_frames(window) -> list[int]:
     return ([anchor] if anchor is not None and anchor >= 0 else []) + list(window.index_list)
 
 
-def conditioning_for_call(audio: NativeAudio, transformer_options: dict, batch: int,
-                          latent_frames: int) -> AudioConditioning:
+def conditioning_for_call(audio: NativeAudio, transformer_options: dict, batch: int, latent_frames: int,
+                          tokens_per_frame: int | None = None) -> AudioConditioning:
     """The audio conditioning of one ComfyUI model call.
 
     Args:
         transformer_options: ComfyUI's per-call options (``cond_or_uncond``, optionally ``context_window`` and
             :data:`AUDIO_CHUNKS_KEY`).
         batch: rows of the call; latent_frames: latent frames the call's tokens hold.
+        tokens_per_frame: patch rows x patch columns of the call's latent (``grid_sizes``): the call's tokens must
+            be exactly ``latent_frames`` x this many (a sequence-parallel pack that hands the blocks a shard of the
+            tokens is refused instead of having its shard grouped into the wrong frames).
     """
     windows, k_lens = audio.windows, audio.k_lens
     window = transformer_options.get("context_window")
@@ -111,7 +130,8 @@ def conditioning_for_call(audio: NativeAudio, transformer_options: dict, batch: 
             "frame count FantasyTalking Audio Encode reports.")
     chunks = transformer_options.get(AUDIO_CHUNKS_KEY, audio.audio_chunks)
     cond_or_uncond = transformer_options.get("cond_or_uncond") or [0] * batch
-    return AudioConditioning(windows, k_lens, chunk_scales(cond_or_uncond, chunks, batch, audio.scale))
+    return AudioConditioning(windows, k_lens, chunk_scales(cond_or_uncond, chunks, batch, audio.scale),
+                             tokens_per_frame)
 
 
 class AudioCrossAttention:
@@ -136,8 +156,10 @@ class AudioCrossAttention:
         q = attn.norm_q(attn.q(x))
         out = self.attention(q, attn.norm_k(attn.k(context)), attn.v(context), options)
         out = out + self.image_attention(q, attn.norm_k_img(attn.k_img(context_img)), attn.v_img(context_img), options)
-        latent_frames = int(options["grid_sizes"][0]) if "grid_sizes" in options else self.audio.windows.shape[1]
-        cond = conditioning_for_call(self.audio, options, x.shape[0], latent_frames)
+        grid = options.get("grid_sizes")  # (latent frames, patch rows, patch columns) of this call's latent
+        latent_frames = self.audio.windows.shape[1] if grid is None else int(grid[0])
+        tokens_per_frame = None if grid is None else int(grid[1]) * int(grid[2])
+        cond = conditioning_for_call(self.audio, options, x.shape[0], latent_frames, tokens_per_frame)
         audio = self.kv(q.unflatten(2, (attn.num_heads, -1)), cond)  # [B, S, H, D] or None
         if audio is not None:
             out = out + audio.flatten(2)
