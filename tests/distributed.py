@@ -33,6 +33,9 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, erro
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
         fn(rank, world, *args)
+        # every rank's collectives finish before any rank tears the group down: under load a rank once died in
+        # C++ ("terminate called without an active exception") after its work, while the other was still in it
+        dist.barrier()
     except BaseException:
         (errors / f"rank{rank}.txt").write_text(traceback.format_exc())
         raise

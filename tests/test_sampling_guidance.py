@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from fantasytalking_core.sampling.guidance import NEG, POS, POS_AUDIO, GuidanceConfig, combine_guidance, passes_for_step
+from fantasytalking_core.sampling.guidance import (
+    NEG,
+    POS,
+    POS_AUDIO,
+    GuidanceConfig,
+    combine_guidance,
+    passes_for_step,
+    passes_in_run,
+)
 
 
 def preds():
@@ -57,3 +65,16 @@ def test_max_passes_counts_the_busiest_step():
     assert max_passes(4, GuidanceConfig(cfg=1.0, audio_cfg=3.0)) == 2  # no negative pass
     assert max_passes(4, GuidanceConfig(cfg=5.0, audio_cfg=3.0, audio_start=0.5, audio_end=0.5)) == 2  # no audio step
     assert max_passes(4, GuidanceConfig(cfg=1.0, audio_cfg=3.0, audio_start=1.0, audio_end=1.0)) == 1
+
+
+@pytest.mark.parametrize("config", [GuidanceConfig(), GuidanceConfig(audio_start=0.2, audio_end=0.6),
+                                    GuidanceConfig(cfg=1.0, audio_end=0.5), GuidanceConfig(cfg=1.0)])
+def test_two_groups_share_every_two_pass_step(config):
+    # a parallel run deals the run's passes to its cfg groups once (each pass keeps its rank, and with it its step
+    # cache); a step of two passes must still use both of two groups, whichever two passes it runs
+    run = passes_in_run(10, config)
+    assert set(run) == {p for step in range(10) for p in passes_for_step(step, 10, config)}
+    for step in range(10):
+        passes = passes_for_step(step, 10, config)
+        if len(passes) == 2:
+            assert {run.index(p) % 2 for p in passes} == {0, 1}, (config, step, passes)

@@ -249,11 +249,18 @@ class ParallelRun:
         alike = len(found) == len(failures) and all(f == found[0][1] for _, f in found)
         raise reworded(kind, message if alike else f"rank {rank}: {message}")
 
-    def passes_of(self, passes: Sequence[Pass]) -> tuple[Pass, ...]:
-        """The passes this rank's sequence group computes: pass j goes to group j mod cfg."""
-        return tuple(passes[self.cfg_rank::self.layout.cfg])
+    def group_of(self, p: Pass, run_passes: Sequence[Pass]) -> int:
+        """The sequence group that computes pass ``p`` in every step: the j-th of ``run_passes`` (every pass of the
+        run, ``sampling.guidance.passes_in_run``) goes to group j mod cfg. Fixed over the run, so a step cache keeps
+        each pass's residuals on the rank that computes it, as one process would."""
+        return list(run_passes).index(p) % self.layout.cfg
 
-    def map_passes(self, passes: tuple[Pass, ...], evaluate: PassRunner, like: torch.Tensor) -> list[torch.Tensor]:
+    def passes_of(self, passes: Sequence[Pass], run_passes: Sequence[Pass]) -> tuple[Pass, ...]:
+        """The passes of a step that this rank's sequence group computes, in their order."""
+        return tuple(p for p in passes if self.group_of(p, run_passes) == self.cfg_rank)
+
+    def map_passes(self, passes: tuple[Pass, ...], evaluate: PassRunner, like: torch.Tensor,
+                   run_passes: tuple[Pass, ...]) -> list[torch.Tensor]:
         """Every pass of a step, each computed by one sequence group and all-gathered over the cfg axis.
 
         Args:
@@ -261,20 +268,23 @@ class ParallelRun:
             evaluate: computes the velocities of a tuple of passes, a list of [C, T, h, w] float32 tensors.
             like: [C, T, h, w] float32, the shape, dtype and device of one pass's velocity (a group with no pass
                 this step still takes part in the gather).
+            run_passes: every pass of the run (:meth:`group_of`).
         Returns:
             the velocities of ``passes`` in their order, the same on every rank.
         """
-        mine = self.passes_of(passes)
+        groups = [[p for p in passes if self.group_of(p, run_passes) == g] for g in range(self.layout.cfg)]
+        mine = tuple(groups[self.cfg_rank])
         outs = evaluate(mine) if mine else []
         if self._cfg_group is None:
             return outs
-        slots = -(-len(passes) // self.layout.cfg)  # passes per group, rounded up
+        slots = max(len(group) for group in groups)  # the most passes a group computes this step
         stacked = torch.zeros((slots, *like.shape), dtype=like.dtype, device=like.device)  # [k, C, T, h, w]
         for slot, out in enumerate(outs):
             stacked[slot] = out
         gathered = [torch.empty_like(stacked) for _ in range(self.layout.cfg)]
         dist.all_gather(gathered, stacked, group=self._cfg_group)
-        return [gathered[j % self.layout.cfg][j // self.layout.cfg] for j in range(len(passes))]
+        where = {p: (g, slot) for g, group in enumerate(groups) for slot, p in enumerate(group)}
+        return [gathered[where[p][0]][where[p][1]] for p in passes]
 
     def prepare(self, transformer: nn.Module) -> None:
         """Make a loaded DiT (``WanTransformer3DModel``) run this layout: the video tokens split over the sequence

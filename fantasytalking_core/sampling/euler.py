@@ -13,17 +13,18 @@ import torch
 
 from ..model.adapter import AudioConditioning
 from ..model.transformer import FantasyTalkingModel, pad_text
-from .guidance import POS_AUDIO, GuidanceConfig, combine_guidance, passes_for_step
+from .guidance import POS_AUDIO, GuidanceConfig, combine_guidance, passes_for_step, passes_in_run
 from .schedule import sigmas_to_timesteps
 from .step_cache import StepCache
 
 VelocityFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[dict], None]
 Pass = tuple[str, bool]
-# (passes, evaluate, like) -> the passes' velocities in order: where a step's passes are computed (one process, or
-# spread over ranks and gathered: runtime.parallel.ParallelRun.map_passes); ``like`` is one velocity [C, T, h, w]
-PassMap = Callable[[tuple[Pass, ...], Callable[[tuple[Pass, ...]], list[torch.Tensor]], torch.Tensor],
-                   list[torch.Tensor]]
+# (passes, evaluate, like, run_passes) -> the passes' velocities in order: where a step's passes are computed (one
+# process, or spread over ranks and gathered: runtime.parallel.ParallelRun.map_passes); ``like`` is one velocity
+# [C, T, h, w]; ``run_passes`` every pass of the run (guidance.passes_in_run), so a pass keeps its rank every step
+PassMap = Callable[[tuple[Pass, ...], Callable[[tuple[Pass, ...]], list[torch.Tensor]], torch.Tensor,
+                    tuple[Pass, ...]], list[torch.Tensor]]
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -168,6 +169,8 @@ def guided_velocity(
         )
         return list(pred.float().unbind(0))
 
+    run_passes = passes_in_run(num_steps, guidance)
+
     def velocity(x: torch.Tensor, step: int, sigma: torch.Tensor) -> torch.Tensor:
         t = sigmas_to_timesteps(sigma).reshape(1)
         passes = passes_for_step(step, num_steps, guidance)
@@ -177,7 +180,7 @@ def guided_velocity(
                 return run(x, t, step, some)
             return [run(x, t, step, (p,))[0] for p in some]
 
-        outs = evaluate(passes) if map_passes is None else map_passes(passes, evaluate, x[0].float())
+        outs = evaluate(passes) if map_passes is None else map_passes(passes, evaluate, x[0].float(), run_passes)
         preds = {p: o.unsqueeze(0) for p, o in zip(passes, outs)}
         if on_passes is not None:
             on_passes(step, preds)

@@ -63,6 +63,14 @@ def max_passes(num_steps: int, config: GuidanceConfig) -> int:
     return max(len(passes_for_step(step, num_steps, config)) for step in range(num_steps))
 
 
+def passes_in_run(num_steps: int, config: GuidanceConfig) -> tuple[tuple[str, bool], ...]:
+    """Every pass some step of the run needs, in the order a parallel run deals them to its groups
+    (``runtime.parallel.ParallelRun.map_passes``): positive+audio (in every step) first, then negative, then
+    positive, so that the passes of a step spread over the groups whichever of them it runs."""
+    needed = {p for step in range(num_steps) for p in passes_for_step(step, num_steps, config)}
+    return tuple(p for p in (POS_AUDIO, NEG, POS) if p in needed)
+
+
 def combine_guidance(preds: dict[tuple[str, bool], torch.Tensor], config: GuidanceConfig) -> torch.Tensor:
     """Guided velocity from the passes :func:`passes_for_step` asked for (same arithmetic order as official)."""
     pos_audio = preds[POS_AUDIO]
