@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import math
+import re
 import signal
 import sys
 import threading
@@ -487,8 +488,8 @@ def _in_flag_terms(message: str, args: argparse.Namespace) -> str:
     """``message`` with a leading setting name as the library spells it (``max_frames must be ...``, ``image_size
     16385 is above ...``) written as the flag the user typed (``--max-frames``)."""
     name, _, rest = message.partition(" ")
-    if name in vars(args) and name != "func" and (rest.startswith("must ") or rest[:1].isdigit()):
-        return f"--{name.replace('_', '-')} {rest}"
+    if name in vars(args) and name != "func" and (rest.startswith(("must ", "skips ")) or rest[:1].isdigit()):
+        return re.sub(rf"\b{name}\b", f"--{name.replace('_', '-')}", message)  # each time the message names it
     return message
 
 

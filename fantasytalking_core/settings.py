@@ -17,7 +17,7 @@ from .model.limits import check_image_size, check_max_frames
 from .runtime.attention import check_attention
 from .sampling.guidance import GuidanceConfig, max_passes
 from .sampling.segments import MAX_SEED, MIN_SEED
-from .sampling.step_cache import check_step_cache
+from .sampling.step_cache import check_cache_can_skip, check_step_cache
 
 # The negative prompt FantasyTalking's infer.py passes by default (Wan's standard Chinese negative prompt).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -105,6 +105,7 @@ class GenerationSettings:
         check_image_size(self.image_size)
         check_attention(self.attention)  # an uninstalled kernel library fails here, not after the models load
         self.step_cache = check_step_cache(self.step_cache)
+        check_cache_can_skip(self.step_cache, self.steps)
 
     def max_passes(self) -> int:
         """The most DiT passes any step of this run needs (3 with text and audio guidance, fewer at cfg 1): how

@@ -210,3 +210,12 @@ def test_a_step_cache_needs_a_positive_threshold():
         StepCache(0.0, 30)
     cache = StepCache(0.1, 30)
     assert [s for s in range(30) if not cache.may_skip(s)] == [0, 1, 2, 28, 29]
+
+
+@pytest.mark.parametrize("steps", [1, 4, FIRST_STEPS + LAST_STEPS])
+def test_a_step_cache_in_a_run_too_short_to_skip_is_refused(steps):
+    # the 4-step distilled preset with a step cache: every step protected, residuals stored, nothing said
+    with pytest.raises(SettingsError, match=f"step_cache skips nothing in a {steps}-step run"):
+        GenerationSettings(steps=steps, step_cache=0.1)
+    GenerationSettings(steps=steps, step_cache=0.0)  # off: fine
+    GenerationSettings(steps=FIRST_STEPS + LAST_STEPS + 1, step_cache=0.1)  # one step may skip

@@ -37,6 +37,16 @@ def check_step_cache(threshold: float, name: str = "step_cache") -> float:
     return value
 
 
+def check_cache_can_skip(threshold: float, num_steps: int, name: str = "step_cache") -> None:
+    """Refuse a step cache in a run too short for it to skip anything (SettingsError naming ``name``): its first
+    :data:`FIRST_STEPS` and last :data:`LAST_STEPS` steps always compute every block, so in a step-distilled 4-step
+    run it would only store residuals, and say nothing."""
+    if threshold > 0 and num_steps <= FIRST_STEPS + LAST_STEPS:
+        raise SettingsError(f"{name} skips nothing in a {num_steps}-step run: the first {FIRST_STEPS} and last "
+                            f"{LAST_STEPS} steps always compute every block. Set {name} to 0, or sample more than "
+                            f"{FIRST_STEPS + LAST_STEPS} steps.")
+
+
 class StepCache:
     """Per-generation first-block-cache state: one :class:`PassResiduals` per guidance pass.
 
