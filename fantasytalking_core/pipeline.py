@@ -34,7 +34,14 @@ from .model.transformer import FantasyTalkingModel
 from .runtime.attention import using_attention
 from .runtime.compile import compiled_blocks
 from .runtime.fp8 import check_fp8_matmul_model, fp8_matmuls
-from .runtime.memory import bytes_on, check_budget, check_gpu_memory, choose_placement, estimate_dit_memory
+from .runtime.memory import (
+    InsufficientMemoryError,
+    bytes_on,
+    check_budget,
+    check_gpu_memory,
+    choose_placement,
+    estimate_dit_memory,
+)
 from .runtime.parallel import (CLI_NAMES, NODE_NAMES, ParallelLayout, ParallelRun, check_loras_fit_layout,
                                check_offload_fits_layout)
 from .runtime.placement import PLACEMENTS, dit_on_device, on_device
@@ -265,14 +272,21 @@ def check_dit_fits(dit: FantasyTalkingModel, device: torch.device, num_frames: i
     rows = passes if settings.batch_passes else 1
     cached = passes if settings.step_cache > 0 else 0
     shape = (dit.transformer, num_frames, height, width)
-    if gpu_memory is not None:
-        placement, estimate = choose_placement(*shape, gpu_memory, rows, dit.dtype.itemsize, cached, layout.sequence,
-                                               layout.fsdp)
-    else:
-        placement = "sharded" if layout.fsdp else placement
-        estimate = estimate_dit_memory(*shape, rows, placement, dit.dtype.itemsize, cached, layout.sequence)
-    present = bytes_on(dit, device) if torch.device(device).type == "cuda" else 0  # only CUDA memory is checked
-    check_gpu_memory(estimate, device, f"{num_frames} frames at {width}x{height}", present)
+    try:
+        if gpu_memory is not None:
+            placement, estimate = choose_placement(*shape, gpu_memory, rows, dit.dtype.itemsize, cached,
+                                                   layout.sequence, layout.fsdp)
+        else:
+            placement = "sharded" if layout.fsdp else placement
+            estimate = estimate_dit_memory(*shape, rows, placement, dit.dtype.itemsize, cached, layout.sequence)
+        present = bytes_on(dit, device) if torch.device(device).type == "cuda" else 0  # only CUDA memory is checked
+        check_gpu_memory(estimate, device, f"{num_frames} frames at {width}x{height}", present)
+    except InsufficientMemoryError as exc:  # the options that cost memory and are the user's to turn off
+        costly = [f"{names['batch_passes']} off (the passes one after another)" if rows > 1 else "",
+                  f"{names['step_cache']} 0 (no stored residuals)" if cached else ""]
+        if not any(costly):
+            raise
+        raise InsufficientMemoryError(f"{exc} Less memory too: {' and '.join(filter(None, costly))}.") from None
     return placement
 
 

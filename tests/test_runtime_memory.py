@@ -135,6 +135,28 @@ def test_the_check_of_a_parallel_run_is_one_process_share():
                           layout=ParallelLayout(ulysses=2, fsdp=True)) == "sharded"
 
 
+def test_a_refusal_names_the_options_of_the_run_that_cost_memory():
+    # the refusal listed fp8, GGUF, streaming, the size and the frames, never the run's own batch_passes and
+    # step_cache, which the user had turned on
+    from types import SimpleNamespace
+
+    from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits
+    from fantasytalking_core.runtime.parallel import NODE_NAMES
+
+    dit = SimpleNamespace(transformer=build_transformer(resolve_config("wan2.1_i2v_14b_720p"), empty=True).to(
+        torch.bfloat16), dtype=torch.bfloat16)
+    cpu = torch.device("cpu")
+    costly = GenerationSettings(batch_passes=True, step_cache=0.1)
+    with pytest.raises(InsufficientMemoryError, match=r"budget.*Less memory too: --batch-passes off \(the passes one "
+                                                      r"after another\) and --step-cache 0 \(no stored residuals\)\.$"):
+        check_dit_fits(dit, cpu, 81, 720, 1280, costly, gpu_memory=4)
+    with pytest.raises(InsufficientMemoryError, match=r"Less memory too: step_cache 0 \(no stored residuals\)\.$"):
+        check_dit_fits(dit, cpu, 81, 720, 1280, GenerationSettings(step_cache=0.1), gpu_memory=4, names=NODE_NAMES)
+    with pytest.raises(InsufficientMemoryError) as plain:
+        check_dit_fits(dit, cpu, 81, 720, 1280, GenerationSettings(), gpu_memory=4)
+    assert "Less memory too" not in str(plain.value)
+
+
 def test_bytes_on_a_device_count_only_what_is_there():
     """(Sharded weights count their local shard: the fsdp cases of test_runtime_parallel.py measure with it.)"""
     from fantasytalking_core.runtime.memory import bytes_on

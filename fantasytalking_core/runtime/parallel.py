@@ -41,8 +41,10 @@ PassRunner = Callable[[tuple[Pass, ...]], list[torch.Tensor]]
 T = TypeVar("T")
 
 # how a refusal names the options it is about: the command line's flags, or the sampler node's inputs
-CLI_NAMES = {"parallel": "--parallel", "attention": "--attention", "offload": "--offload-blocks"}
-NODE_NAMES = {"parallel": "parallel", "attention": "attention", "offload": "offload_blocks"}
+CLI_NAMES = {"parallel": "--parallel", "attention": "--attention", "offload": "--offload-blocks",
+             "batch_passes": "--batch-passes", "step_cache": "--step-cache"}
+NODE_NAMES = {"parallel": "parallel", "attention": "attention", "offload": "offload_blocks",
+              "batch_passes": "batch_passes", "step_cache": "step_cache"}
 
 
 @dataclass(frozen=True)
