@@ -112,6 +112,12 @@ def _generate(args: argparse.Namespace) -> int:
     job = prepare_job(portrait, settings, crop)  # the face is found (or not) before any model loads
     if layout is not None:
         _check_parallel_run(layout, args, settings)
+        from .media.image import frame_size
+        from .runtime.parallel import check_tokens_split
+
+        longest = min(frames, options.segment_frames) if segmented else frames  # every segment is this long
+        width, height = frame_size(*job.image.size, image_size=settings.image_size)
+        check_tokens_split(layout, longest, height, width)
     with _said_once(told):  # the audio encoder logs the same warnings minutes later
         loras = _read_loras(args.lora)
         from .loaders.lora import check_lora_fits

@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from fantasytalking_core.loaders.model_paths import walk_files
+
 ADAPTER_FOLDER = "fantasytalking"  # models/fantasytalking, registered with folder_paths by the loader module
 DIT_FOLDER = "fantasytalking_dit"  # the diffusion_models folders, listing every format the engine reads
 TRANSFORMERS_FOLDER = "transformers"  # models/transformers: Hugging Face model folders
@@ -59,13 +61,16 @@ def adapter_choices(adapter_files: Iterable[str], diffusion_files: Iterable[str]
 
 def wav2vec2_folders(roots: Iterable[str | Path]) -> list[str]:
     """Hugging Face wav2vec2 folders (``config.json`` with ``model_type`` wav2vec2) under ``roots``, as
-    ``transformers/<path relative to its root>`` with forward slashes."""
+    ``transformers/<path relative to its root>`` with forward slashes; linked folders are looked into, as
+    ComfyUI's own scan does (the command line's ``--models`` search walks the same way)."""
     found = set()
     for root in roots:
         root = Path(root)
         if not root.is_dir():
             continue
-        for config in root.rglob("config.json"):
+        for config in walk_files(root):
+            if config.name != "config.json":
+                continue
             try:
                 model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
             except (OSError, ValueError, AttributeError):

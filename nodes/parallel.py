@@ -17,8 +17,14 @@ import torch
 from fantasytalking_core.errors import FantasyTalkingError, SettingsError, reworded
 from fantasytalking_core.model.transformer import FantasyTalkingModel
 from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits
-from fantasytalking_core.runtime.parallel import (NODE_NAMES, check_layout, check_loras_fit_layout,
-                                                  check_offload_fits_layout, parse_parallel)
+from fantasytalking_core.runtime.parallel import (
+    NODE_NAMES,
+    check_layout,
+    check_loras_fit_layout,
+    check_offload_fits_layout,
+    check_tokens_split,
+    parse_parallel,
+)
 from fantasytalking_core.runtime.pool import SamplerPool, check_layout_fits
 
 logger = logging.getLogger(__name__)
@@ -62,6 +68,8 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, se
             check_layout_fits(layout, device.type)
         check_loras_fit_layout(layout, bool(model.loras), NODE_NAMES)
         check_offload_fits_layout(layout, offload_blocks and not gpu_memory_gb, NODE_NAMES)
+        if video is not None:
+            check_tokens_split(layout, *video, NODE_NAMES)
     except SettingsError as exc:
         raise reworded(exc, f"FantasyTalking Sampler: {exc}") from None
     if model.source is None:

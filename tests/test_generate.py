@@ -1,8 +1,10 @@
 """The main job end to end: `python -m fantasytalking_core generate --tiny` writes an mp4 with sound."""
 
 import os
+import re
 import subprocess
 import sys
+import threading
 import wave
 
 import av
@@ -109,6 +111,84 @@ def test_720p_is_picked_over_480p(tmp_path):
                 "diffusion_models/z_wan2.1_i2v_480p_14B_fp16.safetensors", *COMFY_TREE):
         _touch(tmp_path / rel)
     assert find_model_files(tmp_path).dit.name == "wan2.1_i2v_720p_14B_fp8_scaled.safetensors"
+
+
+GGUF_720P = "diffusion_models/wan2.1-i2v-14b-720p-Q8_0.gguf"
+
+
+@pytest.mark.parametrize("other", [
+    "loras/Wan21_I2V_14B_lightx2v_cfg_step_distill_lora_rank64.safetensors",  # a LoRA named like the DiT
+    "diffusion_models/wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors",  # Wan2.2: another model
+    "diffusion_models/wan2.1_i2v_480p_14B_bf16.safetensors",  # 480P: runs, but 720P is the adapter's pairing
+])
+def test_finds_the_720p_gguf_whatever_else_matches_the_dit_names(tmp_path, other):
+    # every DiT name pattern is ranked together, so a .safetensors elsewhere no longer beats the 720P GGUF
+    for rel in (GGUF_720P, other, *COMFY_TREE):
+        _touch(tmp_path / rel)
+    assert find_model_files(tmp_path).dit == tmp_path / GGUF_720P
+
+
+def test_finds_the_dit_only_where_comfyui_keeps_diffusion_models(tmp_path):
+    for rel in ("loras/Wan21_I2V_14B_lightx2v_cfg_step_distill_lora_rank64.safetensors", *COMFY_TREE):
+        _touch(tmp_path / rel)
+    with pytest.raises(MissingModelsError, match="diffusion model"):
+        find_model_files(tmp_path)  # a LoRA is never the DiT
+    _touch(tmp_path / "unet/wan2.1-i2v-14b-480p-Q4_K_M.gguf")  # ComfyUI-GGUF's folder
+    assert find_model_files(tmp_path).dit == tmp_path / "unet/wan2.1-i2v-14b-480p-Q4_K_M.gguf"
+    _touch(tmp_path / "diffusion_models/wan2.2_i2v_high_noise_14B_fp16.safetensors")
+    assert find_model_files(tmp_path).dit.suffix == ".gguf"  # Wan2.2 is ranked last, after any Wan2.1 480P
+
+
+def _link(link, target):
+    link.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.symlink(target, link, target_is_directory=True)
+    except (OSError, NotImplementedError):
+        pytest.skip("folder links cannot be made here")
+
+
+def test_finds_models_in_linked_folders_and_links_back_up_the_tree_end(tmp_path):
+    models, store = tmp_path / "models", tmp_path / "other_disk"
+    for rel in COMFY_TREE:
+        _touch((store if rel.startswith("vae/") else models) / rel)
+    _touch(models / GGUF_720P)
+    _link(models / "vae", store / "vae")  # ComfyUI scans into it: --models must too
+    _link(models / "vae" / "up", models)  # two links back up: a walk that follows them forever never ends
+    _link(models / "text_encoders" / "again", models)
+    result = {}
+
+    def search():
+        try:
+            result["files"] = find_model_files(models)
+        except MissingModelsError as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=search, daemon=True)  # daemon: a walk that never ends fails the test, not the run
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the search went round the linked folders"
+    assert "error" not in result, result.get("error")
+    assert result["files"].vae == models / "vae/wan_2.1_vae.safetensors"
+    assert result["files"].dit == models / GGUF_720P
+
+
+def test_load_models_names_the_dit_file_that_fails(tmp_path):
+    """The DiT's checks read keys, not paths: the error still says which file ``--models`` picked."""
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from fantasytalking_core.errors import ModelFileError
+    from fantasytalking_core.loaders.model_paths import load_models
+    from fantasytalking_core.tiny import make_tiny_models
+
+    files = make_tiny_models(tmp_path / "models")
+    lora = tmp_path / "diffusion_models" / "Wan21_I2V_14B_distill_lora_rank64.safetensors"
+    lora.parent.mkdir()
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 8)}, str(lora))
+    with pytest.raises(ModelFileError, match=re.escape(str(lora))):
+        load_models(replace(files, dit=lora), compute_dtype=torch.float32)
 
 
 def test_explicit_files_override_the_search_and_need_no_models_folder(tmp_path):
@@ -398,6 +478,25 @@ def test_a_gpu_run_asks_for_expandable_segments_before_any_model_loads(inputs, t
     assert asked == [torch.device("cuda")]
     assert proc.returncode == 2 and "stopped after the allocator setting" in proc.stderr
     assert "random tiny models" not in proc.stderr  # nothing loaded before it
+
+
+def test_tokens_the_sequence_ranks_cannot_split_are_refused_before_any_model_loads(inputs, tmp_path, monkeypatch):
+    # 720x720 frames are 45 x 45 patches: an odd count a frame, so an odd number of latent frames cannot be halved;
+    # the DiT refused it only at its first forward, after every rank had loaded the model
+    import torch
+
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # 2 GPUs and NCCL, as PyTorch for Linux
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    Image.new("RGB", (300, 300), "grey").save(tmp_path / "square.png")
+    proc = generate_here("--image", str(tmp_path / "square.png"), "--audio", str(inputs / "voice.wav"), "--out",
+                         str(tmp_path / "x.mp4"), "--tiny", "--device", "cuda", "--parallel", "ulysses=2",
+                         "--image-size", "720", "--max-frames", "9")  # 3 latent frames
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "9 frames at 720x720 are 6075 video tokens, which the 2 ring x ulysses ranks cannot split" in proc.stderr
+    assert "random tiny models" not in proc.stderr
 
 
 @pytest.mark.parametrize("part", ["tokenizer", "wav2vec2"])

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from nodes.model_files import adapter_choices, dit_choices, resolve_wav2vec2, wav2vec2_folders
 
 
@@ -79,3 +81,18 @@ def test_resolve_wav2vec2_stays_in_its_models_folders(tmp_path):
     assert resolve_wav2vec2("transformers/../../../elsewhere", *roots) is None
     assert resolve_wav2vec2(str(outside / "config.json"), *roots) is None
     assert outside.is_dir() and (tmp_path / "secret.safetensors").is_file()  # they exist: only the folder rule refuses
+
+
+def test_wav2vec2_folders_look_into_linked_models_folders_and_links_back_up_end(tmp_path):
+    root = tmp_path / "transformers"
+    make_hf_folder(tmp_path / "other_disk" / "wav2vec2-base-960h", "wav2vec2")
+    root.mkdir()
+    try:
+        os.symlink(tmp_path / "other_disk", root / "facebook", target_is_directory=True)
+        os.symlink(root, tmp_path / "other_disk" / "up", target_is_directory=True)  # back up the tree
+        os.symlink(root, root / "self", target_is_directory=True)
+    except (OSError, NotImplementedError):
+        pytest.skip("folder links cannot be made here")
+    found = wav2vec2_folders([root])
+    assert "transformers/facebook/wav2vec2-base-960h" in found
+    assert all(entry.count("/") < 8 for entry in found)  # each link back up is entered once at most

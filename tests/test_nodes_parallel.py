@@ -147,3 +147,17 @@ def test_ray_workers_without_the_ray_package_are_refused_in_one_line(loaded_mode
     with pytest.raises(MissingDependencyError, match=r"^FantasyTalking Sampler: the ray worker pool needs the ray "
                                                      r"package \(pip install ray\)"):
         sampler_pool(loaded_model, "cfg=2", CPU, GenerationSettings(), "ray")
+
+
+def test_tokens_the_sequence_ranks_cannot_split_are_refused_before_any_worker_starts(loaded_model, monkeypatch):
+    # 720x720 is 45 x 45 patches a frame: 21 latent frames of them are 42,525 tokens, odd. The DiT refused it at
+    # its first forward, after every worker had loaded the model
+    import nodes.parallel
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a machine with 2 GPUs and NCCL
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(nodes.parallel, "SamplerPool", None)  # starting workers would fail the test
+    with pytest.raises(SettingsError, match=r"^FantasyTalking Sampler: parallel cfg=1,ring=1,ulysses=2: 81 frames at "
+                                            r"720x720 are 42525 video tokens, which the 2 ring x ulysses ranks cannot "
+                                            r"split evenly \(2025 per latent frame\)"):
+        sampler_pool(loaded_model, "ulysses=2", torch.device("cuda"), GenerationSettings(), video=(81, 720, 720))

@@ -234,3 +234,16 @@ def test_compiled_blocks_under_ulysses_equal_one_eager_process(tmp_path, monkeyp
     for latent in ranks:
         assert (latent - reference).abs().max() <= 1e-4 * reference.abs().max()
     assert all(int((tmp_path / f"rank{r}.graphs").read_text()) > 0 for r in range(2))  # the blocks were compiled
+
+
+def test_a_clip_splits_over_the_sequence_ranks_when_its_token_count_divides():
+    from fantasytalking_core.runtime.parallel import NODE_NAMES, check_tokens_split
+
+    check_tokens_split(ParallelLayout(ulysses=4), 81, 512, 512)  # 32 x 32 patches a frame: any frame count
+    check_tokens_split(ParallelLayout(ring=2), 81, 720, 1280)  # 45 x 80
+    check_tokens_split(ParallelLayout(cfg=3), 81, 720, 720)  # nothing splits the tokens
+    check_tokens_split(ParallelLayout(ulysses=2), 85, 720, 720)  # 22 latent frames x 2025: even
+    with pytest.raises(SettingsError, match=r"^--parallel cfg=1,ring=2,ulysses=2: 81 frames at 720x720 are 42525 "):
+        check_tokens_split(ParallelLayout(ring=2, ulysses=2), 81, 720, 720)
+    with pytest.raises(SettingsError, match=r"^parallel cfg=1,ring=1,ulysses=4: .* \(3510 per latent frame\)"):
+        check_tokens_split(ParallelLayout(ulysses=4), 81, 720, 1248, NODE_NAMES)  # 45 x 78 = 3510 a frame, 21 frames

@@ -5,17 +5,21 @@ Every missing file is reported at once, with where it goes and where it comes fr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import FantasyTalkingError
+from ..errors import FantasyTalkingError, reworded
 
 # What each part is, where it goes in ComfyUI, where it comes from, and the names to look for (globs, lower case,
-# searched recursively; official-layout names last).
+# searched recursively, linked folders included; official-layout names last). ``within``: the only top folders a
+# part's single files are taken from (loras/ holds LoRAs named like the DiT, e.g. ``Wan21_I2V_14B_..._lora``), and
+# ``anywhere``: the globs also taken outside them (the official release's folder, found where the user keeps it).
 PARTS: dict[str, dict[str, Any]] = {
     "dit": {
         "what": "Wan2.1-I2V-14B-720P diffusion model (the released adapter's pairing; 480P also runs)",
@@ -23,6 +27,8 @@ PARTS: dict[str, dict[str, Any]] = {
         "source": "Comfy-Org/Wan_2.1_ComfyUI_repackaged (wan2.1_i2v_720p_14B_bf16.safetensors, fp16/fp8 variants), "
                   "city96/Wan2.1-I2V-14B-720P-gguf, or Wan-AI/Wan2.1-I2V-14B-720P",
         "globs": ("*i2v*14b*.safetensors", "*i2v*14b*.gguf", "*i2v*14b*/*.safetensors.index.json"),
+        "within": ("diffusion_models", "unet"),  # ComfyUI's folders for diffusion models (unet: the older name)
+        "anywhere": ("*i2v*14b*/*.safetensors.index.json",),
     },
     "adapter": {
         "what": "FantasyTalking audio adapter",
@@ -86,6 +92,36 @@ class ModelFiles:
     configs: dict[str, Any] = field(default_factory=dict)
 
 
+def walk_files(root: str | Path) -> Iterator[Path]:
+    """Every file under ``root``, going into linked folders as ComfyUI's own folder scan does (``Path.rglob`` does
+    not, so a ``models/vae`` linked to another disk looked empty).
+
+    A linked folder is skipped only when it is one of the folders it sits in (by real path), so a link back up the
+    tree ends the walk there; a folder linked in under two names is seen under both, as ComfyUI lists it (a global
+    visited set would hide ``models/unet -> diffusion_models`` or the DiT behind whichever name came first).
+    """
+    top = os.fspath(root)
+    above = {top: frozenset({os.path.realpath(top)})}  # folder -> real paths of it and the folders it sits in
+    for folder, dirs, files in os.walk(top, followlinks=True):
+        chain = above.pop(folder)
+        keep = []
+        for name in dirs:
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if real not in chain:
+                above[path] = chain | {real}
+                keep.append(name)
+        dirs[:] = keep
+        for name in files:
+            yield Path(folder, name)
+
+
+# A Wan2.2 name (wan2.2_i2v_low_noise_14B_..., Wan22-I2V-A14B, wan2_2...): matches the DiT globs but is another model.
+# Ranked last rather than excluded: alone, it is still picked and the loader says it is Wan2.2, which is clearer
+# than "not found" beside a file the user can see.
+_WAN22 = re.compile(r"wan[ ._-]?2[._-]?2(?!\d)")
+
+
 def _preference(rel: str) -> tuple[int, str]:
     """Sort key among paths (relative to the models folder, lower case) that match one pattern: 720P first (the
     released adapter was trained on Wan2.1-I2V-14B-720P), then by path so the pick does not depend on the file
@@ -93,8 +129,25 @@ def _preference(rel: str) -> tuple[int, str]:
     return (0 if "720p" in rel else 1, rel)
 
 
-def _find(root: Path, spec: dict[str, Any]) -> Path | None:
-    tree = {p.relative_to(root).as_posix().lower(): p for p in root.rglob("*")}
+def _dit_preference(rel: str, pattern: int) -> tuple[bool, bool, int, str]:
+    """Sort key among every DiT candidate, whichever glob found it: a Wan2.1 file before a Wan2.2 one or a LoRA
+    kept beside the models, then 720P before 480P, then the globs' order (safetensors, GGUF, shard index), then by
+    path. Ranking all globs together keeps a 720P GGUF ahead of any lesser ``.safetensors``."""
+    not_wan21 = bool(_WAN22.search(rel)) or "lora" in rel.rsplit("/", 1)[-1]
+    return (not_wan21, "720p" not in rel, pattern, rel)
+
+
+def _find(spec: dict[str, Any], tree: dict[str, Path]) -> Path | None:
+    """The file (or folder) for one part in ``tree`` (lower-case path relative to the models folder -> path)."""
+    if "within" in spec:
+        within, anywhere = spec["within"], spec.get("anywhere", ())
+        ranked = {}
+        for rank, pattern in enumerate(spec["globs"]):
+            for rel in tree:
+                place_ok = rel.split("/", 1)[0] in within or (pattern in anywhere and not rel.startswith("loras/"))
+                if rel not in ranked and place_ok and Path(rel).match(pattern):
+                    ranked[rel] = rank
+        return tree[min(ranked, key=lambda rel: _dit_preference(rel, ranked[rel]))] if ranked else None
     for pattern in spec["globs"]:
         matches = {rel: p for rel, p in tree.items() if Path(rel).match(pattern)}
         if matches:
@@ -129,12 +182,17 @@ def find_model_files(models_dir: str | Path | None, names: Mapping[str, str] | N
         raise MissingModelsError(f"Models folder not found: {root}. Pass --models with your ComfyUI/models folder.")
     found: dict[str, Path] = {}
     missing = []
+    tree: dict[str, Path] | None = None  # walked once, and only when some part is searched for
     for name, spec in PARTS.items():
         given = explicit.get(name)
         if given is not None and not Path(given).exists():
             missing.append(f"  - {spec['what']}: {given} does not exist")
             continue
-        path = Path(given) if given is not None else (_find(root, spec) if root is not None else None)
+        path = Path(given) if given is not None else None
+        if path is None and root is not None:
+            if tree is None:
+                tree = {p.relative_to(root).as_posix().lower(): p for p in walk_files(root)}
+            path = _find(spec, tree)
         if path is None and name == "tokenizer" and embedded_tokenizer(found.get("text_encoder", "")) is not None:
             path = found["text_encoder"]  # ComfyUI's umT5 file carries its tokenizer
         if path is None and root is not None:
@@ -148,6 +206,13 @@ def find_model_files(models_dir: str | Path | None, names: Mapping[str, str] | N
     if missing:
         raise MissingModelsError("Missing model files:\n" + "\n".join(missing))
     return ModelFiles(**found)
+
+
+def _naming(path: Path, error: FantasyTalkingError) -> FantasyTalkingError:
+    """``error`` with ``path`` in front when its message does not say which file (the DiT checks read key names
+    and shapes, not paths): ``--models`` picked the file, so the user has to be told which one failed."""
+    message = str(error)
+    return error if str(path) in message or Path(path).name in message else reworded(error, f"{path}: {message}")
 
 
 def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, fp8_storage: bool = False):
@@ -174,10 +239,13 @@ def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, 
     vae = load_vae(files.vae, config=cfg.get("vae"))
     image_encoder = load_image_encoder(files.image_encoder, config=cfg.get("image_encoder"), dtype=torch.float32)
     text_encoder = load_text_encoder(files.text_encoder, config=cfg.get("text_encoder"), dtype=compute_dtype)
-    dit = load_wan_dit(files.dit, config=cfg.get("dit"), dtype=compute_dtype,
-                       fp8_storage=fp8_storage or stores_fp8(files.dit), compute_dtype=compute_dtype)
+    try:
+        dit = load_wan_dit(files.dit, config=cfg.get("dit"), dtype=compute_dtype,
+                           fp8_storage=fp8_storage or stores_fp8(files.dit), compute_dtype=compute_dtype)
+    except FantasyTalkingError as exc:
+        raise _naming(files.dit, exc) from None
     return FantasyTalkingModels(dit=load_audio_adapter(files.adapter, dit), vae=vae, text_encoder=text_encoder,
                                 tokenizer=tokenizer, image_encoder=image_encoder, wav2vec2=wav2vec2)
 
 
-__all__ = ["MissingModelsError", "ModelFiles", "find_model_files", "is_480p", "load_models"]
+__all__ = ["MissingModelsError", "ModelFiles", "find_model_files", "is_480p", "load_models", "walk_files"]

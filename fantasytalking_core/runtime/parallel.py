@@ -111,6 +111,25 @@ def parse_parallel(text: str, names: Mapping[str, str] = CLI_NAMES) -> ParallelL
     return ParallelLayout(**sizes, fsdp=fsdp)
 
 
+def check_tokens_split(layout: ParallelLayout, num_frames: int, height: int, width: int,
+                       names: Mapping[str, str] = CLI_NAMES) -> None:
+    """Refuse, before any model loads, a clip whose video tokens the ring x ulysses ranks cannot split into equal
+    shards (diffusers' context parallelism needs them equal; the DiT would refuse it only at its first forward,
+    after every rank had loaded the model). ``num_frames``: frames of the longest segment; ``height`` x ``width``:
+    the frames' pixels."""
+    from .memory import video_tokens
+
+    ranks = layout.sequence
+    tokens = video_tokens(num_frames, height, width)
+    if ranks > 1 and tokens % ranks:
+        per_frame = (height // 16) * (width // 16)
+        raise SettingsError(
+            f"{names['parallel']} {layout}: {num_frames} frames at {width}x{height} are {tokens} video tokens, "
+            f"which the {ranks} ring x ulysses ranks cannot split evenly ({per_frame} per latent frame). A size whose "
+            f"(height / 16) x (width / 16) they divide splits any frame count (512x512: 32 x 32), or use other "
+            "degrees.")
+
+
 def check_layout(layout: ParallelLayout, world_size: int, max_passes: int, num_heads: int | None = None,
                  attention: str | None = None, names: Mapping[str, str] = CLI_NAMES) -> None:
     """Refuse a layout this run cannot use, before any model loads.
