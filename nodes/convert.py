@@ -327,6 +327,12 @@ def paste_face(frames: torch.Tensor, crop: FaceCrop, feather: int = 16) -> torch
 
     After a fallback (no face, whole image used) the frames are returned as they are.
     """
+    written = getattr(frames, PREVIEW_OF, None)
+    if written is not None:
+        raise SettingsError(f"FantasyTalking Face Paste Back: these are {len(frames)} preview frames of a video "
+                            f"longer than the sampler's max_image_frames, which it wrote to {Path(written).name} "
+                            "without the paste-back. Raise max_image_frames above the video's frame count to paste "
+                            "back every frame.")
     if crop.info is None:
         return frames
     return paste_back(frames.float().cpu(), crop.reference, crop.info, feather)
@@ -439,6 +445,9 @@ def describe_audio(encoded: EncodedAudio) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 PREVIEW_FRAMES = 16
+PREVIEW_OF = "fantasytalking_preview_of"
+"""Attribute of the sampler's IMAGE output when it holds only preview frames of a video it wrote to a file (the
+file's path): nodes that need every frame (Face Paste Back) refuse it instead of making a 16-frame video."""
 """Frames, spread over the video, that the sampler's ``images`` output holds when the video went to a file."""
 IMAGE_BYTES_PER_PIXEL = 12  # an IMAGE frame: 3 float32 channels per pixel
 
@@ -681,4 +690,6 @@ def render_video(plan: SegmentPlan, chunks: Iterator[torch.Tensor], voice: Encod
     audio = voice.audio
     report = stream_to_file(chunks, plan, output_path(), audio["waveform"][0], int(audio["sample_rate"]),
                             PREVIEW_FRAMES, crf)
+    if report.samples is not None:  # the frames go on as IMAGE: say they are not the video
+        setattr(report.samples, PREVIEW_OF, str(report.path))
     return SampledVideo(report.samples, Path(report.path), plan)

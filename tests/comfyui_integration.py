@@ -556,6 +556,22 @@ def sampler_segments(sampler: dict, frames: int) -> int:
     return len(segment_spans(frames, inputs.get("segment_frames", 81), overlap))
 
 
+def check_paste_back_refuses_previews(comfy: ComfyUI, path: Path, report: Report) -> None:
+    """Past max_image_frames the sampler's IMAGE output is 16 preview frames of the file it wrote: Face Paste Back
+    must refuse them in one line (it pasted them back and Save Video kept a 16-frame clip)."""
+    prompt = load_api_workflow(path)
+    node_of(prompt, "FantasyTalkingSampler")[1]["inputs"]["max_image_frames"] = 0
+    status, reply = submit(comfy, prompt, "fantasytalking-preview-paste")
+    if not report.check(status == 200, f"{path.stem} max_image_frames=0: /prompt accepted it ({status})"):
+        return
+    entry = wait_history(comfy, reply["prompt_id"])
+    errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+    message = errors[0].get("exception_message", "") if errors else ""
+    report.check(entry["status"]["status_str"] == "error" and errors
+                 and errors[0].get("node_type") == "FantasyTalkingFacePasteBack" and "preview frames" in message,
+                 f"{path.stem} max_image_frames=0: Face Paste Back refuses the preview frames ({message[:300]!r})")
+
+
 def run_workflow(comfy: ComfyUI, path: Path, output: Path, durations: dict, report: Report,
                  overrides: dict | None = None) -> None:
     """Run one workflow (with ``overrides`` on the sampler's inputs) and check every mp4 it saved: the Save Video
@@ -1018,6 +1034,8 @@ def main() -> int:
                 run_workflow(comfy, path, base / "output", durations, report)
                 if path.stem == "long_recording":  # the same video written by the sampler itself, streamed
                     run_workflow(comfy, path, base / "output", durations, report, {"max_image_frames": 0})
+                if path.stem == "face_crop_paste_back":
+                    check_paste_back_refuses_previews(comfy, path, report)
             else:
                 check_native_workflow_validates(comfy, path, report)
         check_lora(comfy, WORKFLOWS / "api" / "talking_portrait.json", base / "output", report)

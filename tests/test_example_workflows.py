@@ -74,22 +74,22 @@ def test_workflow_uses_our_nodes_and_saves_the_sampler_output_as_video(ui_file):
     assert ours <= OUR_NODE_IDS and len(OUR_NODE_IDS) == 15
     sampler = next(k for k, v in api.items() if v["class_type"] == "FantasyTalkingSampler")
     save = next(v for v in api.values() if v["class_type"] == "SaveVideo")["inputs"]
-    if ui_file.stem == "long_recording":
-        # the segment route: the sampler's video output (its frames + voice, or the mp4 it wrote) goes to Save Video
-        inputs = api[sampler]["inputs"]
+    paste = next((k for k, v in api.items() if v["class_type"] == "FantasyTalkingFacePasteBack"), None)
+    if paste is None:
+        # the sampler's video output (its frames + voice, or past max_image_frames the mp4 it wrote) goes to Save
+        # Video: through Create Video, a video past max_image_frames was saved as its 16 preview frames
         assert save["video"] == [sampler, 3] and not any(v["class_type"] == "CreateVideo" for v in api.values())
+    if ui_file.stem == "long_recording":  # the segment route
+        inputs = api[sampler]["inputs"]
         audio = next(v for v in api.values() if v["class_type"] == "FantasyTalkingAudioEncode")["inputs"]
         assert audio["max_frames"] > inputs["segment_frames"] == 81  # longer than a clip: in segments
         assert 0 < inputs["max_image_frames"] < audio["max_frames"]  # past it, the sampler writes the file
-    else:
+    if paste is not None:  # face crop: the sampler's frames go through the paste-back, then Create Video
         create = next(v for v in api.values() if v["class_type"] == "CreateVideo")["inputs"]
-        paste = next((k for k, v in api.items() if v["class_type"] == "FantasyTalkingFacePasteBack"), None)
-        if paste is not None:  # face crop: the sampler's frames go through the paste-back first
-            assert api[paste]["inputs"]["images"] == [sampler, 0]
-            crop = next(k for k, v in api.items() if v["class_type"] == "FantasyTalkingFaceCrop")
-            assert api[paste]["inputs"]["crop_info"] == [crop, 1]
-        frames = [paste, 0] if paste is not None else [sampler, 0]
-        assert (create["images"], create["audio"], create["fps"]) == (frames, [sampler, 1], [sampler, 2])
+        assert api[paste]["inputs"]["images"] == [sampler, 0]
+        crop = next(k for k, v in api.items() if v["class_type"] == "FantasyTalkingFaceCrop")
+        assert api[paste]["inputs"]["crop_info"] == [crop, 1]
+        assert (create["images"], create["audio"], create["fps"]) == ([paste, 0], [sampler, 1], [sampler, 2])
     # official CLIP tokens: Identity Encode gets the CLIP vision model itself, not a CLIP Vision Encode output
     identity = next(v for v in api.values() if v["class_type"] == "FantasyTalkingIdentityEncode")["inputs"]
     loader = next(k for k, v in api.items() if v["class_type"] == "CLIPVisionLoader")

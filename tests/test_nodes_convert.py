@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from fantasytalking_core.audio.rules import crop_samples_for_frames
-from fantasytalking_core.errors import ModelFileError
+from fantasytalking_core.errors import ModelFileError, SettingsError
 from fantasytalking_core.encoders.image import encode_image_clip
 from fantasytalking_core.media.image import image_to_tensor
 from fantasytalking_core.loaders.model_paths import load_models
@@ -500,6 +500,12 @@ def test_long_video_as_images_or_as_an_mp4_with_the_voice(models, face, tmp_path
     written = convert.render_video(plan, chunks, encoded, 28, lambda: tmp_path / "out" / "long_00001_.mp4")
     assert written.path == tmp_path / "out" / "long_00001_.mp4"
     assert torch.equal(written.images, video.images[::2])  # 15 preview frames: every ceil(29 / 16) = 2nd
+    # Face Paste Back pasted the previews back, and Save Video kept a 15-frame clip as the video
+    assert getattr(written.images, convert.PREVIEW_OF) == str(written.path)
+    assert not hasattr(video.images, convert.PREVIEW_OF)  # the whole video as frames: nothing to say
+    with pytest.raises(SettingsError, match=r"^FantasyTalking Face Paste Back: these are 15 preview frames of a "
+                                            r"video .* wrote to long_00001_\.mp4 .* Raise max_image_frames"):
+        convert.paste_face(written.images, None)
     with av.open(str(written.path)) as c:
         assert sum(1 for _ in c.decode(video=0)) == 29
         sound = c.streams.audio[0]

@@ -95,7 +95,10 @@ def talking_portrait() -> dict:
     nodes["13"] = {"class_type": "FantasyTalkingMotion",
                    "inputs": {"face_intensity": 0.5, "body_intensity": 0.5, "affect_audio_cfg": False}}
     nodes["14"]["inputs"]["motion"] = ["13", 0]
-    nodes["16"]["inputs"]["filename_prefix"] = "FantasyTalking/talking_portrait"
+    # the sampler's video to Save Video: the frames with the voice, or past max_image_frames the mp4 it wrote (its
+    # images are then 16 preview frames, which Create Video would have saved as the video)
+    del nodes["15"]
+    nodes["16"]["inputs"].update(video=["14", 3], filename_prefix="FantasyTalking/talking_portrait")
     note = ("# FantasyTalking: talking portrait\n\nChoose a portrait in Load Image and a voice recording in Load Audio, "
             "then Run. The video is as long as the recording, up to max_frames (81 frames = 3.5 s at 23 fps).\n\n"
             + MODEL_NOTE.format(dit="wan2.1_i2v_720p_14B_fp16.safetensors (bf16, fp8, GGUF also work)",
@@ -252,8 +255,9 @@ WORKFLOWS = {"talking_portrait": talking_portrait, "long_recording": long_record
 # Canvas layout shared by the workflows: node id -> position; groups: title, node ids. Sizes are the front end's.
 POSITIONS = {"1": (20, 60), "2": (20, 250), "10": (20, 360), "6": (20, 520), "8": (20, 620),
              "5": (480, 60), "3": (480, 470),
-             "11": (860, 60), "12": (860, 270), "9": (860, 560), "4": (860, 830), "13": (860, 990),
-             "14": (1360, 60), "18": (1360, 560), "15": (1360, 700), "16": (1360, 840), "17": (480, 700)}
+             "11": (860, 60), "12": (860, 270), "9": (860, 560), "4": (860, 830), "13": (860, 1040),
+             "14": (1360, 60), "18": (1360, 880), "15": (1360, 1020), "16": (1360, 1160), "17": (480, 700)}
+SAVE_UNDER_SAMPLER = (1360, 880)  # Save Video's place when it takes the sampler's video directly
 SIZES = {"1": (400, 150), "2": (400, 60), "10": (400, 110), "6": (400, 60), "8": (400, 60),
          "11": (440, 160), "12": (440, 160)}
 GROUPS = [("Models", ["1", "2", "10", "6", "8"]), ("Portrait and voice", ["5", "3", "17"]),
@@ -318,7 +322,10 @@ CLOSE_DIALOGS = """(() => {
 
 def build(browser: Browser, name: str, spec: dict) -> tuple[dict, dict, bytes]:
     """(UI workflow, API prompt, PNG screenshot) of one workflow, made by the front end."""
-    args = [spec["api"], name, spec.get("positions", POSITIONS), SIZES, spec.get("groups", GROUPS), spec["note"],
+    positions = spec.get("positions", POSITIONS)
+    if "16" in spec["api"] and "15" not in spec["api"]:  # no Create Video between the sampler and Save Video
+        positions = {**positions, "16": SAVE_UNDER_SAMPLER}
+    args = [spec["api"], name, positions, SIZES, spec.get("groups", GROUPS), spec["note"],
             spec.get("note_pos", NOTE_POS), spec.get("note_size", NOTE_SIZE), spec.get("bypass", []), MODEL_SOURCES]
     browser.js(f"{BUILD_GRAPH}(...{json.dumps(args, ensure_ascii=False)})")
     time.sleep(1.0)  # widgets settle (image preview, dynamic combos)
