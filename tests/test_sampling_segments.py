@@ -189,8 +189,8 @@ def test_plan_and_options_must_agree():
     with pytest.raises(ValueError, match="overlaps"):
         list(generate_segments(plan, torch.zeros(60, 4), torch.zeros(3, 8, 8), SegmentOptions(13, 5),
                                condition=None, sample=None, decode=None, steps=1))
-    for bad in (dict(segment_frames=12), dict(motion_frames=4), dict(motion_frames=81), dict(chaining="x"),
-                dict(color_match=1.5)):
+    for bad in (dict(segment_frames=12), dict(motion_frames=4), dict(motion_frames=81, chaining="motion_frames"),
+                dict(chaining="x"), dict(color_match=1.5)):
         with pytest.raises(ValueError):
             SegmentOptions(**bad)
 
@@ -322,3 +322,15 @@ def test_a_negative_seed_is_the_generators_same_seed_counted_from_2_to_the_64():
     for bad in (1.5, -(2**63) - 1, 2**64):
         with pytest.raises(SettingsError, match="seed must be a whole number"):
             GenerationSettings(seed=bad)
+
+
+def test_short_segments_with_last_frame_chaining_need_no_motion_frames_value():
+    # segment_frames 9 was refused for the default motion_frames 9, which last_frame chaining never uses
+    from fantasytalking_core.sampling.segments import SegmentOptions
+
+    assert SegmentOptions(segment_frames=9, motion_frames=9, chaining="last_frame").overlap == 1
+    assert SegmentOptions(segment_frames=5).overlap == 1
+    with pytest.raises(ValueError, match=r"motion_frames must be less than segment_frames \(9\) with pinned_latents"):
+        SegmentOptions(segment_frames=9, motion_frames=9, chaining="pinned_latents")
+    with pytest.raises(ValueError, match=r"motion_frames must be 4m\+1"):  # its form is still checked
+        SegmentOptions(segment_frames=81, motion_frames=8)

@@ -86,9 +86,12 @@ class SegmentOptions:
         if self.segment_frames > MAX_FRAMES:
             raise ValueError(f"segment_frames {self.segment_frames} is above {MAX_FRAMES}, the longest clip the Wan2.1 "
                              f"DiT can place in time; use at most {MAX_FRAMES} (81 is the length it was trained on).")
-        if self.motion_frames < 1 or (self.motion_frames - 1) % 4 or self.motion_frames >= self.segment_frames:
-            raise ValueError(f"motion_frames must be 4m+1 (1, 5, 9, ...) and less than segment_frames "
-                             f"({self.segment_frames}), got {self.motion_frames}.")
+        if self.motion_frames < 1 or (self.motion_frames - 1) % 4:
+            raise ValueError(f"motion_frames must be 4m+1 (1, 5, 9, ...), got {self.motion_frames}.")
+        # last_frame chaining gives one frame whatever motion_frames says: short segments need no other value
+        if self.chaining != "last_frame" and self.motion_frames >= self.segment_frames:
+            raise ValueError(f"motion_frames must be less than segment_frames ({self.segment_frames}) with "
+                             f"{self.chaining} chaining, got {self.motion_frames}.")
         if not 0 <= self.color_match <= 1:
             raise ValueError(f"color_match must be in 0..1, got {self.color_match}.")
 
