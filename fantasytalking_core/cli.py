@@ -68,6 +68,7 @@ def _generate(args: argparse.Namespace) -> int:
     check_output_path(args.out)
     _check_inputs_are_not_the_output(args)
     _check_no_model_files_with_tiny(args)
+    _check_segment_flags_with_one_clip(args)
     check_crf(args.crf)
     _check_device(args.device)
     check_compile(args.compile, torch.device(args.device).type)
@@ -254,6 +255,22 @@ def _check_inputs_are_not_the_output(args: argparse.Namespace) -> None:
             raise SettingsError(f"--out is the {flag} file {value}; the video would replace it: write it elsewhere.")
 
 
+def _check_segment_flags_with_one_clip(args: argparse.Namespace) -> None:
+    """Refuse the long-recording flags beside ``--max-frames``, which makes the official single clip: it has no
+    segments, so they would do nothing (a run wrote one clip without a word)."""
+    from .audio.timeline import DEFAULT_MOTION_FRAMES, DEFAULT_SEGMENT_FRAMES
+
+    if args.max_frames is None:
+        return
+    defaults = {"segment_frames": DEFAULT_SEGMENT_FRAMES, "chaining": "last_frame",
+                "motion_frames": DEFAULT_MOTION_FRAMES, "color_match": 0.0, "crossfade": False}
+    given = [f"--{name.replace('_', '-')}" for name, value in defaults.items() if getattr(args, name) != value]
+    if given:
+        raise SettingsError(f"{', '.join(given)} shape the segments of a long video, but --max-frames makes the "
+                            "official single clip, which has none: leave them out, or leave out --max-frames to "
+                            "make the whole recording in segments.")
+
+
 def _check_no_model_files_with_tiny(args: argparse.Namespace) -> None:
     """Refuse model flags beside ``--tiny``, which makes its own models and would not read them (a user would think
     them checked)."""
@@ -404,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--audio-guidance-end", type=float, default=1.0, help="fraction of the steps where it ends")
     gen.add_argument("--fps", type=float, default=d.fps)
     gen.add_argument("--max-frames", type=int, default=None,
-                     help="make the official single clip, capped at this many frames (4n+1, e.g. 81); without it "
-                          "a recording of any length is generated in segments")
+                     help="make the official single clip, capped at this many frames (4n+1, e.g. 81; the segment "
+                          "flags do not apply); without it a recording of any length is generated in segments")
     gen.add_argument("--image-size", type=int, default=d.image_size, help="longest edge of the video in pixels")
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
     gen.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",

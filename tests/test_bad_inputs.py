@@ -97,6 +97,9 @@ COMMAND_LINE_CASES = {
     "step cache negative": (["--step-cache", "-0.1"], {}, "--step-cache must be a number from 0 (off) to 1"),
     "step cache nan": (["--step-cache", "nan"], {}, "--step-cache must be a number from 0 (off) to 1"),
     "step cache above 1": (["--step-cache", "2"], {}, "got 2.0"),
+    "segment flags with one clip": (["--max-frames", "45", "--segment-frames", "21", "--crossfade"], {},
+                                    "--segment-frames, --crossfade shape the segments of a long video, but "
+                                    "--max-frames makes the official single clip, which has none"),
     "step cache in 4 steps": (["--step-cache", "0.1", "--steps", "4"], {},
                               "--step-cache skips nothing in a 4-step run: the first 3 and last 2 steps always "
                               "compute every block. Set --step-cache to 0, or sample more than 5 steps."),
