@@ -102,3 +102,20 @@ def test_crf_zero_is_lossless_and_a_crf_off_the_scale_is_refused(tmp_path):
         with pytest.raises(SettingsError, match=r"crf must be a whole number from 0 \(lossless\) to 51"):
             write_video(tmp_path / "bad.mp4", frames, 23, crf=bad)
     assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_a_5_1_recording_is_mixed_down_not_cut_to_its_first_two_channels(tmp_path):
+    # the first two of 5.1 are front left and right: the dialogue in the centre channel was dropped from the mp4
+    rate = 16000
+    t = torch.arange(rate) / rate
+    surround = torch.zeros(6, rate)
+    surround[2] = 0.5 * torch.sin(2 * torch.pi * 440 * t)  # centre only
+    surround[3] = 0.5 * torch.sin(2 * torch.pi * 60 * t)  # LFE: left out of a stereo mix
+    path = write_video(tmp_path / "surround.mp4", torch.rand(23, 16, 16, 3), 23, surround, rate)
+    with av.open(str(path)) as c:
+        assert c.streams.audio[0].channels == 2
+        decoded = torch.cat([torch.from_numpy(f.to_ndarray()) for f in c.decode(audio=0)], dim=1)  # [2, T]
+    middle = decoded[:, rate // 10: rate // 10 + rate // 2]
+    assert (middle.abs().amax(dim=1) > 0.25).all()  # the centre in both sides, at about -3 dB (0.35)
+    spectrum = torch.fft.rfft(middle[0]).abs()  # 0.5 s: 2 Hz bins
+    assert abs(int(spectrum.argmax()) * 2 - 440) <= 2 and spectrum[30] < spectrum.max() / 20  # no 60 Hz LFE

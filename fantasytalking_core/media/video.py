@@ -109,13 +109,41 @@ def write_video(
     return writer.path
 
 
+DEFAULT_LAYOUTS = {3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+"""FFmpeg's default channel layout for a channel count (``av_channel_layout_default``): how a file that does not name
+its layout is read."""
+
+
+def downmix_to_stereo(wave: torch.Tensor, sample_rate: int, chunk_s: float = 10.0) -> torch.Tensor:
+    """[C, T] float audio of more than two channels -> [2, T], mixed as FFmpeg mixes :data:`DEFAULT_LAYOUTS` (5.1:
+    front left, right, centre, LFE, back left, right; the centre and surrounds go into both sides, the LFE is
+    dropped), through PyAV's resampler, ``chunk_s`` seconds at a time."""
+    import av
+
+    layout = DEFAULT_LAYOUTS.get(wave.shape[0])
+    if layout is None:  # no usual layout has this many channels: every one in both sides
+        return wave.mean(dim=0, keepdim=True).expand(2, -1).clone()
+    resampler = av.AudioResampler(format="fltp", layout="stereo", rate=sample_rate)
+    step = max(1, int(chunk_s * sample_rate))
+    parts = []
+    for start in range(0, wave.shape[1], step):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, start:start + step].numpy()), format="fltp",
+                                           layout=layout)
+        frame.sample_rate = sample_rate
+        parts += [torch.from_numpy(out.to_ndarray()) for out in resampler.resample(frame)]
+    parts += [torch.from_numpy(out.to_ndarray()) for out in resampler.resample(None)]  # what it still holds
+    return torch.cat(parts, dim=1)[:, :wave.shape[1]]
+
+
 def _mux_audio(container, stream, audio: torch.Tensor, sample_rate: int, duration_s: float) -> None:
     """Encode ``audio`` ([C, T] or [T] at ``sample_rate`` Hz) into ``stream`` at the stream's rate, trimmed or
     padded with silence to ``duration_s`` seconds."""
     import av  # deferred (as in audio/io.py): sampling never needs the FFmpeg bindings
 
     wave = audio.detach().float().cpu()
-    wave = wave.unsqueeze(0) if wave.ndim == 1 else wave[:2]
+    wave = wave.unsqueeze(0) if wave.ndim == 1 else wave
+    if wave.shape[0] > 2:  # 5.1 and the like: mixed down, not cut to the first two (the dialogue is in the centre)
+        wave = downmix_to_stereo(wave, sample_rate)
     if stream.rate != sample_rate:  # a rate AAC refuses (e.g. 192 kHz): the library's resampler, channel by channel
         wave = torch.stack([resample(channel, sample_rate, stream.rate) for channel in wave])
         sample_rate = stream.rate
