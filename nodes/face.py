@@ -18,7 +18,8 @@ class FaceCrop(io.ComfyNode):
             node_id="FantasyTalkingFaceCrop",
             display_name="FantasyTalking Face Crop",
             description="Cuts a square around the face so the model spends its whole resolution on it. Feed the crop "
-                        "to CLIP Vision Encode and Identity Encode, and the crop info to Face Paste Back.",
+                        "and the crop info to Identity Encode (with Load CLIP Vision's model: the official CLIP "
+                        "tokens), and the crop info to Face Paste Back.",
             inputs=[
                 io.Image.Input("image", tooltip="The full-resolution portrait (first image of the batch)."),
                 io.Int.Input("face_index", default=0, min=0, max=64,

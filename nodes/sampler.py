@@ -48,8 +48,9 @@ class Sampler(io.ComfyNode):
                         "step and leaves no partial file.",
             inputs=[
                 io_types.FantasyTalkingModel.Input("model", tooltip="From the FantasyTalking Model Loader."),
-                io.Conditioning.Input("positive", tooltip="What happens in the video, from the core CLIP Text Encode "
-                                                          "with umT5-XXL (Load CLIP, type wan)."),
+                io.Conditioning.Input("positive", tooltip="What happens in the video, from FantasyTalking Text Encode "
+                                                          "(the official encoding) with umT5-XXL (Load CLIP, type "
+                                                          "wan); core CLIP Text Encode also works."),
                 io.Conditioning.Input("negative", tooltip="What to avoid, same encoder. Unused when cfg is 1."),
                 io_types.Identity.Input("identity", tooltip="From FantasyTalking Identity Encode."),
                 io_types.AudioFeatures.Input("audio_features", tooltip="From FantasyTalking Audio Encode; sets the "
