@@ -138,14 +138,15 @@ def _generate(args: argparse.Namespace) -> int:
                     raise FantasyTalkingError("--models is required (your ComfyUI/models folder), or use --tiny.")
                 files = find_model_files(args.models, EXPLICIT_FLAGS, **explicit)
                 if is_480p(files.dit):
-                    print(f"note: {files.dit.name} is Wan2.1-I2V-14B-480P; the released FantasyTalking adapter was trained "
-                          "on 720P (it runs on 480P, not the released pairing).", file=sys.stderr)
+                    print(f"note: {files.dit.name} is Wan2.1-I2V-14B-480P; the released FantasyTalking adapter was "
+                          "trained on 720P (it runs on 480P, not the released pairing).", file=sys.stderr)
             if layout is not None:
                 _check_layout_fits_model(layout, files, settings)  # before minutes of loading on every rank
             models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8 or args.fp8_matmul)
         if loras:
             for lora in loras:
-                check_lora_fits(lora, models.dit.transformer)  # a LoRA for another model fails now, not after the encoders
+                # a LoRA for another model fails now, not after the encoders
+                check_lora_fits(lora, models.dit.transformer)
             models.dit = models.dit.with_loras(loras)
         # joined after loading: model writers (the tiny models' save_pretrained) save on rank 0 only inside a group
         parallel = None if layout is None else _join_parallel_run(layout, args)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pickle
 
+import pytest
 import torch
 
-from fantasytalking_core.loaders.model_source import ModelSource
 from fantasytalking_core.loaders.model_paths import load_models
+from fantasytalking_core.loaders.model_source import ModelSource
 from fantasytalking_core.tiny import make_tiny_models
 
 
@@ -31,11 +32,11 @@ def test_default_weights_stay_as_an_fp8_file_stores_them(tmp_path):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
+    import shutil
+
     from parallel_cases import FIXTURE, write_fp8_dit
 
     from fantasytalking_core.loaders.wan_dit import stores_fp8
-
-    import shutil
 
     shutil.copy(FIXTURE / "dit" / "config.json", tmp_path / "config.json")  # the tiny DiT's architecture
     fp8_file = write_fp8_dit(tmp_path)
@@ -49,3 +50,53 @@ def test_default_weights_stay_as_an_fp8_file_stores_them(tmp_path):
     assert widened[block].dtype == torch.bfloat16  # asked for: as before
     plain = ModelSource(str(FIXTURE / "dit" / "dit.safetensors"), adapter, None, torch.bfloat16).load().state_dict()
     assert plain[block].dtype == torch.bfloat16
+
+
+def test_the_ram_a_dit_takes_is_known_from_its_header(tmp_path):
+    # the estimate the RAM check refuses with: the parameters a load really makes, however the file stores them
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from parallel_cases import FIXTURE, write_fp8_dit
+
+    from fantasytalking_core.loaders.wan_dit import load_wan_dit, loaded_bytes, stores_fp8
+
+    shutil.copy(FIXTURE / "dit" / "config.json", tmp_path / "config.json")
+    fp8_file, plain = write_fp8_dit(tmp_path), str(FIXTURE / "dit" / "dit.safetensors")
+    sizes = {}
+    for path, weight_dtype in ((fp8_file, None), (plain, None), (plain, torch.float8_e4m3fn),
+                               (fp8_file, torch.bfloat16)):
+        dit = load_wan_dit(path, dtype=weight_dtype or torch.bfloat16, compute_dtype=torch.bfloat16,
+                           fp8_storage=weight_dtype is None and stores_fp8(path))
+        loaded = sum(p.numel() * p.element_size() for p in dit.parameters())
+        sizes[path, weight_dtype] = estimate = loaded_bytes(path, weight_dtype, torch.bfloat16)
+        assert 0.97 * loaded <= estimate <= loaded, (path, weight_dtype)  # the tiny model's buffers aside
+    assert sizes[fp8_file, None] < sizes[plain, None] == sizes[fp8_file, torch.bfloat16]
+
+
+def test_a_model_larger_than_the_free_ram_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
+    # past the RAM and swap the operating system ends ComfyUI without a word
+    from types import SimpleNamespace
+
+    import psutil
+
+    from fantasytalking_core.loaders import wan_dit
+    from fantasytalking_core.runtime.memory import GIB, InsufficientMemoryError
+
+    files = make_tiny_models(tmp_path)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    monkeypatch.setattr(psutil, "swap_memory", lambda: SimpleNamespace(free=24))
+    monkeypatch.setattr(wan_dit, "load_wan_dit", lambda *a, **k: pytest.fail("no weight may be read"))
+    with pytest.raises(InsufficientMemoryError, match=r"^The DiT wan2.1_i2v_14b_tiny needs about 0\.0 GiB of RAM, but "
+                                                      r"this machine has 0\.0 GiB available and 0\.0 GiB of free swap: "
+                                                      r"weight_dtype fp8_e4m3fn keeps it in 8 bits"):
+        ModelSource(str(files.dit), str(files.adapter), None, torch.float32).load()
+    with pytest.raises(InsufficientMemoryError, match="^Loading the models needs about .* --fp8 keeps the DiT in 8 bits"):
+        load_models(files, compute_dtype=torch.float32)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=64 * GIB))
+    monkeypatch.setattr(wan_dit, "load_wan_dit", lambda *a, **k: "loaded")  # room now: loading goes on
+    with pytest.raises(Exception) as went_on:
+        ModelSource(str(files.dit), str(files.adapter), None, torch.float32).load()
+    assert not isinstance(went_on.value, InsufficientMemoryError)

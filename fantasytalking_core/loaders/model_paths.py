@@ -215,6 +215,12 @@ def _naming(path: Path, error: FantasyTalkingError) -> FantasyTalkingError:
     return error if str(path) in message or Path(path).name in message else reworded(error, f"{path}: {message}")
 
 
+def _disk_bytes(path: str | Path) -> int:
+    """Bytes of a file, or of every file in a folder (a model saved as a folder)."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in walk_files(path)) if path.is_dir() else path.stat().st_size
+
+
 def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, fp8_storage: bool = False):
     """Load every part on the CPU (the pipeline moves each to the compute device while it works).
 
@@ -229,9 +235,15 @@ def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, 
     from ..encoders.text import load_text_encoder, load_tokenizer
     from ..encoders.vae import load_vae
     from ..pipeline import FantasyTalkingModels
+    from ..runtime.memory import check_host_memory
     from .adapter import load_audio_adapter
-    from .wan_dit import load_wan_dit, stores_fp8
+    from .wan_dit import load_wan_dit, loaded_bytes, stores_fp8
 
+    others = (files.adapter, files.text_encoder, files.image_encoder, files.vae, files.wav2vec2)
+    dit_bytes = loaded_bytes(files.dit, torch.float8_e4m3fn if fp8_storage else None, compute_dtype)
+    check_host_memory(dit_bytes + sum(_disk_bytes(path) for path in others), "Loading the models",
+                      "--fp8 keeps the DiT in 8 bits (half of bf16), a GGUF DiT (Q8_0, Q6_K, ...) in less; or close "
+                      "other programs, or add swap.")
     cfg = files.configs
     # smallest first: a wrong tokenizer or audio encoder is reported in seconds, not after the 14B DiT has loaded
     tokenizer = load_tokenizer(files.tokenizer)

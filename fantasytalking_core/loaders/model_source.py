@@ -9,6 +9,7 @@ worker loads its own copy from the same files, the same way. :class:`ModelSource
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -35,9 +36,13 @@ class ModelSource:
 
     def load(self) -> FantasyTalkingModel:
         """The DiT with the adapter joined, on the CPU; its ``source`` is this."""
+        from ..runtime.memory import check_host_memory
         from .adapter import load_audio_adapter
-        from .wan_dit import load_wan_dit, stores_fp8
+        from .wan_dit import load_wan_dit, loaded_bytes, stores_fp8
 
+        check_host_memory(loaded_bytes(self.dit, self.weight_dtype, self.compute_dtype),
+                          f"The DiT {Path(self.dit).name}", "weight_dtype fp8_e4m3fn keeps it in 8 bits (half of bf16), a GGUF file (Q8_0, Q6_K, ...) "
+                          "in less; or close other programs, or add swap.")
         fp8 = self.weight_dtype is None and stores_fp8(self.dit)
         dit = load_wan_dit(self.dit, dtype=self.weight_dtype or self.compute_dtype, fp8_storage=fp8,
                            compute_dtype=self.compute_dtype)

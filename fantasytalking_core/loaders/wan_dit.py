@@ -9,6 +9,7 @@ Anything else that is a model (T2V, 1.3B, Wan2.2, a VAE, a text encoder, ...) is
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -79,6 +80,25 @@ def stores_fp8(path: str | Path) -> bool:
     if file.name.lower().endswith(".gguf"):
         return False
     return any(dtype in FP8_DTYPES for dtype in open_checkpoint(file).dtypes.values())
+
+
+def loaded_bytes(path: str | Path, weight_dtype: torch.dtype | None, compute_dtype: torch.dtype) -> int:
+    """About how many bytes of RAM the DiT at ``path`` takes once loaded as :class:`~.model_source.ModelSource`
+    loads it, from the file's header (no weight is read): the blocks' Linear weights in 8 bits where the file stores
+    them so (``weight_dtype`` None) or ``weight_dtype`` is fp8, everything else in ``weight_dtype`` or
+    ``compute_dtype``; a GGUF or pickle file counts its size on disk (it stays quantized, or is read whole)."""
+    file, _ = _resolve_files(Path(path))
+    if not file.name.lower().endswith((".safetensors", ".safetensors.index.json")):
+        return file.stat().st_size
+    checkpoint = open_checkpoint(file)
+    keep = (compute_dtype if weight_dtype is None or weight_dtype in FP8_DTYPES else weight_dtype).itemsize
+    total = 0
+    for key, shape in checkpoint.shapes.items():
+        stored = checkpoint.dtypes[key]
+        block_matrix = "blocks." in key and len(shape) == 2  # the block Linears: what the loader keeps in 8 bits
+        eight_bits = block_matrix and (stored in FP8_DTYPES if weight_dtype is None else weight_dtype in FP8_DTYPES)
+        total += math.prod(shape) * (1 if eight_bits else keep)
+    return total
 
 
 def dit_config(path: str | Path, config: str | Path | dict | None = None) -> dict:

@@ -139,6 +139,19 @@ def check_gpu_memory(estimate: MemoryEstimate, device: torch.device, what: str, 
         "(--offload-blocks / offload_blocks: about 5 GiB for the 14B model), a smaller image size, or fewer frames.")
 
 
+def check_host_memory(need: int, what: str, remedy: str) -> None:
+    """Refuse to load ``need`` bytes into RAM when the machine has less room than that (available RAM plus free
+    swap), before any of it is read: past it the operating system ends the process without a word. ``what`` names
+    the load, ``remedy`` what needs less (in the words of the command line or the node)."""
+    import psutil
+
+    available, swap = psutil.virtual_memory().available, psutil.swap_memory().free
+    if need > available + swap:
+        raise InsufficientMemoryError(
+            f"{what} needs about {need / GIB:.1f} GiB of RAM, but this machine has {available / GIB:.1f} GiB "
+            f"available and {swap / GIB:.1f} GiB of free swap: {remedy}")
+
+
 def check_budget(budget_gib: float | None, name: str = "gpu_memory") -> float | None:
     """A GPU memory budget in GiB as given (None: no budget), or a SettingsError naming ``name`` (the option as the
     user typed it) when it is not positive."""
