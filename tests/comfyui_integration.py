@@ -567,9 +567,11 @@ def check_paste_back_refuses_previews(comfy: ComfyUI, path: Path, report: Report
     entry = wait_history(comfy, reply["prompt_id"])
     errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
     message = errors[0].get("exception_message", "") if errors else ""
-    report.check(entry["status"]["status_str"] == "error" and errors
-                 and errors[0].get("node_type") == "FantasyTalkingFacePasteBack" and "preview frames" in message,
-                 f"{path.stem} max_image_frames=0: Face Paste Back refuses the preview frames ({message[:300]!r})")
+    what = f"{path.stem} max_image_frames=0: Face Paste Back refuses the preview frames ({message[:300]!r})"
+    if report.check(entry["status"]["status_str"] == "error" and errors
+                    and errors[0].get("node_type") == "FantasyTalkingFacePasteBack" and "preview frames" in message,
+                    what):
+        report.say(what)
 
 
 def run_workflow(comfy: ComfyUI, path: Path, output: Path, durations: dict, report: Report,
