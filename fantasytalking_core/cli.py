@@ -6,7 +6,6 @@ import argparse
 import errno
 import logging
 import math
-import re
 import signal
 import sys
 import threading
@@ -513,7 +512,8 @@ def _in_flag_terms(message: str, args: argparse.Namespace) -> str:
     16385 is above ...``) written as the flag the user typed (``--max-frames``)."""
     name, _, rest = message.partition(" ")
     if name in vars(args) and name != "func" and (rest.startswith(("must ", "skips ")) or rest[:1].isdigit()):
-        return re.sub(rf"\b{name}\b", f"--{name.replace('_', '-')}", message)  # each time the message names it
+        flag = f"--{name.replace('_', '-')}"
+        return f"{flag} {rest.replace(f'Set {name} ', f'Set {flag} ')}"  # a value of another setting stays
     return message
 
 

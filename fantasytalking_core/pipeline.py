@@ -282,8 +282,8 @@ def check_dit_fits(dit: FantasyTalkingModel, device: torch.device, num_frames: i
         present = bytes_on(dit, device) if torch.device(device).type == "cuda" else 0  # only CUDA memory is checked
         check_gpu_memory(estimate, device, f"{num_frames} frames at {width}x{height}", present)
     except InsufficientMemoryError as exc:  # the options that cost memory and are the user's to turn off
-        costly = [f"{names['batch_passes']} off (the passes one after another)" if rows > 1 else "",
-                  f"{names['step_cache']} 0 (no stored residuals)" if cached else ""]
+        costly = [f"{names['batch_passes_off']} (the passes one after another)" if rows > 1 else "",
+                  f"{names['step_cache_off']} (no stored residuals)" if cached else ""]
         if not any(costly):
             raise
         raise InsufficientMemoryError(f"{exc} Less memory too: {' and '.join(filter(None, costly))}.") from None

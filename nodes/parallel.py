@@ -11,12 +11,15 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
+from pathlib import Path
 
 import torch
 
 from fantasytalking_core.errors import FantasyTalkingError, SettingsError, reworded
+from fantasytalking_core.loaders.wan_dit import loaded_bytes
 from fantasytalking_core.model.transformer import FantasyTalkingModel
 from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits
+from fantasytalking_core.runtime.memory import check_host_memory
 from fantasytalking_core.runtime.parallel import (
     NODE_NAMES,
     check_layout,
@@ -87,6 +90,13 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, se
         _pool = (key, _pool[1], _closed_with(model, _pool[1], _pool[2]))
         return _pool[1]
     close_sampler_pool()
+    if backend == "processes":  # every worker loads its own copy into this machine's RAM, all at once
+        source = model.source
+        check_host_memory(layout.world_size * loaded_bytes(source.dit, source.weight_dtype, source.compute_dtype),
+                          f"{where}: {layout.world_size} workers, each loading {Path(source.dit).name},",
+                          "weight_dtype fp8_e4m3fn or a GGUF file needs less, fsdp does not (each worker loads the "
+                          "whole model before it keeps its share); or fewer workers, or Ray workers on other "
+                          "machines.")
     logger.info("%s: starting %d workers (%s), each loading %s", where, layout.world_size, backend,
                 model.source.dit)
     try:

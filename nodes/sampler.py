@@ -24,7 +24,7 @@ from fantasytalking_core.sampling.step_cache import FIRST_STEPS, LAST_STEPS, MAX
 
 from . import io_types
 from .parallel import sampler_pool
-from .convert import (PREVIEW_FRAMES, check_sampler_inputs, conditioning_to_text, describe_sampling, image_gigabytes,
+from .convert import (PREVIEW_FRAMES, PREVIEW_OF, check_sampler_inputs, conditioning_to_text, describe_sampling, image_gigabytes,
                       render_video, sample_segments, segment_options, segment_plan)
 
 logger = logging.getLogger(__name__)
@@ -240,6 +240,8 @@ class Sampler(io.ComfyNode):
         video = render_video(plan, chunks, audio_features, max_image_frames, output_path, crf)
         audio, fps = audio_features.audio, audio_features.features.fps
         images = video.images.to(mm.intermediate_device())
+        if video.path is not None:  # a move (--gpu-only) makes a new tensor: the preview tag goes with it
+            setattr(images, PREVIEW_OF, str(video.path))
         status = ui.PreviewText(describe_sampling(plan, steps, where, video.path)).as_dict()
         if video.path is None:
             whole = InputImpl.VideoFromComponents(Types.VideoComponents(images=images, audio=audio,

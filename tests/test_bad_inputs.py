@@ -368,8 +368,8 @@ NODE_CASES = {
     "segment not 4n+1": (lambda: segment_options(80, 9, "last_frame"),
                          "FantasyTalking Sampler: segment_frames must be 4n+1 and at least 5 (e.g. 81), got 80"),
     "overlap not shorter than the segment": (lambda: segment_options(9, 9, "motion_frames"),
-                                             "motion_frames must be less than segment_frames (9) with motion_frames "
-                                             "chaining, got 9"),
+                                             "motion_frames must be less than segment_frames (9) with chaining "
+                                             "motion_frames, got 9"),
     "unknown chaining": (lambda: segment_options(81, 9, "pinned"),
                          "FantasyTalking Sampler: chaining must be one of last_frame, motion_frames, pinned_latents"),
     "no face and no fallback": (lambda: crop_face(torch.full((1, 64, 96, 3), 0.5)), "No face was found"),

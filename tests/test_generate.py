@@ -139,6 +139,25 @@ def test_finds_the_dit_only_where_comfyui_keeps_diffusion_models(tmp_path):
     assert find_model_files(tmp_path).dit.suffix == ".gguf"  # Wan2.2 is ranked last, after any Wan2.1 480P
 
 
+def test_a_flat_folder_of_model_files_is_found_and_a_clone_counts_its_weights_once(tmp_path):
+    # --models pointed at one folder holding every file: the DiT search looked only in diffusion_models/ and unet/
+    from pathlib import Path
+
+    from fantasytalking_core.loaders.model_paths import _disk_bytes
+
+    for rel in COMFY_TREE:  # the tokenizer is a folder of its own
+        _touch(tmp_path / (rel if "tokenizer" in rel else Path(rel).name))
+    _touch(tmp_path / Path(GGUF_720P).name)
+    assert find_model_files(tmp_path).dit == tmp_path / Path(GGUF_720P).name
+    # a Hugging Face clone of wav2vec2: the RAM check counted its .bin, TensorFlow copy and .git as well
+    clone = tmp_path / "wav2vec2-base-960h"
+    for name, size in (("model.safetensors", 300), ("pytorch_model.bin", 300), ("tf_model.h5", 300),
+                       (".git/objects/pack.pack", 900), ("config.json", 2)):
+        (clone / name).parent.mkdir(parents=True, exist_ok=True)
+        (clone / name).write_bytes(bytes(size))
+    assert _disk_bytes(clone) == 300
+
+
 def _link(link, target):
     link.parent.mkdir(parents=True, exist_ok=True)
     try:

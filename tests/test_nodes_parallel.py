@@ -161,3 +161,22 @@ def test_tokens_the_sequence_ranks_cannot_split_are_refused_before_any_worker_st
                                             r"720x720 are 42525 video tokens, which the 2 ring x ulysses ranks cannot "
                                             r"split evenly \(2025 per latent frame\)"):
         sampler_pool(loaded_model, "ulysses=2", torch.device("cuda"), GenerationSettings(), video=(81, 720, 720))
+
+
+def test_workers_that_together_exceed_the_ram_are_refused_before_any_starts(loaded_model, monkeypatch):
+    # each worker checked the RAM for its own copy while the others loaded theirs: together they ran out
+    from types import SimpleNamespace
+
+    import psutil
+
+    import nodes.parallel
+    from fantasytalking_core.loaders.wan_dit import loaded_bytes
+    from fantasytalking_core.runtime.memory import InsufficientMemoryError
+
+    one = loaded_bytes(loaded_model.source.dit, loaded_model.source.weight_dtype, loaded_model.source.compute_dtype)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=int(1.5 * one)))  # one copy fits
+    monkeypatch.setattr(psutil, "swap_memory", lambda: SimpleNamespace(free=0))
+    monkeypatch.setattr(nodes.parallel, "SamplerPool", None)  # starting workers would fail the test
+    with pytest.raises(InsufficientMemoryError, match=r"^FantasyTalking Sampler: parallel cfg=2,ring=1,ulysses=1: 2 "
+                                                      r"workers, each loading dit\.safetensors, needs about"):
+        sampler_pool(loaded_model, "cfg=2", CPU, GenerationSettings())

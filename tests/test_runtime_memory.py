@@ -147,7 +147,7 @@ def test_a_refusal_names_the_options_of_the_run_that_cost_memory():
         torch.bfloat16), dtype=torch.bfloat16)
     cpu = torch.device("cpu")
     costly = GenerationSettings(batch_passes=True, step_cache=0.1)
-    with pytest.raises(InsufficientMemoryError, match=r"budget.*Less memory too: --batch-passes off \(the passes one "
+    with pytest.raises(InsufficientMemoryError, match=r"budget.*Less memory too: leave out --batch-passes \(the passes one "
                                                       r"after another\) and --step-cache 0 \(no stored residuals\)\.$"):
         check_dit_fits(dit, cpu, 81, 720, 1280, costly, gpu_memory=4)
     with pytest.raises(InsufficientMemoryError, match=r"Less memory too: step_cache 0 \(no stored residuals\)\.$"):

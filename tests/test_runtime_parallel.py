@@ -245,5 +245,10 @@ def test_a_clip_splits_over_the_sequence_ranks_when_its_token_count_divides():
     check_tokens_split(ParallelLayout(ulysses=2), 85, 720, 720)  # 22 latent frames x 2025: even
     with pytest.raises(SettingsError, match=r"^--parallel cfg=1,ring=2,ulysses=2: 81 frames at 720x720 are 42525 "):
         check_tokens_split(ParallelLayout(ring=2, ulysses=2), 81, 720, 720)
-    with pytest.raises(SettingsError, match=r"^parallel cfg=1,ring=1,ulysses=4: .* \(3510 per latent frame\)"):
+    with pytest.raises(SettingsError, match=r"^parallel cfg=1,ring=1,ulysses=4: .* \(3510 per latent frame\)\. .*"
+                                            r"\(e\.g\. Identity Encode's image_size 512 on a square portrait: 32 x 32\)"):
         check_tokens_split(ParallelLayout(ulysses=4), 81, 720, 1248, NODE_NAMES)  # 45 x 78 = 3510 a frame, 21 frames
+    # 5 ranks (the 40 heads allow it) cannot split 512x512's 1024 a frame: the example is one they can
+    with pytest.raises(SettingsError, match=r"21504 video tokens.* \(e\.g\. --image-size 560 on a square portrait: "
+                                            r"35 x 35\)"):
+        check_tokens_split(ParallelLayout(ulysses=5), 81, 512, 512)

@@ -330,7 +330,7 @@ def test_short_segments_with_last_frame_chaining_need_no_motion_frames_value():
 
     assert SegmentOptions(segment_frames=9, motion_frames=9, chaining="last_frame").overlap == 1
     assert SegmentOptions(segment_frames=5).overlap == 1
-    with pytest.raises(ValueError, match=r"motion_frames must be less than segment_frames \(9\) with pinned_latents"):
+    with pytest.raises(ValueError, match=r"less than segment_frames \(9\) with chaining pinned_latents, got 9"):
         SegmentOptions(segment_frames=9, motion_frames=9, chaining="pinned_latents")
     with pytest.raises(ValueError, match=r"motion_frames must be 4m\+1"):  # its form is still checked
         SegmentOptions(segment_frames=81, motion_frames=8)

@@ -18,8 +18,9 @@ from ..errors import FantasyTalkingError, reworded
 
 # What each part is, where it goes in ComfyUI, where it comes from, and the names to look for (globs, lower case,
 # searched recursively, linked folders included; official-layout names last). ``within``: the only top folders a
-# part's single files are taken from (loras/ holds LoRAs named like the DiT, e.g. ``Wan21_I2V_14B_..._lora``), and
-# ``anywhere``: the globs also taken outside them (the official release's folder, found where the user keeps it).
+# part's single files are taken from, besides the models folder itself (a flat folder of files); loras/ holds LoRAs
+# named like the DiT, e.g. ``Wan21_I2V_14B_..._lora``. ``anywhere``: the globs also taken outside them (the
+# official release's folder, found where the user keeps it).
 PARTS: dict[str, dict[str, Any]] = {
     "dit": {
         "what": "Wan2.1-I2V-14B-720P diffusion model (the released adapter's pairing; 480P also runs)",
@@ -144,7 +145,8 @@ def _find(spec: dict[str, Any], tree: dict[str, Path]) -> Path | None:
         ranked = {}
         for rank, pattern in enumerate(spec["globs"]):
             for rel in tree:
-                place_ok = rel.split("/", 1)[0] in within or (pattern in anywhere and not rel.startswith("loras/"))
+                place_ok = ("/" not in rel or rel.split("/", 1)[0] in within  # a flat folder of model files too
+                            or (pattern in anywhere and not rel.startswith("loras/")))
                 if rel not in ranked and place_ok and Path(rel).match(pattern):
                     ranked[rel] = rank
         return tree[min(ranked, key=lambda rel: _dit_preference(rel, ranked[rel]))] if ranked else None
@@ -215,10 +217,19 @@ def _naming(path: Path, error: FantasyTalkingError) -> FantasyTalkingError:
     return error if str(path) in message or Path(path).name in message else reworded(error, f"{path}: {message}")
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf")
+
+
 def _disk_bytes(path: str | Path) -> int:
-    """Bytes of a file, or of every file in a folder (a model saved as a folder)."""
+    """Bytes of a model file, or of the weights a model folder is loaded from: its safetensors files when it has
+    any (a Hugging Face clone also holds .bin and TensorFlow copies, and .git), else its other weight files."""
     path = Path(path)
-    return sum(p.stat().st_size for p in walk_files(path)) if path.is_dir() else path.stat().st_size
+    if not path.is_dir():
+        return path.stat().st_size
+    weights = [p for p in walk_files(path) if p.name.lower().endswith(WEIGHT_SUFFIXES)
+               and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    chosen = [p for p in weights if p.name.lower().endswith(".safetensors")] or weights
+    return sum(p.stat().st_size for p in chosen)
 
 
 def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, fp8_storage: bool = False):

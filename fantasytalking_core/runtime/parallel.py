@@ -42,9 +42,11 @@ T = TypeVar("T")
 
 # how a refusal names the options it is about: the command line's flags, or the sampler node's inputs
 CLI_NAMES = {"parallel": "--parallel", "attention": "--attention", "offload": "--offload-blocks",
-             "batch_passes": "--batch-passes", "step_cache": "--step-cache"}
+             "batch_passes_off": "leave out --batch-passes", "step_cache_off": "--step-cache 0",
+             "image_size": "--image-size"}
 NODE_NAMES = {"parallel": "parallel", "attention": "attention", "offload": "offload_blocks",
-              "batch_passes": "batch_passes", "step_cache": "step_cache"}
+              "batch_passes_off": "batch_passes off", "step_cache_off": "step_cache 0",
+              "image_size": "Identity Encode's image_size"}
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,12 @@ def check_tokens_split(layout: ParallelLayout, num_frames: int, height: int, wid
     tokens = video_tokens(num_frames, height, width)
     if ranks > 1 and tokens % ranks:
         per_frame = (height // 16) * (width // 16)
+        side = next(n for n in range(32, 32 * ranks + 1) if n * n % ranks == 0)  # a square from 512 px up
         raise SettingsError(
             f"{names['parallel']} {layout}: {num_frames} frames at {width}x{height} are {tokens} video tokens, "
-            f"which the {ranks} ring x ulysses ranks cannot split evenly ({per_frame} per latent frame). A size whose "
-            f"(height / 16) x (width / 16) they divide splits any frame count (512x512: 32 x 32), or use other "
-            "degrees.")
+            f"which the {ranks} ring x ulysses ranks cannot split evenly ({per_frame} per latent frame). A frame "
+            f"whose (height / 16) x (width / 16) patches they divide splits any frame count (e.g. {names['image_size']} "
+            f"{16 * side} on a square portrait: {side} x {side}), or use other degrees.")
 
 
 def check_layout(layout: ParallelLayout, world_size: int, max_passes: int, num_heads: int | None = None,

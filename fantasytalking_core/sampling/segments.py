@@ -90,8 +90,8 @@ class SegmentOptions:
             raise ValueError(f"motion_frames must be 4m+1 (1, 5, 9, ...), got {self.motion_frames}.")
         # last_frame chaining gives one frame whatever motion_frames says: short segments need no other value
         if self.chaining != "last_frame" and self.motion_frames >= self.segment_frames:
-            raise ValueError(f"motion_frames must be less than segment_frames ({self.segment_frames}) with "
-                             f"{self.chaining} chaining, got {self.motion_frames}.")
+            raise ValueError(f"motion_frames must be less than segment_frames ({self.segment_frames}) with chaining "
+                             f"{self.chaining}, got {self.motion_frames}.")
         if not 0 <= self.color_match <= 1:
             raise ValueError(f"color_match must be in 0..1, got {self.color_match}.")
 
