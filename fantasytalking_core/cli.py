@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--offload-blocks", action="store_true",
                      help="stream the DiT's blocks to the GPU one at a time (the 14B model in about 5 GB of GPU "
                           "memory, slower; needs the DiT's size in CPU memory)")
-    gen.add_argument("--batch-passes", action="store_true", help="run the guidance passes as one batch")
+    gen.add_argument("--batch-passes", action="store_true",
+                     help="run the guidance passes as one batch (with --gpu-memory: only where the DiT still fits "
+                          "whole on the GPU with them)")
     gen.add_argument("--step-cache", type=float, default=d.step_cache, metavar="THRESHOLD",
                      help="opt-in first-block cache: a step skips DiT blocks 1..N-1 of a guidance pass when block 0's "
                           "residual changed by less than THRESHOLD (relative) since that pass last ran them all; "

@@ -155,6 +155,8 @@ class FantasyTalkingPipeline:
         pixels = self.reference_image(image, settings.image_size)  # validate the cheap input first
         recording = load_audio(audio)  # decoded once: the features and the muxed sound come from it
         voice = self.audio_features(recording, settings)
+        settings = budget_settings(m.dit, voice.num_frames, pixels.shape[1], pixels.shape[2], settings,
+                                   self.gpu_memory, self.parallel and self.parallel.layout)
         placement = self._check_dit_fits(voice.num_frames, pixels.shape[1], pixels.shape[2], settings)
         text_pos, text_neg, clip_tokens = self._prompt_and_identity(pixels, settings)
         tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
@@ -194,6 +196,8 @@ class FantasyTalkingPipeline:
         with on_device(m.wav2vec2, self.device):
             voice = extract_audio_features(m.wav2vec2, recording, settings.fps, None)  # bounded chunks
         plan = plan_segments(voice.num_frames, voice.fps, voice.num_tokens, options.segment_frames, options.overlap)
+        settings = budget_settings(m.dit, plan.longest, pixels.shape[1], pixels.shape[2], settings, self.gpu_memory,
+                                   self.parallel and self.parallel.layout)
         placement = self._check_dit_fits(plan.longest, pixels.shape[1], pixels.shape[2], settings)
         text_pos, text_neg, clip_tokens = self._prompt_and_identity(pixels, settings)  # identity: the portrait
         tile = (settings.vae_tile, settings.vae_tile) if settings.vae_tile else None
@@ -251,6 +255,31 @@ class FantasyTalkingPipeline:
         with on_device(self.models.vae, self.device):
             video = decode_latents(self.models.vae, latents, tile_size=tile)  # [1, 3, F, H, W] in -1..1
         return ((video[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def budget_settings(dit: FantasyTalkingModel, num_frames: int, height: int, width: int,
+                    settings: GenerationSettings, gpu_memory: float | None,
+                    layout: ParallelLayout | None = None) -> GenerationSettings:
+    """``settings`` for a run under a ``gpu_memory`` budget (GiB): with ``batch_passes``, the guidance passes one
+    after another when that keeps the DiT whole on the GPU and the batch would not (streaming the blocks costs more
+    than batching gains: 13-27% against nothing measured on an H100/H200, ``docs/benchmarks.md``); otherwise as
+    given (batched passes also stream fine: the blocks are fetched once per batch)."""
+    layout = layout or ParallelLayout()
+    passes = -(-settings.max_passes() // layout.cfg)  # this process's share of a step's passes
+    if gpu_memory is None or not settings.batch_passes or passes < 2 or layout.fsdp:
+        return settings
+    cached = passes if settings.step_cache > 0 else 0
+
+    def placement(rows: int) -> str | None:
+        try:
+            return choose_placement(dit.transformer, num_frames, height, width, gpu_memory, rows, dit.dtype.itemsize,
+                                    cached, layout.sequence)[0]
+        except InsufficientMemoryError:
+            return None
+
+    if placement(passes) != "resident" and placement(1) == "resident":
+        return replace(settings, batch_passes=False)
+    return settings
 
 
 def check_dit_fits(dit: FantasyTalkingModel, device: torch.device, num_frames: int, height: int, width: int,

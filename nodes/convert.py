@@ -46,7 +46,8 @@ from fantasytalking_core.audio.timeline import SegmentPlan, plan_segments
 from fantasytalking_core.errors import SettingsError
 from fantasytalking_core.long_video import stream_to_file
 from fantasytalking_core.media.video import DEFAULT_CRF
-from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits, sample_latents, sample_latents_in_worker
+from fantasytalking_core.pipeline import (GenerationSettings, budget_settings, check_dit_fits, sample_latents,
+                                          sample_latents_in_worker)
 from fantasytalking_core.sampling.segments import SegmentOptions, generate_segments, segment_seed
 from fantasytalking_core.runtime.placement import dit_on_device, on_device
 from fantasytalking_core.runtime.attention import check_attention
@@ -597,6 +598,7 @@ def sample_segments(
     height, width = identity.pixels.shape[1:3]
     if make_room is not None:
         make_room()
+    settings = budget_settings(model, plan.longest, height, width, settings, gpu_memory, pool and pool.layout)
     placement = None if pool is not None else check_dit_fits(
         model, device, plan.longest, height, width, settings, dit_placement, gpu_memory)
     reference = identity.pixels[0].permute(2, 0, 1) * 2 - 1  # [3, H, W] in -1..1
