@@ -37,8 +37,9 @@ come and the JSON at ``--out`` is rewritten after each section; sections are ski
 On one GPU (H100 80 GB), from the repository root; the package need not be installed, but diffusers (>= 0.41),
 transformers, accelerate and safetensors must import (about 4 to 6 minutes with the default budget of 480 s):
     PYTHONPATH=. python3 benchmarks/bench_gpu.py --out bench_gpu.json
-Check it anywhere with the tiny bundled config (every section; CPU is fine):
+Check it anywhere with the tiny bundled config (every section; CPU is fine), or measure on a CPU at the mid size:
     PYTHONPATH=. python3 benchmarks/bench_gpu.py --tiny --out /tmp/gpu_tiny.json
+    PYTHONPATH=. python3 benchmarks/bench_gpu.py --mid --sections guidance_step_sequential,guidance_step_batched
 """
 
 from __future__ import annotations
@@ -178,6 +179,14 @@ def full_scale() -> Scale:
     return Scale(
         "wan2.1_i2v_14b_720p", resolve_config("wan2.1_i2v_14b_720p"), WAV2VEC2_DIM, 2048, 81, (64, 64), (90, 160), 1.0
     )
+
+
+def mid_scale() -> Scale:
+    """Wan2.1-I2V-14B's block layout shrunk to run on a CPU in seconds: 12 blocks of 4 heads x 128 (dim 512, FFN
+    2048), the real text, CLIP and audio widths, 21 frames of 128x128 (384 video tokens)."""
+    config = resolve_config("wan2.1_i2v_14b_720p")
+    config.update(num_attention_heads=4, num_layers=12, ffn_dim=2048, added_kv_proj_dim=512)
+    return Scale("mid", config, WAV2VEC2_DIM, 256, 21, (16, 16), (24, 40), 0.0)
 
 
 def tiny_scale() -> Scale:
@@ -1016,7 +1025,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"), help="JSON file for all results")
     parser.add_argument("--budget-s", type=float, default=480.0, help="time budget of the whole run in seconds")
-    parser.add_argument("--tiny", action="store_true", help="bundled tiny configs and sizes (runs on a CPU)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true", help="bundled tiny configs and sizes (runs on a CPU)")
+    size.add_argument("--mid", action="store_true", help="the 14B block layout shrunk to 12 blocks of width 512, "
+                                                         "384 video tokens (CPU figures in seconds)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up calls per measurement")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per measurement")
     parser.add_argument("--repeats-large", type=int, default=1, help="timed calls of the 720x1280 pass")
@@ -1047,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    scale = tiny_scale() if args.tiny else full_scale()
+    scale = tiny_scale() if args.tiny else mid_scale() if args.mid else full_scale()
     report = Report(
         args.out,
         {
@@ -1060,7 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
             "precision": args.precision,
         },
     )
-    if device.type != "cuda" and not args.tiny:
+    if device.type != "cuda" and not (args.tiny or args.mid):
         report.note("error", "the full-size run needs CUDA; use --tiny to check the script on a CPU")
         log("no CUDA: the 14B model needs a GPU; run with --tiny to check the script on a CPU")
         return 2

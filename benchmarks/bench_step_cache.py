@@ -69,13 +69,9 @@ def tiny_model() -> tuple[torch.nn.Module, DiTConditions, tuple[int, ...]]:
 
 
 def mid_model() -> tuple[torch.nn.Module, DiTConditions, tuple[int, ...]]:
-    from bench_gpu import Scale, build_random_model, make_inputs
+    from bench_gpu import build_random_model, make_inputs, mid_scale
 
-    from fantasytalking_core.model.transformer import resolve_config
-
-    config = resolve_config("wan2.1_i2v_14b_720p")
-    config.update(num_attention_heads=4, num_layers=12, ffn_dim=2048, added_kv_proj_dim=512)
-    scale = Scale("mid", config, 768, 256, 21, (16, 16), (16, 16), 0.0)
+    scale = mid_scale()
     torch.manual_seed(0)
     model = build_random_model(scale, torch.device("cpu"), torch.bfloat16)  # official precision policy
     inputs = make_inputs(model, scale, scale.latent_hw, torch.device("cpu"))

@@ -35,3 +35,14 @@ def test_bench_gpu_tiny_runs_every_section_it_is_asked_for(tmp_path):
     assert 0 < sections["fast_step_cache_hit"]["skipped_fraction"] <= 1
     budget_cases = [v for v in sections["memory_budget"].values() if isinstance(v, dict)]
     assert len(budget_cases) == 2 and all(case["status"] == "ok" and case["finite"] for case in budget_cases)
+
+
+def test_bench_gpu_mid_runs_on_a_cpu(tmp_path):
+    # the CPU figures of docs/benchmarks.md at the mid size come from this path
+    out = tmp_path / "mid.json"
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "bench_gpu.py"), "--mid", "--out", str(out), "--repeats",
+                          "1", "--warmup", "0", "--sections", "dit_pass"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["scale"] == "mid" and data["sections"]["inputs"]["video_tokens"] == 384
+    assert data["sections"]["dit_pass"]["status"] == "ok" and data["sections"]["dit_pass"]["finite"]
