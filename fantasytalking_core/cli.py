@@ -447,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stream the DiT's blocks to the GPU one at a time (the 14B model in about 5 GB of GPU "
                           "memory, slower; needs the DiT's size in CPU memory)")
     gen.add_argument("--batch-passes", action="store_true",
-                     help="run the guidance passes as one batch (with --gpu-memory: only where the DiT still fits "
-                          "whole on the GPU with them)")
+                     help="run the guidance passes as one batch (with --gpu-memory they run one after another "
+                          "where that keeps the DiT whole on the GPU and the batch would not)")
     gen.add_argument("--step-cache", type=float, default=d.step_cache, metavar="THRESHOLD",
                      help="opt-in first-block cache: a step skips DiT blocks 1..N-1 of a guidance pass when block 0's "
                           "residual changed by less than THRESHOLD (relative) since that pass last ran them all; "

@@ -18,7 +18,7 @@ import torch
 from fantasytalking_core.errors import FantasyTalkingError, SettingsError, reworded
 from fantasytalking_core.loaders.wan_dit import loaded_bytes
 from fantasytalking_core.model.transformer import FantasyTalkingModel
-from fantasytalking_core.pipeline import GenerationSettings, check_dit_fits
+from fantasytalking_core.pipeline import GenerationSettings, budget_settings, check_dit_fits
 from fantasytalking_core.runtime.memory import check_host_memory
 from fantasytalking_core.runtime.parallel import (
     NODE_NAMES,
@@ -80,6 +80,7 @@ def sampler_pool(model: FantasyTalkingModel, text: str, device: torch.device, se
                             "from FantasyTalking Model Loader; load it there.")
     if gpu_memory_gb and video is not None:  # the budget, known before the workers load (their GPUs: per clip)
         try:
+            settings = budget_settings(model, *video, settings, gpu_memory_gb, layout)  # as the run will use them
             check_dit_fits(model, torch.device("cpu"), *video, settings, gpu_memory=gpu_memory_gb, layout=layout,
                            names=NODE_NAMES)
         except FantasyTalkingError as exc:

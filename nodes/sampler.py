@@ -80,8 +80,9 @@ class Sampler(io.ComfyNode):
                              tooltip="Seed of the starting noise (drawn on the CPU: the same noise on any machine)."),
                 io.Boolean.Input("batch_passes", default=DEFAULTS.batch_passes, advanced=True,
                                  tooltip="Run the 2-3 model passes of a step as one batch: faster on a GPU with "
-                                         "memory to spare, more peak memory (with gpu_memory_gb: only where the "
-                                         "model still fits whole on the GPU with them)."),
+                                         "memory to spare, more peak memory (with gpu_memory_gb they run one "
+                                         "after another where that keeps the model whole on the GPU and the batch "
+                                         "would not)."),
                 io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="sdpa", optional=True,
                                advanced=True, tooltip="The model's attention kernels: sdpa (PyTorch, default), or "
                                                       "flash / sage / xformers when that package is installed "

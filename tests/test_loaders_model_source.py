@@ -100,3 +100,32 @@ def test_a_model_larger_than_the_free_ram_is_refused_before_any_weight_is_read(t
     with pytest.raises(Exception) as went_on:
         ModelSource(str(files.dit), str(files.adapter), None, torch.float32).load()
     assert not isinstance(went_on.value, InsufficientMemoryError)
+
+
+def test_a_gguf_dit_counts_the_tensors_it_copies_out_of_the_file(tmp_path):
+    # an F16 GGUF (city96 publishes one) is copied whole into RAM as bf16; a quantized one keeps its weights in the
+    # memory-mapped file and copies only its float tensors
+    import sys
+    from pathlib import Path
+
+    import gguf
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from model_files import write_gguf
+    from parallel_cases import FIXTURE
+
+    from fantasytalking_core.loaders.state_dict import open_checkpoint
+    from fantasytalking_core.loaders.wan_dit import loaded_bytes
+
+    state = dict(open_checkpoint(FIXTURE / "dit" / "dit.safetensors").items())
+    write_gguf(state, tmp_path / "q8_0.gguf")
+    writer = gguf.GGUFWriter(str(tmp_path / "f16.gguf"), "wan")
+    for key, tensor in state.items():
+        writer.add_tensor(key, tensor.float().numpy().astype("float16"))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file,
+                  writer.close):
+        write()
+    every = sum(t.numel() for t in state.values())
+    assert loaded_bytes(tmp_path / "f16.gguf", None, torch.bfloat16) == 2 * every
+    quantized = loaded_bytes(tmp_path / "q8_0.gguf", None, torch.bfloat16)
+    assert 0 < quantized < every  # biases, norms and the weights Q8_0 cannot hold; not the 2-D block weights

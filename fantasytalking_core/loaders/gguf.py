@@ -52,6 +52,14 @@ def gguf_shapes(reader: "gguf.GGUFReader") -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def gguf_copied_bytes(path: Path, compute_dtype: torch.dtype) -> int:
+    """About how many bytes of RAM :func:`load_gguf_dit` copies out of the memory-mapped file at ``path``: its
+    unquantized (F32/F16/BF16) tensors, converted to ``compute_dtype`` (all of an F16 file; the biases, norms and
+    embeddings of a quantized one); the quantized weights stay in the file. Read from the header only."""
+    reader = _reader(path)
+    return sum(int(t.n_elements) for t in reader.tensors if t.tensor_type.name in _FLOAT_TYPES) * compute_dtype.itemsize
+
+
 def load_gguf_dit(path: Path, config: dict, compute_dtype: torch.dtype = torch.bfloat16,
                   device: str | torch.device = "cpu") -> WanTransformer3DModel:
     """Load a GGUF Wan2.1-I2V DiT described by ``config`` (a ``WanTransformer3DModel`` config dict)."""

@@ -86,10 +86,12 @@ def loaded_bytes(path: str | Path, weight_dtype: torch.dtype | None, compute_dty
     """About how many bytes of RAM the DiT at ``path`` takes once loaded as :class:`~.model_source.ModelSource`
     loads it, from the file's header (no weight is read): the blocks' Linear weights in 8 bits where the file stores
     them so (``weight_dtype`` None) or ``weight_dtype`` is fp8, everything else in ``weight_dtype`` or
-    ``compute_dtype``; a pickle file counts its size on disk (read whole), a GGUF file nothing (memory-mapped)."""
+    ``compute_dtype``; a pickle file counts its size on disk (read whole), a GGUF file the tensors it copies."""
     file, _ = _resolve_files(Path(path))
-    if file.name.lower().endswith(".gguf"):
-        return 0  # its weights stay in the memory-mapped file (page cache the system can reclaim), not copied
+    if file.name.lower().endswith(".gguf"):  # quantized weights stay in the memory-mapped file; float ones are copied
+        from .gguf import gguf_copied_bytes
+
+        return gguf_copied_bytes(file, compute_dtype)
     if not file.name.lower().endswith((".safetensors", ".safetensors.index.json")):
         return file.stat().st_size
     checkpoint = open_checkpoint(file)
