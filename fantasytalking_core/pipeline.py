@@ -257,6 +257,13 @@ class FantasyTalkingPipeline:
         return ((video[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2).clamp(0, 1)
 
 
+def _passes_here(settings: GenerationSettings, layout: ParallelLayout) -> tuple[int, int]:
+    """(guidance passes of a step this process computes, passes whose residuals its step cache keeps): its share
+    of the run's passes over the ``cfg`` groups, rounded up."""
+    passes = -(-settings.max_passes() // layout.cfg)
+    return passes, passes if settings.step_cache > 0 else 0
+
+
 def budget_settings(dit: FantasyTalkingModel, num_frames: int, height: int, width: int,
                     settings: GenerationSettings, gpu_memory: float | None,
                     layout: ParallelLayout | None = None) -> GenerationSettings:
@@ -265,10 +272,9 @@ def budget_settings(dit: FantasyTalkingModel, num_frames: int, height: int, widt
     than batching gains: 13-27% against nothing measured on an H100/H200, ``docs/benchmarks.md``); otherwise as
     given (batched passes also stream fine: the blocks are fetched once per batch)."""
     layout = layout or ParallelLayout()
-    passes = -(-settings.max_passes() // layout.cfg)  # this process's share of a step's passes
+    passes, cached = _passes_here(settings, layout)
     if gpu_memory is None or not settings.batch_passes or passes < 2 or layout.fsdp:
         return settings
-    cached = passes if settings.step_cache > 0 else 0
 
     def placement(rows: int) -> str | None:
         try:
@@ -297,9 +303,8 @@ def check_dit_fits(dit: FantasyTalkingModel, device: torch.device, num_frames: i
     check_fp8_matmul_model(dit, settings.fp8_matmul)
     layout = layout or ParallelLayout()
     check_offload_fits_layout(layout, placement == "streamed" and gpu_memory is None, names)  # a budget picks it
-    passes = -(-settings.max_passes() // layout.cfg)  # this process's share of a step's passes
+    passes, cached = _passes_here(settings, layout)
     rows = passes if settings.batch_passes else 1
-    cached = passes if settings.step_cache > 0 else 0
     shape = (dit.transformer, num_frames, height, width)
     try:
         if gpu_memory is not None:

@@ -279,10 +279,6 @@ class ParallelRun:
         each pass's residuals on the rank that computes it, as one process would."""
         return list(run_passes).index(p) % self.layout.cfg
 
-    def passes_of(self, passes: Sequence[Pass], run_passes: Sequence[Pass]) -> tuple[Pass, ...]:
-        """The passes of a step that this rank's sequence group computes, in their order."""
-        return tuple(p for p in passes if self.group_of(p, run_passes) == self.cfg_rank)
-
     def map_passes(self, passes: tuple[Pass, ...], evaluate: PassRunner, like: torch.Tensor,
                    run_passes: tuple[Pass, ...]) -> list[torch.Tensor]:
         """Every pass of a step, each computed by one sequence group and all-gathered over the cfg axis.
