@@ -9,6 +9,8 @@ tokens cut into per-frame windows by the library's own helpers, so the real code
      guidance_step_sequential    one sampling step: the three guidance passes one after another
      guidance_step_batched       the same three passes as one batch (``guided_velocity(batch_passes=True)``)
   b. attention_backends          the pass with FLASH / EFFICIENT / CUDNN preferred (``sdpa_kernel``)
+     attention_dispatch          the pass on each installed library of ``--attention`` (xformers, flash, sage):
+                                 time and error against SDPA
   c. fp8_matmul                  14B-shaped linears: bf16 vs ``torch._scaled_mm`` fp8 (per-tensor scales) vs the
                                  loader's ``FP8Linear`` (fp8 storage, bf16 compute): TFLOP/s and error
      dit_pass_fp8_storage        the pass with the block Linear weights stored in fp8 (``enable_fp8_storage``)
@@ -98,6 +100,8 @@ from fantasytalking_core.model.transformer import (
     build_transformer,
     resolve_config,
 )
+from fantasytalking_core.errors import SettingsError
+from fantasytalking_core.runtime.attention import ATTENTION_BACKENDS, check_attention, using_attention
 from fantasytalking_core.runtime.compile import compiled_blocks
 from fantasytalking_core.runtime.fp8 import fp8_matmuls
 from fantasytalking_core.runtime.memory import (
@@ -528,14 +532,13 @@ def section_guidance_batched(ctx: Context) -> dict[str, Any]:
 
 
 def prefer_backend(name: str) -> AbstractContextManager[None]:
-    """SDPA with backend ``name`` first; calls it cannot take (the audio branch's boolean mask for flash) fall back
-    to memory-efficient attention, then math."""
+    """SDPA with backend ``name`` first; calls it cannot take fall back to memory-efficient attention, then math."""
     order = [getattr(SDPBackend, n) for n in dict.fromkeys((name, "EFFICIENT_ATTENTION", "MATH"))]
     return sdpa_kernel(order, set_priority=True)
 
 
 def probe_backend(ctx: Context, name: str) -> dict[str, str]:
-    """Whether backend ``name`` alone runs the self-attention shape and the masked audio-attention shape."""
+    """Whether backend ``name`` alone runs the self-attention shape and the audio-attention shape."""
     _, inputs = ctx.need_model()
     cfg = ctx.scale.dit_config
     heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
@@ -546,16 +549,15 @@ def probe_backend(ctx: Context, name: str) -> dict[str, str]:
         shapes = ((batch, heads, q_len, head_dim), (batch, heads, k_len, head_dim), (batch, heads, k_len, head_dim))
         return [torch.randn(s, device=ctx.device, dtype=DTYPE) for s in shapes]
 
-    mask = torch.ones(frames, 1, 1, width, dtype=torch.bool, device=ctx.device)
     cases = {
-        "self_attention": (qkv(1, tokens, tokens), None),
-        "audio_masked": (qkv(frames, tokens // frames, width), mask),
+        "self_attention": qkv(1, tokens, tokens),
+        "audio_window": qkv(frames, tokens // frames, width),  # a run of full windows, unmasked
     }
     found = {}
-    for case, (tensors, attn_mask) in cases.items():
+    for case, tensors in cases.items():
         try:
             with sdpa_kernel([getattr(SDPBackend, name)]):
-                F.scaled_dot_product_attention(*tensors, attn_mask=attn_mask)
+                F.scaled_dot_product_attention(*tensors)
             synchronize(ctx.device)
             found[case] = "ok"
         except Exception as exc:  # noqa: BLE001 - "cannot run" is the answer here
@@ -587,6 +589,32 @@ def section_attention_backends(ctx: Context) -> dict[str, Any]:
     for name in SDPA_BACKENDS:
         found[name] = guarded(lambda name=name: backend_pass(ctx, name), ctx.device)
     return {**found, "best": best_backend(found, ctx.results.get("dit_pass"))}
+
+
+def section_attention_dispatch(ctx: Context) -> dict[str, Any]:
+    """The ``--attention`` option: a pass on each fused library diffusers' dispatcher can use here (self-, text,
+    image and audio attention all go through it), its time and its output's relative error against the pass on
+    PyTorch's SDPA (the default). A library that is not installed is recorded as such."""
+    model, inputs = ctx.need_model()
+    reference = dit_pass(model, inputs).float()
+    found: dict[str, Any] = {}
+    for name in ATTENTION_BACKENDS:
+        if name == "sdpa":
+            continue
+        try:
+            check_attention(name)
+        except SettingsError as exc:
+            found[name] = {"status": f"skipped: {exc}"}
+            continue
+
+        def run(name: str = name) -> dict[str, Any]:
+            with using_attention(name):
+                result = ctx.time(lambda: dit_pass(model, inputs))
+                error = relative_error(dit_pass(model, inputs), reference)
+            return {**with_throughput(result, main_pass_flops(ctx), main_tokens(ctx)), "rel_error_vs_sdpa": error}
+
+        found[name] = guarded(run, ctx.device)
+    return found
 
 
 def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -953,6 +981,7 @@ def sections(args: argparse.Namespace) -> list[Section]:
         Section("guidance_step_sequential", section_guidance_sequential, 30, 150),
         Section("guidance_step_batched", section_guidance_batched, 30, 150),
         Section("attention_backends", section_attention_backends, 30, 150),
+        Section("attention_dispatch", section_attention_dispatch, 30, 150),
         Section("fp8_matmul", section_fp8_matmul, 10, 90),
         Section("dit_pass_fp8_storage", section_dit_pass_fp8_storage, 20, 120),
         Section("dit_pass_720p", section_dit_pass_720p, 45, 150),

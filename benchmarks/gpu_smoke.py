@@ -8,7 +8,9 @@ one option set, and reports whether the result is finite and its relative RMS di
   fixture's 45 tokens per pass exercise the row padding), both, a kijai-format LoRA, the step cache (with
   compile), streamed placement (block offloading on a side stream) with all of the above; then the sampler node's
   worker pool with one worker on this GPU (NCCL, world size 1: ``runtime/pool.py``), its DiT kept on the GPU,
-  then kept on the CPU and streamed per clip, and a memory budget every worker refuses in one line.
+  then kept on the CPU and streamed per clip, and a memory budget every worker refuses in one line. Each fused
+  attention library of ``--attention`` that is installed (xformers, flash-attn, sageattention) adds two rows:
+  alone and with ``--compile``.
 
 The fp8 file is the fixture DiT quantized per tensor (as ComfyUI's fp8-scaled files); the LoRA is random. On a CPU
 the script runs too (no fp8 matmuls, no streams: the same rows, as a smoke test).
@@ -31,12 +33,14 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from fantasytalking_core.errors import SettingsError  # noqa: E402
 from fantasytalking_core.loaders.adapter import load_audio_adapter  # noqa: E402
 from fantasytalking_core.loaders.lora import read_wan_lora  # noqa: E402
 from fantasytalking_core.loaders.state_dict import open_checkpoint  # noqa: E402
 from fantasytalking_core.loaders.wan_dit import load_wan_dit  # noqa: E402
 from fantasytalking_core.parity import rel_rms  # noqa: E402
 from fantasytalking_core.pipeline import GenerationSettings, sample_latents  # noqa: E402
+from fantasytalking_core.runtime.attention import ATTENTION_BACKENDS, check_attention  # noqa: E402
 from fantasytalking_core.runtime.placement import dit_on_device  # noqa: E402
 from model_files import OFFICIAL, save_wan_file, to_fp8_scaled  # noqa: E402
 from test_loaders_lora import kijai_lora  # noqa: E402
@@ -71,6 +75,9 @@ def main() -> int:
         ("streamed + fp8 matmul + compile + LoRA + cache", fp8.with_loras([lora]),
          {"fp8_matmul": True, "compile": True, "step_cache": 0.5}, "streamed"),
     ]
+    for name in installed_attention():  # the --attention libraries present here, on their own and compiled
+        rows += [(f"attention {name}", bf16, {"attention": name}, "resident"),
+                 (f"attention {name} + compile", bf16, {"attention": name, "compile": True}, "resident")]
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "steps": STEPS, "rows": {}}
     reference = None
@@ -96,6 +103,18 @@ def main() -> int:
     ok &= pool_rows(device, x, reference, report, args.out)
     print("RESULT:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
+
+
+def installed_attention() -> list[str]:
+    """The fused attention libraries of ``--attention`` that are installed here (not the default, SDPA)."""
+    found = []
+    for name in ATTENTION_BACKENDS:
+        try:
+            if name != "sdpa" and check_attention(name):
+                found.append(name)
+        except SettingsError:
+            pass
+    return found
 
 
 def pool_rows(device: torch.device, x: dict, reference: torch.Tensor, report: dict, out: Path) -> bool:

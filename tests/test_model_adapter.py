@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from fantasytalking_core.model.adapter import (AudioBlockKV, AudioConditioning, AudioProjModel, TokenLayoutError,
-                                              TokenShard, _scale_for, audio_cross_attention, token_shard)
+                                              FantasyTalkingAttnProcessor, TokenShard, _scale_for,
+                                              audio_cross_attention, token_shard, window_runs)
+from fantasytalking_core.model import adapter as adapter_module
 
 
 def qkv(batch=1, frames=3, per_frame=4, width=5, heads=2, dim=8, seed=0):
@@ -39,6 +41,59 @@ def test_empty_window_contributes_zero_not_nan():
     q, k, v = qkv()
     out = audio_cross_attention(q, k, v, torch.tensor([0, 5, 5]))
     assert torch.isfinite(out).all() and out[:, :4].abs().max() == 0
+
+
+def masked_reference(q, k, v, k_lens):
+    """The masked per-frame attention the runs must equal: every slot of a window, padding masked out."""
+    batch, seq, heads, dim = q.shape
+    frames, width = k.shape[1:3]
+    lens = k_lens.expand(batch, frames).reshape(-1, 1, 1, 1)
+    mask = torch.arange(width).view(1, 1, 1, width) < lens
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(batch * frames, seq // frames, heads, dim).transpose(1, 2),
+        k.reshape(batch * frames, width, heads, dim).transpose(1, 2),
+        v.reshape(batch * frames, width, heads, dim).transpose(1, 2), attn_mask=mask)
+    out = torch.nan_to_num(out) * (lens > 0)
+    return out.transpose(1, 2).reshape(batch, seq, heads, dim)
+
+
+def test_window_runs_group_consecutive_frames_of_equal_length():
+    assert window_runs([3, 9, 9, 9, 5, 5, 0]) == ((0, 1, 3), (1, 4, 9), (4, 6, 5), (6, 7, 0))
+    assert window_runs([9, 4, 9]) == ((0, 1, 9), (1, 2, 4), (2, 3, 9))  # equal lengths apart stay apart
+    assert window_runs([]) == ()
+
+
+@pytest.mark.parametrize("k_lens", [[5, 5, 5, 5], [2, 5, 5, 3], [0, 5, 1, 1], [[2, 5, 5, 3], [2, 5, 5, 3]],
+                                    [[2, 5, 5, 3], [5, 0, 4, 4]]])
+def test_runs_of_valid_slots_equal_masked_attention(k_lens):
+    q, k, v = qkv(batch=2, frames=4, per_frame=3)
+    k_lens = torch.tensor(k_lens)
+    out = audio_cross_attention(q, k, v, k_lens)
+    torch.testing.assert_close(out, masked_reference(q, k, v, k_lens), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(audio_cross_attention(q, k, v, k_lens.tolist()), out, atol=0, rtol=0)
+
+
+def test_audio_branch_runs_unmasked_on_the_blocks_attention_backend(monkeypatch):
+    calls = []
+    dispatch = adapter_module.dispatch_attention_fn
+
+    def recording(query, key, value, attn_mask=None, backend=None, **kwargs):
+        calls.append((attn_mask, backend, key.shape[1]))
+        return dispatch(query, key, value, attn_mask=attn_mask, backend=backend, **kwargs)
+
+    monkeypatch.setattr(adapter_module, "dispatch_attention_fn", recording)
+    heads, dim, frames, per_frame = 2, 8, 3, 4
+    kv = AudioBlockKV(16, heads * dim)
+    windows = torch.randn(1, frames, 6, 16)
+    proc = FantasyTalkingAttnProcessor(kv)
+    proc._attention_backend = "_native_math"
+    proc.conditioning = AudioConditioning(windows, torch.tensor([4, 6, 6]), 1.0, tokens_per_frame=per_frame)
+    q = torch.randn(1, frames * per_frame, heads, dim)
+    out = proc.audio(q, proc.conditioning, None, proc._attention_backend)
+    assert calls == [(None, "_native_math", 4), (None, "_native_math", 6)]  # one call per run, valid slots only
+    keys = kv.k_proj(windows).unflatten(-1, (heads, dim))
+    values = kv.v_proj(windows).unflatten(-1, (heads, dim))
+    torch.testing.assert_close(out, masked_reference(q, keys, values, torch.tensor([4, 6, 6])), atol=1e-6, rtol=1e-5)
 
 
 def test_scale_shapes_broadcast_per_row_and_per_token():

@@ -27,6 +27,7 @@ an error (:class:`TokenLayoutError`), never a silent regrouping of tokens into t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,7 @@ class AudioConditioning:
 
     Attributes:
         windows: [B or 1, F, W, P] projected audio tokens, one window per latent frame (zero padding at the end).
-        k_lens: [F] or [B, F] valid tokens per window; padded slots are masked out (flash-attn varlen semantics,
+        k_lens: [F] or [B, F] valid tokens per window; padded slots are left out (flash-attn varlen semantics,
             the official GPU path). ``None`` attends the padding too (the official code without flash-attn).
         scale: the audio strength: a float, a [B] tensor (one per batch row, e.g. 0 for the no-audio guidance
             passes), or a [B, S] tensor with one value per video token of the whole sequence (spatially varying
@@ -84,6 +85,7 @@ class AudioConditioning:
     def __post_init__(self) -> None:
         # decided once per forward, not in every block (a tensor check would synchronise the GPU each time)
         self._silent = not bool(self.scale.any()) if isinstance(self.scale, torch.Tensor) else self.scale == 0
+        self.valid_lengths = valid_lengths(self.k_lens)  # Python ints: the runs of equal windows, once per forward
 
     def is_silent(self) -> bool:
         """True when the branch contributes exactly nothing (scale 0 everywhere), so it can be skipped."""
@@ -127,29 +129,66 @@ def token_shard(rank: int, world_size: int, local_tokens: int, total_tokens: int
     return TokenShard(offset, total_tokens, tokens_per_frame)
 
 
+def window_runs(valid: Sequence[int]) -> tuple[tuple[int, int, int], ...]:
+    """Consecutive latent frames whose windows hold the same number of valid slots.
+
+    Args:
+        valid: per latent frame, its window's valid (leading) slots.
+    Returns:
+        (first frame, end frame, valid slots) per run, in frame order; e.g. (1, 20, 20, ...) gives
+        ((0, 1, 1), (1, 3, 20)). A clip has a few: its first window is cut at the start of the recording, its last
+        ones at the end.
+    """
+    runs: list[tuple[int, int, int]] = []
+    for frame, length in enumerate(valid):
+        if runs and runs[-1][2] == length:
+            runs[-1] = (runs[-1][0], frame + 1, length)
+        else:
+            runs.append((frame, frame + 1, int(length)))
+    return tuple(runs)
+
+
+def valid_lengths(k_lens: torch.Tensor | Sequence | None) -> tuple[int, ...] | tuple[tuple[int, ...], ...] | None:
+    """``k_lens`` ([F] or [B, F], a tensor or nested lists) as tuples of Python ints, read once per forward (a GPU
+    tensor is copied once, not in every block); None stays None."""
+    if k_lens is None:
+        return None
+    rows = k_lens.tolist() if isinstance(k_lens, torch.Tensor) else k_lens
+    return tuple(tuple(map(int, row)) if isinstance(row, Sequence) else int(row) for row in rows)
+
+
 def audio_cross_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    k_lens: torch.Tensor | None,
+    k_lens: torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | None,
     tokens_per_frame: int | None = None,
     shard: TokenShard | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Per-frame attention of video tokens to their audio window.
+
+    The padding at the end of a window is left out rather than masked: the frames are attended in runs of equal
+    valid length (:func:`window_runs`), each run over its windows' valid slots only, which is what the official
+    flash-attn varlen call computes. No mask means any attention backend runs it (flash kernels take none).
 
     Args:
         query: [B, S, H, D] normed cross-attention queries, frame-major; S = F * tokens per frame, or, with
             ``shard``, the shard's s tokens starting at global token ``shard.offset``.
         keys, values: [B, F, W, H, D] the audio windows through ``k_proj``/``v_proj`` (all F frames).
-        k_lens: [F] or [B, F] valid slots per window (the rest is masked), or None to attend every slot.
+        k_lens: [F] or [B, F] valid (leading) slots per window, as a tensor or Python ints (see
+            :func:`valid_lengths`); None attends every slot (the official code without flash-attn).
         tokens_per_frame: tokens per latent frame; given (and no shard), S must be exactly F times it.
         shard: where a sharded query sits; its frames are attended with the partial first and last frames padded
             with zero queries, which are dropped again (attention rows are independent).
+        backend: diffusers attention backend name (``dispatch_attention_fn``); None: the active one (SDPA unless
+            ``attention_backend`` chose another).
     Returns:
         [B, S, H, D] (or [B, s, H, D] for a shard); a window with no valid slot contributes zeros.
     """
     batch, seq, heads, head_dim = query.shape
     frames, width = keys.shape[1], keys.shape[2]
+    k_lens = valid_lengths(k_lens)
     if shard is not None:
         if shard.total != frames * shard.tokens_per_frame or not 0 <= shard.offset <= shard.total - seq:
             raise TokenLayoutError(f"a shard of {seq} tokens at offset {shard.offset} does not fit {frames} latent "
@@ -158,8 +197,9 @@ def audio_cross_attention(
         lead = shard.offset - first * shard.tokens_per_frame
         trail = end * shard.tokens_per_frame - shard.offset - seq
         padded = F.pad(query, (0, 0, 0, 0, lead, trail))  # [B, (end - first) * tokens_per_frame, H, D]
-        lens = None if k_lens is None else k_lens[..., first:end]
-        out = audio_cross_attention(padded, keys[:, first:end], values[:, first:end], lens, shard.tokens_per_frame)
+        lens = None if k_lens is None else _frames_of(k_lens, first, end)
+        out = audio_cross_attention(padded, keys[:, first:end], values[:, first:end], lens, shard.tokens_per_frame,
+                                    backend=backend)
         return out[:, lead:lead + seq]
     if tokens_per_frame is not None and seq != frames * tokens_per_frame:
         raise TokenLayoutError(
@@ -168,17 +208,31 @@ def audio_cross_attention(
             "wrong frames; give the attention processor the parallel config (enable_parallelism).")
     if seq % frames:
         raise TokenLayoutError(f"{seq} video tokens do not split into {frames} latent frames.")
-    q = query.reshape(batch * frames, seq // frames, heads, head_dim).transpose(1, 2)
-    k = keys.reshape(batch * frames, width, heads, head_dim).transpose(1, 2)
-    v = values.reshape(batch * frames, width, heads, head_dim).transpose(1, 2)
-    mask = None
-    if k_lens is not None:
-        lens = k_lens.to(query.device).expand(batch, frames).reshape(-1, 1, 1, 1)  # [B*F, 1, 1, 1]
-        mask = torch.arange(width, device=query.device).view(1, 1, 1, width) < lens
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B*F, H, S/F, D]
-    if mask is not None:
-        out = out.masked_fill(lens == 0, 0.0)  # an all-masked softmax is NaN; an empty window adds nothing
-    return out.transpose(1, 2).reshape(batch, seq, heads, head_dim)
+    if k_lens is not None and k_lens and isinstance(k_lens[0], Sequence):  # [B, F]
+        if len(set(k_lens)) > 1:  # rows with different windows: each row on its own
+            return torch.cat([audio_cross_attention(query[b:b + 1], keys[b:b + 1], values[b:b + 1], row,
+                                                    backend=backend) for b, row in enumerate(k_lens)])
+        k_lens = k_lens[0]
+    per_frame = seq // frames
+    outs = []
+    for first, end, length in window_runs([width] * frames if k_lens is None else k_lens):
+        n = end - first
+        if length == 0:  # an empty window adds nothing (softmax over no key is undefined)
+            outs.append(query.new_zeros(batch, n * per_frame, heads, head_dim))
+            continue
+        q = query[:, first * per_frame:end * per_frame].reshape(batch * n, per_frame, heads, head_dim)
+        k = keys[:, first:end, :length].reshape(batch * n, length, heads, head_dim)
+        v = values[:, first:end, :length].reshape(batch * n, length, heads, head_dim)
+        outs.append(dispatch_attention_fn(q, k, v, backend=backend).reshape(batch, n * per_frame, heads, head_dim))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _frames_of(k_lens: Sequence[int] | Sequence[Sequence[int]], first: int, end: int
+               ) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
+    """Frames [first, end) of [F] or [B, F] valid lengths."""
+    if k_lens and isinstance(k_lens[0], Sequence):
+        return tuple(tuple(row[first:end]) for row in k_lens)
+    return tuple(k_lens[first:end])
 
 
 def _scale_for(scale: float | torch.Tensor, like: torch.Tensor, shard: TokenShard | None = None
@@ -205,8 +259,8 @@ class AudioBlockKV(nn.Module):
         self.k_proj = nn.Linear(audio_proj_dim, dim, bias=False)
         self.v_proj = nn.Linear(audio_proj_dim, dim, bias=False)
 
-    def forward(self, query: torch.Tensor, cond: AudioConditioning | None, shard: TokenShard | None = None
-                ) -> torch.Tensor | None:
+    def forward(self, query: torch.Tensor, cond: AudioConditioning | None, shard: TokenShard | None = None,
+                backend: str | None = None) -> torch.Tensor | None:
         """The scaled audio term to add to a cross-attention's output before its output projection.
 
         Args:
@@ -214,6 +268,7 @@ class AudioBlockKV(nn.Module):
                 [B, s, H, D] for the shard's tokens only.
             cond: the windows, valid lengths and scale for this forward; ``None`` or a zero scale: no audio.
             shard: where a sharded query sits in the whole sequence (sequence parallelism), else None.
+            backend: the diffusers attention backend of its block (None: the active one).
         Returns:
             [B, S, H, D] (or [B, s, H, D]) in the query's dtype, or ``None`` when the branch contributes nothing.
         """
@@ -226,7 +281,7 @@ class AudioBlockKV(nn.Module):
         if keys.shape[0] != query.shape[0]:
             keys = keys.expand(query.shape[0], *keys.shape[1:])
             values = values.expand(query.shape[0], *values.shape[1:])
-        audio = audio_cross_attention(query, keys, values, cond.k_lens, cond.tokens_per_frame, shard)
+        audio = audio_cross_attention(query, keys, values, cond.valid_lengths, cond.tokens_per_frame, shard, backend)
         return audio * _scale_for(cond.scale, audio, shard)
 
 
@@ -299,7 +354,7 @@ class FantasyTalkingAttnProcessor(nn.Module):
             out = out + dispatch_attention_fn(query, key_img, value_img, backend=self._attention_backend)
 
         # 4. Audio attention, per latent frame, scaled (on a shard: the frames its tokens touch).
-        audio = self.audio(query, self.conditioning, self.token_shard(query.shape[1]))
+        audio = self.audio(query, self.conditioning, self.token_shard(query.shape[1]), self._attention_backend)
         if audio is not None:
             out = out + audio
 

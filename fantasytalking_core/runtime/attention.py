@@ -1,7 +1,8 @@
 """Which kernels the DiT's attention runs on: PyTorch's SDPA (default) or an installed fused library, through
 diffusers' attention dispatcher (``attention_backend``), for the video self-attention and the text/image
-cross-attention. The audio branch's attention is masked per frame and always runs on SDPA (flash kernels take no
-mask). Hub-downloaded kernels are not offered: nothing is downloaded at run time.
+cross-attention, and for the audio branch (which attends each run of equal windows over their valid slots, so it
+needs no mask and runs on every backend). Hub-downloaded kernels are not offered: nothing is downloaded at run
+time.
 """
 
 from __future__ import annotations
