@@ -141,7 +141,12 @@ def _generate(args: argparse.Namespace) -> int:
                           "trained on 720P (it runs on 480P, not the released pairing).", file=sys.stderr)
             if layout is not None:
                 _check_layout_fits_model(layout, files, settings)  # before minutes of loading on every rank
-            models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8 or args.fp8_matmul)
+            # torchrun's ranks on this machine load a copy each: the first of them checks the RAM for all, as
+            # they start together (the others' checks would count the copies already being read)
+            here, local_rank = _local_processes()
+            models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8 or args.fp8_matmul,
+                                 processes=here if layout is not None else 1,
+                                 check_memory=layout is None or local_rank == 0)
         if loras:
             for lora in loras:
                 # a LoRA for another model fails now, not after the encoders
@@ -239,12 +244,20 @@ def _check_parallel_run(layout: ParallelLayout, args: argparse.Namespace, settin
     check_layout(layout, int(os.environ["WORLD_SIZE"]), settings.max_passes(),
                  attention=settings.attention)
     if torch.device(args.device).type == "cuda":
-        here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))  # processes on this machine
+        here, _ = _local_processes()
         gpus = torch.cuda.device_count()
         if here > gpus:
             raise SettingsError(f"--parallel {layout}: torchrun started {here} processes on this machine, which has "
                                 f"{gpus} GPU(s); one GPU per process: start at most {gpus} here (--nproc-per-node), "
                                 "the rest on other machines.")
+
+
+def _local_processes() -> tuple[int, int]:
+    """(processes on this machine, this one's index among them) as torchrun sets them; (1, 0) outside torchrun."""
+    import os
+
+    return (int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))),
+            int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def _check_inputs_are_not_the_output(args: argparse.Namespace) -> None:

@@ -453,6 +453,29 @@ def test_more_processes_than_gpus_on_a_machine_is_one_clear_error(monkeypatch):
         _check_parallel_run(parse_parallel("cfg=2,ulysses=2"), args, GenerationSettings())
 
 
+@pytest.mark.parametrize("local_rank, checks", [("0", True), ("1", False)])
+def test_torchrun_ranks_on_one_machine_check_the_ram_for_all_their_copies_once(inputs, tmp_path, monkeypatch,
+                                                                              local_rank, checks):
+    # each rank loads a copy of every model: 2 ranks need twice the RAM, which the first local rank checks before
+    # any of them reads a weight (a later check would count the copies the others are already reading)
+    from fantasytalking_core.errors import FantasyTalkingError
+    from fantasytalking_core.loaders import model_paths
+
+    seen = []
+
+    def stop_here(*args, **kwargs):
+        seen.append((kwargs["processes"], kwargs["check_memory"]))
+        raise FantasyTalkingError("stopped before loading")
+
+    for name, value in (("RANK", local_rank), ("WORLD_SIZE", "2"), ("LOCAL_RANK", local_rank),
+                        ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(model_paths, "load_models", stop_here)
+    proc = generate_here("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
+                         str(tmp_path / "x.mp4"), "--tiny", "--device", "cpu", "--parallel", "cfg=2")
+    assert seen == [(2, checks)] and proc.returncode == 2 and "stopped before loading" in proc.stderr
+
+
 @pytest.mark.parametrize("option, message", [
     ("--lora", "LoRAs are not applied to weights sharded over GPUs"),
     ("--offload-blocks", "fsdp already splits the weights over the GPUs, so the blocks do not also stream; turn "

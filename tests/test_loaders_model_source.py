@@ -102,6 +102,29 @@ def test_a_model_larger_than_the_free_ram_is_refused_before_any_weight_is_read(t
     assert not isinstance(went_on.value, InsufficientMemoryError)
 
 
+def test_torchruns_processes_on_one_machine_are_counted_a_copy_each(tmp_path, monkeypatch):
+    # torchrun --nproc-per-node 4: four copies of every model in RAM; one copy fitting is not enough
+    from types import SimpleNamespace
+
+    import psutil
+
+    from fantasytalking_core.loaders import model_paths, wan_dit
+    from fantasytalking_core.runtime.memory import InsufficientMemoryError
+
+    files = make_tiny_models(tmp_path)
+    others = (files.adapter, files.text_encoder, files.image_encoder, files.vae, files.wav2vec2)
+    one = wan_dit.loaded_bytes(files.dit, None, torch.float32) + sum(model_paths._disk_bytes(p) for p in others)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=int(2.5 * one)))
+    monkeypatch.setattr(psutil, "swap_memory", lambda: SimpleNamespace(free=0))
+    with pytest.raises(InsufficientMemoryError, match=r"^Loading the models in 4 processes on this machine \(one copy "
+                                                      r"each\) needs about .* start fewer processes per machine "
+                                                      r"\(torchrun --nproc-per-node\)"):
+        load_models(files, compute_dtype=torch.float32, processes=4)
+    assert load_models(files, compute_dtype=torch.float32, processes=2).dit is not None  # two copies fit
+    # the other local ranks leave the check to the first (their view counts copies already being read)
+    assert load_models(files, compute_dtype=torch.float32, processes=4, check_memory=False).dit is not None
+
+
 def test_a_gguf_dit_counts_the_tensors_it_copies_out_of_the_file(tmp_path):
     # an F16 GGUF (city96 publishes one) is copied whole into RAM as bf16; a quantized one keeps its weights in the
     # memory-mapped file and copies only its float tensors

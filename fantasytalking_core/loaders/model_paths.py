@@ -232,8 +232,12 @@ def _disk_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in chosen)
 
 
-def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, fp8_storage: bool = False):
+def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, fp8_storage: bool = False,
+                processes: int = 1, check_memory: bool = True):
     """Load every part on the CPU (the pipeline moves each to the compute device while it works).
+
+    Before any weight is read, the RAM they take is checked against the machine's (``check_memory``), counted
+    ``processes`` times when that many processes on this machine each load a copy (torchrun's ranks).
 
     The DiT (with the adapter's k/v) and umT5 compute in ``compute_dtype`` whatever their files store (fp32
     shards, fp16, bf16, fp8, GGUF): bf16 is what the official code runs. An fp8 file's weights stay fp8 (half the
@@ -252,9 +256,13 @@ def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, 
 
     others = (files.adapter, files.text_encoder, files.image_encoder, files.vae, files.wav2vec2)
     dit_bytes = loaded_bytes(files.dit, torch.float8_e4m3fn if fp8_storage else None, compute_dtype)
-    check_host_memory(dit_bytes + sum(_disk_bytes(path) for path in others), "Loading the models",
-                      "--fp8 keeps the DiT in 8 bits (half of bf16), a GGUF DiT (Q8_0, Q6_K, ...) in less; or close "
-                      "other programs, or add swap.")
+    if check_memory:
+        one_copy = dit_bytes + sum(_disk_bytes(path) for path in others)
+        check_host_memory(processes * one_copy, "Loading the models" if processes == 1 else
+                          f"Loading the models in {processes} processes on this machine (one copy each)",
+                          "--fp8 keeps the DiT in 8 bits (half of bf16), a GGUF DiT (Q8_0, Q6_K, ...) in less; or "
+                          + ("close other programs, or add swap." if processes == 1 else
+                             "start fewer processes per machine (torchrun --nproc-per-node), or add swap."))
     cfg = files.configs
     # smallest first: a wrong tokenizer or audio encoder is reported in seconds, not after the 14B DiT has loaded
     tokenizer = load_tokenizer(files.tokenizer)
