@@ -9,8 +9,8 @@ one option set, and reports whether the result is finite and its relative RMS di
   compile), streamed placement (block offloading on a side stream) with all of the above; then the sampler node's
   worker pool with one worker on this GPU (NCCL, world size 1: ``runtime/pool.py``), its DiT kept on the GPU,
   then kept on the CPU and streamed per clip, and a memory budget every worker refuses in one line. Each fused
-  attention library of ``--attention`` that is installed (xformers, flash-attn, sageattention) adds two rows:
-  alone and with ``--compile``.
+  attention library of ``--attention`` that runs here (xformers, flash-attn, sageattention) adds two rows: alone
+  and with ``--compile``; the refusal of each one that does not is reported.
 
 The fp8 file is the fixture DiT quantized per tensor (as ComfyUI's fp8-scaled files); the LoRA is random. On a CPU
 the script runs too (no fp8 matmuls, no streams: the same rows, as a smoke test).
@@ -75,11 +75,14 @@ def main() -> int:
         ("streamed + fp8 matmul + compile + LoRA + cache", fp8.with_loras([lora]),
          {"fp8_matmul": True, "compile": True, "step_cache": 0.5}, "streamed"),
     ]
-    for name in installed_attention():  # the --attention libraries present here, on their own and compiled
+    usable, refused = installed_attention()
+    for name in usable:  # the --attention libraries that run here, on their own and compiled
         rows += [(f"attention {name}", bf16, {"attention": name}, "resident"),
                  (f"attention {name} + compile", bf16, {"attention": name, "compile": True}, "resident")]
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "steps": STEPS, "rows": {}}
+              "steps": STEPS, "attention_refused": refused, "rows": {}}
+    for name, message in refused.items():
+        print(f"attention {name}: refused: {message}", flush=True)
     reference = None
     ok = True
     for name, model, options, placement in rows:
@@ -105,16 +108,17 @@ def main() -> int:
     return 0 if ok else 1
 
 
-def installed_attention() -> list[str]:
-    """The fused attention libraries of ``--attention`` that are installed here (not the default, SDPA)."""
-    found = []
+def installed_attention() -> tuple[list[str], dict[str, str]]:
+    """The fused attention libraries of ``--attention`` (not the default, SDPA) that run here, and the refusal of
+    each one that does not (not installed, or installed and unable to run its kernels)."""
+    usable, refused = [], {}
     for name in ATTENTION_BACKENDS:
         try:
             if name != "sdpa" and check_attention(name):
-                found.append(name)
-        except SettingsError:
-            pass
-    return found
+                usable.append(name)
+        except SettingsError as exc:
+            refused[name] = str(exc)
+    return usable, refused
 
 
 def pool_rows(device: torch.device, x: dict, reference: torch.Tensor, report: dict, out: Path) -> bool:

@@ -46,3 +46,29 @@ def test_the_chosen_kernels_run_every_dit_forward(tiny_model, official_inputs, m
     calls = len(seen) // 2
     assert calls > 0 and set(seen[:calls]) == {"_native_math"} and set(seen[calls:]) == {"native"}
     torch.testing.assert_close(math, sdpa, rtol=1e-4, atol=1e-4 * float(sdpa.abs().max()))
+
+
+def test_an_install_that_cannot_run_its_kernels_is_refused_before_any_work(monkeypatch):
+    # seen on an H200: an xformers wheel built for another PyTorch imports (so diffusers offers it) and fails only at
+    # its first attention call, minutes into a run, with a traceback
+    from diffusers.models import attention_dispatch
+
+    from fantasytalking_core.runtime import attention
+
+    math_backend = attention_dispatch.AttentionBackendName._NATIVE_MATH
+
+    def no_kernels(*args, **kwargs):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n"
+                                  "     query       : shape=(1, 16, 2, 64) (torch.bfloat16)\n"
+                                  "`cutlassF-pt` is not supported because:\n    xFormers wasn't build with CUDA support")
+
+    monkeypatch.setitem(ATTENTION_BACKENDS, "math", ("_native_math", "nothing"))
+    monkeypatch.setitem(attention_dispatch._AttentionBackendRegistry._backends, math_backend, no_kernels)
+    attention._first_call_fails.cache_clear()
+    try:
+        with pytest.raises(SettingsError, match=r"^attention 'math' is installed but cannot run on cpu \(No operator "
+                                                r"found .* \.\.\. xFormers wasn't build with CUDA support\): install a "
+                                                r"build for this PyTorch .*, or use sdpa \(the default\)\.$"):
+            GenerationSettings(attention="math")
+    finally:
+        attention._first_call_fails.cache_clear()  # the real math backend runs: later tests must see that

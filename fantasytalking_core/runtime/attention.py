@@ -7,8 +7,11 @@ time.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import torch
 
 from ..errors import SettingsError
 
@@ -21,8 +24,13 @@ ATTENTION_BACKENDS = {
 }
 
 
-def check_attention(name: str) -> str:
-    """``name`` if it is offered and usable here, else a SettingsError naming what it needs and the default."""
+def check_attention(name: str, device: torch.device | str | None = None) -> str:
+    """``name`` if it is offered and runs here, else a SettingsError naming what it needs and the default.
+
+    A library is tried on one small attention call on ``device`` (default: the GPU when there is one): an install
+    built for another PyTorch or CUDA imports fine and fails only at its first kernel (seen: xformers wheels of
+    another PyTorch, "xFormers wasn't build with CUDA support"), which would be minutes into a run.
+    """
     if name not in ATTENTION_BACKENDS:
         raise SettingsError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}.")
     if name == "sdpa":  # always there; the default needs no diffusers import (settings are checked before it)
@@ -35,7 +43,27 @@ def check_attention(name: str) -> str:
     except (RuntimeError, ValueError, ImportError):
         raise SettingsError(f"attention {name!r} needs {ATTENTION_BACKENDS[name][1]}, which is not available "
                             "here; install it, or use sdpa (the default).") from None
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    failure = _first_call_fails(ATTENTION_BACKENDS[name][0], str(device))
+    if failure:
+        raise SettingsError(f"attention {name!r} is installed but cannot run on {device} ({failure}): install a "
+                            f"build for this PyTorch ({torch.__version__}), or use sdpa (the default).")
     return name
+
+
+@functools.cache
+def _first_call_fails(backend: str, device: str) -> str:
+    """Why one small bf16 attention call on ``backend`` fails on ``device`` (the error's first line), or ''."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    q = torch.randn(1, 16, 2, 64, device=device, dtype=torch.bfloat16)  # [B, S, H, D], a head size every kernel has
+    try:
+        dispatch_attention_fn(q, q, q, backend=backend)
+    except Exception as exc:  # noqa: BLE001 - any failure of the library is the answer
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # the first line says what failed; a long message (xformers') ends with why
+        return lines[0][:160] + (f" ... {lines[-1][:160]}" if len(lines) > 1 else "")
+    return ""
 
 
 @contextmanager
