@@ -18,6 +18,7 @@ tokens cut into per-frame windows by the library's own helpers, so the real code
   f. dit_pass_720p               a 720x1280x81 pass (latent 90x160) with the fastest backend of (b)
   d. compiled_blocks             regional ``torch.compile`` of every block (``runtime.compile.compiled_blocks``):
                                  compile time, s per pass
+     compiled_new_windows        compiled blocks meeting other audio window lengths: the second compile's cost
      compiled_step               one sampling step (3 passes) with compiled blocks
      fast_step                   one step with fp8 weights, fp8 matmuls and compiled blocks, and its error
      fast_step_batched           the same step with its three passes as one batch
@@ -57,7 +58,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -602,7 +603,7 @@ def section_attention_dispatch(ctx: Context) -> dict[str, Any]:
         if name == "sdpa":
             continue
         try:
-            check_attention(name)
+            check_attention(name, ctx.device)  # installed and able to run here
         except SettingsError as exc:
             found[name] = {"status": f"skipped: {exc}"}
             continue
@@ -797,6 +798,27 @@ def section_compiled_blocks(ctx: Context) -> dict[str, Any]:
     }
 
 
+def section_compiled_new_windows(ctx: Context) -> dict[str, Any]:
+    """What compiled blocks pay for a clip whose audio windows have other valid lengths (a long recording's last
+    segment, whose audio runs out): the lengths are constants of the graph, so its first pass compiles again.
+    ``recompile_s_est``: that first pass minus a warm one."""
+    model, inputs = ctx.need_model()
+    torch._dynamo.reset()
+    counters.clear()
+    ctx.defer(torch._dynamo.reset)
+    enter_(ctx, compiled_blocks(model.transformer))
+    first = ctx.time(lambda: dit_pass(model, inputs))
+    graphs = counters["stats"]["unique_graphs"]
+    k_lens = inputs.audio.k_lens.clone()
+    k_lens[-3:] = (k_lens[-3:] // 2).clamp(min=1)  # the recording ends inside the last three windows
+    other = replace(inputs, audio=replace(inputs.audio, k_lens=k_lens))
+    again = ctx.time(lambda: dit_pass(model, other), warmup=0, repeats=1)
+    warm = ctx.time(lambda: dit_pass(model, other), warmup=0)
+    return {"first_windows": first, "other_windows_first_pass": again, "other_windows_warm": warm,
+            "recompile_s_est": again["median_s"] - warm["median_s"],
+            "new_graphs": counters["stats"]["unique_graphs"] - graphs, "dynamo": dynamo_stats()}
+
+
 def section_compiled_step(ctx: Context) -> dict[str, Any]:
     """One sampling step (three passes, one after another) with the blocks compiled: the engine's fastest bf16."""
     model, _ = ctx.need_model()
@@ -987,6 +1009,7 @@ def sections(args: argparse.Namespace) -> list[Section]:
         Section("dit_pass_720p", section_dit_pass_720p, 45, 150),
         Section("dit_pass_fp8_matmul", section_dit_pass_fp8_matmul, 20, 120),
         Section("compiled_blocks", section_compiled_blocks, 120, args.compile_cap_s),
+        Section("compiled_new_windows", section_compiled_new_windows, 90, args.compile_cap_s),
         Section("compiled_step", section_compiled_step, 60, args.compile_cap_s),
         Section("fast_step", section_fast_step, 120, args.compile_cap_s),
         Section("fast_step_batched", lambda ctx: section_fast_step(ctx, batch_passes=True), 120, args.compile_cap_s),

@@ -75,7 +75,7 @@ def main() -> int:
         ("streamed + fp8 matmul + compile + LoRA + cache", fp8.with_loras([lora]),
          {"fp8_matmul": True, "compile": True, "step_cache": 0.5}, "streamed"),
     ]
-    usable, refused = installed_attention()
+    usable, refused = installed_attention(device)
     for name in usable:  # the --attention libraries that run here, on their own and compiled
         rows += [(f"attention {name}", bf16, {"attention": name}, "resident"),
                  (f"attention {name} + compile", bf16, {"attention": name, "compile": True}, "resident")]
@@ -108,13 +108,13 @@ def main() -> int:
     return 0 if ok else 1
 
 
-def installed_attention() -> tuple[list[str], dict[str, str]]:
+def installed_attention(device: torch.device) -> tuple[list[str], dict[str, str]]:
     """The fused attention libraries of ``--attention`` (not the default, SDPA) that run here, and the refusal of
     each one that does not (not installed, or installed and unable to run its kernels)."""
     usable, refused = [], {}
     for name in ATTENTION_BACKENDS:
         try:
-            if name != "sdpa" and check_attention(name):
+            if name != "sdpa" and check_attention(name, device):
                 usable.append(name)
         except SettingsError as exc:
             refused[name] = str(exc)

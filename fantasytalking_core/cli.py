@@ -52,6 +52,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .loaders.model_paths import find_model_files, is_480p, load_models
     from .media.image import load_image
     from .media.video import aac_sample_rate, check_crf, check_output_path
+    from .runtime.attention import check_attention
     from .runtime.compile import check_compile
     from .runtime.memory import check_budget, use_expandable_segments
     from .sampling.segments import SegmentOptions
@@ -118,6 +119,9 @@ def _generate(args: argparse.Namespace) -> int:
         longest = min(frames, options.segment_frames) if segmented else frames  # every segment is this long
         width, height = frame_size(*job.image.size, image_size=settings.image_size)
         check_tokens_split(layout, longest, height, width)
+    # the attention library tried on this process's own GPU (a torchrun rank's is cuda:LOCAL_RANK), not GPU 0
+    check_attention(settings.attention, f"cuda:{_local_processes()[1]}" if layout is not None
+                    and torch.device(args.device).type == "cuda" else args.device)
     with _said_once(told):  # the audio encoder logs the same warnings minutes later
         loras = _read_loras(args.lora)
         from .loaders.lora import check_lora_fits
@@ -142,7 +146,8 @@ def _generate(args: argparse.Namespace) -> int:
             if layout is not None:
                 _check_layout_fits_model(layout, files, settings)  # before minutes of loading on every rank
             # torchrun's ranks on this machine load a copy each: the first of them checks the RAM for all, as
-            # they start together (the others' checks would count the copies already being read)
+            # they start together (a later check would count copies already being read; rank 0 can still see
+            # the first megabytes of the others' reads: a barrier would need the process group, joined after)
             here, local_rank = _local_processes()
             models = load_models(files, compute_dtype=dtype, fp8_storage=args.fp8 or args.fp8_matmul,
                                  processes=here if layout is not None else 1,

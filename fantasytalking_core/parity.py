@@ -331,7 +331,7 @@ def precision_set_passes(model: FantasyTalkingModel, inputs: dict[str, torch.Ten
         inputs: the set's ``inputs.safetensors``; stats: its ``stats.json`` (``passes``, ``num_frames``,
             ``cfg``, ``audio_cfg``).
     Returns:
-        float32 [1, 16, F, H, W] each: ``u``, ``p``, ``pa`` (one DiT forward each, masked audio windows),
+        float32 [1, 16, F, H, W] each: ``u``, ``p``, ``pa`` (one DiT forward each, audio windows without their padding),
         ``guided`` = u + cfg (p - u) + audio_cfg (pa - p), and ``audio_term`` = pa - p.
     """
     windows = audio_windows_for_frames(inputs["audio_features"].shape[1], stats["num_frames"])

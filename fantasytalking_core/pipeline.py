@@ -385,7 +385,7 @@ def sample_latents(
     recording's segments, ``map_passes`` for a parallel run) as in ``generate_latents``. Runs where ``dit`` is."""
     frames, height, width = image_latents.shape[2], image_latents.shape[3] * 8, image_latents.shape[4] * 8
     start, end = settings.audio_guidance_range
-    with (using_attention(settings.attention), compiled_blocks(dit.transformer, settings.compile),
+    with (using_attention(settings.attention, dit.device), compiled_blocks(dit.transformer, settings.compile),
           fp8_matmuls(dit, dit.device, settings.fp8_matmul)):
         return generate_latents(
             dit, text_pos, text_neg, clip_tokens, image_latents, audio_features, num_frames,

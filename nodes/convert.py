@@ -490,7 +490,8 @@ def check_sampler_inputs(*, segment_frames: int | None = None, motion_frames: in
                          audio_guidance_end: float | None = None, attention: str | None = None,
                          compile: bool | None = None, parallel: str | None = None, parallel_workers: str | None = None,
                          filename_prefix: str | None = None, device_type: str = "cpu",
-                         output_dir: str | None = None, writes_file: bool = True) -> str | None:
+                         output_dir: str | None = None, writes_file: bool = True,
+                         attention_device: torch.device | None = None) -> str | None:
     """The sampler's inputs that are known before the run, checked in its ``validate_inputs`` (ComfyUI shows the
     line before any node runs, so before any model loads) and again in ``execute``: None when this run can use
     them, else one line naming the node, the input and the fix.
@@ -501,7 +502,8 @@ def check_sampler_inputs(*, segment_frames: int | None = None, motion_frames: in
     (``compile`` needs Triton on CUDA); ``output_dir``: ComfyUI's output folder, which ``filename_prefix`` must
     stay in when ``writes_file`` (the video is longer than ``max_image_frames``; the frame count is known only
     when the node runs, so validation checks the prefix only when every video is written: ``max_image_frames``
-    0).
+    0). ``attention_device``: where to try the attention library with one small call (``execute`` gives the
+    sampler's device; validation, on ComfyUI's server thread, only checks it is installed).
     """
     node = "FantasyTalking Sampler"
     if max_image_frames is not None and max_image_frames < 0:
@@ -522,7 +524,7 @@ def check_sampler_inputs(*, segment_frames: int | None = None, motion_frames: in
         return f"{node}: parallel_workers ray needs the ray package (pip install ray), or choose processes."
     try:
         if attention is not None:
-            check_attention(attention)
+            check_attention(attention, attention_device)
         if compile and None not in (parallel, parallel_workers) and not ray_workers:  # Ray workers compile on
             check_compile(True, device_type, "compile")  # their own machines
     except FantasyTalkingError as error:

@@ -206,7 +206,7 @@ class Sampler(io.ComfyNode):
             audio_guidance_end=audio_guidance_end, attention=attention, compile=compile, parallel=parallel,
             parallel_workers=parallel_workers, filename_prefix=filename_prefix, device_type=device.type,
             output_dir=folder_paths.get_output_directory(),
-            writes_file=audio_features.features.num_frames > max_image_frames)
+            writes_file=audio_features.features.num_frames > max_image_frames, attention_device=device)
         if problem:
             raise SettingsError(problem)
         options = segment_options(segment_frames, motion_frames, chaining, color_match, crossfade)

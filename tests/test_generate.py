@@ -476,6 +476,37 @@ def test_torchrun_ranks_on_one_machine_check_the_ram_for_all_their_copies_once(i
     assert seen == [(2, checks)] and proc.returncode == 2 and "stopped before loading" in proc.stderr
 
 
+@pytest.mark.parametrize("parallel, device, tried_on", [(True, "cuda", "cuda:1"), (False, "cpu", "cpu")])
+def test_the_attention_library_is_tried_on_the_runs_own_device_before_any_model_loads(
+        inputs, tmp_path, monkeypatch, parallel, device, tried_on):
+    # a torchrun rank runs on cuda:LOCAL_RANK: trying the library on GPU 0 opened a CUDA context there from every
+    # rank; --device cpu must try it on the CPU, where flash kernels cannot run
+    import torch
+
+    from fantasytalking_core.errors import FantasyTalkingError
+    from fantasytalking_core.runtime import attention
+
+    tried = []
+
+    def stop_here(name, device=None):
+        tried.append((name, str(device)))
+        raise FantasyTalkingError("stopped at the attention check")
+
+    monkeypatch.setattr(attention, "check_attention", stop_here)
+    extra = []
+    if parallel:
+        for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # 2 GPUs and NCCL, as PyTorch for Linux
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+        extra = ["--parallel", "cfg=2"]
+    proc = generate_here("--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--out",
+                         str(tmp_path / "x.mp4"), "--tiny", "--device", device, *extra)
+    assert tried == [("sdpa", tried_on)] and "stopped at the attention check" in proc.stderr
+    assert "random tiny models" not in proc.stderr  # nothing loaded before it
+
+
 @pytest.mark.parametrize("option, message", [
     ("--lora", "LoRAs are not applied to weights sharded over GPUs"),
     ("--offload-blocks", "fsdp already splits the weights over the GPUs, so the blocks do not also stream; turn "

@@ -587,7 +587,7 @@ def test_sampler_inputs_are_checked_before_the_run_with_one_line(tmp_path, monke
         return convert.check_sampler_inputs(**{**SAMPLER_INPUTS, **changes}, device_type=device_type,
                                             output_dir=str(tmp_path))
 
-    def flash_missing(name):  # the same here as on a machine with flash-attn (test_runtime_attention checks it)
+    def flash_missing(name, device=None):  # the same here as on a machine with flash-attn (test_runtime_attention)
         if name == "flash":
             raise MissingDependencyError("attention 'flash' needs the flash-attn package (pip install flash-attn)")
         return name
@@ -640,6 +640,19 @@ def test_sampler_inputs_fed_by_links_are_checked_when_known():
     assert convert.check_sampler_inputs(**{**unknown, "audio_guidance_start": 0.8}) is None  # the end comes later
     assert "attention must be one of sdpa, flash, sage, xformers" in convert.check_sampler_inputs(
         **{**unknown, "attention": "magic"})
+
+
+def test_the_sampler_tries_the_attention_library_on_its_device_only_when_it_runs(tmp_path, monkeypatch):
+    # validate_inputs runs on ComfyUI's server thread, maybe beside a running job: it only checks the library is
+    # installed; execute tries one call on the sampler's device (an install built for another PyTorch fails there)
+    import torch
+
+    seen = []
+    monkeypatch.setattr(convert, "check_attention", lambda name, device=None: seen.append((name, device)) or name)
+    inputs = {**SAMPLER_INPUTS, "attention": "sage", "output_dir": str(tmp_path)}
+    assert convert.check_sampler_inputs(**inputs) is None
+    assert convert.check_sampler_inputs(**inputs, attention_device=torch.device("cuda", 1)) is None
+    assert seen == [("sage", None), ("sage", torch.device("cuda", 1))]
 
 
 def test_image_memory_estimate_of_ten_minutes_at_512():

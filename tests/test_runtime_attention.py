@@ -48,7 +48,8 @@ def test_the_chosen_kernels_run_every_dit_forward(tiny_model, official_inputs, m
     torch.testing.assert_close(math, sdpa, rtol=1e-4, atol=1e-4 * float(sdpa.abs().max()))
 
 
-def test_an_install_that_cannot_run_its_kernels_is_refused_before_any_work(monkeypatch):
+def test_an_install_that_cannot_run_its_kernels_is_refused_before_any_work(tiny_model, official_inputs,
+                                                                           monkeypatch):
     # seen on an H200: an xformers wheel built for another PyTorch imports (so diffusers offers it) and fails only at
     # its first attention call, minutes into a run, with a traceback
     from diffusers.models import attention_dispatch
@@ -64,11 +65,41 @@ def test_an_install_that_cannot_run_its_kernels_is_refused_before_any_work(monke
 
     monkeypatch.setitem(ATTENTION_BACKENDS, "math", ("_native_math", "nothing"))
     monkeypatch.setitem(attention_dispatch._AttentionBackendRegistry._backends, math_backend, no_kernels)
-    attention._first_call_fails.cache_clear()
-    try:
-        with pytest.raises(SettingsError, match=r"^attention 'math' is installed but cannot run on cpu \(No operator "
-                                                r"found .* \.\.\. xFormers wasn't build with CUDA support\): install a "
-                                                r"build for this PyTorch .*, or use sdpa \(the default\)\.$"):
-            GenerationSettings(attention="math")
-    finally:
-        attention._first_call_fails.cache_clear()  # the real math backend runs: later tests must see that
+    monkeypatch.setattr(attention, "_RUNS_ON", set())  # what earlier runs in this process found is not this install
+    refusal = (r"^attention 'math' is installed but cannot run on cpu \(No operator found .* \.\.\. xFormers wasn't "
+               r"build with CUDA support\): install a build for this PyTorch .* and GPU, or use sdpa \(the default\)\.$")
+    with pytest.raises(SettingsError, match=refusal):
+        check_attention("math", "cpu")
+    settings = GenerationSettings(steps=2, attention="math")  # installed: the settings alone cannot know more
+    x = official_inputs
+    with pytest.raises(SettingsError, match=refusal):  # a library caller: refused before the first step
+        sample_latents(tiny_model, x["context_pos"], x["context_neg"], x["clip_feature"], x["y"],
+                       x["audio_features"][0], 4 * x["x"].shape[2] - 3, settings,
+                       progress=lambda *a: pytest.fail("no step may run"))
+
+
+def test_the_audio_branch_runs_on_its_processors_own_backend(tiny_model, monkeypatch):
+    # diffusers' set_attention_backend and enable_parallelism set each processor's backend: the audio branch of
+    # the cross-attention must follow it like the text and image attention do
+    from fantasytalking_core.model.adapter import TEXT_LEN, AudioConditioning
+
+    seen = []
+    dispatch = adapter.dispatch_attention_fn
+
+    def spy(query, key, value, attn_mask=None, backend=None, **kwargs):
+        seen.append((key.shape[1], backend))
+        return dispatch(query, key, value, attn_mask=attn_mask, backend=backend, **kwargs)
+
+    monkeypatch.setattr(adapter, "dispatch_attention_fn", spy)
+    attn = tiny_model.transformer.blocks[0].attn2
+    processor = attn.processor
+    dim, width = attn.to_q.in_features, processor.audio.k_proj.in_features
+    frames, per_frame = 3, 4
+    # in the instance's own dict, removed again afterwards: left behind, block 0 alone would differ from the other
+    # blocks and compiled blocks would make it graphs of its own
+    monkeypatch.setitem(processor.__dict__, "_attention_backend", "_native_math")
+    monkeypatch.setattr(processor, "conditioning", AudioConditioning(
+        torch.randn(1, frames, 7, width), torch.tensor([5, 7, 7]), 1.0, tokens_per_frame=per_frame))
+    with torch.no_grad():
+        attn(torch.randn(1, frames * per_frame, dim), torch.randn(1, 257 + TEXT_LEN, dim))
+    assert seen == [(TEXT_LEN, "_native_math"), (257, "_native_math"), (5, "_native_math"), (7, "_native_math")]

@@ -62,7 +62,7 @@ class Segment:
         num_tokens: tokens in the slice (the official window rule runs on exactly these).
         valid_tokens: the slice's tokens that exist; fewer than ``num_tokens`` only in the last segment when the
             video outlasts the recording (the official frame rule adds up to 5 frames): the missing ones are
-            end padding that attention masks, as the official rule pads windows past the end.
+            end padding that attention leaves out, as the official rule pads windows past the end.
     """
 
     index: int
@@ -148,8 +148,8 @@ def audio_slice(start: int, num_frames: int, fps: float, total_tokens: int,
     Candidates: the start and end tokens rounded down and up around the segment's exact audio span (and one more
     on each side), the start inside [0, total_tokens). The end may pass ``total_tokens``: the recording can end
     up to 5 frames before the video (the official frame rule), and squeezing the last segment's slice into the
-    tokens that exist would stretch its audio by several frames; the missing tokens become masked padding
-    instead (see :class:`Segment`). Ties go to the token count of an official clip of the same length
+    tokens that exist would stretch its audio by several frames; the missing tokens become padding instead,
+    which attention leaves out (see :class:`Segment`). Ties go to the token count of an official clip of the same length
     (the token density the model saw), then to the earlier start.
 
     Args:

@@ -3,7 +3,7 @@
 FantasyTalking gives every latent frame (4 video frames, the first one alone) a window of wav2vec2 tokens
 centred on it, widened by ``expand`` tokens on both sides. Windows past either end of the sequence keep their
 valid tokens at the start and are zero-padded at the END (never the front), and ``k_lens`` counts the valid
-tokens so attention can mask the padding. The float and integer arithmetic below is the official
+tokens so attention leaves the padding out. The float and integer arithmetic below is the official
 ``split_audio_sequence`` / ``split_tensor_with_padding`` to the bit, including its truncations.
 """
 

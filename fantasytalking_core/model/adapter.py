@@ -210,12 +210,14 @@ def audio_cross_attention(
         raise TokenLayoutError(f"{seq} video tokens do not split into {frames} latent frames.")
     if k_lens is not None and k_lens and isinstance(k_lens[0], Sequence):  # [B, F]
         if len(set(k_lens)) > 1:  # rows with different windows: each row on its own
+            if len(k_lens) != batch:
+                raise ValueError(f"k_lens has {len(k_lens)} rows of window lengths for a batch of {batch}.")
             return torch.cat([audio_cross_attention(query[b:b + 1], keys[b:b + 1], values[b:b + 1], row,
                                                     backend=backend) for b, row in enumerate(k_lens)])
         k_lens = k_lens[0]
     per_frame = seq // frames
     outs = []
-    for first, end, length in window_runs([width] * frames if k_lens is None else k_lens):
+    for first, end, length in window_runs([width] * frames if k_lens is None else [min(n, width) for n in k_lens]):
         n = end - first
         if length == 0:  # an empty window adds nothing (softmax over no key is undefined)
             outs.append(query.new_zeros(batch, n * per_frame, heads, head_dim))

@@ -10,7 +10,10 @@ a step never recompile. The batched mode's 3-row batch is another shape: one mor
 Compilation is scoped to a run (:func:`compiled_blocks`): afterwards the blocks are eager again, so a later run
 without it computes exactly as before. The compiled function itself is made once per backend and mode and kept
 (:func:`_compiled_compute`), so a later run, or the next segment of a long recording, reuses the graphs instead of
-compiling again, whatever the torch version's rules for matching a new ``torch.compile`` to old graphs. Results of a compiled run differ from eager ones by float rounding only
+compiling again, whatever the torch version's rules for matching a new ``torch.compile`` to old graphs. The audio
+windows' valid lengths are part of a graph (the audio branch attends runs of equal windows, ``model/adapter.py``):
+clips of one frame count share them, but a window cut short by the end of the recording (a long recording's last
+segment) compiles once more. Results of a compiled run differ from eager ones by float rounding only
 (inductor fuses elementwise work and may reorder reductions); ``docs/benchmarks.md`` records the difference.
 """
 

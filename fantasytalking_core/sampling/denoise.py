@@ -91,7 +91,7 @@ def generate_latents(
     audio_tokens = gather_audio_windows(dit.project_audio(audio_features[None].to(device)), windows)
     cond = DiTConditions(text_pos.to(device), None if text_neg is None else text_neg.to(device),
                          clip_tokens.to(device), image_latents.to(device), audio_tokens,
-                         windows.k_lens_tensor().to(device),
+                         windows.k_lens_tensor(),  # read as Python ints once per forward: kept on the CPU
                          audio_scale.to(device) if isinstance(audio_scale, torch.Tensor) else audio_scale)
     noise = initial_noise((1, dit.transformer.config.out_channels, frames, height // 8, width // 8), seed)
     cache = StepCache(threshold, steps) if threshold > 0 else None
