@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -73,7 +75,7 @@ def test_runs_of_valid_slots_equal_masked_attention(k_lens):
     torch.testing.assert_close(audio_cross_attention(q, k, v, k_lens.tolist()), out, atol=0, rtol=0)
 
 
-def test_audio_branch_runs_unmasked_on_the_blocks_attention_backend(monkeypatch):
+def test_audio_branch_runs_unmasked_on_the_attention_it_is_given(monkeypatch):
     calls = []
     dispatch = adapter_module.dispatch_attention_fn
 
@@ -89,7 +91,8 @@ def test_audio_branch_runs_unmasked_on_the_blocks_attention_backend(monkeypatch)
     proc._attention_backend = "_native_math"
     proc.conditioning = AudioConditioning(windows, torch.tensor([4, 6, 6]), 1.0, tokens_per_frame=per_frame)
     q = torch.randn(1, frames * per_frame, heads, dim)
-    out = proc.audio(q, proc.conditioning, None, proc._attention_backend)
+    out = proc.audio(q, proc.conditioning, None, functools.partial(adapter_module.dispatch_attention_fn,
+                                                                   backend=proc._attention_backend))
     assert calls == [(None, "_native_math", 4), (None, "_native_math", 6)]  # one call per run, valid slots only
     keys = kv.k_proj(windows).unflatten(-1, (heads, dim))
     values = kv.v_proj(windows).unflatten(-1, (heads, dim))

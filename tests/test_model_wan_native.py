@@ -8,7 +8,7 @@ from model_files import rounding_tol
 from torch import nn
 
 from fantasytalking_core.audio.windows import audio_windows_for_frames, gather_audio_windows
-from fantasytalking_core.model.adapter import AudioConditioning
+from fantasytalking_core.model.adapter import AudioConditioning, window_runs
 from fantasytalking_core.model.wan_native import (
     AUDIO_CHUNKS,
     AUDIO_CHUNKS_KEY,
@@ -95,6 +95,26 @@ def test_each_guidance_chunk_gets_audio_exactly_as_the_engine(setup):
     torch.testing.assert_close(native, reference, rtol=0, atol=tol)
     assert (native[2] - no_audio[2]).abs().max() > 100 * tol  # the audio chunk really differs from no audio
     torch.testing.assert_close(native[:2], no_audio[:2], rtol=0, atol=tol)
+
+
+def test_the_audio_branch_runs_on_comfyuis_attention(setup):
+    # ComfyUI's attention options (--use-sage-attention, attention override patches) must reach the audio branch
+    # as they reach the text and image attention, not diffusers' SDPA behind ComfyUI's back
+    calls = []
+    attention = sdpa(setup["native"].num_heads)
+
+    def recording(q, k, v, transformer_options):
+        calls.append((q.shape[0], k.shape[1], transformer_options.get("marker")))
+        return attention(q, k, v, transformer_options)
+
+    audio = NativeAudio(setup["tokens"], setup["k_lens"], 0.7, AUDIO_CHUNKS["dual_cfg"])
+    options = {"cond_or_uncond": [0, 1, 2], "grid_sizes": (FRAMES, 3, 3), "marker": "this call's options"}
+    with torch.no_grad():
+        AudioCrossAttention(setup["native"], setup["kv"], audio, recording)(setup["x"], setup["context"], IMAGE_LEN,
+                                                                            options)
+    runs = window_runs(setup["k_lens"].tolist())
+    assert calls == [(3, TEXT_LEN, "this call's options"), (3, IMAGE_LEN, "this call's options")] + [
+        (3 * (end - first), length, "this call's options") for first, end, length in runs]
 
 
 def test_a_guider_names_its_audio_chunk_over_the_patch_default(setup):

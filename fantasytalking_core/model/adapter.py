@@ -27,7 +27,8 @@ an error (:class:`TokenLayoutError`), never a silent regrouping of tokens into t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,10 @@ from .precision import layer_norm_fp32, linear_fp32
 
 WAV2VEC2_DIM = 768  # wav2vec2-base hidden size, the adapter's input width
 TEXT_LEN = 512  # umT5 context rows the DiT always sees (shorter prompts are zero-padded)
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""An attention function: q [B, S, H, D], k and v [B, L, H, D] -> [B, S, H, D], unmasked (the engine's: diffusers'
+dispatcher on the block's backend; ComfyUI's route: ComfyUI's own attention, so its attention options apply)."""
 
 
 class AudioProjModel(nn.Module):
@@ -164,13 +169,13 @@ def audio_cross_attention(
     k_lens: torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | None,
     tokens_per_frame: int | None = None,
     shard: TokenShard | None = None,
-    backend: str | None = None,
+    attend: Attend | None = None,
 ) -> torch.Tensor:
     """Per-frame attention of video tokens to their audio window.
 
     The padding at the end of a window is left out rather than masked: the frames are attended in runs of equal
     valid length (:func:`window_runs`), each run over its windows' valid slots only, which is what the official
-    flash-attn varlen call computes. No mask means any attention backend runs it (flash kernels take none).
+    flash-attn varlen call computes. No mask means any attention kernel runs it (flash kernels take none).
 
     Args:
         query: [B, S, H, D] normed cross-attention queries, frame-major; S = F * tokens per frame, or, with
@@ -181,8 +186,8 @@ def audio_cross_attention(
         tokens_per_frame: tokens per latent frame; given (and no shard), S must be exactly F times it.
         shard: where a sharded query sits; its frames are attended with the partial first and last frames padded
             with zero queries, which are dropped again (attention rows are independent).
-        backend: diffusers attention backend name (``dispatch_attention_fn``); None: the active one (SDPA unless
-            ``attention_backend`` chose another).
+        attend: the attention function (:data:`Attend`); None: diffusers' ``dispatch_attention_fn`` on its active
+            backend (SDPA unless ``attention_backend`` chose another).
     Returns:
         [B, S, H, D] (or [B, s, H, D] for a shard); a window with no valid slot contributes zeros.
     """
@@ -199,7 +204,7 @@ def audio_cross_attention(
         padded = F.pad(query, (0, 0, 0, 0, lead, trail))  # [B, (end - first) * tokens_per_frame, H, D]
         lens = None if k_lens is None else _frames_of(k_lens, first, end)
         out = audio_cross_attention(padded, keys[:, first:end], values[:, first:end], lens, shard.tokens_per_frame,
-                                    backend=backend)
+                                    attend=attend)
         return out[:, lead:lead + seq]
     if tokens_per_frame is not None and seq != frames * tokens_per_frame:
         raise TokenLayoutError(
@@ -213,9 +218,10 @@ def audio_cross_attention(
             if len(k_lens) != batch:
                 raise ValueError(f"k_lens has {len(k_lens)} rows of window lengths for a batch of {batch}.")
             return torch.cat([audio_cross_attention(query[b:b + 1], keys[b:b + 1], values[b:b + 1], row,
-                                                    backend=backend) for b, row in enumerate(k_lens)])
+                                                    attend=attend) for b, row in enumerate(k_lens)])
         k_lens = k_lens[0]
     per_frame = seq // frames
+    attend = attend or dispatch_attention_fn
     outs = []
     for first, end, length in window_runs([width] * frames if k_lens is None else [min(n, width) for n in k_lens]):
         n = end - first
@@ -225,7 +231,7 @@ def audio_cross_attention(
         q = query[:, first * per_frame:end * per_frame].reshape(batch * n, per_frame, heads, head_dim)
         k = keys[:, first:end, :length].reshape(batch * n, length, heads, head_dim)
         v = values[:, first:end, :length].reshape(batch * n, length, heads, head_dim)
-        outs.append(dispatch_attention_fn(q, k, v, backend=backend).reshape(batch, n * per_frame, heads, head_dim))
+        outs.append(attend(q, k, v).reshape(batch, n * per_frame, heads, head_dim))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
@@ -262,7 +268,7 @@ class AudioBlockKV(nn.Module):
         self.v_proj = nn.Linear(audio_proj_dim, dim, bias=False)
 
     def forward(self, query: torch.Tensor, cond: AudioConditioning | None, shard: TokenShard | None = None,
-                backend: str | None = None) -> torch.Tensor | None:
+                attend: Attend | None = None) -> torch.Tensor | None:
         """The scaled audio term to add to a cross-attention's output before its output projection.
 
         Args:
@@ -270,7 +276,7 @@ class AudioBlockKV(nn.Module):
                 [B, s, H, D] for the shard's tokens only.
             cond: the windows, valid lengths and scale for this forward; ``None`` or a zero scale: no audio.
             shard: where a sharded query sits in the whole sequence (sequence parallelism), else None.
-            backend: the diffusers attention backend of its block (None: the active one).
+            attend: the attention function of its block (:data:`Attend`; None: diffusers' active backend).
         Returns:
             [B, S, H, D] (or [B, s, H, D]) in the query's dtype, or ``None`` when the branch contributes nothing.
         """
@@ -283,7 +289,7 @@ class AudioBlockKV(nn.Module):
         if keys.shape[0] != query.shape[0]:
             keys = keys.expand(query.shape[0], *keys.shape[1:])
             values = values.expand(query.shape[0], *values.shape[1:])
-        audio = audio_cross_attention(query, keys, values, cond.valid_lengths, cond.tokens_per_frame, shard, backend)
+        audio = audio_cross_attention(query, keys, values, cond.valid_lengths, cond.tokens_per_frame, shard, attend)
         return audio * _scale_for(cond.scale, audio, shard)
 
 
@@ -356,7 +362,8 @@ class FantasyTalkingAttnProcessor(nn.Module):
             out = out + dispatch_attention_fn(query, key_img, value_img, backend=self._attention_backend)
 
         # 4. Audio attention, per latent frame, scaled (on a shard: the frames its tokens touch).
-        audio = self.audio(query, self.conditioning, self.token_shard(query.shape[1]), self._attention_backend)
+        audio = self.audio(query, self.conditioning, self.token_shard(query.shape[1]),
+                           functools.partial(dispatch_attention_fn, backend=self._attention_backend))
         if audio is not None:
             out = out + audio
 
