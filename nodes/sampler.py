@@ -84,9 +84,10 @@ class Sampler(io.ComfyNode):
                                          "after another where that keeps the model whole on the GPU and the batch "
                                          "would not)."),
                 io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="sdpa", optional=True,
-                               advanced=True, tooltip="The model's attention kernels: sdpa (PyTorch, default), or "
-                                                      "flash / sage / xformers when that package is installed "
-                                                      "(faster on some GPUs)."),
+                               advanced=True, tooltip="The model's attention kernels, the audio branch's included: "
+                                                      "sdpa (PyTorch, default), or flash / sage / xformers when that "
+                                                      "package is installed (faster on some GPUs); one built for "
+                                                      "another PyTorch is refused when the run starts."),
                 io.Float.Input("gpu_memory_gb", default=0.0, min=0.0, max=1024.0, step=0.5, optional=True,
                                advanced=True, tooltip="GPU memory budget in GB: the model stays whole on the GPU "
                                                       "when the run fits, else its blocks stream (overrides "
