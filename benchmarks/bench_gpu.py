@@ -925,18 +925,31 @@ def budget_cases(ctx: Context) -> list[tuple[float, tuple[int, int]]]:
 
 
 @contextmanager
-def memory_cap(device: torch.device, budget_gib: float) -> Iterator[None]:
-    """Let this process allocate at most ``budget_gib`` GiB on a CUDA ``device``, as a card of that size would (the
-    caching allocator refuses beyond it); nothing elsewhere."""
+def memory_cap(device: torch.device, budget_gib: float, how: str = "fraction") -> Iterator[dict[str, float]]:
+    """Let this process allocate at most ``budget_gib`` GiB on a CUDA ``device``, as a card of that size would;
+    nothing elsewhere. ``how``: ``fraction``, PyTorch's per-process cap (its caching allocator refuses beyond it;
+    ``cudaMallocAsync``'s pool is not bounded by it), or ``filler``, one live tensor taking every byte of the GPU
+    beyond the budget, so any allocator meets the real limit. Yields ``{"filler_gib": ...}``."""
     if device.type != "cuda":
-        yield
+        yield {"filler_gib": 0.0}
         return
-    index = torch.cuda.current_device() if device.index is None else device.index  # the call wants an index
+    index = torch.cuda.current_device() if device.index is None else device.index  # the calls want an index
     free_memory(device)
+    if how == "filler":
+        free, _ = torch.cuda.mem_get_info(index)
+        # this process's tensors already on the GPU count against the card, the CUDA context does not (as above)
+        take = free - max(0, int(budget_gib * GIB) - torch.cuda.memory_allocated(index))
+        filler = torch.empty(max(take, 0), dtype=torch.uint8, device=device)
+        try:
+            yield {"filler_gib": filler.numel() / GIB}
+        finally:
+            del filler
+            free_memory(device)
+        return
     total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GIB / total), index)
     try:
-        yield
+        yield {"filler_gib": 0.0}
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, index)
         free_memory(device)
@@ -946,7 +959,7 @@ def section_memory_budget(ctx: Context) -> dict[str, Any]:
     """The memory budget option (``--gpu-memory`` / the sampler's ``gpu_memory``) on smaller cards: fp8 weights (as
     an fp8 file loads by default), the placement ``runtime.memory.choose_placement`` picks for each budget, and one
     DiT pass (audio on) run inside ``runtime.placement.dit_on_device`` with the process capped at the budget
-    (``torch.cuda.set_per_process_memory_fraction``). Records the estimate, the measured peak and whether the pass
+    (``--cap``: :func:`memory_cap`). Records the estimate, the measured peak and whether the pass
     ran. A guided step runs its passes one after another, so its peak is a pass's. Last: it leaves the model on
     the CPU."""
     model, inputs = ctx.need_model()
@@ -970,13 +983,21 @@ def section_memory_budget(ctx: Context) -> dict[str, Any]:
             for budget, hw, estimate in chosen:
                 case_inputs = inputs if hw == ctx.scale.latent_hw else make_inputs(
                     model, ctx.scale, hw, ctx.device, ctx.args.seed)
-                with memory_cap(ctx.device, budget):
-                    entry = guarded(lambda i=case_inputs: ctx.time(lambda: dit_pass(model, i), warmup=0, repeats=1),
-                                    ctx.device)
+                def capped_pass(i: Inputs = case_inputs, budget: float = budget) -> dict[str, Any]:
+                    # inside the guard: a cap that cannot be set up (a filler the allocator refuses) is this
+                    # case's recorded error, not the section's
+                    with memory_cap(ctx.device, budget, ctx.args.cap) as cap:
+                        return {**ctx.time(lambda: dit_pass(model, i), warmup=0, repeats=1), **cap}
+
+                entry = guarded(capped_pass, ctx.device)
                 entry.update(placement=placement, budget_gib=budget, estimate_gib=estimate.total / GIB,
-                             video_tokens=ctx.scale.video_tokens(hw))
-                if ctx.cuda:  # what the card must hold: the allocator's reserve, fragmentation included
-                    entry["peak_reserved_gib"] = torch.cuda.max_memory_reserved(ctx.device) / GIB
+                             video_tokens=ctx.scale.video_tokens(hw), cap=ctx.args.cap)
+                if ctx.cuda and entry["status"] == "ok":  # the allocator's reserve, fragmentation included
+                    filler = entry["filler_gib"]
+                    entry["peak_reserved_gib"] = torch.cuda.max_memory_reserved(ctx.device) / GIB - filler
+                    for key in ("peak_gib", "resident_gib"):  # the run's own figures, without the filler
+                        if entry.get(key) is not None:
+                            entry[key] -= filler
                 results[f"{budget:.4g}GiB_{8 * hw[0]}x{8 * hw[1]}"] = entry
                 del case_inputs
     return results
@@ -1089,6 +1110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--expandable-segments", action="store_true",
                         help="turn on the CUDA allocator's expandable segments as the command line does "
                              "(runtime.memory.use_expandable_segments); default: PyTorch's allocator as configured")
+    parser.add_argument("--cap", choices=("fraction", "filler"), default="fraction",
+                        help="how memory_budget emulates a smaller card: PyTorch's per-process fraction, or a live "
+                             "tensor taking the rest of the GPU (bounds any allocator, cudaMallocAsync's too)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=PRECISION_POLICIES, default=OFFICIAL,
                         help="bf16 rounding policy of the DiT (official: float32 islands; diffusers: as diffusers)")
