@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=d.seed)
     gen.add_argument("--attention", default=d.attention,
                      help="the DiT's attention kernels, the audio branch's included: sdpa (default), flash, sage or "
-                          "xformers (when installed; tried once on the GPU before any model loads)")
+                          "xformers (when installed; tried once on the run's device before any model loads)")
     gen.add_argument("--steps", type=int, default=None, help=f"denoising steps ({d.steps}; 4 with --distilled)")
     gen.add_argument("--shift", type=float, default=d.shift)
     gen.add_argument("--cfg", type=float, default=None, help=f"text guidance scale ({d.cfg}; 1 with --distilled)")

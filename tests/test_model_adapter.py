@@ -1,10 +1,8 @@
-import functools
-
 import pytest
 import torch
 
 from fantasytalking_core.model.adapter import (AudioBlockKV, AudioConditioning, AudioProjModel, TokenLayoutError,
-                                              FantasyTalkingAttnProcessor, TokenShard, _scale_for,
+                                              TokenShard, _scale_for,
                                               audio_cross_attention, token_shard, window_runs)
 from fantasytalking_core.model import adapter as adapter_module
 
@@ -75,25 +73,21 @@ def test_runs_of_valid_slots_equal_masked_attention(k_lens):
     torch.testing.assert_close(audio_cross_attention(q, k, v, k_lens.tolist()), out, atol=0, rtol=0)
 
 
-def test_audio_branch_runs_unmasked_on_the_attention_it_is_given(monkeypatch):
+def test_audio_branch_runs_unmasked_on_the_attention_it_is_given():
+    # the block's processor (test_runtime_attention) and ComfyUI's route (test_model_wan_native) each give theirs
     calls = []
-    dispatch = adapter_module.dispatch_attention_fn
 
-    def recording(query, key, value, attn_mask=None, backend=None, **kwargs):
-        calls.append((attn_mask, backend, key.shape[1]))
-        return dispatch(query, key, value, attn_mask=attn_mask, backend=backend, **kwargs)
+    def recording(query, key, value):
+        calls.append(key.shape[1])
+        return adapter_module.dispatch_attention_fn(query, key, value, backend="_native_math")
 
-    monkeypatch.setattr(adapter_module, "dispatch_attention_fn", recording)
     heads, dim, frames, per_frame = 2, 8, 3, 4
     kv = AudioBlockKV(16, heads * dim)
     windows = torch.randn(1, frames, 6, 16)
-    proc = FantasyTalkingAttnProcessor(kv)
-    proc._attention_backend = "_native_math"
-    proc.conditioning = AudioConditioning(windows, torch.tensor([4, 6, 6]), 1.0, tokens_per_frame=per_frame)
+    cond = AudioConditioning(windows, torch.tensor([4, 6, 6]), 1.0, tokens_per_frame=per_frame)
     q = torch.randn(1, frames * per_frame, heads, dim)
-    out = proc.audio(q, proc.conditioning, None, functools.partial(adapter_module.dispatch_attention_fn,
-                                                                   backend=proc._attention_backend))
-    assert calls == [(None, "_native_math", 4), (None, "_native_math", 6)]  # one call per run, valid slots only
+    out = kv(q, cond, None, recording)
+    assert calls == [4, 6]  # one call per run of equal windows, over their valid slots only
     keys = kv.k_proj(windows).unflatten(-1, (heads, dim))
     values = kv.v_proj(windows).unflatten(-1, (heads, dim))
     torch.testing.assert_close(out, masked_reference(q, keys, values, torch.tensor([4, 6, 6])), atol=1e-6, rtol=1e-5)

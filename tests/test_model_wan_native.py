@@ -98,23 +98,28 @@ def test_each_guidance_chunk_gets_audio_exactly_as_the_engine(setup):
 
 
 def test_the_audio_branch_runs_on_comfyuis_attention(setup):
-    # ComfyUI's attention options (--use-sage-attention, attention override patches) must reach the audio branch
-    # as they reach the text and image attention, not diffusers' SDPA behind ComfyUI's back
+    # ComfyUI's attention options (--use-flash-attention, attention override patches) must reach the audio branch
+    # as they reach the text and image attention, not diffusers' SDPA behind ComfyUI's back; its short key sets
+    # take the variant without low-precision kernels, as the CLIP tokens do (ComfyUI keeps sage off there)
     calls = []
     attention = sdpa(setup["native"].num_heads)
 
-    def recording(q, k, v, transformer_options):
-        calls.append((q.shape[0], k.shape[1], transformer_options.get("marker")))
-        return attention(q, k, v, transformer_options)
+    def recording(which):
+        def attend(q, k, v, transformer_options):
+            calls.append((which, q.shape[0], k.shape[1], transformer_options.get("marker")))
+            return attention(q, k, v, transformer_options)
+
+        return attend
 
     audio = NativeAudio(setup["tokens"], setup["k_lens"], 0.7, AUDIO_CHUNKS["dual_cfg"])
     options = {"cond_or_uncond": [0, 1, 2], "grid_sizes": (FRAMES, 3, 3), "marker": "this call's options"}
+    forward = AudioCrossAttention(setup["native"], setup["kv"], audio, recording("text"), recording("no low precision"))
     with torch.no_grad():
-        AudioCrossAttention(setup["native"], setup["kv"], audio, recording)(setup["x"], setup["context"], IMAGE_LEN,
-                                                                            options)
-    runs = window_runs(setup["k_lens"].tolist())
-    assert calls == [(3, TEXT_LEN, "this call's options"), (3, IMAGE_LEN, "this call's options")] + [
-        (3 * (end - first), length, "this call's options") for first, end, length in runs]
+        forward(setup["x"], setup["context"], IMAGE_LEN, options)
+    marker = "this call's options"
+    assert calls == [("text", 3, TEXT_LEN, marker), ("no low precision", 3, IMAGE_LEN, marker)] + [
+        ("no low precision", 3 * (end - first), length, marker)
+        for first, end, length in window_runs(setup["k_lens"].tolist())]
 
 
 def test_a_guider_names_its_audio_chunk_over_the_patch_default(setup):

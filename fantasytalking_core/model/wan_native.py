@@ -6,8 +6,9 @@ tokens), ``num_heads``, and the block calls ``cross_attn(norm3(x), context, cont
 transformer_options=...)``. :class:`AudioCrossAttention` is a replacement for that forward: the same text and
 image attention with the module's own layers, plus :class:`~.adapter.AudioBlockKV` of the block before ``o``,
 exactly as the official FantasyTalking processor. It never imports ComfyUI: the attention function comes in as an
-argument (ComfyUI's ``optimized_attention``, used for the text, image and audio attention alike, so ComfyUI's
-attention options reach all three), and which batch rows get audio is read from the per-call
+argument (ComfyUI's ``optimized_attention``, for the text, image and audio attention alike, so ComfyUI's attention
+options reach all three; the image and audio keys, a few hundred and 1-17 tokens, take its variant without
+low-precision kernels, as ComfyUI's Wan does for the image), and which batch rows get audio is read from the per-call
 ``transformer_options`` ComfyUI passes (``cond_or_uncond``, ``grid_sizes``, ``context_window``).
 
 Shapes: B batch rows (all guidance chunks together), S video tokens (frame-major), F latent frames, W window
@@ -164,8 +165,9 @@ class AudioCrossAttention:
         heads = attn.num_heads
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            # ComfyUI's attention on [B, S, H*D]: its attention options (sage, flash, overrides) apply here too
-            return self.attention(q.flatten(2), k.flatten(2), v.flatten(2), options).unflatten(2, (heads, -1))
+            # ComfyUI's attention on [B, S, H*D]: its attention options (flash, overrides) apply here too; the one
+            # for short key sets, as for the CLIP tokens (ComfyUI keeps sage off there: "can cause NaNs")
+            return self.image_attention(q.flatten(2), k.flatten(2), v.flatten(2), options).unflatten(2, (heads, -1))
 
         audio = self.kv(q.unflatten(2, (heads, -1)), cond, attend=attend)  # [B, S, H, D] or None
         if audio is not None:
