@@ -928,8 +928,9 @@ def budget_cases(ctx: Context) -> list[tuple[float, tuple[int, int]]]:
 def memory_cap(device: torch.device, budget_gib: float, how: str = "fraction") -> Iterator[dict[str, float]]:
     """Let this process allocate at most ``budget_gib`` GiB on a CUDA ``device``, as a card of that size would;
     nothing elsewhere. ``how``: ``fraction``, PyTorch's per-process cap (its caching allocator refuses beyond it;
-    ``cudaMallocAsync``'s pool is not bounded by it), or ``filler``, one live tensor taking every byte of the GPU
-    beyond the budget, so any allocator meets the real limit. Yields ``{"filler_gib": ...}``."""
+    ``cudaMallocAsync``'s pool is not bounded by it), or ``filler``, every byte of the GPU beyond the budget taken
+    by a raw ``cudaMalloc`` outside PyTorch (as another program or a desktop would hold it), so any allocator meets
+    the real limit. Yields ``{"filler_gib": ...}``."""
     if device.type != "cuda":
         yield {"filler_gib": 0.0}
         return
@@ -938,13 +939,10 @@ def memory_cap(device: torch.device, budget_gib: float, how: str = "fraction") -
     if how == "filler":
         free, _ = torch.cuda.mem_get_info(index)
         # this process's tensors already on the GPU count against the card, the CUDA context does not (as above)
-        take = free - max(0, int(budget_gib * GIB) - torch.cuda.memory_allocated(index))
-        filler = torch.empty(max(take, 0), dtype=torch.uint8, device=device)
-        try:
-            yield {"filler_gib": filler.numel() / GIB}
-        finally:
-            del filler
-            free_memory(device)
+        take = max(0, free - max(0, int(budget_gib * GIB) - torch.cuda.memory_allocated(index)))
+        with torch.cuda.device(index), raw_cuda_allocation(take):
+            yield {"filler_gib": take / GIB}
+        free_memory(device)
         return
     total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GIB / total), index)
@@ -953,6 +951,28 @@ def memory_cap(device: torch.device, budget_gib: float, how: str = "fraction") -
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, index)
         free_memory(device)
+
+
+@contextmanager
+def raw_cuda_allocation(nbytes: int) -> Iterator[None]:
+    """``nbytes`` of the current GPU held by ``cudaMalloc`` through the CUDA runtime PyTorch loaded, outside
+    PyTorch's allocators (their statistics do not count it), freed with ``cudaFree`` at the end."""
+    import ctypes
+
+    maps = Path("/proc/self/maps").read_text().split("\n")
+    paths = [line.split()[-1] for line in maps if "libcudart" in line.split("/")[-1]]
+    if not paths:
+        raise RuntimeError("the CUDA runtime library PyTorch uses is not in /proc/self/maps (linked statically?).")
+    runtime = ctypes.CDLL(paths[0])
+    pointer = ctypes.c_void_p()
+    status = runtime.cudaMalloc(ctypes.byref(pointer), ctypes.c_size_t(nbytes)) if nbytes else 0
+    if status:
+        raise RuntimeError(f"cudaMalloc of {nbytes / GIB:.2f} GiB for the filler failed (CUDA error {status}).")
+    try:
+        yield
+    finally:
+        if nbytes:
+            runtime.cudaFree(pointer)
 
 
 def section_memory_budget(ctx: Context) -> dict[str, Any]:
@@ -1111,8 +1131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="turn on the CUDA allocator's expandable segments as the command line does "
                              "(runtime.memory.use_expandable_segments); default: PyTorch's allocator as configured")
     parser.add_argument("--cap", choices=("fraction", "filler"), default="fraction",
-                        help="how memory_budget emulates a smaller card: PyTorch's per-process fraction, or a live "
-                             "tensor taking the rest of the GPU (bounds any allocator, cudaMallocAsync's too)")
+                        help="how memory_budget emulates a smaller card: PyTorch's per-process fraction, or a raw "
+                             "cudaMalloc holding the rest of the GPU (bounds any allocator, cudaMallocAsync's too)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=PRECISION_POLICIES, default=OFFICIAL,
                         help="bf16 rounding policy of the DiT (official: float32 islands; diffusers: as diffusers)")
