@@ -87,6 +87,8 @@ class Identity:
         face_box: (x0, y0, x1, y1) of the face in video-frame pixels (from the face crop, or found in the portrait),
             else None.
         face_note: how the face region was found, or why not (shown on the node).
+        crop: the face crop the portrait was cut from (Face Crop's record), else None: a video the sampler writes
+            to a file gets the face pasted back into the full portrait there, since no node can do it after.
     """
 
     pixels: torch.Tensor
@@ -94,6 +96,7 @@ class Identity:
     vae: Any
     face_box: tuple[float, float, float, float] | None = None
     face_note: str = ""
+    crop: FaceCrop | None = None
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -274,7 +277,7 @@ def encode_identity(image: torch.Tensor, vae: Any, clip_vision_output: Any, imag
             face_box, note = faces[0].scaled(*scale).as_tuple(), "face region found"
     tokens = (official_clip_tokens(clip_vision, pixels, load_model) if clip_vision is not None
               else clip_vision_tokens(clip_vision_output))
-    return Identity(pixels, tokens, vae, face_box, note)
+    return Identity(pixels, tokens, vae, face_box, note, crop if crop is not None and crop.info is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -329,11 +332,17 @@ def paste_face(frames: torch.Tensor, crop: FaceCrop, feather: int = 16) -> torch
     After a fallback (no face, whole image used) the frames are returned as they are.
     """
     written = getattr(frames, PREVIEW_OF, None)
+    if written is not None and getattr(frames, PASTED_BACK, False):
+        raise SettingsError(f"FantasyTalking Face Paste Back: these are {len(frames)} preview frames of a video "
+                            f"longer than the sampler's max_image_frames, which it wrote to {Path(written).name} "
+                            "with the face pasted back already (Identity Encode had the crop info): save the "
+                            "sampler's video output (Save Video) instead of pasting these back.")
     if written is not None:
         raise SettingsError(f"FantasyTalking Face Paste Back: these are {len(frames)} preview frames of a video "
                             f"longer than the sampler's max_image_frames, which it wrote to {Path(written).name} "
-                            "without the paste-back. Raise max_image_frames above the video's frame count to paste "
-                            "back every frame.")
+                            "without the paste-back. Connect Face Crop's crop_info to Identity Encode too, so the "
+                            "sampler pastes the face back into the file, or raise max_image_frames above the "
+                            "video's frame count to paste back every frame here.")
     if crop.info is None:
         return frames
     return paste_back(frames.float().cpu(), crop.reference, crop.info, feather)
@@ -446,10 +455,20 @@ def describe_audio(encoded: EncodedAudio) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 PREVIEW_FRAMES = 16
+"""Frames, spread over the video, that the sampler's ``images`` output holds when the video went to a file."""
 PREVIEW_OF = "fantasytalking_preview_of"
 """Attribute of the sampler's IMAGE output when it holds only preview frames of a video it wrote to a file (the
 file's path): nodes that need every frame (Face Paste Back) refuse it instead of making a 16-frame video."""
-"""Frames, spread over the video, that the sampler's ``images`` output holds when the video went to a file."""
+PASTED_BACK = "fantasytalking_pasted_back"
+"""Attribute of such preview frames when the file has the face pasted back into the portrait already."""
+
+
+def mark_preview(frames: torch.Tensor, path: str | Path, pasted_back: bool) -> torch.Tensor:
+    """Tag ``frames`` as the preview of the video written to ``path`` (:data:`PREVIEW_OF`, :data:`PASTED_BACK`);
+    again after any move, which can make a new tensor. Returns ``frames``."""
+    setattr(frames, PREVIEW_OF, str(path))
+    setattr(frames, PASTED_BACK, pasted_back)
+    return frames
 IMAGE_BYTES_PER_PIXEL = 12  # an IMAGE frame: 3 float32 channels per pixel
 
 
@@ -684,16 +703,22 @@ def join_frames(chunks: Iterable[torch.Tensor], num_frames: int) -> torch.Tensor
 
 
 def render_video(plan: SegmentPlan, chunks: Iterator[torch.Tensor], voice: EncodedAudio, max_image_frames: int,
-                 output_path: Callable[[], str | Path], crf: int = DEFAULT_CRF) -> SampledVideo:
+                 output_path: Callable[[], str | Path], crf: int = DEFAULT_CRF, crop: FaceCrop | None = None,
+                 feather: int = 16) -> SampledVideo:
     """Consume the chunks of :func:`sample_segments`: a video of at most ``max_image_frames`` frames is kept as
-    IMAGE frames; a longer one streams into the mp4 at ``output_path()`` with the voice muxed, at H.264 quality
-    ``crf`` (library ``long_video.stream_to_file``: memory bounded by one segment, a temporary file renamed at the
-    end, so an interrupted or failed run leaves no file), keeping :data:`PREVIEW_FRAMES` frames."""
+    IMAGE frames (Face Paste Back and upscalers come after); a longer one streams into the mp4 at ``output_path()``
+    with the voice muxed, at H.264 quality ``crf`` (library ``long_video.stream_to_file``: memory bounded by one
+    segment, a temporary file renamed at the end, so an interrupted or failed run leaves no file), keeping
+    :data:`PREVIEW_FRAMES` frames. With ``crop`` (a face crop's record), each chunk is pasted back into the full
+    portrait (``feather`` pixels of blend, Face Paste Back's default) before it is written: no node can do it
+    after."""
     if plan.num_frames <= max_image_frames:
         return SampledVideo(join_frames(chunks, plan.num_frames), None, plan)
     audio = voice.audio
+    if crop is not None:
+        chunks = (paste_back(frames.float().cpu(), crop.reference, crop.info, feather) for frames in chunks)
     report = stream_to_file(chunks, plan, output_path(), audio["waveform"][0], int(audio["sample_rate"]),
                             PREVIEW_FRAMES, crf)
     if report.samples is not None:  # the frames go on as IMAGE: say they are not the video
-        setattr(report.samples, PREVIEW_OF, str(report.path))
+        mark_preview(report.samples, report.path, crop is not None)
     return SampledVideo(report.samples, Path(report.path), plan)

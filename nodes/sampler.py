@@ -24,8 +24,8 @@ from fantasytalking_core.sampling.step_cache import FIRST_STEPS, LAST_STEPS, MAX
 
 from . import io_types
 from .parallel import sampler_pool
-from .convert import (PREVIEW_FRAMES, PREVIEW_OF, check_sampler_inputs, conditioning_to_text, describe_sampling, image_gigabytes,
-                      render_video, sample_segments, segment_options, segment_plan)
+from .convert import (PREVIEW_FRAMES, check_sampler_inputs, conditioning_to_text, describe_sampling, image_gigabytes,
+                      mark_preview, render_video, sample_segments, segment_options, segment_plan)
 
 logger = logging.getLogger(__name__)
 DEFAULTS = GenerationSettings()
@@ -127,7 +127,8 @@ class Sampler(io.ComfyNode):
                              tooltip="Videos up to this many frames come out as IMAGE frames in memory: width x "
                                      "height x 12 bytes each (3.1 MB at 512x512; 10 minutes at 23 fps, 13805 "
                                      "frames, would be about 43 GB). Longer videos are written straight to an mp4 "
-                                     "with the voice (memory of one segment) and come out as video; images then "
+                                     "with the voice (memory of one segment) and come out as video, the face pasted "
+                                     "back into the portrait when Identity Encode had a face crop; images then "
                                      f"holds {PREVIEW_FRAMES} frames spread over it. 0: always write the file."),
                 io.String.Input("filename_prefix", default="FantasyTalking/long",
                                 tooltip="Where a video longer than max_image_frames is written, in ComfyUI's "
@@ -240,11 +241,11 @@ class Sampler(io.ComfyNode):
             saved.append(ui.SavedResult(f"{name}_{counter:05}_.mp4", subfolder, io.FolderType.output))
             return Path(folder) / saved[0].filename
 
-        video = render_video(plan, chunks, audio_features, max_image_frames, output_path, crf)
+        video = render_video(plan, chunks, audio_features, max_image_frames, output_path, crf, identity.crop)
         audio, fps = audio_features.audio, audio_features.features.fps
         images = video.images.to(mm.intermediate_device())
         if video.path is not None:  # a move (--gpu-only) makes a new tensor: the preview tag goes with it
-            setattr(images, PREVIEW_OF, str(video.path))
+            mark_preview(images, video.path, identity.crop is not None)
         status = ui.PreviewText(describe_sampling(plan, steps, where, video.path)).as_dict()
         if video.path is None:
             whole = InputImpl.VideoFromComponents(Types.VideoComponents(images=images, audio=audio,

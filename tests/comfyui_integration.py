@@ -556,9 +556,10 @@ def sampler_segments(sampler: dict, frames: int) -> int:
     return len(segment_spans(frames, inputs.get("segment_frames", 81), overlap))
 
 
-def check_paste_back_refuses_previews(comfy: ComfyUI, path: Path, report: Report) -> None:
+def check_paste_back_refuses_previews(comfy: ComfyUI, path: Path, output: Path, report: Report) -> None:
     """Past max_image_frames the sampler's IMAGE output is 16 preview frames of the file it wrote: Face Paste Back
-    must refuse them in one line (it pasted them back and Save Video kept a 16-frame clip)."""
+    must refuse them in one line (it pasted them back and Save Video kept a 16-frame clip), and the file must
+    have the face pasted back into the full portrait (Identity Encode has the crop info)."""
     prompt = load_api_workflow(path)
     node_of(prompt, "FantasyTalkingSampler")[1]["inputs"]["max_image_frames"] = 0
     status, reply = submit(comfy, prompt, "fantasytalking-preview-paste")
@@ -569,9 +570,20 @@ def check_paste_back_refuses_previews(comfy: ComfyUI, path: Path, report: Report
     message = errors[0].get("exception_message", "") if errors else ""
     what = f"{path.stem} max_image_frames=0: Face Paste Back refuses the preview frames ({message[:300]!r})"
     if report.check(entry["status"]["status_str"] == "error" and errors
-                    and errors[0].get("node_type") == "FantasyTalkingFacePasteBack" and "preview frames" in message,
-                    what):
+                    and errors[0].get("node_type") == "FantasyTalkingFacePasteBack" and "preview frames" in message
+                    and "pasted back already" in message, what):
         report.say(what)
+    from PIL import Image
+
+    sampler_id, _ = node_of(prompt, "FantasyTalkingSampler")
+    _, loader = node_of(prompt, "LoadImage")
+    portrait = Image.open(output.parent / "input" / loader["inputs"]["image"]).size
+    written = [f for f in saved_files(entry["outputs"].get(sampler_id, {})) if f["filename"].endswith(".mp4")]
+    if report.check(len(written) == 1, f"{path.stem} max_image_frames=0: the sampler wrote one mp4 ({written})"):
+        info = probe_mp4(output / written[0].get("subfolder", "") / written[0]["filename"])
+        size = f"{path.stem} max_image_frames=0: the sampler's file is the full {portrait[0]}x{portrait[1]} portrait"
+        if report.check((info["width"], info["height"]) == portrait, f"{size} ({info['width']}x{info['height']})"):
+            report.say(size + ", the face pasted back")
 
 
 def run_workflow(comfy: ComfyUI, path: Path, output: Path, durations: dict, report: Report,
@@ -1037,7 +1049,7 @@ def main() -> int:
                 if path.stem == "long_recording":  # the same video written by the sampler itself, streamed
                     run_workflow(comfy, path, base / "output", durations, report, {"max_image_frames": 0})
                 if path.stem == "face_crop_paste_back":
-                    check_paste_back_refuses_previews(comfy, path, report)
+                    check_paste_back_refuses_previews(comfy, path, base / "output", report)
             else:
                 check_native_workflow_validates(comfy, path, report)
         check_lora(comfy, WORKFLOWS / "api" / "talking_portrait.json", base / "output", report)

@@ -472,6 +472,33 @@ def node_inputs(models, face, audio, steps=2):
     return text, identity, encoded, settings
 
 
+def test_a_face_crop_video_written_to_a_file_has_the_face_pasted_back(models, face, tmp_path):
+    # past max_image_frames nothing comes after the sampler but the file: without this, a long face-crop video was
+    # the 32x32 crop only, and Face Paste Back could only refuse the preview frames
+    import av
+    from dataclasses import replace
+
+    from fantasytalking_core.face.crop import FaceBox, square_crop
+
+    text, identity, encoded, settings = node_inputs(models, face, long_voice())
+    reference = torch.rand(48, 64, 3, generator=torch.Generator().manual_seed(5))  # the full portrait, 64x48
+    crop = convert.FaceCrop(square_crop(FaceBox(24, 12, 40, 28), 48, 64, 0.2), reference)
+    identity = replace(identity, crop=crop)
+    options = convert.segment_options(13, 5, "pinned_latents")
+    plan, chunks, _ = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU)
+    frames = convert.render_video(plan, chunks, encoded, 29, lambda: pytest.fail("29 frames fit")).images
+    plan, chunks, _ = convert.sample_segments(models.dit, text, text, identity, encoded, settings, options, CPU)
+    written = convert.render_video(plan, chunks, encoded, 28, lambda: tmp_path / "long_00001_.mp4", crop=crop)
+    assert frames.shape == (29, 32, 32, 3)  # as IMAGE: the crop, for upscalers before Face Paste Back
+    torch.testing.assert_close(written.images, convert.paste_face(frames[::2], crop), rtol=0, atol=1e-6)
+    with av.open(str(written.path)) as c:
+        stream = c.streams.video[0]
+        assert (stream.width, stream.height) == (64, 48) and sum(1 for _ in c.decode(video=0)) == 29
+    with pytest.raises(SettingsError, match=r"^FantasyTalking Face Paste Back: these are 15 preview frames .* "
+                                            r"with the face pasted back already .*\(Save Video\)"):
+        convert.paste_face(written.images, crop)
+
+
 def test_a_video_that_fits_one_segment_is_the_single_clip_bit_for_bit_in_every_mode(models, face, voice):
     # the single clip: the node's frames equal the pipeline's (test_node_path_makes_the_pipeline_video)
     text, identity, encoded, settings = node_inputs(models, face, voice)
@@ -504,7 +531,8 @@ def test_long_video_as_images_or_as_an_mp4_with_the_voice(models, face, tmp_path
     assert getattr(written.images, convert.PREVIEW_OF) == str(written.path)
     assert not hasattr(video.images, convert.PREVIEW_OF)  # the whole video as frames: nothing to say
     with pytest.raises(SettingsError, match=r"^FantasyTalking Face Paste Back: these are 15 preview frames of a "
-                                            r"video .* wrote to long_00001_\.mp4 .* Raise max_image_frames"):
+                                            r"video .* wrote to long_00001_\.mp4 without the paste-back\. Connect Face "
+                                            r"Crop's crop_info to Identity Encode too, .* or raise max_image_frames"):
         convert.paste_face(written.images, None)
     with av.open(str(written.path)) as c:
         assert sum(1 for _ in c.decode(video=0)) == 29

@@ -56,7 +56,9 @@ def test_identity_gets_the_face_region_from_the_crop_or_by_detection(photo):
     identity = encode_identity(face_image, ComfyLikeVAE(None), clip, 64, crop)
     assert identity.frame_size == (64, 64)
     assert identity.face_box == pytest.approx(crop.info.face_in(64, 64))
+    assert identity.crop is crop  # the sampler pastes a video it writes to a file back into the portrait
     found = encode_identity(photo, ComfyLikeVAE(None), clip, 256, locate_face=True)
+    assert found.crop is None
     x0, y0, x1, y1 = found.face_box  # the astronaut's face, in 256x256 frame pixels
     assert x0 < 110 < x1 and y0 < 62 < y1
     assert encode_identity(photo, ComfyLikeVAE(None), clip, 256).face_box is None
