@@ -940,9 +940,11 @@ def memory_cap(device: torch.device, budget_gib: float, how: str = "fraction") -
         free, _ = torch.cuda.mem_get_info(index)
         # this process's tensors already on the GPU count against the card, the CUDA context does not (as above)
         take = max(0, free - max(0, int(budget_gib * GIB) - torch.cuda.memory_allocated(index)))
-        with torch.cuda.device(index), raw_cuda_allocation(take):
-            yield {"filler_gib": take / GIB}
-        free_memory(device)
+        try:
+            with torch.cuda.device(index), raw_cuda_allocation(take):
+                yield {"filler_gib": take / GIB}
+        finally:
+            free_memory(device)
         return
     total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GIB / total), index)
@@ -959,8 +961,9 @@ def raw_cuda_allocation(nbytes: int) -> Iterator[None]:
     PyTorch's allocators (their statistics do not count it), freed with ``cudaFree`` at the end."""
     import ctypes
 
-    maps = Path("/proc/self/maps").read_text().split("\n")
-    paths = [line.split()[-1] for line in maps if "libcudart" in line.split("/")[-1]]
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    paths = [line[line.index("/"):] for line in maps if "/" in line and "libcudart" in line.rsplit("/", 1)[-1]
+             and not line.endswith("(deleted)")]
     if not paths:
         raise RuntimeError("the CUDA runtime library PyTorch uses is not in /proc/self/maps (linked statically?).")
     runtime = ctypes.CDLL(paths[0])
@@ -971,8 +974,8 @@ def raw_cuda_allocation(nbytes: int) -> Iterator[None]:
     try:
         yield
     finally:
-        if nbytes:
-            runtime.cudaFree(pointer)
+        if nbytes and runtime.cudaFree(pointer):
+            raise RuntimeError("cudaFree of the filler failed: later cases would run on a smaller card.")
 
 
 def section_memory_budget(ctx: Context) -> dict[str, Any]:
@@ -1012,12 +1015,8 @@ def section_memory_budget(ctx: Context) -> dict[str, Any]:
                 entry = guarded(capped_pass, ctx.device)
                 entry.update(placement=placement, budget_gib=budget, estimate_gib=estimate.total / GIB,
                              video_tokens=ctx.scale.video_tokens(hw), cap=ctx.args.cap)
-                if ctx.cuda and entry["status"] == "ok":  # the allocator's reserve, fragmentation included
-                    filler = entry["filler_gib"]
-                    entry["peak_reserved_gib"] = torch.cuda.max_memory_reserved(ctx.device) / GIB - filler
-                    for key in ("peak_gib", "resident_gib"):  # the run's own figures, without the filler
-                        if entry.get(key) is not None:
-                            entry[key] -= filler
+                if ctx.cuda:  # the allocator's reserve, fragmentation included (a raw filler is not in it)
+                    entry["peak_reserved_gib"] = torch.cuda.max_memory_reserved(ctx.device) / GIB
                 results[f"{budget:.4g}GiB_{8 * hw[0]}x{8 * hw[1]}"] = entry
                 del case_inputs
     return results

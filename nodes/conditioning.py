@@ -36,7 +36,8 @@ class IdentityEncode(io.ComfyNode):
                                      "aspect, both rounded up to multiples of 16. 512 is the official setting."),
                 io_types.FaceCrop.Input("crop_info", optional=True,
                                         tooltip="From FantasyTalking Face Crop when the portrait is a face crop: "
-                                                "tells Motion Intensity where the face is."),
+                                                "tells Motion Intensity where the face is, and lets the sampler "
+                                                "paste the face back into a video it writes to a file."),
                 io.Boolean.Input("locate_face", default=True, advanced=True,
                                  tooltip="Without a face crop, find the face in the portrait so Motion Intensity "
                                          "can tell face from body (whole frame if none is found, or without "

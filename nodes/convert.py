@@ -332,17 +332,18 @@ def paste_face(frames: torch.Tensor, crop: FaceCrop, feather: int = 16) -> torch
     After a fallback (no face, whole image used) the frames are returned as they are.
     """
     written = getattr(frames, PREVIEW_OF, None)
-    if written is not None and getattr(frames, PASTED_BACK, False):
+    if written is not None and (getattr(frames, PASTED_BACK, False) or crop.info is None):
         raise SettingsError(f"FantasyTalking Face Paste Back: these are {len(frames)} preview frames of a video "
                             f"longer than the sampler's max_image_frames, which it wrote to {Path(written).name} "
-                            "with the face pasted back already (Identity Encode had the crop info): save the "
-                            "sampler's video output (Save Video) instead of pasting these back.")
+                            + ("with the face pasted back already" if getattr(frames, PASTED_BACK, False) else
+                               "whole (Face Crop found no face, so there is nothing to paste back)")
+                            + ": save the sampler's video output (Save Video) instead of these frames.")
     if written is not None:
         raise SettingsError(f"FantasyTalking Face Paste Back: these are {len(frames)} preview frames of a video "
                             f"longer than the sampler's max_image_frames, which it wrote to {Path(written).name} "
-                            "without the paste-back. Connect Face Crop's crop_info to Identity Encode too, so the "
-                            "sampler pastes the face back into the file, or raise max_image_frames above the "
-                            "video's frame count to paste back every frame here.")
+                            "without the paste-back. Connect Face Crop's crop_info to Identity Encode too (with the "
+                            "sampler's paste_face_back on), so the sampler pastes the face back into the file, or "
+                            "raise max_image_frames above the video's frame count to paste back every frame here.")
     if crop.info is None:
         return frames
     return paste_back(frames.float().cpu(), crop.reference, crop.info, feather)
@@ -459,6 +460,7 @@ PREVIEW_FRAMES = 16
 PREVIEW_OF = "fantasytalking_preview_of"
 """Attribute of the sampler's IMAGE output when it holds only preview frames of a video it wrote to a file (the
 file's path): nodes that need every frame (Face Paste Back) refuse it instead of making a 16-frame video."""
+PASTE_FRAMES = 8  # frames pasted back (and written) at a time: 8 at 4K are 0.8 GB in float32
 PASTED_BACK = "fantasytalking_pasted_back"
 """Attribute of such preview frames when the file has the face pasted back into the portrait already."""
 
@@ -709,16 +711,18 @@ def render_video(plan: SegmentPlan, chunks: Iterator[torch.Tensor], voice: Encod
     IMAGE frames (Face Paste Back and upscalers come after); a longer one streams into the mp4 at ``output_path()``
     with the voice muxed, at H.264 quality ``crf`` (library ``long_video.stream_to_file``: memory bounded by one
     segment, a temporary file renamed at the end, so an interrupted or failed run leaves no file), keeping
-    :data:`PREVIEW_FRAMES` frames. With ``crop`` (a face crop's record), each chunk is pasted back into the full
-    portrait (``feather`` pixels of blend, Face Paste Back's default) before it is written: no node can do it
+    :data:`PREVIEW_FRAMES` frames. With ``crop`` (a face crop's record), the frames are pasted back into the full
+    portrait (``feather`` pixels of blend, Face Paste Back's default) before they are written, a few at a time
+    (:data:`PASTE_FRAMES`: a segment at the portrait's full resolution would take gigabytes): no node can do it
     after."""
     if plan.num_frames <= max_image_frames:
         return SampledVideo(join_frames(chunks, plan.num_frames), None, plan)
     audio = voice.audio
-    if crop is not None:
-        chunks = (paste_back(frames.float().cpu(), crop.reference, crop.info, feather) for frames in chunks)
+    if crop is not None and crop.info is not None:
+        chunks = (paste_back(frames[i:i + PASTE_FRAMES].float().cpu(), crop.reference, crop.info, feather)
+                  for frames in chunks for i in range(0, len(frames), PASTE_FRAMES))
     report = stream_to_file(chunks, plan, output_path(), audio["waveform"][0], int(audio["sample_rate"]),
                             PREVIEW_FRAMES, crf)
     if report.samples is not None:  # the frames go on as IMAGE: say they are not the video
-        mark_preview(report.samples, report.path, crop is not None)
+        mark_preview(report.samples, report.path, crop is not None and crop.info is not None)
     return SampledVideo(report.samples, Path(report.path), plan)

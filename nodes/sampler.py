@@ -127,8 +127,8 @@ class Sampler(io.ComfyNode):
                              tooltip="Videos up to this many frames come out as IMAGE frames in memory: width x "
                                      "height x 12 bytes each (3.1 MB at 512x512; 10 minutes at 23 fps, 13805 "
                                      "frames, would be about 43 GB). Longer videos are written straight to an mp4 "
-                                     "with the voice (memory of one segment) and come out as video, the face pasted "
-                                     "back into the portrait when Identity Encode had a face crop; images then "
+                                     "with the voice (memory of one segment) and come out as video (the face pasted "
+                                     "back into the portrait with a face crop: paste_face_back); images then "
                                      f"holds {PREVIEW_FRAMES} frames spread over it. 0: always write the file."),
                 io.String.Input("filename_prefix", default="FantasyTalking/long",
                                 tooltip="Where a video longer than max_image_frames is written, in ComfyUI's "
@@ -160,6 +160,12 @@ class Sampler(io.ComfyNode):
                                      "0 lossless (large; not every player plays it), 18 visually lossless, 23 "
                                      "FFmpeg's default, 51 smallest. Frames that come out as images are not "
                                      "encoded here: Save Video sets their quality."),
+                io.Boolean.Input("paste_face_back", default=True, optional=True, advanced=True,
+                                 tooltip="When Identity Encode has a face crop, the mp4 written for a video longer "
+                                         "than max_image_frames gets the face pasted back into the full portrait "
+                                         "(feather 16), since no node can do it after the sampler. Off: that file "
+                                         "is the face crop. Frames that come out as images are never pasted back "
+                                         "here: Face Paste Back does it."),
             ],
             outputs=[
                 io.Image.Output(display_name="images",
@@ -200,7 +206,8 @@ class Sampler(io.ComfyNode):
                 crossfade: bool = False, max_image_frames: int = MAX_IMAGE_FRAMES,
                 filename_prefix: str = "FantasyTalking/long", compile: bool = False,
                 fp8_matmul: bool = False, step_cache: float = 0.0, parallel: str = "",
-                parallel_workers: str = "processes", crf: int = DEFAULT_CRF) -> io.NodeOutput:
+                parallel_workers: str = "processes", crf: int = DEFAULT_CRF,
+                paste_face_back: bool = True) -> io.NodeOutput:
         device = mm.get_torch_device()
         problem = check_sampler_inputs(  # again: the inputs fed by links were not known at validation
             segment_frames=segment_frames, motion_frames=motion_frames, chaining=chaining, color_match=color_match,
@@ -234,18 +241,20 @@ class Sampler(io.ComfyNode):
                                               dit_placement="streamed" if offload_blocks else "resident",
                                               gpu_memory=gpu_memory_gb or None, pool=pool)
         saved: list[ui.SavedResult] = []
+        crop = identity.crop if paste_face_back else None
+        file_size = (crop.info.image_width, crop.info.image_height) if crop is not None else (width, height)
 
         def output_path() -> Path:
             folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-                filename_prefix, folder_paths.get_output_directory(), width, height)
+                filename_prefix, folder_paths.get_output_directory(), *file_size)
             saved.append(ui.SavedResult(f"{name}_{counter:05}_.mp4", subfolder, io.FolderType.output))
             return Path(folder) / saved[0].filename
 
-        video = render_video(plan, chunks, audio_features, max_image_frames, output_path, crf, identity.crop)
+        video = render_video(plan, chunks, audio_features, max_image_frames, output_path, crf, crop)
         audio, fps = audio_features.audio, audio_features.features.fps
         images = video.images.to(mm.intermediate_device())
         if video.path is not None:  # a move (--gpu-only) makes a new tensor: the preview tag goes with it
-            mark_preview(images, video.path, identity.crop is not None)
+            mark_preview(images, video.path, crop is not None)
         status = ui.PreviewText(describe_sampling(plan, steps, where, video.path)).as_dict()
         if video.path is None:
             whole = InputImpl.VideoFromComponents(Types.VideoComponents(images=images, audio=audio,

@@ -577,7 +577,8 @@ def check_paste_back_refuses_previews(comfy: ComfyUI, path: Path, output: Path, 
 
     sampler_id, _ = node_of(prompt, "FantasyTalkingSampler")
     _, loader = node_of(prompt, "LoadImage")
-    portrait = Image.open(output.parent / "input" / loader["inputs"]["image"]).size
+    # the file is the portrait's size, odd sides padded to even (H.264 in yuv420p)
+    portrait = tuple(side + side % 2 for side in Image.open(output.parent / "input" / loader["inputs"]["image"]).size)
     written = [f for f in saved_files(entry["outputs"].get(sampler_id, {})) if f["filename"].endswith(".mp4")]
     if report.check(len(written) == 1, f"{path.stem} max_image_frames=0: the sampler wrote one mp4 ({written})"):
         info = probe_mp4(output / written[0].get("subfolder", "") / written[0]["filename"])

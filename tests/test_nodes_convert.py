@@ -494,8 +494,8 @@ def test_a_face_crop_video_written_to_a_file_has_the_face_pasted_back(models, fa
     with av.open(str(written.path)) as c:
         stream = c.streams.video[0]
         assert (stream.width, stream.height) == (64, 48) and sum(1 for _ in c.decode(video=0)) == 29
-    with pytest.raises(SettingsError, match=r"^FantasyTalking Face Paste Back: these are 15 preview frames .* "
-                                            r"with the face pasted back already .*\(Save Video\)"):
+    with pytest.raises(SettingsError, match=r"^FantasyTalking Face Paste Back: these are 15 preview frames .* with "
+                                            r"the face pasted back already: save the sampler.s video output"):
         convert.paste_face(written.images, crop)
 
 
@@ -513,6 +513,8 @@ def test_a_video_that_fits_one_segment_is_the_single_clip_bit_for_bit_in_every_m
 
 def test_long_video_as_images_or_as_an_mp4_with_the_voice(models, face, tmp_path):
     import av
+
+    from fantasytalking_core.face.crop import FaceBox, square_crop
 
     text, identity, encoded, settings = node_inputs(models, face, long_voice())
     options = convert.segment_options(13, 5, "pinned_latents")
@@ -532,8 +534,12 @@ def test_long_video_as_images_or_as_an_mp4_with_the_voice(models, face, tmp_path
     assert not hasattr(video.images, convert.PREVIEW_OF)  # the whole video as frames: nothing to say
     with pytest.raises(SettingsError, match=r"^FantasyTalking Face Paste Back: these are 15 preview frames of a "
                                             r"video .* wrote to long_00001_\.mp4 without the paste-back\. Connect Face "
-                                            r"Crop's crop_info to Identity Encode too, .* or raise max_image_frames"):
-        convert.paste_face(written.images, None)
+                                            r"Crop's crop_info to Identity Encode too .* or raise max_image_frames"):
+        convert.paste_face(written.images, convert.FaceCrop(square_crop(FaceBox(8, 8, 20, 20), 32, 32, 0.2),
+                                                            torch.rand(32, 32, 3)))
+    with pytest.raises(SettingsError, match=r"wrote to long_00001_\.mp4 whole \(Face Crop found no face, so there is "
+                                            r"nothing to paste back\): save the sampler's video output"):
+        convert.paste_face(written.images, convert.FaceCrop(None, torch.rand(32, 32, 3)))  # the whole-image fallback
     with av.open(str(written.path)) as c:
         assert sum(1 for _ in c.decode(video=0)) == 29
         sound = c.streams.audio[0]
