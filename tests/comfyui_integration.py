@@ -558,33 +558,49 @@ def sampler_segments(sampler: dict, frames: int) -> int:
 
 def check_paste_back_refuses_previews(comfy: ComfyUI, path: Path, output: Path, report: Report) -> None:
     """Past max_image_frames the sampler's IMAGE output is 16 preview frames of the file it wrote: Face Paste Back
-    must refuse them in one line (it pasted them back and Save Video kept a 16-frame clip), and the file must
-    have the face pasted back into the full portrait (Identity Encode has the crop info)."""
-    prompt = load_api_workflow(path)
-    node_of(prompt, "FantasyTalkingSampler")[1]["inputs"]["max_image_frames"] = 0
-    status, reply = submit(comfy, prompt, "fantasytalking-preview-paste")
-    if not report.check(status == 200, f"{path.stem} max_image_frames=0: /prompt accepted it ({status})"):
-        return
-    entry = wait_history(comfy, reply["prompt_id"])
-    errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
-    message = errors[0].get("exception_message", "") if errors else ""
-    what = f"{path.stem} max_image_frames=0: Face Paste Back refuses the preview frames ({message[:300]!r})"
-    if report.check(entry["status"]["status_str"] == "error" and errors
-                    and errors[0].get("node_type") == "FantasyTalkingFacePasteBack" and "preview frames" in message
-                    and "pasted back already" in message, what):
-        report.say(what)
+    must refuse them in one line (it pasted them back and Save Video kept a 16-frame clip), and the file must have
+    the face pasted back into the full portrait (Identity Encode has the crop info), or be the crop with the
+    sampler's paste_face_back off."""
+    import av
+    import numpy as np
     from PIL import Image
 
-    sampler_id, _ = node_of(prompt, "FantasyTalkingSampler")
-    _, loader = node_of(prompt, "LoadImage")
-    # the file is the portrait's size, odd sides padded to even (H.264 in yuv420p)
-    portrait = tuple(side + side % 2 for side in Image.open(output.parent / "input" / loader["inputs"]["image"]).size)
-    written = [f for f in saved_files(entry["outputs"].get(sampler_id, {})) if f["filename"].endswith(".mp4")]
-    if report.check(len(written) == 1, f"{path.stem} max_image_frames=0: the sampler wrote one mp4 ({written})"):
-        info = probe_mp4(output / written[0].get("subfolder", "") / written[0]["filename"])
-        size = f"{path.stem} max_image_frames=0: the sampler's file is the full {portrait[0]}x{portrait[1]} portrait"
-        if report.check((info["width"], info["height"]) == portrait, f"{size} ({info['width']}x{info['height']})"):
-            report.say(size + ", the face pasted back")
+    for paste in (True, False):
+        prompt = load_api_workflow(path)
+        sampler_id, sampler = node_of(prompt, "FantasyTalkingSampler")
+        sampler["inputs"].update(max_image_frames=0, paste_face_back=paste)
+        name = f"{path.stem} max_image_frames=0 paste_face_back={paste}"
+        status, reply = submit(comfy, prompt, f"fantasytalking-preview-paste-{paste}")
+        if not report.check(status == 200, f"{name}: /prompt accepted it ({status})"):
+            return
+        entry = wait_history(comfy, reply["prompt_id"])
+        errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+        message = errors[0].get("exception_message", "") if errors else ""
+        what = f"{name}: Face Paste Back refuses the preview frames ({message[:300]!r})"
+        said = "pasted back already" if paste else "without the paste-back"
+        if report.check(entry["status"]["status_str"] == "error" and errors and said in message
+                        and errors[0].get("node_type") == "FantasyTalkingFacePasteBack", what):
+            report.say(what)
+        _, loader = node_of(prompt, "LoadImage")
+        portrait = np.asarray(Image.open(output.parent / "input" / loader["inputs"]["image"]).convert("RGB"))
+        written = [f for f in saved_files(entry["outputs"].get(sampler_id, {})) if f["filename"].endswith(".mp4")]
+        if not report.check(len(written) == 1, f"{name}: the sampler wrote one mp4 ({written})"):
+            return
+        with av.open(str(output / written[0].get("subfolder", "") / written[0]["filename"])) as container:
+            first = next(container.decode(video=0)).to_ndarray(format="rgb24")
+        # the bottom-right corner lies outside the face square: the portrait itself there once pasted back, else
+        # the generated crop (the tiny random model's noise)
+        height, width = portrait.shape[:2]
+        corner = float(np.abs(first[-48:, -48:].astype(float) - portrait[height - 48:, width - 48:]).mean())
+        if paste:  # the portrait's size, odd sides padded to even (H.264 in yuv420p)
+            ok = first.shape[:2] == (height + height % 2, width + width % 2) and corner < 12
+        else:
+            ok = corner > 30
+        what = (f"{name}: the sampler's file is {'the portrait with the face pasted back' if paste else 'the crop'} "
+                f"(frame {first.shape[1]}x{first.shape[0]}; mean difference from the portrait in a corner outside "
+                f"the face: {corner:.1f} of 255)")
+        if report.check(ok, what):
+            report.say(what)
 
 
 def run_workflow(comfy: ComfyUI, path: Path, output: Path, durations: dict, report: Report,
