@@ -679,12 +679,14 @@ def where_it_computes(placement: str | None, device: torch.device, gpu_memory: f
     return f"parallel {pool.layout}: {pool.layout.world_size} workers ({pool.backend}), each {each}"
 
 
-def describe_sampling(plan: SegmentPlan, steps: int, where: str, path: Path | None) -> str:
+def describe_sampling(plan: SegmentPlan, steps: int, where: str, path: Path | None,
+                      pasted_into: tuple[int, int] | None = None) -> str:
     """The sampler's display: the frames, segments and steps it made, where the model computed, and the file a
-    long video went to."""
+    long video went to (``pasted_into``: the (width, height) of the portrait its face was pasted back into)."""
     segments = ("1 segment" if len(plan) == 1 else
                 f"{len(plan)} segments of up to {plan.segment_frames} frames")
-    written = f"\nwritten to {path.name} (above max_image_frames)" if path is not None else ""
+    pasted = f", the face pasted back into the {pasted_into[0]}x{pasted_into[1]} portrait" if pasted_into else ""
+    written = f"\nwritten to {path.name} (above max_image_frames){pasted}" if path is not None else ""
     return f"{plan.num_frames} frames in {segments}, {steps} steps each; {where}{written}"
 
 

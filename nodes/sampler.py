@@ -255,7 +255,8 @@ class Sampler(io.ComfyNode):
         images = video.images.to(mm.intermediate_device())
         if video.path is not None:  # a move (--gpu-only) makes a new tensor: the preview tag goes with it
             mark_preview(images, video.path, crop is not None)
-        status = ui.PreviewText(describe_sampling(plan, steps, where, video.path)).as_dict()
+        status = ui.PreviewText(describe_sampling(plan, steps, where, video.path,
+                                                  file_size if crop is not None else None)).as_dict()
         if video.path is None:
             whole = InputImpl.VideoFromComponents(Types.VideoComponents(images=images, audio=audio,
                                                                         frame_rate=Fraction(fps)))

@@ -592,13 +592,15 @@ def check_paste_back_refuses_previews(comfy: ComfyUI, path: Path, output: Path, 
         # the generated crop (the tiny random model's noise)
         height, width = portrait.shape[:2]
         corner = float(np.abs(first[-48:, -48:].astype(float) - portrait[height - 48:, width - 48:]).mean())
+        shown = " ".join(entry["outputs"].get(sampler_id, {}).get("text", ["?"]))  # the node's status text
+        said = f"the face pasted back into the {width}x{height} portrait" in shown
         if paste:  # the portrait's size, odd sides padded to even (H.264 in yuv420p)
-            ok = first.shape[:2] == (height + height % 2, width + width % 2) and corner < 12
+            ok = first.shape[:2] == (height + height % 2, width + width % 2) and corner < 12 and said
         else:
-            ok = corner > 30
+            ok = corner > 30 and not said
         what = (f"{name}: the sampler's file is {'the portrait with the face pasted back' if paste else 'the crop'} "
                 f"(frame {first.shape[1]}x{first.shape[0]}; mean difference from the portrait in a corner outside "
-                f"the face: {corner:.1f} of 255)")
+                f"the face: {corner:.1f} of 255; the node says {shown.splitlines()[-1]!r})")
         if report.check(ok, what):
             report.say(what)
 

@@ -730,3 +730,5 @@ def test_the_sampler_says_what_it_made_and_where_the_model_computed():
     assert convert.describe_sampling(long, 4, "x", Path("/out/long_00001_.mp4")) == (
         "325 frames in 5 segments of up to 81 frames, 4 steps each; x\nwritten to long_00001_.mp4 (above "
         "max_image_frames)")
+    assert convert.describe_sampling(long, 4, "x", Path("/out/long_00001_.mp4"), (1920, 1080)).endswith(
+        "written to long_00001_.mp4 (above max_image_frames), the face pasted back into the 1920x1080 portrait")
