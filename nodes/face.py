@@ -55,7 +55,9 @@ class FacePasteBack(io.ComfyNode):
             node_id="FantasyTalkingFacePasteBack",
             display_name="FantasyTalking Face Paste Back",
             description="Pastes the generated face video back into the full-resolution portrait, frame by frame, "
-                        "with a feathered edge. Upscalers and frame interpolators can sit before or after it.",
+                        "with a feathered edge. Upscalers and frame interpolators can sit before or after it. A "
+                        "video longer than the sampler's max_image_frames is pasted back by the sampler into the "
+                        "file it writes: this node refuses its preview frames.",
             inputs=[
                 io.Image.Input("images", tooltip="The generated frames (from the sampler, or after an upscaler)."),
                 io_types.FaceCrop.Input("crop_info", tooltip="From FantasyTalking Face Crop."),

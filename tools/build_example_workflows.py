@@ -154,7 +154,8 @@ def face_crop_paste_back() -> dict:
     note = ("# FantasyTalking: face crop and paste-back\n\nFor a small face in a large photo: Face Crop cuts a square "
             "around the largest face (or the face you paint in a mask), the model spends its whole resolution on it, "
             "and Face Paste Back puts the talking face into the full-size photo with a feathered edge. An upscaler can "
-            "sit between the sampler and the paste-back. Motion Intensity here livens the lips (0.7) and calms the "
+            "sit between the sampler and the paste-back. A video longer than the sampler's max_image_frames is "
+            "pasted back by the sampler itself, into the file it writes: connect its video to Save Video then. Motion Intensity here livens the lips (0.7) and calms the "
             "head (0.4); the face region comes from the crop. Training-free: the paper's face modules were never "
             "released.\n\n"
             + MODEL_NOTE.format(dit="wan2.1_i2v_720p_14B_fp16.safetensors (bf16, fp8, GGUF also work)",
