@@ -471,6 +471,8 @@ def mark_preview(frames: torch.Tensor, path: str | Path, pasted_back: bool) -> t
     setattr(frames, PREVIEW_OF, str(path))
     setattr(frames, PASTED_BACK, pasted_back)
     return frames
+
+
 IMAGE_BYTES_PER_PIXEL = 12  # an IMAGE frame: 3 float32 channels per pixel
 
 
