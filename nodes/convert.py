@@ -722,11 +722,12 @@ def render_video(plan: SegmentPlan, chunks: Iterator[torch.Tensor], voice: Encod
     if plan.num_frames <= max_image_frames:
         return SampledVideo(join_frames(chunks, plan.num_frames), None, plan)
     audio = voice.audio
-    if crop is not None and crop.info is not None:
+    pasting = crop is not None and crop.info is not None
+    if pasting:
         chunks = (paste_back(frames[i:i + PASTE_FRAMES].float().cpu(), crop.reference, crop.info, feather)
                   for frames in chunks for i in range(0, len(frames), PASTE_FRAMES))
     report = stream_to_file(chunks, plan, output_path(), audio["waveform"][0], int(audio["sample_rate"]),
                             PREVIEW_FRAMES, crf)
     if report.samples is not None:  # the frames go on as IMAGE: say they are not the video
-        mark_preview(report.samples, report.path, crop is not None and crop.info is not None)
+        mark_preview(report.samples, report.path, pasting)
     return SampledVideo(report.samples, Path(report.path), plan)

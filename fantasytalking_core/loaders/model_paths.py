@@ -254,10 +254,10 @@ def load_models(files: ModelFiles, compute_dtype: torch.dtype = torch.bfloat16, 
     from .adapter import load_audio_adapter
     from .wan_dit import load_wan_dit, loaded_bytes, stores_fp8
 
-    others = (files.adapter, files.text_encoder, files.image_encoder, files.vae, files.wav2vec2)
-    dit_bytes = loaded_bytes(files.dit, torch.float8_e4m3fn if fp8_storage else None, compute_dtype)
     if check_memory:
-        one_copy = dit_bytes + sum(_disk_bytes(path) for path in others)
+        others = (files.adapter, files.text_encoder, files.image_encoder, files.vae, files.wav2vec2)
+        one_copy = (loaded_bytes(files.dit, torch.float8_e4m3fn if fp8_storage else None, compute_dtype)
+                    + sum(_disk_bytes(path) for path in others))
         check_host_memory(processes * one_copy, "Loading the models" if processes == 1 else
                           f"Loading the models in {processes} processes on this machine (one copy each)",
                           "--fp8 keeps the DiT in 8 bits (half of bf16), a GGUF DiT (Q8_0, Q6_K, ...) in less; or "
